@@ -1,0 +1,427 @@
+"""Typed configs, one per entry point, loaded from YAML with ``key=value`` overrides.
+
+Every field carries its help text (``agro train --help`` prints them all). Values from YAML and
+from the command line are coerced to the field's type and validated *before* any model loads;
+an unknown key or an invalid value raises :class:`ConfigError` naming the key, the source (file
+and line, or the command-line argument) and the valid choices.
+
+Shared groups of fields (model, task, sampling) live in small base dataclasses so the three
+entry points (train, generate, eval) cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: names the key, where it came from and what is allowed."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# --------------------------------------------------------------------------- field groups
+@dataclass
+class ModelFields:
+    model: str = _f("default", "Policy: a Hugging Face hub id, a local directory saved with "
+                    "save_pretrained, a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct).")
+    precision: str = _f("bf16", "Matmul precision: 'bf16' (autocast) or 'fp32'. Log-softmax is "
+                        "always taken in fp32.", ("bf16", "fp32"))
+    num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
+    seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")
+
+
+@dataclass
+class TaskFields:
+    task: str = _f("arithmetic", "Task: 'arithmetic' (built-in, seeded), 'math' (MATH-format rows: "
+                   "problem/solution/answer), 'gsm8k' (question/answer with '#### N').",
+                   ("arithmetic", "math", "gsm8k"))
+    data_path: str = _f("", "For math/gsm8k: a local .jsonl/.json/.parquet file or a `datasets` "
+                        "name (train prompts).")
+    eval_data_path: str = _f("", "For math/gsm8k: held-out file or `datasets` name (default: "
+                             "data_path's held-out split is not guessed; evaluation uses this).")
+    data_split: str = _f("train", "`datasets` split for data_path when it is a hub name.")
+    arithmetic_level: int = _f(1, "Arithmetic difficulty: 1 = one-digit + and *, 2 = two-digit, "
+                               "3 = three-digit with -, ...")
+    prompt_template: str = _f("auto", "Prompt: 'auto' (bare for arithmetic, paper for math/gsm8k), "
+                              "'bare', 'paper' (step by step, ends 'The final answer is ...'), "
+                              "'boxed'.", ("auto", "bare", "paper", "boxed"))
+    max_prompt_tokens: int = _f(512, "Prompts longer than this (in tokens) are skipped and counted.")
+    skip_bad_rows: bool = _f(False, "Skip and count malformed data rows instead of stopping with "
+                             "an error naming file, line and field.")
+    reward_timeout: float = _f(1.0, "Wall-clock bound in seconds for grading one completion.")
+
+
+@dataclass
+class SamplingFields:
+    group_size: int = _f(4, "n: completions per prompt (>= 2 for every group loss).")
+    max_new_tokens: int = _f(64, "Maximum completion length in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature. != 1 makes samples off-policy (on-policy "
+                            "terms switch off and this is logged).")
+    top_p: float = _f(1.0, "Nucleus sampling. < 1 makes samples off-policy.")
+    top_k: int = _f(0, "Top-k sampling (0 = off). > 0 makes samples off-policy.")
+    generation_batch_size: int = _f(64, "Max sequences per generate() call.")
+
+
+# --------------------------------------------------------------------------- entry points
+@dataclass
+class TrainConfig(ModelFields, TaskFields, SamplingFields):
+    """`agro train`: RL fine-tuning with AGRO (or a baseline loss)."""
+
+    loss: str = _f("agro", "Registered loss: agro (off-policy AGRO, Eq. 4), agro_on (on-policy "
+                   "AGRO, Eq. 6), kl_pg, kl_pg_token, grpo.")
+    beta: float = _f(0.02, "KL coefficient beta >= 0 (agro_on needs > 0).")
+    loss_options: dict = _f({}, "Loss-specific options, e.g. loss_options.lr_coef=0.5, "
+                            "loss_options.reg_estimator=causal, loss_options.logprob_reduction=mean.")
+    steps: int = _f(40, "Optimizer steps.")
+    prompts_per_step: int = _f(8, "Prompt groups per optimizer step.")
+    micro_batch_groups: int = _f(2, "Groups per micro-batch (gradient accumulation over the step).")
+    lr: float = _f(1e-5, "AdamW learning rate.")
+    lr_schedule: str = _f("constant", "After warm-up: 'constant' or 'cosine'.", ("constant", "cosine"))
+    warmup_steps: int = _f(2, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    max_grad_norm: float = _f(1.0, "Gradient-norm clipping (0 = off).")
+    lora: bool = _f(False, "Train LoRA adapters (peft); the reference is the same model with "
+                    "adapters disabled.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target_modules: str = _f("all-linear", "LoRA target modules (comma-separated or 'all-linear').")
+    source: str = _f("fresh", "Data source per group: fresh, replay, offline, stale, or a weighted "
+                     "mix like 'fresh:0.5,offline:0.5'.")
+    replay_prob: float = _f(0.5, "replay: probability that a fresh group is replaced by a stored one.")
+    replay_capacity: int = _f(64, "replay: buffer capacity in groups.")
+    offline_path: str = _f("", "offline: file(s) written by `agro generate` (.jsonl or .parquet; "
+                           "comma-separated).")
+    stale_lag: int = _f(2, "stale: generation lags the learner by this many policy versions.")
+    output_dir: str = _f("runs/agro", "Run directory: metrics.jsonl, TensorBoard events, "
+                         "checkpoints/, final/, plots.")
+    save_every: int = _f(10, "Checkpoint every k steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "How many complete checkpoints to keep.")
+    eval_prompts: int = _f(64, "Held-out prompts for the before/after evaluation (0 = skip).")
+    eval_samples: int = _f(2, "Sampled completions per held-out prompt (temperature 1).")
+    eval_every: int = _f(0, "Evaluate every k steps as well (0 = only before and after).")
+    max_consecutive_skips: int = _f(3, "Stop after this many consecutive non-finite steps.")
+    tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tb.")
+    wandb: bool = _f(False, "Log to Weights & Biases (if installed).")
+    wandb_project: str = _f("agro", "W&B project.")
+    progress: bool = _f(True, "Show a rich progress bar.")
+    plot: bool = _f(True, "Write output_dir/curves.png at the end.")
+
+
+@dataclass
+class GenerateConfig(ModelFields, TaskFields, SamplingFields):
+    """`agro generate`: sample groups and write an offline dataset (rewards + reference log-probs)."""
+
+    output: str = _f("offline.jsonl", "Output file (.jsonl or .parquet).")
+    num_prompts: int = _f(64, "How many prompts to sample groups for.")
+    ref_model: str = _f("", "Reference model for the stored log-probs (default: the same as model).")
+
+
+@dataclass
+class EvalConfig(ModelFields, TaskFields, SamplingFields):
+    """`agro eval`: held-out accuracy, greedy and sampled."""
+
+    num_prompts: int = _f(100, "Held-out prompts.")
+    samples: int = _f(4, "Sampled completions per prompt (temperature from `temperature`).")
+    greedy: bool = _f(True, "Also report greedy accuracy.")
+
+
+# --------------------------------------------------------------------------- machinery
+def field_help(cls) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for every field of a config class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        t = hints[f.name]
+        tname = getattr(t, "__name__", str(t))
+        h = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            h += f" Choices: {', '.join(map(str, f.metadata['choices']))}."
+        out.append((f.name, tname, default, h))
+    return out
+
+
+def format_help(cls) -> str:
+    lines = [cls.__doc__.strip(), "", "Fields (set in a YAML file or as key=value):"]
+    for name, tname, default, h in field_help(cls):
+        lines.append(f"  {name} ({tname}, default {default!r})")
+        lines.append(f"      {h}")
+    return "\n".join(lines)
+
+
+def _coerce(name: str, t: Any, value: Any, where: str) -> Any:
+    def bad(expected: str):
+        return ConfigError(f"{where}: field '{name}' expects {expected}, got {value!r}")
+
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad("a boolean (true/false)")
+    if t is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    fv = float(value)
+                except ValueError:
+                    raise bad("an integer") from None
+                if fv.is_integer():
+                    return int(fv)
+        raise bad("an integer")
+    if t is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            v = float(value)
+        elif isinstance(value, str):
+            try:
+                v = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        else:
+            raise bad("a number")
+        if not math.isfinite(v):
+            raise bad("a finite number")
+        return v
+    if t is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if t is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, str):
+            try:
+                v = yaml.safe_load(value)
+            except yaml.YAMLError:
+                v = None
+            if isinstance(v, dict):
+                return v
+        raise bad("a mapping (e.g. {lr_coef: 0.5} or loss_options.lr_coef=0.5)")
+    return value
+
+
+def _yaml_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would (numbers, booleans, lists), else a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"{hint} Valid keys: {', '.join(sorted(names))}."
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Line number of each top-level key in a YAML file (for error messages)."""
+    lines: dict[str, int] = {}
+    try:
+        node = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return lines
+    if isinstance(node, yaml.MappingNode):
+        for k, _v in node.value:
+            lines[str(k.value)] = k.start_mark.line + 1
+    return lines
+
+
+def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None = None):
+    """Build and validate a config: defaults < YAML file < ``key=value`` overrides."""
+    names = [f.name for f in fields(cls)]
+    hints = typing.get_type_hints(cls)
+    raw: dict[str, tuple[Any, str]] = {}
+    if yaml_path:
+        p = Path(yaml_path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of field: value")
+        lines = _yaml_lines(p)
+        for k, v in data.items():
+            raw[str(k)] = (v, f"{p}:{lines.get(str(k), '?')}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r}: expected key=value.{_suggest(item, names)}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        where = f"command line '{item}'"
+        if "." in k:  # dotted keys set one entry of a dict field, e.g. loss_options.lr_coef=0.5
+            head, sub = k.split(".", 1)
+            if head in names and hints[head] is dict:
+                prev = raw.get(head, ({}, where))[0]
+                prev = dict(prev) if isinstance(prev, dict) else {}
+                prev[sub] = _yaml_value(v)
+                raw[head] = (prev, where)
+                continue
+        raw[k] = (_yaml_value(v), where)
+    kwargs = {}
+    for k, (v, where) in raw.items():
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key '{k}'.{_suggest(k, names)}")
+        kwargs[k] = _coerce(k, hints[k], v, where)
+    cfg = cls(**kwargs)
+    validate(cfg, {k: w for k, (_, w) in raw.items()})
+    return cfg
+
+
+def _check(cond: bool, key: str, where: dict[str, str], msg: str) -> None:
+    if not cond:
+        loc = where.get(key, "default")
+        raise ConfigError(f"{loc}: field '{key}' {msg}")
+
+
+def parse_source(spec: str) -> dict[str, float]:
+    """'fresh' -> {'fresh': 1.0}; 'fresh:0.5,offline:0.5' -> weights (normalised)."""
+    from .rollouts import SOURCES
+
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, w = part.partition(":")
+        name = name.strip()
+        if name not in SOURCES:
+            raise ConfigError(f"unknown source '{name}' in {spec!r}; valid: {', '.join(SOURCES)}")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise ConfigError(f"source weight for '{name}' must be a number, got {w!r}") from None
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ConfigError(f"source weight for '{name}' must be > 0, got {w!r}")
+        out[name] = out.get(name, 0.0) + weight
+    if not out:
+        raise ConfigError("source is empty; valid: " + ", ".join(SOURCES))
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
+
+
+def validate(cfg, where: dict[str, str] | None = None) -> None:
+    """Range and cross-field checks. Raises ConfigError; never touches a model."""
+    w = where or {}
+    c = _check
+    for f in fields(cfg):
+        ch = f.metadata.get("choices")
+        if ch is not None:
+            c(getattr(cfg, f.name) in ch, f.name, w,
+              f"must be one of {', '.join(map(str, ch))}, got {getattr(cfg, f.name)!r}")
+    if isinstance(cfg, ModelFields):
+        c(cfg.num_threads >= 0, "num_threads", w, "must be >= 0")
+        c(bool(cfg.model), "model", w, "must not be empty")
+    if isinstance(cfg, TaskFields):
+        c(cfg.arithmetic_level >= 1, "arithmetic_level", w, "must be >= 1")
+        c(cfg.reward_timeout > 0, "reward_timeout", w, "must be > 0")
+        c(cfg.max_prompt_tokens >= 1, "max_prompt_tokens", w, "must be >= 1")
+        if cfg.task in ("math", "gsm8k"):
+            c(bool(cfg.data_path), "data_path", w,
+              f"is required for task={cfg.task} (a local .jsonl/.parquet file or a datasets name)")
+    if isinstance(cfg, SamplingFields):
+        c(cfg.max_new_tokens >= 1, "max_new_tokens", w, "must be >= 1")
+        c(cfg.temperature > 0, "temperature", w, "must be > 0")
+        c(0 < cfg.top_p <= 1, "top_p", w, "must be in (0, 1]")
+        c(cfg.top_k >= 0, "top_k", w, "must be >= 0")
+        c(cfg.generation_batch_size >= 1, "generation_batch_size", w, "must be >= 1")
+        c(cfg.group_size >= 1, "group_size", w, "must be >= 1")
+    if isinstance(cfg, TrainConfig):
+        from . import losses
+
+        valid = losses.available_losses()
+        c(cfg.loss in valid, "loss", w, f"must be one of {', '.join(valid)}, got {cfg.loss!r}")
+        c(cfg.beta >= 0, "beta", w, f"must be >= 0, got {cfg.beta}")
+        if cfg.loss == "agro_on":
+            c(cfg.beta > 0, "beta", w, "must be > 0 for loss agro_on (its LR term divides by beta)")
+        c(cfg.group_size >= 2, "group_size", w,
+          f"must be >= 2 for loss {cfg.loss} (it uses a leave-one-out baseline over the group)")
+        opts = losses.loss_options(cfg.loss)
+        for k in cfg.loss_options:
+            c(k in opts, "loss_options", w,
+              f"has unknown option '{k}' for loss {cfg.loss}; valid: {', '.join(sorted(opts)) or 'none'}")
+        c(cfg.steps >= 1, "steps", w, "must be >= 1")
+        c(cfg.prompts_per_step >= 1, "prompts_per_step", w, "must be >= 1")
+        c(cfg.micro_batch_groups >= 1, "micro_batch_groups", w, "must be >= 1")
+        c(cfg.lr > 0, "lr", w, "must be > 0")
+        c(cfg.warmup_steps >= 0, "warmup_steps", w, "must be >= 0")
+        c(cfg.weight_decay >= 0, "weight_decay", w, "must be >= 0")
+        c(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1", w,
+          "and adam_beta2 must be in [0, 1)")
+        c(cfg.max_grad_norm >= 0, "max_grad_norm", w, "must be >= 0")
+        c(cfg.lora_r >= 1, "lora_r", w, "must be >= 1")
+        c(0 <= cfg.replay_prob <= 1, "replay_prob", w, f"must be in [0, 1], got {cfg.replay_prob}")
+        c(cfg.replay_capacity >= 1, "replay_capacity", w, "must be >= 1")
+        c(cfg.stale_lag >= 0, "stale_lag", w, "must be >= 0")
+        c(cfg.save_every >= 0, "save_every", w, "must be >= 0")
+        c(cfg.keep_checkpoints >= 1, "keep_checkpoints", w, "must be >= 1")
+        c(cfg.eval_prompts >= 0 and cfg.eval_samples >= 1, "eval_prompts", w,
+          "must be >= 0 (and eval_samples >= 1)")
+        c(cfg.max_consecutive_skips >= 1, "max_consecutive_skips", w, "must be >= 1")
+        try:
+            mix = parse_source(cfg.source)
+        except ConfigError as e:
+            raise ConfigError(f"{w.get('source', 'default')}: field 'source': {e}") from None
+        if "offline" in mix:
+            c(bool(cfg.offline_path), "offline_path", w,
+              "is required when source includes 'offline' (a file written by `agro generate`)")
+            for p in cfg.offline_path.split(","):
+                c(Path(p.strip()).exists(), "offline_path", w, f"names a file that does not exist: {p.strip()}")
+    if isinstance(cfg, GenerateConfig):
+        c(cfg.num_prompts >= 1, "num_prompts", w, "must be >= 1")
+        c(cfg.group_size >= 2, "group_size", w, "must be >= 2 (groups are the training unit)")
+        c(cfg.output.endswith((".jsonl", ".parquet")), "output", w, "must end in .jsonl or .parquet")
+    if isinstance(cfg, EvalConfig):
+        c(cfg.num_prompts >= 1, "num_prompts", w, "must be >= 1")
+        c(cfg.samples >= 0, "samples", w, "must be >= 0")
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def dump_yaml(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
