@@ -397,8 +397,8 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         except ConfigError as e:
             raise ConfigError(f"{w.get('source', 'default')}: field 'source': {e}") from None
         if "offline" in mix:
-            c(bool(cfg.offline_path), "offline_path", w,
-              "is required when source includes 'offline' (a file written by `agro generate`)")
+            c(bool(cfg.offline_path), "source", w,
+              "includes 'offline', so offline_path must name a file written by `agro generate`")
             for p in cfg.offline_path.split(","):
                 c(Path(p.strip()).exists(), "offline_path", w, f"names a file that does not exist: {p.strip()}")
     if isinstance(cfg, GenerateConfig):
