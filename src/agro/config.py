@@ -53,8 +53,9 @@ class TaskFields:
                    ("arithmetic", "math", "gsm8k"))
     data_path: str = _f("", "For math/gsm8k: a local .jsonl/.json/.parquet file or a `datasets` "
                         "name (train prompts).")
-    eval_data_path: str = _f("", "For math/gsm8k: held-out file or `datasets` name (default: "
-                             "data_path's held-out split is not guessed; evaluation uses this).")
+    eval_data_path: str = _f("", "For math/gsm8k: held-out file or `datasets` name. Empty: ~10 % of "
+                             "data_path (at most 500 rows, chosen by a stable hash) is held out "
+                             "and kept out of training.")
     data_split: str = _f("train", "`datasets` split for data_path when it is a hub name.")
     arithmetic_level: int = _f(1, "Arithmetic difficulty: 1 = one-digit + and *, 2 = two-digit, "
                                "3 = three-digit with -, ...")

@@ -1,0 +1,407 @@
+"""Tasks: arithmetic generator, samplers (resume), MATH/GSM8K loading, build_task, templates."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from agro import tasks
+from agro.datafiles import DataError
+from agro.tasks import (
+    ArithmeticTask,
+    Example,
+    ExamplesTask,
+    KeyedPermutation,
+    PromptSampler,
+    build_task,
+    gsm8k_gold,
+    last_boxed,
+    render_messages,
+    render_prompt,
+    split_held_out,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QUESTION = re.compile(r"What is ((?:\d+ [-+*] )+\d+)\?")
+
+
+def _cfg(**kw):
+    base = dict(task="arithmetic", data_path="", eval_data_path="", data_split="train",
+                arithmetic_level=1, skip_bad_rows=False, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _independent_value(question: str) -> tuple[int, list[int], list[str]]:
+    m = QUESTION.fullmatch(question)
+    assert m, question
+    expr = m.group(1)
+    toks = expr.split(" ")
+    # Python's own precedence, on a string made only of digits, spaces and + - *.
+    return eval(expr, {"__builtins__": {}}), [int(t) for t in toks[::2]], toks[1::2]  # noqa: S307
+
+
+# --------------------------------------------------------------------------- arithmetic
+@pytest.mark.parametrize("level,n_ops,lo,hi,ops", [
+    (1, 2, 0, 9, "+*"), (2, 2, 10, 99, "+*"), (3, 2, 100, 999, "+-*"),
+    (4, 3, 10, 99, "+-*"), (6, 5, 10, 99, "+-*"),
+])
+def test_arithmetic_answers_and_levels(level, n_ops, lo, hi, ops):
+    task = ArithmeticTask(level)
+    examples = task.train_sampler(seed=1).sample(300) + task.eval_examples(100)
+    seen_ops = set()
+    for ex in examples:
+        value, operands, used = _independent_value(ex.question)
+        assert ex.answer == str(value), ex
+        assert len(operands) == n_ops
+        assert all(lo <= a <= hi for a in operands), ex.question
+        seen_ops.update(used)
+        assert ex.meta["task"] == "arithmetic"
+    assert seen_ops == set(ops)
+
+
+def test_arithmetic_level1_examples():
+    task = ArithmeticTask(1)
+    assert task.space_size == 200
+    by_q = {task.problem(i).question: task.problem(i).answer for i in range(200)}
+    assert by_q["What is 7 + 8?"] == "15"
+    assert by_q["What is 7 * 8?"] == "56"
+    assert by_q["What is 0 * 9?"] == "0"
+    assert len(by_q) == 200
+
+
+def test_arithmetic_precedence():
+    assert tasks.eval_arithmetic([2, 3, 4], ["+", "*"]) == 14
+    assert tasks.eval_arithmetic([2, 3, 4, 5], ["-", "*", "-"]) == 2 - 12 - 5
+    assert tasks.eval_arithmetic([10, 3, 2], ["-", "-"]) == 5
+
+
+def test_sampler_deterministic_by_seed():
+    task = ArithmeticTask(2)
+    a = [e.id for e in task.train_sampler(7).sample(50)]
+    b = [e.id for e in ArithmeticTask(2).train_sampler(7).sample(50)]
+    c = [e.id for e in task.train_sampler(8).sample(50)]
+    assert a == b
+    assert a != c
+
+
+def test_level1_train_and_heldout_partition_the_space():
+    task = ArithmeticTask(1)
+    sampler = task.train_sampler(0)
+    train_size = sum(1 for i in range(200) if task.problem(i).meta["split"] == "train")
+    first_epoch = sampler.sample(train_size)
+    assert len({e.id for e in first_epoch}) == train_size  # without replacement
+    assert sampler.epoch == 0
+    second_epoch = sampler.sample(train_size)
+    assert {e.id for e in second_epoch} == {e.id for e in first_epoch}
+    assert [e.id for e in second_epoch] != [e.id for e in first_epoch]  # reshuffled
+    held = task.eval_examples(1000)  # more than the pool: returns the pool
+    held_ids = {e.id for e in held}
+    assert len(held_ids) == len(held) == 200 - train_size
+    assert 25 <= len(held) <= 55  # ~20 % of 200
+    assert held_ids.isdisjoint(e.id for e in first_epoch)
+    assert held_ids | {e.id for e in first_epoch} == {task.problem(i).id for i in range(200)}
+
+
+def test_level2_train_and_heldout_disjoint():
+    task = ArithmeticTask(2)
+    train = {e.question for e in task.train_sampler(3).sample(3000)}
+    held = task.eval_examples(600)
+    assert len(held) == 600
+    assert train.isdisjoint(e.question for e in held)
+    frac = sum(e.meta["split"] == "eval" for e in map(task.problem, range(0, 16200, 7))) / 2315
+    assert 0.15 < frac < 0.25
+
+
+def test_eval_examples_fixed_prefix_and_seed_independent():
+    a = ArithmeticTask(3).eval_examples(20)
+    b = ArithmeticTask(3)
+    assert [e.id for e in b.eval_examples(5)] == [e.id for e in a[:5]]
+    assert [e.id for e in b.eval_examples(20)] == [e.id for e in a]
+    assert len({e.id for e in a}) == 20
+    assert b.eval_examples(0) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000, 4097])
+def test_keyed_permutation_is_a_permutation(n):
+    perm = KeyedPermutation(n, key=12345)
+    assert sorted(perm(i) for i in range(n)) == list(range(n))
+
+
+def test_keyed_permutation_depends_on_key():
+    a = [KeyedPermutation(100, 1)(i) for i in range(100)]
+    b = [KeyedPermutation(100, 2)(i) for i in range(100)]
+    assert a != b
+    assert a != list(range(100))
+
+
+# --------------------------------------------------------------------------- sampler state
+def _plain_json(x) -> bool:
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(map(_plain_json, x))
+    return x is None or isinstance(x, (int, str))
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 9, 10, 23])
+def test_sampler_state_round_trip_continues_sequence(consumed):
+    exs = [Example(id=f"e{i}", question=f"q{i}", answer=str(i)) for i in range(10)]
+    task = ExamplesTask("toy", exs, [])
+    s = task.train_sampler(seed=5)
+    s.sample(consumed)
+    state = s.state_dict()
+    assert _plain_json(state)
+    state = json.loads(json.dumps(state))
+    expected = [e.id for e in s.sample(25)]
+    resumed = task.train_sampler(seed=999)
+    resumed.load_state_dict(state)
+    assert [e.id for e in resumed.sample(25)] == expected
+    assert resumed.state_dict() == s.state_dict()
+
+
+def test_sampler_state_round_trip_arithmetic_with_skips():
+    task = ArithmeticTask(1)
+    s = task.train_sampler(2)
+    s.sample(150)  # close to the end of the first epoch (155 train problems)
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = [e.id for e in s.sample(40)]
+    r = ArithmeticTask(1).train_sampler(0)
+    r.load_state_dict(state)
+    assert [e.id for e in r.sample(40)] == expected
+
+
+def test_sampler_epochs_cover_list_without_replacement():
+    exs = [Example(id=f"e{i}", question=f"q{i}", answer="0") for i in range(10)]
+    out = [e.id for e in PromptSampler.from_examples(exs, seed=0).sample(30)]
+    for epoch in range(3):
+        assert sorted(out[10 * epoch:10 * epoch + 10]) == sorted(e.id for e in exs)
+
+
+def test_sampler_state_rejects_other_task():
+    s = ArithmeticTask(1).train_sampler(0)
+    with pytest.raises(ValueError, match="200 candidates"):
+        ArithmeticTask(2).train_sampler(0).load_state_dict(s.state_dict())
+
+
+# --------------------------------------------------------------------------- gold parsing
+def test_last_boxed():
+    assert last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert last_boxed(r"$\boxed{\{1, 2\}}$") == r"\{1, 2\}"
+    assert last_boxed(r"\boxed 5$") == "5"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed("no box") is None
+    assert last_boxed(r"\boxed{unbalanced") is None
+
+
+def test_gsm8k_gold():
+    assert gsm8k_gold("work\n#### 1,234") == "1234"
+    assert gsm8k_gold("#### -5") == "-5"
+    assert gsm8k_gold("#### 2.50") == "2.50"
+    assert gsm8k_gold("42") == "42"
+    assert gsm8k_gold("#### about ten") is None
+    assert gsm8k_gold("no marker here") is None
+
+
+# --------------------------------------------------------------------------- MATH / GSM8K loaders
+def test_math_loader_small_file(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [
+        {"problem": "1+1?", "solution": "It is \\boxed{2}.", "answer": "2", "unique_id": "a"},
+        {"problem": "Half?", "solution": "So \\boxed{3} no, \\boxed{\\frac{1}{2}}."},
+        {"problem": "Num?", "answer": 7, "level": 3},
+    ])
+    exs, report = tasks.load_examples(str(path), "math")
+    assert [e.answer for e in exs] == ["2", "\\frac{1}{2}", "7"]
+    assert [e.id for e in exs] == ["a", "m.jsonl:2", "m.jsonl:3"]
+    assert exs[2].meta["level"] == 3 and exs[0].meta["task"] == "math"
+    assert report.kept == 3 and report.counts == {}
+
+
+def test_gsm8k_loader_small_file(tmp_path):
+    path = _write_jsonl(tmp_path / "g.jsonl", [
+        {"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+        {"question": "Big?", "answer": "lots\n#### 1,250,000"},
+    ])
+    exs, _ = tasks.load_examples(str(path), "gsm8k")
+    assert [e.answer for e in exs] == ["7", "1250000"]
+    assert exs[0].meta["solution"] == "3 + 4 = <<3+4=7>>7"
+
+
+@pytest.mark.data
+def test_math500_every_row_loads():
+    path = DATA / "math500_test.jsonl"
+    if not path.is_file():
+        pytest.skip("shared data absent")
+    exs, report = tasks.load_examples(str(path), "math")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(exs) == len(rows) == 500 and report.counts == {}
+    assert [e.answer for e in exs] == [r["answer"].strip() for r in rows]
+    assert [e.id for e in exs] == [r["unique_id"] for r in rows]
+    # The MATH convention holds on this file: gold == last \boxed{} of the solution.
+    assert all(last_boxed(r["solution"]) == r["answer"] for r in rows)
+
+
+@pytest.mark.data
+def test_gsm8k_gold_is_a_number():
+    path = DATA / "gsm8k_test.jsonl"
+    if not path.is_file():
+        pytest.skip("shared data absent")
+    exs, _ = tasks.load_examples(str(path), "gsm8k")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(exs) == len(rows) == 1319
+    for e, r in zip(exs, rows):
+        expected = float(r["answer"].split("####")[-1].strip().replace(",", ""))
+        assert float(e.answer) == expected
+
+
+# --------------------------------------------------------------------------- build_task
+def test_build_task_arithmetic():
+    t = build_task(_cfg(arithmetic_level=3))
+    assert isinstance(t, ArithmeticTask) and t.level == 3
+
+
+def _math_rows(n, start=0):
+    return [{"problem": f"What is {i} squared?", "answer": str(i * i)}
+            for i in range(start, start + n)]
+
+
+def test_build_task_held_out_slice_excluded_from_training(tmp_path):
+    path = _write_jsonl(tmp_path / "train.jsonl", _math_rows(50))
+    t = build_task(_cfg(task="math", data_path=str(path)))
+    held = t.eval_examples(100)
+    assert len(held) == 5  # 10 % of 50
+    sampler = t.train_sampler(0)
+    train_ids = {e.id for e in sampler.sample(45)}
+    assert len(train_ids) == 45
+    assert train_ids.isdisjoint(e.id for e in held)
+    assert [e.id for e in t.eval_examples(3)] == [e.id for e in held[:3]]
+    # independent of the row order of the file and of the seed
+    rev = _write_jsonl(tmp_path / "rev.jsonl", _math_rows(50)[::-1])
+    t2 = build_task(_cfg(task="math", data_path=str(rev), seed=3))
+    assert {e.question for e in t2.eval_examples(100)} == {e.question for e in held}
+
+
+def test_build_task_eval_file_and_overlap_removed(tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", _math_rows(20))
+    test = _write_jsonl(tmp_path / "test.jsonl", _math_rows(5, start=18))  # 18, 19 overlap
+    t = build_task(_cfg(task="math", data_path=str(train), eval_data_path=str(test)))
+    assert [e.answer for e in t.eval_examples(10)] == [str(i * i) for i in range(18, 23)]
+    assert len(t.train) == 18
+    assert any("dropped 2" in n for n in t.notes)
+
+
+def test_build_task_datasets_name(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"question": f"{split} q{i}?", "answer": f"#### {i}"} for i in range(30)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    t = build_task(_cfg(task="gsm8k", data_path="openai/gsm8k:main",
+                        eval_data_path="openai/gsm8k:main"))
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert len(t.eval_examples(100)) == 30
+    assert t.eval_examples(1)[0].id == "gsm8k[test]:1"
+    assert len(t.train) == 30 and t.train[0].question == "train q0?"
+
+
+def test_build_task_eval_file_covering_all_training_prompts(tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", _math_rows(5))
+    with pytest.raises(ValueError, match="all 5 training prompts"):
+        build_task(_cfg(task="math", data_path=str(train), eval_data_path=str(train)))
+
+
+def test_build_task_bad_file_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"problem": "ok?", "answer": "1"}) + "\n" + "{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field '<row>'"):
+        build_task(_cfg(task="math", data_path=str(path)))
+
+
+def test_split_held_out_keeps_repeated_questions_together():
+    exs = [Example(id=str(i), question=f"q {i % 7}", answer="0") for i in range(70)]
+    train, held = split_held_out(exs)
+    assert {e.question for e in train}.isdisjoint(e.question for e in held)
+    assert len(train) + len(held) == 70 and held
+
+
+# --------------------------------------------------------------------------- templates
+EX_ARITH = ArithmeticTask(1).problem(17)
+EX_MATH = Example(id="m", question="Find $x$.", answer="2", meta={"task": "math"})
+
+
+def test_render_messages_templates():
+    assert render_messages(EX_ARITH, "auto") == [{"role": "user", "content": EX_ARITH.question}]
+    paper = render_messages(EX_MATH, "auto")
+    assert paper == render_messages(EX_MATH, "paper")
+    assert [m["role"] for m in paper] == ["system", "user"]
+    assert "step by step" in paper[0]["content"]
+    assert "The final answer is" in paper[0]["content"]
+    assert paper[1]["content"] == "Find $x$."
+    boxed = render_messages(EX_MATH, "boxed")
+    assert len(boxed) == 1 and "\\boxed{}" in boxed[0]["content"]
+    assert boxed[0]["content"].startswith("Find $x$.")
+    assert render_messages(EX_MATH, "bare") == [{"role": "user", "content": "Find $x$."}]
+    with pytest.raises(ValueError, match="valid: auto, bare, paper, boxed"):
+        render_messages(EX_MATH, "fancy")
+
+
+class FakeChatTokenizer:
+    chat_template = "fake"
+
+    def __init__(self, reject_system=False):
+        self.reject_system = reject_system
+        self.calls = []
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+        from jinja2 import TemplateError
+
+        self.calls.append((messages, tokenize, add_generation_prompt))
+        if self.reject_system and messages[0]["role"] == "system":
+            raise TemplateError("System role not supported")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_render_prompt_uses_chat_template():
+    tok = FakeChatTokenizer()
+    out = render_prompt(tok, EX_ARITH, "auto")
+    assert out == f"<user>{EX_ARITH.question}<assistant>"
+    assert tok.calls[0][1:] == (False, True)
+
+
+def test_render_prompt_merges_system_when_template_rejects_it():
+    tok = FakeChatTokenizer(reject_system=True)
+    out = render_prompt(tok, EX_MATH, "paper")
+    assert out.startswith("<user>" + tasks.PAPER_SYSTEM + "\n\nFind $x$.")
+
+
+def test_render_prompt_plain_without_chat_template():
+    tok = SimpleNamespace(chat_template=None)
+    assert render_prompt(tok, EX_ARITH, "bare") == f"Question: {EX_ARITH.question}\nAnswer:"
+    paper = render_prompt(tok, EX_MATH, "paper")
+    assert paper == f"{tasks.PAPER_SYSTEM}\n\nQuestion: Find $x$.\nAnswer:"
+
+
+def test_render_prompt_real_fast_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    model = tokenizers.models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]")
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    out = render_prompt(tok, EX_ARITH, "auto")
+    assert out == f"<|user|>{EX_ARITH.question}\n<|assistant|>"
