@@ -100,23 +100,26 @@ class OfflineSource:
 
     name = "offline"
 
-    def __init__(self, groups: list[Group], seed: int):
+    def __init__(self, groups: list[Group], seed: int, rank: int = 0, world: int = 1):
         if not groups:
             raise ValueError("offline source: no groups to train on")
         self.groups = [g.with_source("offline") for g in groups]
+        # Data parallel: every process walks the same shuffled order and keeps its slice of
+        # each step's draw, so N processes see exactly the groups one process would.
+        self.rank, self.world = rank, world
         self.rng = random.Random(seed + 104729)
         self.order: list[int] = []
         self.epoch = 0
 
     def take(self, k: int, version: int) -> list[Group]:
         out = []
-        for _ in range(k):
+        for _ in range(k * self.world):
             if not self.order:
                 self.order = list(range(len(self.groups)))
                 self.rng.shuffle(self.order)
                 self.epoch += 1
             out.append(self.groups[self.order.pop()])
-        return out
+        return out[self.rank::self.world]
 
     def state_dict(self) -> dict:
         return {"rng": _rng_state(self.rng), "order": list(self.order), "epoch": self.epoch}
@@ -200,6 +203,8 @@ def build_mixer(
     replay_prob: float,
     stale_lag: int,
     seed: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> Mixer:
     """Build the sources named in `weights` (from config.parse_source) and their mixer."""
     sources: dict[str, GroupSource] = {}
@@ -207,9 +212,9 @@ def build_mixer(
         if name == "fresh":
             sources[name] = FreshSource(rollout)
         elif name == "replay":
-            sources[name] = ReplaySource(rollout, replay_capacity, replay_prob, seed)
+            sources[name] = ReplaySource(rollout, replay_capacity, replay_prob, seed + 31 * rank)
         elif name == "offline":
-            sources[name] = OfflineSource(offline_groups or [], seed)
+            sources[name] = OfflineSource(offline_groups or [], seed, rank, world)
         elif name == "stale":
             sources[name] = StaleSource(rollout, stale_lag)
         else:  # config validation lists the valid names; this guards library callers

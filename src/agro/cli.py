@@ -1,0 +1,182 @@
+"""The `agro` command line: train, generate, eval, plot, lab.
+
+Each command parses one typed config (see agro.config) from an optional YAML file and
+``key=value`` overrides, validates it before any model loads, then calls the library.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGE = """usage: agro COMMAND [CONFIG.yaml] [key=value ...]
+
+commands:
+  train     RL fine-tuning with AGRO (no arguments: the embedded default job)
+            agro train [CONFIG.yaml] [key=value ...] [--resume OUTPUT_DIR]
+  generate  sample scored groups and write an offline dataset
+            agro generate [CONFIG.yaml] [key=value ...]   (output=FILE.jsonl|.parquet)
+  eval      held-out accuracy (greedy and sampled) of a model or a run directory
+            agro eval MODEL_OR_RUN [CONFIG.yaml] [key=value ...]
+  plot      PNG curves of one or more runs: agro plot RUN_DIR... [--out FILE]
+  lab       exact tabular experiments: agro lab figure1|pitfall --out DIR
+
+`agro COMMAND --help` lists every field of that command's config.
+"""
+
+
+def _split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """-> (yaml path or None, key=value overrides, remaining flags/positionals)."""
+    yaml_path, overrides, rest = None, [], []
+    for a in argv:
+        if "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        elif a.endswith((".yaml", ".yml")) and yaml_path is None and not a.startswith("-"):
+            yaml_path = a
+        else:
+            rest.append(a)
+    return yaml_path, overrides, rest
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"agro: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import ConfigError, TrainConfig, format_help, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: agro train [CONFIG.yaml] [key=value ...] [--resume OUTPUT_DIR]\n")
+        print(format_help(TrainConfig))
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    resume_dir = None
+    if "--resume" in rest:
+        i = rest.index("--resume")
+        if i + 1 >= len(rest):
+            return _die("--resume needs the run's OUTPUT_DIR")
+        resume_dir = rest[i + 1]
+        del rest[i:i + 2]
+    if rest:
+        return _die(f"unexpected arguments {rest}; fields are set as key=value "
+                    "(see agro train --help)")
+    try:
+        if resume_dir is not None:
+            saved = Path(resume_dir) / "config.yaml"
+            if not saved.is_file():
+                return _die(f"--resume {resume_dir}: no config.yaml there (not an agro run?)")
+            cfg = load_config(TrainConfig, str(saved), overrides + [f"output_dir={resume_dir}"])
+        else:
+            cfg = load_config(TrainConfig, yaml_path, overrides)
+    except ConfigError as e:
+        return _die(str(e))
+
+    from .trainer import TrainingAborted, train
+
+    try:
+        res = train(cfg, resume=resume_dir is not None)
+    except TrainingAborted as e:
+        return _die(str(e), 3)
+    print(summary_lines(res))
+    return 0
+
+
+def summary_lines(res) -> str:
+    lines = ["", f"agro: {res.steps_done} steps done; run directory {res.output_dir}"]
+    b, a = res.before, res.after
+    if a is not None:
+        if b is not None:
+            lines.append(f"  held-out sampled accuracy: before {b['sampled_accuracy']:.3f} -> "
+                         f"after {a['sampled_accuracy']:.3f}  "
+                         f"({int(a.get('sampled_samples', 0))} samples each)")
+            lines.append(f"  mean completion length:    before {b['sampled_len_mean']:.1f} -> "
+                         f"after {a['sampled_len_mean']:.1f} tokens")
+        else:
+            lines.append(f"  held-out sampled accuracy: {a['sampled_accuracy']:.3f}")
+        if "kl_pi_ref" in a:
+            lines.append(f"  KL(pi || pi_ref) moved:    {b.get('kl_pi_ref', 0.0) if b else 0.0:.4f}"
+                         f" -> {a['kl_pi_ref']:.4f} nats per completion")
+    if res.final_dir:
+        lines.append(f"  model (transformers):      {res.final_dir}")
+    if res.plot_path:
+        lines.append(f"  plot:                      {res.plot_path}")
+    return "\n".join(lines)
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from .config import ConfigError, GenerateConfig, format_help, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: agro generate [CONFIG.yaml] [key=value ...]\n")
+        print(format_help(GenerateConfig))
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    if rest:
+        return _die(f"unexpected arguments {rest}")
+    try:
+        cfg = load_config(GenerateConfig, yaml_path, overrides)
+    except ConfigError as e:
+        return _die(str(e))
+    from .workflows import generate_offline
+
+    path, n_groups = generate_offline(cfg)
+    print(f"agro: wrote {n_groups} groups to {path}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .config import ConfigError, EvalConfig, format_help, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: agro eval MODEL_OR_RUN [CONFIG.yaml] [key=value ...]\n")
+        print(format_help(EvalConfig))
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    if len(rest) > 1 or any(r.startswith("-") for r in rest):
+        return _die(f"unexpected arguments {rest}")
+    from .workflows import eval_defaults_from_run
+
+    pre = eval_defaults_from_run(rest[0]) if rest else []
+    try:
+        cfg = load_config(EvalConfig, yaml_path, pre + overrides)
+    except ConfigError as e:
+        return _die(str(e))
+    from .workflows import run_eval
+
+    res = run_eval(cfg)
+    print(f"agro eval: {cfg.model}")
+    for k in sorted(res):
+        v = res[k]
+        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+    return 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    from .plotting import plot_main
+
+    return plot_main(argv)
+
+
+def cmd_lab(argv: list[str]) -> int:
+    from .lab.cli import lab_main
+
+    return lab_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
+            "plot": cmd_plot, "lab": cmd_lab}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        return _die(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
+    return COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

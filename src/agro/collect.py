@@ -1,0 +1,147 @@
+"""Collect scored groups: prompts -> generation -> grading -> reference log-probs -> Group.
+
+The :class:`Collector` is the one place where fresh data is made; the trainer's fresh, replay
+and stale sources call it, and so does ``agro generate`` (which writes the groups to a file).
+Reference log-probs are computed here, once per sample, at the same precision as the learner's
+policy log-probs, and stored with the group: replayed and offline groups never recompute them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .generation import SamplingParams
+from .models import completion_logprobs
+from .rollouts import Group, collate, split_groups
+from .tasks import Example, render_prompt
+
+
+@dataclass
+class CollectStats:
+    """Counters accumulated since the last `pop_stats()`."""
+
+    groups: int = 0
+    samples: int = 0
+    completion_tokens: int = 0
+    gen_seconds: float = 0.0
+    grade_seconds: float = 0.0
+    ref_seconds: float = 0.0
+    grade_timeouts: int = 0
+    grade_errors: int = 0
+    gold_unparsable: int = 0
+    prompts_too_long: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Collector:
+    """Turns prompts into complete, scored groups with provenance."""
+
+    def __init__(self, *, tokenizer, generator, grader, reference, sampler, template: str,
+                 params: SamplingParams, group_size: int, precision: str,
+                 max_prompt_tokens: int, ref_micro_batch: int = 16):
+        self.tok = tokenizer
+        self.generator = generator
+        self.grader = grader
+        self.reference = reference
+        self.sampler = sampler
+        self.template = template
+        self.params = params
+        self.n = group_size
+        self.precision = precision
+        self.max_prompt_tokens = max_prompt_tokens
+        self.ref_micro_batch = ref_micro_batch
+        self.stats = CollectStats()
+
+    def pop_stats(self) -> CollectStats:
+        s, self.stats = self.stats, CollectStats()
+        return s
+
+    # -- the pipeline --------------------------------------------------------------------
+    def __call__(self, k: int, version: int) -> list[Group]:
+        """Sample k prompts from the training sampler and return their scored groups."""
+        examples, prompt_ids = self._prompts(k)
+        return self.collect(examples, prompt_ids, version, source="fresh")
+
+    def _prompts(self, k: int) -> tuple[list[Example], list[list[int]]]:
+        examples: list[Example] = []
+        ids: list[list[int]] = []
+        tries = 0
+        while len(examples) < k and tries < 20:
+            tries += 1
+            for ex in self.sampler.sample(k - len(examples)):
+                p = self.encode(ex)
+                if len(p) > self.max_prompt_tokens:
+                    self.stats.prompts_too_long += 1
+                    continue
+                examples.append(ex)
+                ids.append(p)
+        return examples, ids
+
+    def encode(self, ex: Example) -> list[int]:
+        text = render_prompt(self.tok, ex, self.template)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def collect(self, examples: list[Example], prompt_ids: list[list[int]], version: int,
+                source: str = "fresh") -> list[Group]:
+        if not examples:
+            return []
+        t0 = time.perf_counter()
+        gens = self.generator.generate(prompt_ids, self.n, self.params)
+        t1 = time.perf_counter()
+        texts = [t for g in gens for t in g.texts]
+        answers = [ex.answer for ex in examples for _ in range(self.n)]
+        graded = self.grader.grade(texts, answers)
+        t2 = time.perf_counter()
+        self.stats.grade_timeouts += graded.timeouts
+        self.stats.grade_errors += graded.errors
+        groups: list[Group] = []
+        for j, (ex, gen) in enumerate(zip(examples, gens)):
+            rewards = graded.rewards[j * self.n:(j + 1) * self.n]
+            if any(r is None for r in rewards):   # gold answer unparsable: skip, counted
+                self.stats.gold_unparsable += 1
+                continue
+            groups.append(Group(
+                prompt_id=ex.id, prompt_ids=list(gen.prompt_ids),
+                completion_ids=[list(c) for c in gen.completion_ids],
+                rewards=[float(r) for r in rewards], correct=[float(r) for r in rewards],
+                behavior_logprobs=[list(map(float, lp)) for lp in gen.logprobs],
+                prompt=self.tok.decode(gen.prompt_ids), completions=list(gen.texts),
+                answer=ex.answer, source=source, policy_version=version,
+                temperature=self.params.temperature, top_p=self.params.top_p,
+                top_k=self.params.top_k,
+            ))
+        self.attach_ref_logprobs(groups)
+        t3 = time.perf_counter()
+        st = self.stats
+        st.groups += len(groups)
+        st.samples += len(groups) * self.n
+        st.completion_tokens += sum(len(c) for g in groups for c in g.completion_ids)
+        st.gen_seconds += t1 - t0
+        st.grade_seconds += t2 - t1
+        st.ref_seconds += t3 - t2
+        return groups
+
+    @torch.no_grad()
+    def attach_ref_logprobs(self, groups: list[Group]) -> None:
+        """Fill `ref_logprobs` of each group (computed once, stored with the group)."""
+        per_mb = max(1, self.ref_micro_batch // self.n)
+        for mb in split_groups(groups, per_mb):
+            batch = collate(mb, self.tok.pad_token_id, current_version=-1, require_ref=False)
+            lp = self.reference.token_logprobs(
+                batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+            lp = lp.float().cpu()
+            b = 0
+            for g in mb:
+                g.ref_logprobs = []
+                for c in g.completion_ids:
+                    g.ref_logprobs.append(lp[b, :len(c)].tolist())
+                    b += 1
+
+
+def policy_logprobs_for(model, batch, precision: str, with_logits: bool = False):
+    """Policy per-token log-probs for a collated batch (differentiable)."""
+    return completion_logprobs(model, batch.input_ids, batch.attention_mask,
+                               batch.completion_ids, batch.prompt_len, precision,
+                               with_logits=with_logits)
