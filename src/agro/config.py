@@ -40,8 +40,10 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 class ModelFields:
     model: str = _f("default", "Policy: a Hugging Face hub id, a local directory saved with "
                     "save_pretrained, a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct).")
-    precision: str = _f("bf16", "Matmul precision: 'bf16' (autocast) or 'fp32'. Log-softmax is "
-                        "always taken in fp32.", ("bf16", "fp32"))
+    precision: str = _f("auto", "Matmul precision: 'bf16' (autocast), 'fp32', or 'auto' (bf16 on a "
+                        "GPU or a CPU with native bf16 matmuls, else fp32: on a CPU without them "
+                        "bf16 is emulated and several times slower). Log-softmax is always fp32.",
+                        ("auto", "bf16", "fp32"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")
 
@@ -409,6 +411,22 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
     if isinstance(cfg, EvalConfig):
         c(cfg.num_prompts >= 1, "num_prompts", w, "must be >= 1")
         c(cfg.samples >= 0, "samples", w, "must be >= 0")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' where bf16 matmuls are native (CUDA with bf16, or a CPU with AVX512-BF16 /
+    AMX as reported by oneDNN), else 'fp32'. Explicit values pass through."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -18,8 +18,8 @@ Departures from the paper (documented, deliberate):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import torch
 from . import losses
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .collect import Collector, policy_logprobs_for
-from .config import TrainConfig, dump_yaml, from_dict, parse_source, to_dict
+from .config import TrainConfig, dump_yaml, parse_source, resolve_precision, to_dict
 from .datafiles import read_groups
 from .evaluation import evaluate
 from .generation import SamplingParams, make_generator
@@ -124,6 +124,7 @@ class Trainer:
         if resume and self.ckpt_path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
         self.ckpt_state = self.ckpt_path is not None
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision))
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -331,9 +332,7 @@ class Trainer:
         }
         for s in ("replay", "offline", "stale"):
             m[f"{s}_fraction"] = by_source.get(s, 0) / max(1, len(groups))
-        m = self.dist.mean_dict(m)
-        m["reward_mean"] = m.get("reward_mean", 0.0)
-        return m
+        return self.dist.mean_dict(m)
 
     # ------------------------------------------------------------------------------ eval
     def run_eval(self, when: str) -> dict:

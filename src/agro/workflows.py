@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from .collect import Collector
-from .config import EvalConfig, GenerateConfig
+from .config import EvalConfig, GenerateConfig, resolve_precision
 from .datafiles import write_groups
 from .evaluation import evaluate
 from .generation import SamplingParams, make_generator
@@ -18,6 +18,7 @@ from .tasks import build_task
 def _seed(cfg) -> None:
     from .trainer import seed_everything
 
+    cfg.precision = resolve_precision(cfg.precision)
     if cfg.num_threads:
         import torch
 
