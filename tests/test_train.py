@@ -5,27 +5,13 @@ resume equivalence, the LoRA path, and config validation through the trainer.
 """
 from __future__ import annotations
 
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-from agro.config import GenerateConfig, TrainConfig, load_config
-from agro.grading import GradeResult
+from agro.config import TrainConfig, load_config
 from agro.trainer import Trainer
-from agro.workflows import generate_offline
-
-
-class HashGrader:
-    """Deterministic pseudo-rewards from the completion text, so a random tiny model still gets
-    a learning signal (real grading is tested in test_rewards / test_hostile_grading)."""
-
-    def grade(self, completions, answers):
-        return GradeResult(rewards=[float(zlib.crc32(c.encode()) % 2) for c in completions])
-
-    def close(self):
-        pass
+from fakes import HashGrader, make_offline_file
 
 
 FAST = ["steps=1", "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
@@ -78,13 +64,7 @@ def test_one_step_per_loss(tiny_model_dir, tmp_path, loss, opts):
 
 @pytest.fixture(scope="module")
 def offline_file(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("offline") / "groups.jsonl"
-    cfg = load_config(GenerateConfig, None, [f"model={tiny_model_dir}", f"output={out}",
-                                             "num_prompts=6", "group_size=3", "max_new_tokens=6",
-                                             "precision=fp32"])
-    path, n = generate_offline(cfg, grader=HashGrader())
-    assert n == 6 and path.exists()
-    return path
+    return make_offline_file(tiny_model_dir, tmp_path_factory.mktemp("offline") / "groups.jsonl")
 
 
 @pytest.mark.parametrize("source,frac_key,expect", [

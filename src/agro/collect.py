@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .faults import maybe_crash
 from .generation import SamplingParams
 from .models import completion_logprobs
 from .rollouts import Group, collate, split_groups
@@ -90,6 +91,7 @@ class Collector:
         t0 = time.perf_counter()
         gens = self.generator.generate(prompt_ids, self.n, self.params)
         t1 = time.perf_counter()
+        maybe_crash("collect")
         texts = [t for g in gens for t in g.texts]
         answers = [ex.answer for ex in examples for _ in range(self.n)]
         graded = self.grader.grade(texts, answers)

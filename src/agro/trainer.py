@@ -34,6 +34,7 @@ from .collect import Collector, policy_logprobs_for
 from .config import TrainConfig, dump_yaml, parse_source, resolve_precision, to_dict
 from .datafiles import read_groups
 from .evaluation import evaluate
+from .faults import maybe_crash
 from .generation import SamplingParams, make_generator
 from .logging_utils import MetricsLogger, TrainProgress
 from .models import build_policy_and_reference, save_for_transformers, token_kl
@@ -273,6 +274,7 @@ class Trainer:
                 batch.group_size, cfg.beta, **opts)
             weight = batch.num_samples / total_b
             (loss * weight).backward()
+            maybe_crash("backward")
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * weight
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight

