@@ -6,10 +6,15 @@ a clear message when that package is not installed.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# 2 threads = the whole machine; AGRO_TEST_THREADS=1 avoids OpenMP oversubscription (measured
+# 10-20x slow-downs) when several torch processes share the 2 cores.
+THREADS = int(os.environ.get("AGRO_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
 
 TINY_LLAMA = dict(
     num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -21,7 +26,7 @@ TINY_LLAMA = dict(
 def _deterministic():
     """Same seed before every test; restore the thread count others may have changed."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 

@@ -15,7 +15,11 @@ it consistent with sampling and cheap:
   token), also when the matmuls run in bf16 under autocast.
 
 Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
-same ``precision``; :class:`Reference` uses the precision it was built with.
+same ``precision``; :class:`Reference` uses the precision it was built with. Measured on
+SmolLM2-135M (64-token completions): bf16 autocast moves per-token log-probs by 0.026 on average
+(0.19 per sequence), and after a +-1e-5 weight step the sequence log-ratio is 0.003 in fp32 but
+0.28 in bf16: bf16 noise swamps small log-ratios, so prefer fp32 unless bf16 is needed for speed
+(and on CPUs without native bf16, see :func:`bf16_is_native`, it is slower as well).
 
 Departure from the paper: none (the paper trains Llama 3 8B fully; LoRA and bf16 autocast are
 options of ours for small machines).

@@ -146,8 +146,7 @@ class Trainer:
         self.policy, self.tok, self.reference = build_policy_and_reference(
             cfg.model, precision=cfg.precision, lora=cfg.lora, lora_r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            lora_target_modules=cfg.lora_target_modules)
-        self.policy.to(self.dist.device)
+            lora_target_modules=cfg.lora_target_modules, device=self.dist.device)
         if "offline" in mix:
             offline_groups = []
             for p in cfg.offline_path.split(","):
