@@ -73,7 +73,7 @@ class TaskFields:
 @dataclass
 class SamplingFields:
     group_size: int = _f(4, "n: completions per prompt (>= 2 for every group loss).")
-    max_new_tokens: int = _f(64, "Maximum completion length in tokens.")
+    max_new_tokens: int = _f(32, "Maximum completion length in tokens.")
     temperature: float = _f(1.0, "Sampling temperature. != 1 makes samples off-policy (on-policy "
                             "terms switch off and this is logged).")
     top_p: float = _f(1.0, "Nucleus sampling. < 1 makes samples off-policy.")
@@ -91,10 +91,10 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     beta: float = _f(0.02, "KL coefficient beta >= 0 (agro_on needs > 0).")
     loss_options: dict = _f({}, "Loss-specific options, e.g. loss_options.lr_coef=0.5, "
                             "loss_options.reg_estimator=causal, loss_options.logprob_reduction=mean.")
-    steps: int = _f(40, "Optimizer steps.")
+    steps: int = _f(20, "Optimizer steps.")
     prompts_per_step: int = _f(8, "Prompt groups per optimizer step.")
     micro_batch_groups: int = _f(2, "Groups per micro-batch (gradient accumulation over the step).")
-    lr: float = _f(1e-5, "AdamW learning rate.")
+    lr: float = _f(2e-5, "AdamW learning rate.")
     lr_schedule: str = _f("constant", "After warm-up: 'constant' or 'cosine'.", ("constant", "cosine"))
     warmup_steps: int = _f(2, "Linear warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -118,7 +118,8 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                          "checkpoints/, final/, plots.")
     save_every: int = _f(10, "Checkpoint every k steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many complete checkpoints to keep.")
-    eval_prompts: int = _f(64, "Held-out prompts for the before/after evaluation (0 = skip).")
+    eval_prompts: int = _f(45, "Held-out prompts for the before/after evaluation (0 = skip; the "
+                           "level-1 arithmetic held-out pool has 45).")
     eval_samples: int = _f(2, "Sampled completions per held-out prompt (temperature 1).")
     eval_every: int = _f(0, "Evaluate every k steps as well (0 = only before and after).")
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive non-finite steps.")
