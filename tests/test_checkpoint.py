@@ -33,7 +33,6 @@ from agro.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    to_plain,
 )
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import subprocess
 import sys
@@ -58,8 +57,9 @@ def test_metrics_lines_are_sorted_json_with_nan_as_null(tmp_path):
     assert first["accuracy"] == 0.5 and first["kl_k1"] == 0.25 and first["step"] == 1
     assert first["reward_mean"] == 1.0 and isinstance(first["reward_mean"], float)
     assert first["source"] == "fresh"
-    with pytest.raises(TypeError, match="metric 'bad'"):
-        MetricsLogger(tmp_path, tensorboard=False).log(3, {"bad": [1, 2]})
+    with MetricsLogger(tmp_path, tensorboard=False) as ml, \
+            pytest.raises(TypeError, match="metric 'bad'"):
+        ml.log(3, {"bad": [1, 2]})
 
 
 def test_resume_truncates_to_checkpoint_step(tmp_path):
@@ -172,7 +172,7 @@ def test_rich_progress_on_a_terminal_prints_each_line(monkeypatch):
         p.update(3, {"accuracy": 0.75})
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
     assert "step 2/4 | acc 0.50" in text and "step 3/4 | acc 0.75" in text
-    assert "3/4" in text
+    assert "3/4 elapsed" in text and "━" in text          # the bar itself, at 3 of 4
     buf2 = _FakeTTY()
     with TrainProgress(4, enabled=False, file=buf2) as p:
         p.update(1, {"accuracy": 0.5})

@@ -126,7 +126,7 @@ def plot_runs(
                 if smooth > 1:
                     ax.plot(x[ok], y[ok], color=color, alpha=0.2, lw=0.8, marker=".", ms=2)
                 xs, ys = smoothed[xkey], smoothed[ykey]
-                oks = np.isfinite(xs) & np.isfinite(ys)
+                oks = ok & np.isfinite(xs) & np.isfinite(ys)   # no line where no raw data
                 ax.plot(xs[oks], ys[oks], color=color, lw=1.8, label=label)
             if ykey == "accuracy":
                 ev = cols["eval_accuracy"]
