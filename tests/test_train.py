@@ -144,3 +144,21 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkey
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert tr.optimizer.state_dict()["state"] == opt_before["state"] == {}
     assert tr.total_skipped_steps == 2
+
+
+def test_bad_offline_rows_stop_before_training_or_are_skipped_and_counted(
+        tiny_model_dir, tmp_path, offline_file, capsys):
+    from agro.datafiles import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    lines = offline_file.read_text().splitlines()
+    bad.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    cfg = make_cfg(tiny_model_dir, tmp_path, "source=offline", f"offline_path={bad}")
+    with pytest.raises(DataError, match=r"bad.jsonl:3"):
+        Trainer(cfg, grader=HashGrader())
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg = make_cfg(tiny_model_dir, tmp_path, "source=offline", f"offline_path={bad}",
+                   "skip_bad_rows=true")
+    tr, before, res = run_steps(cfg)
+    assert res.steps_done == 1 and moved(tr, before) > 0
+    assert "skipped 1 bad offline rows" in capsys.readouterr().out

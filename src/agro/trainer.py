@@ -136,6 +136,8 @@ class Trainer:
 
         # -- data ----------------------------------------------------------------------------
         self.task = build_task(cfg)
+        for line in self.task.notes:
+            self.note(line)
         self.sampler = self.task.train_sampler(cfg.seed + 7 * self.dist.rank)
         self.template = cfg.prompt_template
         mix = parse_source(cfg.source)
@@ -237,6 +239,7 @@ class Trainer:
         finally:
             progress.close()
         after = self.run_eval("after") if cfg.eval_prompts > 0 else None
+        self.report_skips()
         final_dir = self.export_final()
         plot_path = self.make_plot()
         if self.logger:
@@ -334,6 +337,16 @@ class Trainer:
         for s in ("replay", "offline", "stale"):
             m[f"{s}_fraction"] = by_source.get(s, 0) / max(1, len(groups))
         return self.dist.mean_dict(m)
+
+    def report_skips(self) -> None:
+        """Say how many bad data rows were skipped (skip_bad_rows=true), per file and reason."""
+        for rep in self.task.reports:
+            if rep.skipped:
+                self.note(f"skipped bad rows: {rep.summary()}")
+        if self.skip_counts:
+            total = sum(self.skip_counts.values())
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items()))
+            self.note(f"skipped {total} bad offline rows ({detail})")
 
     # ------------------------------------------------------------------------------ eval
     def run_eval(self, when: str) -> dict:
