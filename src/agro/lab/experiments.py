@@ -7,17 +7,25 @@ instances) batched in one call B = P * n, so we minimise P * compute_loss, i.e. 
 per-prompt losses: each prompt then gets exactly the §9 update
     theta += eta * d,   d = (1/n) sum_i (e_{y_i} - pi) * w_i,
 with w_i the estimator's per-sample weight (AGRO: R_i - loo_i(R); KL-PG: r_i - loo_i(r) - beta l_i).
+After a first update through `compute_loss` (which validates everything), the loop calls the
+registered loss function `agro.losses.LOSSES[name]` directly: the same code minus input checks and
+metrics, which halves the cost of a step (equality is tested in tests/test_lab.py).
+`train_exact` / `train_exact_on_policy` integrate the *expected* updates (closed forms for softmax
+bandits, checked against enumerated expectations of compute_loss in tests/test_math_reference.py).
 
 Departures from the paper: the sizes (K = 10, beta = 0.1, n = 4, eta = 0.5, 20,000 updates) are the
 choices of agro_math.md §9, not the paper's (stripped from its text). The pitfall experiment is
 beyond the paper (§4.6). Random numbers come from torch, not numpy, so individual instances differ
-from the §9 measurements; the thresholds are the same.
+from the §9 measurements; the thresholds are the same. Pitfall finding beyond §4.6: at beta = 0.3
+exact descent on L_on raises P(success) but does not always reach pi* (on some instances a success
+arm with small pi_ref loses its mass: L_on -> 0 on the boundary, the §2 caveat).
 """
 from __future__ import annotations
 
 import csv
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,9 +40,24 @@ from agro.lab.tabular import (
 )
 
 __all__ = [
-    "TrainCurve", "train_sampled", "expected_direction", "train_exact", "figure1_problem",
-    "pitfall_problem", "figure1", "pitfall",
+    "single_thread", "TrainCurve", "train_sampled", "expected_direction", "train_exact",
+    "train_exact_on_policy", "figure1_problem", "pitfall_problem", "figure1", "pitfall",
 ]
+
+
+@contextmanager
+def single_thread():
+    """Run tiny-tensor loops on one intra-op thread, then restore the previous setting.
+
+    Each update is a few dozen ops on tensors of ~100 elements; with several threads on a busy
+    machine the synchronisation costs more than the work (measured: 15x slower on 2 loaded cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -63,6 +86,14 @@ def train_sampled(problem: TabularProblem, method: str, *, steps: int, n: int, e
     """
     if behaviour not in ("reference", "policy"):
         raise ValueError(f"behaviour must be 'reference' or 'policy', got {behaviour!r}")
+    with single_thread():
+        return _train_sampled(problem, method, steps, n, eta, behaviour, metric, log_every,
+                              generator, fast, options)
+
+
+def _train_sampled(problem, method, steps, n, eta, behaviour, metric, log_every, generator, fast,
+                   options) -> TrainCurve:
+    """Body of train_sampled (same arguments), run inside single_thread()."""
     P = problem.P
     theta = problem.init_theta()                                            # [P, N, V]
     want_kl = needs_token_kl(method, **options)
@@ -162,6 +193,50 @@ def train_exact(problem: TabularProblem, methods: Sequence[str] = ("agro", "kl_p
             for i, m in enumerate(methods)}
 
 
+def train_exact_on_policy(problem: TabularProblem, lr_coefs: Sequence[float] = (1.0, 0.0), *,
+                          steps: int, eta: float, log_every: int | None = None
+                          ) -> dict[float, TrainCurve]:
+    """Deterministic descent on the on-policy loss, theta -= eta * E[grad agro_on], bandit (§4.1, §4.6).
+
+    E[grad compute_loss("agro_on", lr_coef=c)] = (g_PD + c * g_LR) / beta, closed form for softmax
+    logits with dR = R_pi - E_pi R_pi:
+        (g_PD + c g_LR) / beta = pi * ( -dR + c * (dR^2 - E_pi dR^2) / (2 beta) )
+    c = 1 is exact descent on L_on / beta; c = 0 is PD only (= exact RLOO / on-policy AGRO-off).
+    One numpy loop over all lr_coefs and prompts. Returns {lr_coef: TrainCurve} with values =
+    P(success) = E_pi r [L, P] (the expected reward; a success probability for binary rewards).
+    """
+    if problem.T != 1:
+        raise ValueError("train_exact_on_policy is for bandits (T = 1)")
+    beta = problem.beta
+    ref = problem.ref_logits[:, 0].numpy()                                  # [P, K]
+    lref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    r = problem.rewards.numpy()                                             # [P, K]
+    c = np.array(lr_coefs, dtype=np.float64).reshape(-1, 1, 1) / (2 * beta)  # [S, 1, 1]
+    theta = np.stack([ref] * len(lr_coefs))                                 # [S, P, K]
+    log_every = log_every or steps
+    logged, vals = [], []
+
+    def log(step: int) -> None:
+        e = np.exp(theta - theta.max(-1, keepdims=True))
+        logged.append(step)
+        vals.append(torch.from_numpy((e / e.sum(-1, keepdims=True) * r).sum(-1)))
+
+    log(0)
+    for step in range(1, steps + 1):
+        lp = theta - theta.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        p = np.exp(lp)
+        R = r - beta * (lp - lref)
+        dR = R - (p * R).sum(-1, keepdims=True)
+        sq = dR * dR
+        theta -= eta * p * (c * (sq - (p * sq).sum(-1, keepdims=True)) - dR)
+        if step % log_every == 0 or step == steps:
+            log(step)
+    values = torch.stack(vals)                                              # [L, S, P]
+    return {float(k): TrainCurve(logged, values[:, i], torch.from_numpy(theta[i])[:, None])
+            for i, k in enumerate(lr_coefs)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Problems
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +334,8 @@ def pitfall(out_dir: str | Path, K: int = 10, p_ref: float = 0.28, successes: in
     For every beta and lr_coef (weight on the likelihood-ratio part g_LR; 0 = PD only = off-policy
     AGRO on fresh samples), trains `instances` bandits with fresh on-policy groups of n.
     Writes out_dir/pitfall.csv (method,lr_coef,beta,instance,step,p_success) and pitfall.png.
-    Returns {(beta, lr_coef): {"median", "min", "max", "p_star"}} of the final P(success).
+    Returns {(beta, lr_coef): {"median", "min", "max", "p_star", "kl_median"}}: final P(success)
+    over instances, pi*'s success probability, and the median final KL(pi||pi*).
     Expected: beta = 0.1, lr_coef = 1 collapses P(success) towards 0 (p_ref < 1/2 - beta);
     lr_coef = 0 rises to pi*'s success probability; at beta = 0.3 both rise.
     """
@@ -278,8 +354,10 @@ def pitfall(out_dir: str | Path, K: int = 10, p_ref: float = 0.28, successes: in
                               lr_coef=float(coef), lr_baseline=lr_baseline)
             curves[f"beta={beta}, lr_coef={coef}"] = c
             final = c.values[-1]
+            kl = kl_to_optimal(problem, c.theta)
             summary[(beta, coef)] = {"median": final.median().item(), "min": final.min().item(),
-                                     "max": final.max().item(), "p_star": p_star.median().item()}
+                                     "max": final.max().item(), "p_star": p_star.median().item(),
+                                     "kl_median": kl.median().item()}
             for i in range(instances):
                 for j, s in enumerate(c.steps):
                     rows.append(["agro_on", coef, beta, i, s, repr(c.values[j, i].item())])
@@ -297,7 +375,8 @@ def pitfall(out_dir: str | Path, K: int = 10, p_ref: float = 0.28, successes: in
               f"in {elapsed:.1f}s -> {out}")
         for (beta, coef), s in summary.items():
             print(f"  beta={beta:<4} lr_coef={coef:<4} final P(success): median {s['median']:.3g}"
-                  f"  [{s['min']:.3g}, {s['max']:.3g}]   pi*: {s['p_star']:.3g}")
+                  f"  [{s['min']:.3g}, {s['max']:.3g}]   pi*: {s['p_star']:.5g}"
+                  f"   median KL(pi||pi*): {s['kl_median']:.3g}")
     return summary
 
 
