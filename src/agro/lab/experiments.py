@@ -298,7 +298,7 @@ def figure1(out_dir: str | Path, K: int = 10, beta: float = 0.1, n: int = 4, eta
                                        behaviour="reference", metric=metric, log_every=log_every,
                                        generator=torch.Generator().manual_seed(data_seed))
         final = curves[method].values[-1]
-        summary[method] = {"median": final.median().item(), "max": final.max().item(),
+        summary[method] = {"median": final.quantile(0.5).item(), "max": final.max().item(),
                            "min": final.min().item()}
     elapsed = time.perf_counter() - t0
     with open(out / "figure1.csv", "w", newline="") as f:
@@ -355,9 +355,9 @@ def pitfall(out_dir: str | Path, K: int = 10, p_ref: float = 0.28, successes: in
             curves[f"beta={beta}, lr_coef={coef}"] = c
             final = c.values[-1]
             kl = kl_to_optimal(problem, c.theta)
-            summary[(beta, coef)] = {"median": final.median().item(), "min": final.min().item(),
-                                     "max": final.max().item(), "p_star": p_star.median().item(),
-                                     "kl_median": kl.median().item()}
+            summary[(beta, coef)] = {"median": final.quantile(0.5).item(), "min": final.min().item(),
+                                     "max": final.max().item(), "p_star": p_star.quantile(0.5).item(),
+                                     "kl_median": kl.quantile(0.5).item()}
             for i in range(instances):
                 for j, s in enumerate(c.steps):
                     rows.append(["agro_on", coef, beta, i, s, repr(c.values[j, i].item())])
@@ -394,7 +394,7 @@ def _plot(path: Path, curves: dict[str, TrainCurve], ylabel: str, title: str, lo
     for name, c in curves.items():
         v = c.values.numpy()                                                # [L, P]
         vals = v.clip(min=LOG_FLOOR) if logy else v
-        line, = ax.plot(c.steps, torch.from_numpy(vals).median(1).values.numpy(), label=name)
+        line, = ax.plot(c.steps, np.median(vals, 1), label=name)
         ax.fill_between(c.steps, vals.min(1), vals.max(1), color=line.get_color(), alpha=0.2)
     if logy:
         ax.set_yscale("log")
