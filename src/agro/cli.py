@@ -37,17 +37,26 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
     return yaml_path, overrides, rest
 
 
+def _help(argv: list[str], usage: str, cls) -> bool:
+    """Print `usage` and every field of config class `cls` if -h/--help was given."""
+    if "-h" not in argv and "--help" not in argv:
+        return False
+    from .config import format_help
+
+    print(f"usage: {usage}\n")
+    print(format_help(cls))
+    return True
+
+
 def _die(msg: str, code: int = 2) -> int:
     print(f"agro: error: {msg}", file=sys.stderr)
     return code
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .config import ConfigError, TrainConfig, format_help, load_config
+    from .config import ConfigError, TrainConfig, load_config
 
-    if "-h" in argv or "--help" in argv:
-        print("usage: agro train [CONFIG.yaml] [key=value ...] [--resume OUTPUT_DIR]\n")
-        print(format_help(TrainConfig))
+    if _help(argv, "agro train [CONFIG.yaml] [key=value ...] [--resume OUTPUT_DIR]", TrainConfig):
         return 0
     yaml_path, overrides, rest = _split_args(argv)
     resume_dir = None
@@ -104,11 +113,9 @@ def summary_lines(res) -> str:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    from .config import ConfigError, GenerateConfig, format_help, load_config
+    from .config import ConfigError, GenerateConfig, load_config
 
-    if "-h" in argv or "--help" in argv:
-        print("usage: agro generate [CONFIG.yaml] [key=value ...]\n")
-        print(format_help(GenerateConfig))
+    if _help(argv, "agro generate [CONFIG.yaml] [key=value ...]", GenerateConfig):
         return 0
     yaml_path, overrides, rest = _split_args(argv)
     if rest:
@@ -125,11 +132,9 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .config import ConfigError, EvalConfig, format_help, load_config
+    from .config import ConfigError, EvalConfig, load_config
 
-    if "-h" in argv or "--help" in argv:
-        print("usage: agro eval MODEL_OR_RUN [CONFIG.yaml] [key=value ...]\n")
-        print(format_help(EvalConfig))
+    if _help(argv, "agro eval MODEL_OR_RUN [CONFIG.yaml] [key=value ...]", EvalConfig):
         return 0
     yaml_path, overrides, rest = _split_args(argv)
     if len(rest) > 1 or any(r.startswith("-") for r in rest):
