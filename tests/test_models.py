@@ -370,3 +370,19 @@ def test_default_gguf_loads_generates_and_saves(tmp_path):
     m2 = load_model(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(completion_logprobs(m2, *args), lp, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flags,native", [
+    ({"avx2", "fma"}, False),                                   # AVX2 EPYC
+    ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, False),  # AVX512 Xeon, no bf16 units
+    ({"avx512f", "avx512_bf16"}, True),                         # Cooper Lake / Zen 4
+    ({"avx512f", "amx_tile", "amx_bf16"}, True),                # Sapphire Rapids
+    (set(), False),                                             # flags unknown: fp32
+])
+def test_auto_precision_is_bf16_only_with_bf16_instructions(monkeypatch, flags, native):
+    from agro.config import resolve_precision
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
+    assert models.bf16_is_native("cpu") is native
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

@@ -414,20 +414,18 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.samples >= 0, "samples", w, "must be >= 0")
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device: str | None = None) -> str:
     """'auto' -> 'bf16' where bf16 matmuls are native (CUDA with bf16, or a CPU with AVX512-BF16 /
-    AMX as reported by oneDNN), else 'fp32'. Explicit values pass through."""
+    AMX-BF16: :func:`agro.models.bf16_is_native`), else 'fp32'. Explicit values pass through."""
     if precision != "auto":
         return precision
     import torch
 
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
+    from .models import bf16_is_native
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if bf16_is_native(device) else "fp32"
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -130,6 +130,9 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed + 1000 * self.dist.rank)
+        if self.dist.world > 1:
+            self.note(f"data parallel: {self.dist.world} processes x {self.local_prompts} prompt "
+                      f"groups each = {cfg.prompts_per_step} per step ({self.dist.device})")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
