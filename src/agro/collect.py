@@ -132,7 +132,8 @@ class Collector:
         for mb in split_groups(groups, per_mb):
             batch = collate(mb, self.tok.pad_token_id, current_version=-1, require_ref=False)
             lp = self.reference.token_logprobs(
-                batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+                batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len,
+                batch.group_size)
             lp = lp.float().cpu()
             b = 0
             for g in mb:
@@ -143,7 +144,8 @@ class Collector:
 
 
 def policy_logprobs_for(model, batch, precision: str, with_logits: bool = False):
-    """Policy per-token log-probs for a collated batch (differentiable)."""
+    """Policy per-token log-probs for a collated batch (differentiable); each group's prompt
+    is run once (``group_size``)."""
     return completion_logprobs(model, batch.input_ids, batch.attention_mask,
                                batch.completion_ids, batch.prompt_len, precision,
-                               with_logits=with_logits)
+                               with_logits=with_logits, group_size=batch.group_size)

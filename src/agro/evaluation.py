@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from .generation import SamplingParams
-from .models import completion_logprobs
 from .rollouts import Group, collate, split_groups
 from .tasks import Example, render_prompt
 
@@ -47,7 +46,7 @@ def evaluate(*, model, tokenizer, generator, grader, examples: list[Example], te
             correct += [0.0 if r is None else float(r) for r in res.rewards]
             lengths += [len(c) for g in gens for c in g.completion_ids]
             if reference is not None and mode == "sampled":
-                kls += _kl_k1(model, reference, tokenizer, gens, precision)
+                kls += _kl_k1(reference, tokenizer, gens, temperature)
             done += len(exs)
             if on_progress:
                 on_progress(done, total)
@@ -61,16 +60,20 @@ def evaluate(*, model, tokenizer, generator, grader, examples: list[Example], te
     return out
 
 
-def _kl_k1(model, reference, tokenizer, gens, precision: str) -> list[float]:
+def _kl_k1(reference, tokenizer, gens, temperature: float) -> list[float]:
+    """Per-sample ``log pi(y|x) - log pi_ref(y|x)``: log pi is the generator's recorded
+    behaviour log-prob (temperature 1, no truncation: the samples' own distribution), so only the
+    reference needs a forward pass."""
+    if abs(temperature - 1.0) > 1e-12:
+        return []
     groups = [Group(prompt_id=str(i), prompt_ids=list(g.prompt_ids),
                     completion_ids=[list(c) for c in g.completion_ids],
                     rewards=[0.0] * len(g.completion_ids)) for i, g in enumerate(gens)]
-    kls: list[float] = []
+    behaviour = [sum(lp) for g in gens for lp in g.logprobs]
+    ref_sums: list[float] = []
     for mb in split_groups(groups, max(1, 16 // max(1, groups[0].n))):
         b = collate(mb, tokenizer.pad_token_id, current_version=-1, require_ref=False)
-        lp = completion_logprobs(model, b.input_ids, b.attention_mask, b.completion_ids,
-                                 b.prompt_len, precision)
         ref = reference.token_logprobs(b.input_ids, b.attention_mask, b.completion_ids,
-                                       b.prompt_len)
-        kls += ((lp.float() - ref.float()) * b.completion_mask).sum(-1).tolist()
-    return kls
+                                       b.prompt_len, b.group_size)
+        ref_sums += (ref.float() * b.completion_mask).sum(-1).tolist()
+    return [lp - r for lp, r in zip(behaviour, ref_sums)]

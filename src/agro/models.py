@@ -357,12 +357,36 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
+def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 prompt_len: int, group_size: int) -> bool:
+    """True if rows ``g*n .. g*n+n-1`` carry the same (left-padded) prompt in columns ``:P``, as
+    :func:`agro.rollouts.collate` lays out a group's ``n`` samples."""
+    B, P, n = input_ids.shape[0], int(prompt_len), int(group_size)
+    if n <= 1 or B % n:
+        return False
+    ids = input_ids[:, :P].reshape(B // n, n, P)
+    am = attention_mask[:, :P].reshape(B // n, n, P)
+    return bool((ids == ids[:, :1]).all()) and bool((am == am[:, :1]).all())
+
+
+def _forward(model, precision: str, dev, **kw):
+    with autocast_ctx(precision, dev):
+        return model(**kw)
+
+
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
-                      prompt_len: int, precision: str = "fp32") -> torch.Tensor:
+                      prompt_len: int, precision: str = "fp32",
+                      group_size: int = 1) -> torch.Tensor:
     """Logits predicting completion tokens 0..T-1: columns ``prompt_len-1 .. prompt_len+T-2``.
 
     input_ids, attention_mask [B, L] (L >= prompt_len + T - 1; later columns are ignored).
     Returns [B, T, V] in the model's compute dtype (bf16 under autocast), not yet fp32.
+
+    ``group_size`` n > 1 with each group's n rows sharing their prompt (the
+    :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group and its
+    key/value cache repeated n times for the completions (:func:`_shared_prompt_logits`). Same
+    numbers up to float rounding, gradients included; on the default job the prompt is more than
+    half of every sequence, so this removes ~40 % of the tokens of every pass.
     """
     P = int(prompt_len)
     if P < 1:
@@ -370,23 +394,60 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                          f"the last prompt token), got {P}")
     if input_ids.shape[1] < P + T - 1:
         raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
+    if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
+        return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
     dev = _device_of(model)
     ids = input_ids[:, :P + T - 1].to(dev)                               # [B, P+T-1]
     am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
     pos = position_ids_from_mask(am)                                     # [B, P+T-1]
     keep = _accepts_logits_to_keep(type(_hf_model(model)))
     kw = {"logits_to_keep": T} if keep else {}
-    with autocast_ctx(precision, dev):
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, **kw)
+    out = _forward(model, precision, dev, input_ids=ids, attention_mask=am, position_ids=pos,
+                   use_cache=False, **kw)
     logits = out.logits                                                  # [B, T or P+T-1, V]
     if logits.shape[1] != T:
         logits = logits[:, P - 1:P + T - 1]
     return logits
 
 
+def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
+                          n: int) -> torch.Tensor:
+    """:func:`completion_logits` with one prompt pass per group of ``n`` rows.
+
+    Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
+    logits (they predict completion token 0). The cache is repeated n times along the batch
+    (``repeat_interleave``, differentiable) and pass 2 runs completion tokens 0..T-2 [B, T-1]
+    on top of it, with the full ``[prompt | completion]`` mask and the same position ids as the
+    unshared pass (``cumsum(mask) - 1``). Gradients reach the prompt's keys and values through
+    the cache, exactly as in one long pass.
+    """
+    dev = _device_of(model)
+    B = input_ids.shape[0]
+    keep = _accepts_logits_to_keep(type(_hf_model(model)))
+    pid = input_ids[::n, :P].to(dev)                                     # [G, P]
+    pam = attention_mask[::n, :P].to(dev)                                # [G, P]
+    out = _forward(model, precision, dev, input_ids=pid, attention_mask=pam,
+                   position_ids=position_ids_from_mask(pam), use_cache=True,
+                   **({"logits_to_keep": 1} if keep else {}))
+    first = out.logits[:, -1:].repeat_interleave(n, dim=0)               # [B, 1, V]
+    if T == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)                                     # [G, ...] -> [B, ...]
+    am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
+    pos = position_ids_from_mask(am)[:, P:]                              # [B, T-1]
+    out2 = _forward(model, precision, dev, input_ids=input_ids[:, P:P + T - 1].to(dev),
+                    attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True,
+                    **({"logits_to_keep": T - 1} if keep else {}))
+    rest = out2.logits[:, -(T - 1):]                                     # [B, T-1, V]
+    del cache, out, out2
+    assert rest.shape[0] == B
+    return torch.cat([first, rest], dim=1)                               # [B, T, V]
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         completion_ids: torch.Tensor, prompt_len: int, precision: str = "fp32",
-                        with_logits: bool = False):
+                        with_logits: bool = False, group_size: int = 1):
     """Per-token ``log pi(y_t | x, y_<t)`` of the completion tokens (agro_math.md §0, §5).
 
     Args:
@@ -400,13 +461,16 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         with_logits: also return the fp32 logits slice [B, T, V] (for the full-vocabulary token
             KL, :func:`token_kl`). Memory: B*T*V*4 bytes (8 x 64 x 49152 -> 100 MB), and as much
             again for its gradient; leave it off unless a loss needs it.
+        group_size: n; rows of a group that share their prompt run it once
+            (:func:`completion_logits`).
 
     Returns:
         logprobs [B, T] fp32 (0 where the completion is padding: ``attention_mask[:, P + t] == 0``),
         differentiable when grad is enabled; or ``(logprobs, logits)`` if ``with_logits``.
     """
     B, T = completion_ids.shape
-    logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision)  # [B,T,V]
+    logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision,
+                               group_size)                                # [B, T, V]
     if with_logits:
         logits = logits.float()                                          # [B, T, V] fp32
     tgt = completion_ids.to(logits.device)
@@ -486,21 +550,25 @@ class Reference:
         finally:
             self.model.train(was_training)
 
-    def token_logprobs(self, input_ids, attention_mask, completion_ids, prompt_len: int) -> torch.Tensor:
+    def token_logprobs(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                       group_size: int = 1) -> torch.Tensor:
         """[B, T] fp32 ``log pi_ref(y_t | x, y_<t)`` (0 on padding), no grad."""
         with self._active() as m:
             return completion_logprobs(m, input_ids, attention_mask, completion_ids, prompt_len,
-                                       self.precision)
+                                       self.precision, group_size=group_size)
 
-    def logits_slice(self, input_ids, attention_mask, completion_ids, prompt_len: int) -> torch.Tensor:
+    def logits_slice(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                     group_size: int = 1) -> torch.Tensor:
         """[B, T, V] fp32 reference logits at the completion positions, no grad."""
-        return self.logprobs_and_logits(input_ids, attention_mask, completion_ids, prompt_len)[1]
+        return self.logprobs_and_logits(input_ids, attention_mask, completion_ids, prompt_len,
+                                        group_size)[1]
 
-    def logprobs_and_logits(self, input_ids, attention_mask, completion_ids, prompt_len: int):
+    def logprobs_and_logits(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                            group_size: int = 1):
         """``([B, T] fp32 log-probs, [B, T, V] fp32 logits)`` in one forward pass, no grad."""
         with self._active() as m:
             return completion_logprobs(m, input_ids, attention_mask, completion_ids, prompt_len,
-                                       self.precision, with_logits=True)
+                                       self.precision, with_logits=True, group_size=group_size)
 
 
 def build_policy_and_reference(model_spec: str | Path = DEFAULT_MODEL, precision: str = "bf16",

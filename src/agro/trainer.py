@@ -269,7 +269,7 @@ class Trainer:
                 with torch.no_grad():
                     ref_logits = self.reference.logits_slice(
                         batch.input_ids, batch.attention_mask, batch.completion_ids,
-                        batch.prompt_len)
+                        batch.prompt_len, batch.group_size)
                 opts["token_kl"] = token_kl(logits, ref_logits)
                 del logits, ref_logits
             else:
