@@ -449,3 +449,14 @@ def test_shared_prompt_pass_with_one_token_completions(llama, tok):
     assert batch.completion_ids.shape[1] == 1
     assert torch.allclose(completion_logprobs(llama, *args, group_size=2),
                           completion_logprobs(llama, *args), atol=1e-5)
+
+
+def test_shared_prompt_pass_without_decoder_split(monkeypatch, llama, tok):
+    """Heads that are not a plain linear map run both passes end to end: same numbers."""
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    split = completion_logprobs(llama, *args, group_size=batch.group_size)
+    monkeypatch.setattr(models, "_decoder_parts", lambda model: None)
+    whole = completion_logprobs(llama, *args, group_size=batch.group_size)
+    assert torch.allclose(split, whole, atol=1e-5)
+    assert torch.allclose(whole, naive_logprobs(llama, batch), atol=1e-5)

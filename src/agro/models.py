@@ -410,39 +410,77 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logits
 
 
+def _decoder_parts(model):
+    """``(decoder, input_embeddings, lm_head)`` of a plain causal LM whose logits are
+    ``lm_head(decoder(...).last_hidden_state)``; None for heads that do more (logit soft-capping,
+    logit scaling) or models without the standard accessors."""
+    hf = _hf_model(model)
+    cfg = hf.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    dec = getattr(hf, getattr(hf, "base_model_prefix", "") or "", None)
+    try:
+        emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if dec is None or dec is hf or emb is None or head is None:
+        return None
+    return dec, emb, head
+
+
 def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
                           n: int) -> torch.Tensor:
     """:func:`completion_logits` with one prompt pass per group of ``n`` rows.
 
     Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
-    logits (they predict completion token 0). The cache is repeated n times along the batch
+    hidden state (it predicts completion token 0). The cache is repeated n times along the batch
     (``repeat_interleave``, differentiable) and pass 2 runs completion tokens 0..T-2 [B, T-1]
     on top of it, with the full ``[prompt | completion]`` mask and the same position ids as the
     unshared pass (``cumsum(mask) - 1``). Gradients reach the prompt's keys and values through
     the cache, exactly as in one long pass.
+
+    For CPU speed the token embedding runs once for both passes and the LM head once on the
+    [B, T, H] hidden states: with tied embeddings every embedding or head backward writes a dense
+    [V, H] gradient (113 MB for SmolLM2), so each extra call costs ~0.3 s here. Models whose head
+    is not a plain linear map (:func:`_decoder_parts` is None) run the two passes end to end.
     """
     dev = _device_of(model)
     B = input_ids.shape[0]
-    keep = _accepts_logits_to_keep(type(_hf_model(model)))
+    G = B // n
     pid = input_ids[::n, :P].to(dev)                                     # [G, P]
     pam = attention_mask[::n, :P].to(dev)                                # [G, P]
-    out = _forward(model, precision, dev, input_ids=pid, attention_mask=pam,
-                   position_ids=position_ids_from_mask(pam), use_cache=True,
-                   **({"logits_to_keep": 1} if keep else {}))
-    first = out.logits[:, -1:].repeat_interleave(n, dim=0)               # [B, 1, V]
-    if T == 1:
-        return first
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n)                                     # [G, ...] -> [B, ...]
+    cid = input_ids[:, P:P + T - 1].to(dev)                              # [B, T-1]
     am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
     pos = position_ids_from_mask(am)[:, P:]                              # [B, T-1]
-    out2 = _forward(model, precision, dev, input_ids=input_ids[:, P:P + T - 1].to(dev),
-                    attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True,
-                    **({"logits_to_keep": T - 1} if keep else {}))
-    rest = out2.logits[:, -(T - 1):]                                     # [B, T-1, V]
-    del cache, out, out2
-    assert rest.shape[0] == B
-    return torch.cat([first, rest], dim=1)                               # [B, T, V]
+    parts = _decoder_parts(model)
+    if parts is None:
+        keep = _accepts_logits_to_keep(type(_hf_model(model)))
+        out = _forward(model, precision, dev, input_ids=pid, attention_mask=pam,
+                       position_ids=position_ids_from_mask(pam), use_cache=True,
+                       **({"logits_to_keep": 1} if keep else {}))
+        first = out.logits[:, -1:].repeat_interleave(n, dim=0)           # [B, 1, V]
+        if T == 1:
+            return first
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)                                 # [G, ...] -> [B, ...]
+        out2 = _forward(model, precision, dev, input_ids=cid, attention_mask=am, position_ids=pos,
+                        past_key_values=cache, use_cache=True,
+                        **({"logits_to_keep": T - 1} if keep else {}))
+        return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)     # [B, T, V]
+    dec, emb, head = parts
+    with autocast_ctx(precision, dev):
+        e = emb(torch.cat([pid.reshape(-1), cid.reshape(-1)]))           # [G*P + B*(T-1), H]
+        H = e.shape[-1]
+        out = dec(inputs_embeds=e[:G * P].view(G, P, H), attention_mask=pam,
+                  position_ids=position_ids_from_mask(pam), use_cache=T > 1)
+        h = out.last_hidden_state[:, -1:].repeat_interleave(n, dim=0)    # [B, 1, H]
+        if T > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)                             # [G, ...] -> [B, ...]
+            out2 = dec(inputs_embeds=e[G * P:].view(B, T - 1, H), attention_mask=am,
+                       position_ids=pos, past_key_values=cache, use_cache=True)
+            h = torch.cat([h, out2.last_hidden_state], dim=1)            # [B, T, H]
+        return head(h)                                                   # [B, T, V]
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
