@@ -1,5 +1,6 @@
-"""HFGenerator: samples come from pi at temperature 1 (no inherited top-k), behaviour log-probs
-are those of the distribution actually sampled, EOS handling, determinism, the registry."""
+"""Both generators (HFGenerator: transformers generate(); CachedGenerator: agro's KV-cache loop):
+samples come from pi at temperature 1 (no inherited top-k), behaviour log-probs are those of the
+distribution actually sampled, EOS handling, determinism, the registry."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from agro.generation import (
-    Generation, Generator, HFGenerator, SamplingParams, available_generators, make_generator,
+    CachedGenerator, Generation, Generator, HFGenerator, SamplingParams, available_generators,
+    make_generator, sample_from_logprobs,
 )
 from agro.models import apply_lora, completion_logprobs, load_model, load_tokenizer
 from agro.rollouts import Group, collate
@@ -18,6 +20,11 @@ PROMPTS = [[1, 520, 3310, 77, 9001], [1, 4040, 12], [1, 300, 301, 302, 303, 304,
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(params=[HFGenerator, CachedGenerator], ids=["hf", "cached"])
+def Gen(request):
+    return request.param
 
 
 @pytest.fixture
@@ -50,7 +57,7 @@ def check_shapes(gens, n, max_new):
 
 # --------------------------------------------------------------------------- sampling from pi
 @pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_gpt2_dir"])
-def test_behaviour_logprobs_at_temperature_1_equal_pi(which, request, tok):
+def test_behaviour_logprobs_at_temperature_1_equal_pi(Gen, which, request, tok):
     """Proves sampling is from pi (temperature 1) and that generate's positions for left-padded
     prompts match the kernel's (GPT-2 has absolute positions). 3 prompts x 3 samples in batches
     of 4 rows, so rows of one prompt are split across generate calls with different padding."""
@@ -58,7 +65,7 @@ def test_behaviour_logprobs_at_temperature_1_equal_pi(which, request, tok):
     # a checkpoint's generation_config must not leak into sampling
     model.generation_config.top_k = 50
     model.generation_config.repetition_penalty = 1.5
-    gen = HFGenerator(model, tok, precision="fp32", batch_size=4)
+    gen = Gen(model, tok, precision="fp32", batch_size=4)
     gens = gen.generate(PROMPTS, 3, SamplingParams(max_new_tokens=6))
     check_shapes(gens, 3, 6)
     batch, behaviour, pi = score(model, gens, tok.pad_token_id)
@@ -66,12 +73,12 @@ def test_behaviour_logprobs_at_temperature_1_equal_pi(which, request, tok):
     assert model.generation_config.top_k == 50  # restored after generation
 
 
-def test_top_k_zero_is_honoured(llama, tok):
+def test_top_k_zero_is_honoured(Gen, llama, tok):
     """With top_k=0 sampled tokens are spread over the vocabulary (tiny random model: nearly
     uniform); with top_k=50 every sampled token is among pi's 50 most likely."""
     llama.generation_config.top_k = 50  # what many hub checkpoints ship
     llama.generation_config.min_p = 0.9  # a truncation transformers applies only if inherited
-    gen = HFGenerator(llama, tok, precision="fp32")
+    gen = Gen(llama, tok, precision="fp32")
 
     def ranks(params):
         gens = gen.generate(PROMPTS, 4, params)
@@ -98,8 +105,8 @@ def _warped_logprobs(logits, tokens, temperature, top_p):
     return F.log_softmax(z, -1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(llama, tok):
-    gen = HFGenerator(llama, tok, precision="fp32", batch_size=8)
+def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(Gen, llama, tok):
+    gen = Gen(llama, tok, precision="fp32", batch_size=8)
     params = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9)
     assert not params.samples_from_pi
     gens = gen.generate(PROMPTS, 3, params)
@@ -111,8 +118,8 @@ def test_temperature_and_top_p_logprobs_are_the_sampling_distribution(llama, tok
     assert (behaviour - pi)[m].abs().mean() > 0.05  # not pi's log-probs
 
 
-def test_greedy_is_deterministic_argmax_with_untempered_logprobs(llama, tok):
-    gen = HFGenerator(llama, tok, precision="fp32", batch_size=5)
+def test_greedy_is_deterministic_argmax_with_untempered_logprobs(Gen, llama, tok):
+    gen = Gen(llama, tok, precision="fp32", batch_size=5)
     params = SamplingParams(max_new_tokens=5, greedy=True, temperature=0.5)  # temperature ignored
     torch.manual_seed(1)
     a = gen.generate(PROMPTS, 2, params)
@@ -127,8 +134,8 @@ def test_greedy_is_deterministic_argmax_with_untempered_logprobs(llama, tok):
     torch.testing.assert_close(behaviour, pi, atol=1e-4, rtol=0)
 
 
-def test_sampling_reproducible_with_torch_seed(llama, tok):
-    gen = HFGenerator(llama, tok, precision="fp32")
+def test_sampling_reproducible_with_torch_seed(Gen, llama, tok):
+    gen = Gen(llama, tok, precision="fp32")
     p = SamplingParams(max_new_tokens=5)
     torch.manual_seed(7)
     a = gen.generate(PROMPTS, 2, p)
@@ -140,13 +147,13 @@ def test_sampling_reproducible_with_torch_seed(llama, tok):
 
 
 # --------------------------------------------------------------------------- EOS
-def test_stops_at_eos_keeps_it_and_nothing_after(llama, tok):
-    free = HFGenerator(llama, tok, precision="fp32").generate(PROMPTS, 1, SamplingParams(8, greedy=True))
+def test_stops_at_eos_keeps_it_and_nothing_after(Gen, llama, tok):
+    free = Gen(llama, tok, precision="fp32").generate(PROMPTS, 1, SamplingParams(8, greedy=True))
     ref = [g.completion_ids[0] for g in free]
     assert all(len(c) == 8 for c in ref)  # the tiny model never emits its real EOS greedily
     stop = ref[0][2]  # make the 3rd greedy token of prompt 0 an end-of-sequence token
     llama.generation_config.eos_token_id = [tok.eos_token_id, stop]
-    gen = HFGenerator(llama, tok, precision="fp32", batch_size=3)
+    gen = Gen(llama, tok, precision="fp32", batch_size=3)
     assert gen.stop_ids == {tok.eos_token_id, stop}
     out = gen.generate(PROMPTS, 1, SamplingParams(8, greedy=True))
     for g, full in zip(out, ref):
@@ -159,20 +166,21 @@ def test_stops_at_eos_keeps_it_and_nothing_after(llama, tok):
 
 
 # --------------------------------------------------------------------------- plumbing
-def test_model_mode_and_generation_config_restored(llama, tok):
+def test_model_mode_and_generation_config_restored(Gen, llama, tok):
     llama.train()
     gc = llama.generation_config
-    HFGenerator(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
+    Gen(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
     assert llama.training and llama.generation_config is gc
     llama.eval()
-    HFGenerator(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
+    Gen(llama, tok, precision="fp32").generate(PROMPTS[:1], 2, SamplingParams(3))
     assert not llama.training
 
 
-def test_bf16_and_lora_generation(llama, tok):
+@pytest.mark.parametrize("name", ["hf", "cached"])
+def test_bf16_and_lora_generation(name, llama, tok):
     pol = apply_lora(llama, r=2, alpha=4, target_modules="all-linear")
-    gen = make_generator("hf", pol, tok, precision="bf16", batch_size=16)
-    assert isinstance(gen, Generator) and gen.name == "hf"
+    gen = make_generator(name, pol, tok, precision="bf16", batch_size=16)
+    assert isinstance(gen, Generator) and gen.name == name
     gens = gen.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4))
     check_shapes(gens, 2, 4)
     groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
@@ -188,8 +196,8 @@ def test_bf16_and_lora_generation(llama, tok):
 
 
 def test_registry_and_params_validation(llama, tok):
-    assert available_generators() == ["hf"]
-    with pytest.raises(ValueError, match="valid: hf"):
+    assert available_generators() == ["cached", "hf"]
+    with pytest.raises(ValueError, match="valid: cached, hf"):
         make_generator("vllm", llama, tok)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(4, temperature=0.0)
@@ -198,3 +206,52 @@ def test_registry_and_params_validation(llama, tok):
     assert SamplingParams(4).samples_from_pi and not SamplingParams(4, top_k=5).samples_from_pi
     with pytest.raises(ValueError, match="empty prompt"):
         HFGenerator(llama, tok).generate([[]], 2, SamplingParams(3))
+
+
+# --------------------------------------------------------------------------- CachedGenerator
+def test_cached_generator_equals_generate_greedy(llama, tok):
+    """Same model, same prompts: the KV-cache loop's greedy continuations and log-probs are
+    generate()'s (prefill shared per prompt, finished rows dropped along the way)."""
+    llama.generation_config.eos_token_id = [tok.eos_token_id, 300]
+    p = SamplingParams(max_new_tokens=7, greedy=True)
+    a = HFGenerator(llama, tok, precision="fp32", batch_size=4).generate(PROMPTS, 3, p)
+    b = CachedGenerator(llama, tok, precision="fp32", batch_size=4).generate(PROMPTS, 3, p)
+    assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+    for x, y in zip(a, b):
+        for la, lb in zip(x.logprobs, y.logprobs):
+            torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)
+
+
+def test_cached_generator_drops_finished_rows(llama, tok):
+    """Rows that stop early leave the batch; the rest continue on the right cache rows: every
+    sample's recorded log-probs still equal a full forward's, and nothing follows a stop token."""
+    stops = list(range(1000, 6000))          # ~10 % of the tiny model's mass: rows end at all lengths
+    llama.generation_config.eos_token_id = [tok.eos_token_id, *stops]
+    gen = CachedGenerator(llama, tok, precision="fp32", batch_size=64)
+    torch.manual_seed(3)
+    out = gen.generate(PROMPTS, 6, SamplingParams(12))
+    lengths = [len(c) for g in out for c in g.completion_ids]
+    assert min(lengths) < 12 and max(lengths) == 12 and len(set(lengths)) >= 4, lengths
+    stop_set = set(stops) | {tok.eos_token_id}
+    for g in out:
+        for c in g.completion_ids:
+            assert not stop_set.intersection(c[:-1]) and (len(c) == 12 or c[-1] in stop_set)
+    _, behaviour, pi = score(llama, out, tok.pad_token_id)
+    torch.testing.assert_close(behaviour, pi, atol=1e-4, rtol=0)
+
+
+def test_sample_from_logprobs_draws_the_distribution():
+    """20,000 seeded draws per row: frequencies within 5 standard errors of p, and a token of
+    probability 0 is never drawn (top-k / top-p masks)."""
+    p = torch.tensor([[0.5, 0.2, 0.0, 0.3, 0.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                      [0.05, 0.05, 0.1, 0.2, 0.25, 0.35]])
+    logp = p.log()                                                   # -inf where p == 0
+    torch.manual_seed(0)
+    N = 20000
+    draws = torch.stack([sample_from_logprobs(logp) for _ in range(N)])   # [N, 3]
+    for r in range(3):
+        freq = torch.bincount(draws[:, r], minlength=6).double() / N
+        se = (p[r].double() * (1 - p[r].double()) / N).sqrt()
+        assert ((freq - p[r]).abs() <= 5 * se + 1e-12).all(), (r, freq, p[r])
+        assert (freq[p[r] == 0] == 0).all()

@@ -79,6 +79,9 @@ class SamplingFields:
     top_p: float = _f(1.0, "Nucleus sampling. < 1 makes samples off-policy.")
     top_k: int = _f(0, "Top-k sampling (0 = off). > 0 makes samples off-policy.")
     generation_batch_size: int = _f(64, "Max sequences per generate() call.")
+    generator: str = _f("cached", "Sampler: 'cached' (agro's KV-cache loop: one prefill per prompt, "
+                        "finished samples leave the batch) or 'hf' (transformers generate()). Both "
+                        "sample from the same distribution.", ("cached", "hf"))
 
 
 # --------------------------------------------------------------------------- entry points

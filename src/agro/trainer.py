@@ -76,6 +76,20 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def make_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these tensors (CPU and CUDA floats):
+    the same update as the default multi-tensor kernel, measured 0.08 s vs 0.58 s per step for
+    SmolLM2-135M's 128M parameters on this CPU."""
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"} and all(p.dtype.is_floating_point for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kw)
+
+
 class Distributed:
     """Process-group bookkeeping via accelerate (single process when not launched)."""
 
@@ -166,7 +180,7 @@ class Trainer:
                                  f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
         self.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, top_k=cfg.top_k)
-        self.generator = make_generator("hf", self.policy, self.tok, precision=cfg.precision,
+        self.generator = make_generator(cfg.generator, self.policy, self.tok, precision=cfg.precision,
                                         batch_size=cfg.generation_batch_size)
         self.grader = grader if grader is not None else Grader(timeout=cfg.reward_timeout)
         self.collector = Collector(
@@ -181,9 +195,7 @@ class Trainer:
 
         # -- learner -------------------------------------------------------------------------
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = make_adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         accepted = losses.loss_options(cfg.loss)
         self.pass_on_policy = "on_policy" in accepted

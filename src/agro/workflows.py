@@ -35,7 +35,7 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision)
     params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k)
-    generator = make_generator("hf", policy, tok, precision=cfg.precision,
+    generator = make_generator(cfg.generator, policy, tok, precision=cfg.precision,
                                batch_size=cfg.generation_batch_size)
     own = grader is None
     grader = Grader(timeout=cfg.reward_timeout) if own else grader
@@ -85,7 +85,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     _seed(cfg)
     task = build_task(cfg)
     policy, tok = load_model(cfg.model), load_tokenizer(cfg.model)
-    generator = make_generator("hf", policy, tok, precision=cfg.precision,
+    generator = make_generator(cfg.generator, policy, tok, precision=cfg.precision,
                                batch_size=cfg.generation_batch_size)
     examples = task.eval_examples(cfg.num_prompts)
     with Grader(timeout=cfg.reward_timeout) as grader, Progress(transient=True) as prog:
