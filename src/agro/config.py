@@ -123,7 +123,7 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     keep_checkpoints: int = _f(2, "How many complete checkpoints to keep.")
     eval_prompts: int = _f(45, "Held-out prompts for the before/after evaluation (0 = skip; the "
                            "level-1 arithmetic held-out pool has 45).")
-    eval_samples: int = _f(2, "Sampled completions per held-out prompt (temperature 1).")
+    eval_samples: int = _f(4, "Sampled completions per held-out prompt (temperature 1).")
     eval_every: int = _f(0, "Evaluate every k steps as well (0 = only before and after).")
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive non-finite steps.")
     tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tb.")

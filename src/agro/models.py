@@ -395,6 +395,8 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if input_ids.shape[1] < P + T - 1:
         raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
     if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
+        if precision == "fp32" and T > 1 and _decoder_parts(model) is not None:
+            return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size)
         return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
     dev = _device_of(model)
     ids = input_ids[:, :P + T - 1].to(dev)                               # [B, P+T-1]
@@ -481,6 +483,54 @@ def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, prec
                        position_ids=pos, past_key_values=cache, use_cache=True)
             h = torch.cat([h, out2.last_hidden_state], dim=1)            # [B, T, H]
         return head(h)                                                   # [B, T, V]
+
+
+def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int) -> torch.Tensor:
+    """:func:`completion_logits` with one packed sequence per group (fp32, plain LM head).
+
+    Group g becomes ``[prompt | c_1[:T-1] | ... | c_n[:T-1]]`` (length L = P + n(T-1)) under a
+    block attention mask: prompt tokens attend causally to the prompt, completion i's tokens to
+    the whole prompt and causally to completion i only, and no query attends to padding (a pad
+    query sees itself, so no row is empty). Positions continue from each prompt's length inside
+    every completion block, as in the ``[prompt | completion]`` layout. The completion logits are
+    read off the hidden states (token 0 of every block from the last prompt position) and the LM
+    head runs once on [B, T, H].
+
+    Same tokens as :func:`_shared_prompt_logits` but one pass: every weight gets a single
+    gradient per micro-batch instead of one per pass plus their sum.
+    """
+    dec, emb, head = _decoder_parts(model)
+    dev = _device_of(model)
+    B = input_ids.shape[0]
+    G, Tc = B // n, T - 1
+    L = P + n * Tc
+    pid = input_ids[::n, :P].to(dev)                                     # [G, P]
+    pam = attention_mask[::n, :P].to(dev) > 0                            # [G, P]
+    cid = input_ids[:, P:P + Tc].to(dev).reshape(G, n * Tc)              # [G, n*Tc]
+    cam = attention_mask[:, P:P + Tc].to(dev).reshape(G, n * Tc) > 0     # [G, n*Tc]
+    ids = torch.cat([pid, cid], dim=1)                                   # [G, L]
+    real = torch.cat([pam, cam], dim=1)                                  # [G, L]
+    plen = pam.sum(-1, keepdim=True)                                     # [G, 1]
+    t_in = torch.arange(Tc, device=dev).repeat(n)                        # [n*Tc]
+    pos = torch.cat([(pam.long().cumsum(-1) - 1).clamp(min=0), plen + t_in], dim=1)  # [G, L]
+    blk = torch.cat([torch.full((P,), -1, device=dev),
+                     torch.arange(n, device=dev).repeat_interleave(Tc)])   # [L]
+    q = torch.arange(L, device=dev)
+    causal = q[None, :] <= q[:, None]                                    # [Lq, Lk]
+    to_prompt = (blk[None, :] == -1) & ((blk[:, None] != -1) | causal)
+    same_blk = (blk[:, None] == blk[None, :]) & (blk[:, None] != -1) & causal
+    allowed = (to_prompt | same_blk)[None] & real[:, None, :]            # [G, Lq, Lk]
+    allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
+    dtype = next(dec.parameters()).dtype
+    mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
+    h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
+            use_cache=False).last_hidden_state                           # [G, L, H]
+    src = torch.empty(n, T, dtype=torch.long, device=dev)                # hidden state per token
+    src[:, 0] = P - 1
+    src[:, 1:] = P + torch.arange(n, device=dev)[:, None] * Tc + torch.arange(Tc, device=dev)[None]
+    hs = h[:, src.reshape(-1)].reshape(B, T, h.shape[-1])                # [B, T, H]
+    return head(hs)                                                      # [B, T, V]
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
