@@ -94,7 +94,7 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     beta: float = _f(0.02, "KL coefficient beta >= 0 (agro_on needs > 0).")
     loss_options: dict = _f({}, "Loss-specific options, e.g. loss_options.lr_coef=0.5, "
                             "loss_options.reg_estimator=causal, loss_options.logprob_reduction=mean.")
-    steps: int = _f(20, "Optimizer steps.")
+    steps: int = _f(60, "Optimizer steps.")
     prompts_per_step: int = _f(8, "Prompt groups per optimizer step.")
     micro_batch_groups: int = _f(2, "Groups per micro-batch (gradient accumulation over the step).")
     lr: float = _f(2e-5, "AdamW learning rate.")

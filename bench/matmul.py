@@ -1,0 +1,47 @@
+"""Matmul throughput of this CPU in fp32, bf16 and bf16 autocast, and what agro's precision=auto
+picks here. Run alone (another torch process on the same cores halves or worse the figures):
+
+    .venv/bin/python bench/matmul.py
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from agro.config import resolve_precision
+from agro.models import cpu_flags
+
+SHAPES = [(552, 576, 1536), (2048, 2048, 2048)]   # a SmolLM2 MLP micro-batch GEMM; a square one
+
+
+def gflops(m: int, k: int, n: int, dtype: torch.dtype, autocast: bool = False, reps: int = 10) -> float:
+    a = torch.randn(m, k, dtype=torch.float32 if autocast else dtype)
+    b = torch.randn(k, n, dtype=torch.float32 if autocast else dtype)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.no_grad()
+    with ctx:
+        for _ in range(3):
+            a @ b
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        dt = (time.perf_counter() - t) / reps
+    return 2 * m * k * n / dt / 1e9
+
+
+def main() -> None:
+    flags = cpu_flags()
+    print(f"threads {torch.get_num_threads()}; bf16 CPU flags: "
+          f"{sorted(f for f in flags if 'bf16' in f or f.startswith('amx')) or 'none'}; "
+          f"oneDNN says bf16 supported: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+          f"agro precision=auto -> {resolve_precision('auto', 'cpu')}")
+    for m, k, n in SHAPES:
+        f32 = gflops(m, k, n, torch.float32)
+        b16 = gflops(m, k, n, torch.bfloat16)
+        auto = gflops(m, k, n, torch.bfloat16, autocast=True)
+        print(f"{m}x{k}x{n}: fp32 {f32:6.1f} GFLOP/s | bf16 {b16:6.1f} | bf16 autocast {auto:6.1f} "
+              f"| fp32/bf16 {f32 / b16:4.1f}x")
+
+
+if __name__ == "__main__":
+    main()
