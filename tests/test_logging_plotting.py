@@ -224,3 +224,39 @@ def test_plot_main_in_process_options(tmp_path, capsys):
     _assert_png(tmp_path / "c.png")
     with pytest.raises(SystemExit):
         plot_main([str(a), "--smooth", "0"])
+
+
+def test_wandb_receives_config_scalars_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):
+    """Against a stand-in ``wandb`` module (the real one is not installed here): the run is
+    created once with the config, every numeric metric is logged at its step, the run is
+    finished on close, and a resumed run reuses the stored run id with resume='allow'."""
+    import types
+
+    calls: list[tuple] = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", dict(scalars), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.util = types.SimpleNamespace(generate_id=lambda: "run123")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, wandb_project="p",
+                       config={"beta": 0.02, "path": tmp_path}) as ml:
+        ml.log(1, {"loss": 0.5, "accuracy": 1, "note": "text"})
+    init = calls[0][1]
+    assert init["project"] == "p" and init["id"] == "run123" and init["resume"] == "allow"
+    assert init["config"]["beta"] == 0.02 and isinstance(init["config"]["path"], str)
+    assert calls[1] == ("log", {"loss": 0.5, "accuracy": 1.0}, 1)
+    assert calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: "other"
+    calls.clear()
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=1) as ml:
+        ml.log(2, {"loss": 0.25})
+    assert calls[0][1]["id"] == "run123"          # the same W&B run continues
+    assert ("log", {"loss": 0.25}, 2) in calls
