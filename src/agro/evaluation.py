@@ -18,11 +18,11 @@ from .tasks import Example, render_prompt
 
 
 @torch.no_grad()
-def evaluate(*, model, tokenizer, generator, grader, examples: list[Example], template: str,
-             samples: int, greedy: bool, max_new_tokens: int, precision: str,
+def evaluate(*, tokenizer, generator, grader, examples: list[Example], template: str,
+             samples: int, greedy: bool, max_new_tokens: int,
              reference=None, temperature: float = 1.0, batch_prompts: int = 16,
              on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Accuracy of `model` on `examples`. Returns plain floats (and counts)."""
+    """Accuracy of the generator's model on `examples`. Returns plain floats (and counts)."""
     t0 = time.perf_counter()
     prompt_ids = [tokenizer(render_prompt(tokenizer, ex, template), add_special_tokens=False)
                   ["input_ids"] for ex in examples]

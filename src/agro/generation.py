@@ -132,6 +132,25 @@ def _warpers(params: SamplingParams) -> list:
     return out
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [b, P] long, attention mask [b, P] long), left-padded to the longest."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    am = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            am[i, P - len(p):] = 1
+    return ids, am
+
+
+def _check_request(prompt_ids: list[list[int]], n: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+
+
 @contextlib.contextmanager
 def _generation_mode(model, gen_config):
     """Eval mode and a clean ``generation_config`` (nothing inherited) for the duration."""
@@ -191,14 +210,8 @@ class HFGenerator:
         from transformers import LogitsProcessorList
 
         dev = next(self.model.parameters()).device
-        P = max(len(p) for p in prompts)
-        b = len(prompts)
-        ids = torch.full((b, P), self.pad_token_id, dtype=torch.long)   # [b, P] left-padded
-        am = torch.zeros((b, P), dtype=torch.long)                       # [b, P]
-        for i, p in enumerate(prompts):
-            if p:
-                ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-                am[i, P - len(p):] = 1
+        ids, am = left_pad(prompts, self.pad_token_id)                   # [b, P] each
+        P = ids.shape[1]
         recorder = _BehaviourRecorder()
         procs = LogitsProcessorList([*_warpers(params), recorder])
         # HF itself adds no warper (temperature 1, top_k 0, top_p 1): ours are in `procs`.
@@ -216,10 +229,7 @@ class HFGenerator:
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
         """``n`` completions per prompt; rows ``prompts x n`` are batched ``batch_size`` at a time."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        _check_request(prompt_ids, n)
         flat = [i for i in range(len(prompt_ids)) for _ in range(n)]    # prompt index per row
         comp: list[list[int]] = []
         lps: list[list[float]] = []
@@ -285,10 +295,7 @@ class CachedGenerator(HFGenerator):
     name = "cached"
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        _check_request(prompt_ids, n)
         per_call = max(1, self.batch_size // n)                          # prompts per batch
         out: list[Generation] = []
         for s in range(0, len(prompt_ids), per_call):
@@ -308,12 +315,8 @@ class CachedGenerator(HFGenerator):
 
         model = self.model
         dev = next(model.parameters()).device
-        G, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((G, P), self.pad_token_id, dtype=torch.long)   # [G, P] left-padded
-        am = torch.zeros((G, P), dtype=torch.long)                       # [G, P]
-        for g, p in enumerate(prompts):
-            ids[g, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            am[g, P - len(p):] = 1
+        G = len(prompts)
+        ids, am = left_pad(prompts, self.pad_token_id)                   # [G, P] each
         ids, am = ids.to(dev), am.to(dev)
         keep1 = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_hf_model(model))) else {}
         warpers = _warpers(params)

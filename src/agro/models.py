@@ -383,10 +383,11 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     Returns [B, T, V] in the model's compute dtype (bf16 under autocast), not yet fp32.
 
     ``group_size`` n > 1 with each group's n rows sharing their prompt (the
-    :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group and its
-    key/value cache repeated n times for the completions (:func:`_shared_prompt_logits`). Same
-    numbers up to float rounding, gradients included; on the default job the prompt is more than
-    half of every sequence, so this removes ~40 % of the tokens of every pass.
+    :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group, in one
+    packed pass per group (fp32, :func:`_packed_group_logits`) or by repeating its KV cache n
+    times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
+    on the default job the prompt is more than half of every sequence, so this removes ~40 % of
+    the tokens of every pass.
     """
     P = int(prompt_len)
     if P < 1:
@@ -432,57 +433,33 @@ def _decoder_parts(model):
 
 def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
                           n: int) -> torch.Tensor:
-    """:func:`completion_logits` with one prompt pass per group of ``n`` rows.
+    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used for bf16,
+    one-token completions and heads :func:`_packed_group_logits` cannot take).
 
     Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
-    hidden state (it predicts completion token 0). The cache is repeated n times along the batch
+    logits (they predict completion token 0). The cache is repeated n times along the batch
     (``repeat_interleave``, differentiable) and pass 2 runs completion tokens 0..T-2 [B, T-1]
     on top of it, with the full ``[prompt | completion]`` mask and the same position ids as the
     unshared pass (``cumsum(mask) - 1``). Gradients reach the prompt's keys and values through
     the cache, exactly as in one long pass.
-
-    For CPU speed the token embedding runs once for both passes and the LM head once on the
-    [B, T, H] hidden states: with tied embeddings every embedding or head backward writes a dense
-    [V, H] gradient (113 MB for SmolLM2), so each extra call costs ~0.3 s here. Models whose head
-    is not a plain linear map (:func:`_decoder_parts` is None) run the two passes end to end.
     """
     dev = _device_of(model)
-    B = input_ids.shape[0]
-    G = B // n
-    pid = input_ids[::n, :P].to(dev)                                     # [G, P]
+    keep = _accepts_logits_to_keep(type(_hf_model(model)))
     pam = attention_mask[::n, :P].to(dev)                                # [G, P]
-    cid = input_ids[:, P:P + T - 1].to(dev)                              # [B, T-1]
+    out = _forward(model, precision, dev, input_ids=input_ids[::n, :P].to(dev), attention_mask=pam,
+                   position_ids=position_ids_from_mask(pam), use_cache=T > 1,
+                   **({"logits_to_keep": 1} if keep else {}))
+    first = out.logits[:, -1:].repeat_interleave(n, dim=0)               # [B, 1, V]
+    if T == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)                                     # [G, ...] -> [B, ...]
     am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
-    pos = position_ids_from_mask(am)[:, P:]                              # [B, T-1]
-    parts = _decoder_parts(model)
-    if parts is None:
-        keep = _accepts_logits_to_keep(type(_hf_model(model)))
-        out = _forward(model, precision, dev, input_ids=pid, attention_mask=pam,
-                       position_ids=position_ids_from_mask(pam), use_cache=True,
-                       **({"logits_to_keep": 1} if keep else {}))
-        first = out.logits[:, -1:].repeat_interleave(n, dim=0)           # [B, 1, V]
-        if T == 1:
-            return first
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)                                 # [G, ...] -> [B, ...]
-        out2 = _forward(model, precision, dev, input_ids=cid, attention_mask=am, position_ids=pos,
-                        past_key_values=cache, use_cache=True,
-                        **({"logits_to_keep": T - 1} if keep else {}))
-        return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)     # [B, T, V]
-    dec, emb, head = parts
-    with autocast_ctx(precision, dev):
-        e = emb(torch.cat([pid.reshape(-1), cid.reshape(-1)]))           # [G*P + B*(T-1), H]
-        H = e.shape[-1]
-        out = dec(inputs_embeds=e[:G * P].view(G, P, H), attention_mask=pam,
-                  position_ids=position_ids_from_mask(pam), use_cache=T > 1)
-        h = out.last_hidden_state[:, -1:].repeat_interleave(n, dim=0)    # [B, 1, H]
-        if T > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n)                             # [G, ...] -> [B, ...]
-            out2 = dec(inputs_embeds=e[G * P:].view(B, T - 1, H), attention_mask=am,
-                       position_ids=pos, past_key_values=cache, use_cache=True)
-            h = torch.cat([h, out2.last_hidden_state], dim=1)            # [B, T, H]
-        return head(h)                                                   # [B, T, V]
+    out2 = _forward(model, precision, dev, input_ids=input_ids[:, P:P + T - 1].to(dev),
+                    attention_mask=am, position_ids=position_ids_from_mask(am)[:, P:],
+                    past_key_values=cache, use_cache=True,
+                    **({"logits_to_keep": T - 1} if keep else {}))
+    return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)         # [B, T, V]
 
 
 def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int) -> torch.Tensor:

@@ -371,10 +371,10 @@ class Trainer:
             examples = examples[self.dist.rank::self.dist.world]
         self.note(f"held-out evaluation ({when}): {len(examples)} prompts x {cfg.eval_samples} "
                   "samples at temperature 1")
-        res = evaluate(model=self.policy, tokenizer=self.tok, generator=self.generator,
+        res = evaluate(tokenizer=self.tok, generator=self.generator,
                        grader=self.grader, examples=examples, template=self.template,
                        samples=cfg.eval_samples, greedy=False, max_new_tokens=cfg.max_new_tokens,
-                       precision=cfg.precision, reference=self.reference)
+                       reference=self.reference)
         res = self.dist.mean_dict({k: float(v) for k, v in res.items()})
         self.note(f"held-out sampled accuracy ({when}): {res['sampled_accuracy']:.3f} "
                   f"(KL(pi||pi_ref) ~ {res.get('kl_pi_ref', 0.0):.4f}, "

@@ -90,8 +90,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     examples = task.eval_examples(cfg.num_prompts)
     with Grader(timeout=cfg.reward_timeout) as grader, Progress(transient=True) as prog:
         bar = prog.add_task("evaluating", total=len(examples) * ((cfg.samples > 0) + cfg.greedy))
-        return evaluate(model=policy, tokenizer=tok, generator=generator, grader=grader,
+        return evaluate(tokenizer=tok, generator=generator, grader=grader,
                         examples=examples, template=cfg.prompt_template, samples=cfg.samples,
                         greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
-                        precision=cfg.precision, temperature=cfg.temperature,
+                        temperature=cfg.temperature,
                         on_progress=lambda d, t: prog.update(bar, completed=d))
