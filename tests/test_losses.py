@@ -392,11 +392,14 @@ def test_agro_mean_reduction_by_hand():
 
 
 def test_agro_on_mean_reduction_by_hand():
+    """R uses the length-averaged log-ratio, so the PD part multiplies the averaged score; the LR
+    part comes from the sampling distribution and multiplies the FULL score sum_t s_t."""
     A, R, _ = agro_weights(lengths=LEN)
     c = _lr_baseline_by_hand("loo_sq", R, A)
-    w = [A[b] - (A[b] ** 2 - c[b]) / (2 * BETA) for b in range(B)]
+    expected = [[MASK[b][t] * (-A[b] / LEN[b] + (A[b] ** 2 - c[b]) / (2 * BETA)) / B
+                 for t in range(T)] for b in range(B)]
     _, _, g, _ = run("agro_on", lr_baseline="loo_sq", logprob_reduction="mean")
-    assert_close(g, sequence_weight_grad(w, lengths=LEN))
+    assert_close(g, expected)
 
 
 def test_kl_pg_and_kl_pg_token_mean_reduction_by_hand():
@@ -484,3 +487,58 @@ def test_inf_and_nan_in_padding_do_not_leak(name):
     loss, m, g, _ = run(name, lp=lp, ref=ref, **opts)
     assert math.isfinite(float(loss)) and all(math.isfinite(v) for v in m.values())
     assert_close(g, g_clean)
+
+
+# ---- exact enumeration with variable-length completions (agro_math.md §4.1-4.2) -----------------
+def _variable_length_model(seed=0):
+    """Autoregressive tabular policy over tokens {0, 1, EOS=2}, at most 3 tokens: EOS ends a
+    sequence, and the third token ends it whatever it is. One logit vector per EOS-free prefix."""
+    prefixes = [(), (0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)]
+    seqs = [(2,)] + [(a, 2) for a in (0, 1)] + [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1, 2)]
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(len(prefixes), 3, dtype=F64, generator=g).requires_grad_(True)
+    ref = torch.randn(len(prefixes), 3, dtype=F64, generator=g)
+    rewards = torch.rand(len(seqs), dtype=F64, generator=g)
+    node = {p: i for i, p in enumerate(prefixes)}
+
+    def token_logprobs(logits):  # [S, 3] per-token log-probs, 0 on padding
+        lsm = torch.log_softmax(logits, -1)
+        rows = [torch.stack([lsm[node[y[:t]], y[t]] for t in range(len(y))]) for y in seqs]
+        return torch.stack([torch.cat([r, r.new_zeros(3 - len(r))]) for r in rows])
+
+    mask = torch.tensor([[1.0 if t < len(y) else 0.0 for t in range(3)] for y in seqs], dtype=F64)
+    return seqs, theta, ref, rewards, token_logprobs, mask
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_agro_on_mean_reduction_matches_enumeration_with_variable_lengths(n):
+    """E over all n-tuples y_i ~ pi of grad(agro_on loss) = grad L_on / beta, where
+    L_on = 1/2 Var_{y~pi}[r(y) - beta * l(y)/|y|] is differentiated through BOTH the regularized
+    reward and the sampling distribution (exact autograd over the 15 sequences)."""
+    import itertools
+
+    seqs, theta, ref_logits, r, token_logprobs, mask = _variable_length_model()
+    beta = 0.4
+    lp_all = token_logprobs(theta)                                          # [S, 3]
+    ref_all = token_logprobs(ref_logits).detach()                           # [S, 3]
+    lengths = mask.sum(-1)
+    seq_lp = (lp_all * mask).sum(-1)                                        # [S]
+    p = seq_lp.exp()
+    assert abs(float(p.detach().sum()) - 1) < 1e-12
+    R = r - beta * ((lp_all - ref_all) * mask).sum(-1) / lengths            # [S]
+    L_on = 0.5 * (p * (R - (p * R).sum()) ** 2).sum()
+    (exact,) = torch.autograd.grad(L_on, theta, retain_graph=True)
+
+    tuples = list(itertools.product(range(len(seqs)), repeat=n))
+    idx = torch.tensor(tuples).reshape(-1)                                  # [G*n]
+    prob = p.detach()[torch.tensor(tuples)].prod(-1)                        # [G]
+    G = len(tuples)
+    lp = lp_all[idx]
+    loss, _ = compute_loss("agro_on", lp, ref_all[idx], mask[idx], r[idx], n, beta,
+                           logprob_reduction="mean")
+    # groups do not interact and the loss is their mean: weight group g's rows by G * P(tuple g)
+    (dlp,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    weights = (G * prob).repeat_interleave(n)[:, None]
+    (expected_grad,) = torch.autograd.grad(lp, theta, grad_outputs=dlp * weights)
+    assert float(exact.abs().max()) > 1e-3                                  # a real gradient
+    torch.testing.assert_close(expected_grad, exact / beta, rtol=0, atol=1e-10)

@@ -48,10 +48,14 @@ Departures from the paper (Tang et al. 2025, arXiv:2503.19612):
   s(y) * l(y) on on-policy groups. The paper's experiments used g1 only. AGRO's LOO baseline on l,
   +beta * s(y_i) * loo_i(l), is kept. On-policy it has zero mean, so keeping it is valid (and it is what
   makes the off-policy groups correct).
-* `logprob_reduction="mean"` divides each sequence's log-ratio and score by its number of completion
-  tokens (length-averaged log-ratios, §8 "beta scale remark"). The paper uses "sum". The token-level
-  estimators require "sum": the 1/|y| factor depends on later tokens, so the dropped terms would no
-  longer have zero mean.
+* `logprob_reduction="mean"` divides each sequence's log-ratio by its number of completion tokens
+  (length-averaged log-ratios, §8 "beta scale remark"), so R = r - beta*l/|y|. The paper uses "sum".
+  This changes the fixed point, not only the scale: R constant on the support means
+  pi(y) ∝ pi_ref(y) * exp(|y| (r(y) - c) / beta), not pi* of Eq. (2). agro_on's likelihood-ratio
+  term still multiplies the full score sum_t grad log pi(y_t|.) (it comes from the sampling
+  distribution, which does not depend on the reduction). The token-level estimators require
+  "sum": the 1/|y| factor depends on later tokens, so the dropped terms would no longer have zero
+  mean.
 * `kl_pg_token` takes Omega as a SUM of token KLs (§3.4; the paper leaves this open). `grpo` is not in
   the paper; it is here as a familiar baseline.
 """
@@ -68,11 +72,13 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "LossSpec",
     "LossOutput",
     "REG_ESTIMATORS",
     "LR_BASELINES",
     "available_losses",
     "loss_options",
+    "loss_spec",
     "register_loss",
     "compute_loss",
     "sequence_sum",
@@ -300,11 +306,65 @@ class LossOutput:
     terms: dict[str, Tensor] = field(default_factory=dict)
 
 
-LOSSES: dict[str, Callable[..., LossOutput]] = {}
+def _static_checks_none(group_size: int, options: dict) -> None:
+    """No option needs checking."""
 
 
-def register_loss(name: str):
-    """Register `fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, *, <options>) -> LossOutput`.
+@dataclass(frozen=True)
+class LossSpec:
+    """What the registry knows of a loss, so that the trainer, the lab and config validation ask
+    it instead of re-encoding its rules.
+
+    fn:             the pure loss function (see :func:`register_loss`).
+    options:        {option: default} of its keyword-only parameters.
+    beta_positive:  it needs beta > 0 (e.g. agro_on's LR weight divides by beta).
+    token_kl:       whether it needs the full-vocabulary token KL (``token_kl`` option): a bool,
+                    or a function of the options (the local regularization estimators need it).
+    checks:         static checks of (group_size, options) that need no tensors; raise ValueError.
+    """
+
+    name: str
+    fn: Callable[..., LossOutput]
+    options: dict
+    beta_positive: bool = False
+    token_kl: bool | Callable[[dict], bool] = False
+    checks: Callable[[int, dict], None] = _static_checks_none
+
+    @property
+    def accepts_on_policy(self) -> bool:
+        """Whether the loss takes per-group ``on_policy`` flags (on-policy-only terms)."""
+        return "on_policy" in self.options
+
+    def resolved(self, options: dict) -> dict:
+        """``options`` over the defaults."""
+        return {**self.options, **options}
+
+    def needs_token_kl(self, options: dict) -> bool:
+        """Whether a call with these options needs the ``token_kl`` input ([B, T], differentiable)."""
+        rule = self.token_kl
+        return bool(rule(self.resolved(options)) if callable(rule) else rule)
+
+    def validate(self, beta: float, group_size: int, options: dict) -> None:
+        """Every check that needs no tensors: option names, beta, group size, option values.
+        Raises ValueError naming the loss, the option and the valid choices. `compute_loss` and
+        config validation (before any model loads) both call it."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"loss {self.name!r} does not accept option(s) {unknown}; "
+                             f"valid options: {sorted(self.options)}")
+        if self.beta_positive and not beta > 0:
+            raise ValueError(f"{self.name}: beta must be > 0, got {beta}")
+        self.checks(group_size, self.resolved(options))
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, beta_positive: bool = False,
+                  token_kl: bool | Callable[[dict], bool] = False,
+                  checks: Callable[[int, dict], None] = _static_checks_none):
+    """Register `fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, *, <options>) -> LossOutput`
+    with what callers must know of it (:class:`LossSpec`).
 
     The loss's options are its keyword-only parameters, with their defaults.
     """
@@ -312,7 +372,9 @@ def register_loss(name: str):
     def decorator(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = fn
+        params = inspect.signature(fn).parameters.values()
+        options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks)
         return fn
 
     return decorator
@@ -323,7 +385,8 @@ def available_losses() -> list[str]:
     return sorted(LOSSES)
 
 
-def _get_loss(name: str):
+def loss_spec(name: str) -> LossSpec:
+    """The registry entry of loss `name`; an unknown name raises ValueError listing the valid ones."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(available_losses())}")
     return LOSSES[name]
@@ -331,8 +394,7 @@ def _get_loss(name: str):
 
 def loss_options(name: str) -> dict[str, object]:
     """{option: default} for a registered loss."""
-    params = inspect.signature(_get_loss(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return dict(loss_spec(name).options)
 
 
 def _check_choice(loss: str, option: str, value, choices) -> None:
@@ -340,21 +402,49 @@ def _check_choice(loss: str, option: str, value, choices) -> None:
         raise ValueError(f"{loss}: {option}={value!r} is not one of {tuple(choices)}")
 
 
-def _check_reg_options(loss: str, reg_estimator: str, logprob_reduction: str, token_kl) -> None:
-    _check_choice(loss, "reg_estimator", reg_estimator, REG_ESTIMATORS)
-    _check_choice(loss, "logprob_reduction", logprob_reduction, REDUCTIONS)
-    if reg_estimator != "vanilla" and logprob_reduction != "sum":
-        raise ValueError(f"{loss}: reg_estimator={reg_estimator!r} requires logprob_reduction='sum' "
-                         "(with length-averaged log-ratios the dropped terms are no longer zero-mean)")
-    if reg_estimator in _REG_NEEDS_TOKEN_KL and token_kl is None:
-        raise ValueError(f"{loss}: reg_estimator={reg_estimator!r} needs the option token_kl "
-                         "([B, T] full-vocabulary KL(pi||pi_ref) per position, differentiable)")
+def _reg_checks(loss: str):
+    """Static checks of the `reg_estimator` / `logprob_reduction` options of loss `loss`."""
+
+    def checks(group_size: int, o: dict) -> None:
+        _check_choice(loss, "reg_estimator", o["reg_estimator"], REG_ESTIMATORS)
+        _check_choice(loss, "logprob_reduction", o["logprob_reduction"], REDUCTIONS)
+        if o["reg_estimator"] != "vanilla" and o["logprob_reduction"] != "sum":
+            raise ValueError(f"{loss}: reg_estimator={o['reg_estimator']!r} requires "
+                             "logprob_reduction='sum' (with length-averaged log-ratios the dropped "
+                             "terms are no longer zero-mean)")
+
+    return checks
+
+
+def _reg_needs_token_kl(options: dict) -> bool:
+    """The local estimators (g3, g3+) use the full-vocabulary token KL (§5)."""
+    return options.get("reg_estimator") in _REG_NEEDS_TOKEN_KL
+
+
+def _agro_on_checks(group_size: int, o: dict) -> None:
+    _reg_checks("agro_on")(group_size, o)
+    _check_choice("agro_on", "lr_baseline", o["lr_baseline"], LR_BASELINES)
+    if o["lr_baseline"] == "loo_var" and group_size < 3:
+        raise ValueError("agro_on: lr_baseline='loo_var' needs group_size >= 3")
+    c = o["lr_coef"]
+    if not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0):
+        raise ValueError(f"agro_on: lr_coef must be a finite float >= 0, got {c!r}")
+
+
+def _kl_pg_token_checks(group_size: int, o: dict) -> None:
+    _check_choice("kl_pg_token", "logprob_reduction", o["logprob_reduction"], REDUCTIONS)
+
+
+def _grpo_checks(group_size: int, o: dict) -> None:
+    eps = o["eps"]
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        raise ValueError(f"grpo: eps must be a float > 0, got {eps!r}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-@register_loss("agro")
+@register_loss("agro", token_kl=_reg_needs_token_kl, checks=_reg_checks("agro"))
 def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
               beta: float, *, reg_estimator: str = "vanilla", on_policy=None, logprob_reduction: str = "sum",
               token_kl: Tensor | None = None) -> LossOutput:
@@ -367,7 +457,6 @@ def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
     reg_estimator != "vanilla" swaps g1 for g_k on on-policy groups (§5); the LOO term on l is kept.
     """
     n = group_size
-    _check_reg_options("agro", reg_estimator, logprob_reduction, token_kl)
     on = on_policy_mask(on_policy, rewards.numel(), n, rewards.device)  # [B]
     l = sequence_logprob(logprobs - ref_logprobs, mask, logprob_reduction)  # [B]
     loss_reward = -group_covariance(rewards, l, n).mean()
@@ -379,7 +468,7 @@ def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
                       {"loss_reward": loss_reward.detach(), "loss_reg": loss_reg.detach()})
 
 
-@register_loss("agro_on")
+@register_loss("agro_on", beta_positive=True, token_kl=_reg_needs_token_kl, checks=_agro_on_checks)
 def agro_on_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                  beta: float, *, lr_coef: float = 1.0, lr_baseline: str = "none", reg_estimator: str = "vanilla",
                  on_policy=None, logprob_reduction: str = "sum", token_kl: Tensor | None = None) -> LossOutput:
@@ -394,28 +483,22 @@ def agro_on_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: 
     (ratio-one surrogate).
     """
     n = group_size
-    if not beta > 0:
-        raise ValueError(f"agro_on: beta must be > 0 (the LR weight is (A^2 - c)/(2 beta)), got {beta}")
-    _check_choice("agro_on", "lr_baseline", lr_baseline, LR_BASELINES)
-    if lr_baseline == "loo_var" and n < 3:
-        raise ValueError("agro_on: lr_baseline='loo_var' needs group_size >= 3")
-    if not (isinstance(lr_coef, (int, float)) and not isinstance(lr_coef, bool)
-            and math.isfinite(lr_coef) and lr_coef >= 0):
-        raise ValueError(f"agro_on: lr_coef must be a finite float >= 0, got {lr_coef!r}")
     pd = agro_loss(logprobs, ref_logprobs, mask, rewards, n, beta, reg_estimator=reg_estimator,
                    on_policy=on_policy, logprob_reduction=logprob_reduction, token_kl=token_kl)
     on = on_policy_mask(on_policy, rewards.numel(), n, rewards.device).to(rewards.dtype)  # [B]
     A = pd.weights  # [B], detached
     c = LR_BASELINES[lr_baseline](pd.reg_rewards, A, n)  # [B]
     lr_weight = on * lr_coef * (A**2 - c) / (2 * beta)  # [B], descent weight of the score
-    seq_lp = sequence_logprob(logprobs, mask, logprob_reduction)  # [B]
+    # The LR term differentiates the sampling distribution pi(y|x), so it always multiplies the
+    # full-sequence score grad log pi(y) = sum_t grad log pi(y_t|.), whatever reduction R uses.
+    seq_lp = sequence_sum(logprobs, mask)  # [B]
     loss_lr = (lr_weight * ratio_one(seq_lp)).mean()
     terms = dict(pd.terms, loss_pd=pd.loss.detach(), loss_lr=loss_lr.detach(),
                  lr_weight_abs_mean=lr_weight.abs().mean())
     return LossOutput(pd.loss + loss_lr, A - lr_weight, pd.reg_rewards, terms)
 
 
-@register_loss("kl_pg")
+@register_loss("kl_pg", token_kl=_reg_needs_token_kl, checks=_reg_checks("kl_pg"))
 def kl_pg_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                beta: float, *, reg_estimator: str = "vanilla", on_policy=None, logprob_reduction: str = "sum",
                token_kl: Tensor | None = None) -> LossOutput:
@@ -427,7 +510,6 @@ def kl_pg_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Te
     Loss: mean_g[ -Cov(r, l) ] + beta/2 * mean_b l_b^2 (exact autograd form).
     """
     n = group_size
-    _check_reg_options("kl_pg", reg_estimator, logprob_reduction, token_kl)
     on = on_policy_mask(on_policy, rewards.numel(), n, rewards.device)  # [B]
     l = sequence_logprob(logprobs - ref_logprobs, mask, logprob_reduction)  # [B]
     loss_reward = -group_covariance(rewards, l, n).mean()
@@ -438,7 +520,7 @@ def kl_pg_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Te
                       {"loss_reward": loss_reward.detach(), "loss_reg": loss_reg.detach()})
 
 
-@register_loss("kl_pg_token")
+@register_loss("kl_pg_token", token_kl=True, checks=_kl_pg_token_checks)
 def kl_pg_token_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                      beta: float, *, token_kl: Tensor | None = None, on_policy=None,
                      logprob_reduction: str = "sum") -> LossOutput:
@@ -452,9 +534,6 @@ def kl_pg_token_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewar
     on_policy only feeds the metric: this loss has no on-policy-only term.
     """
     n = group_size
-    if token_kl is None:
-        raise ValueError("kl_pg_token: needs the option token_kl ([B, T] full-vocabulary KL(pi||pi_ref) per position)")
-    _check_choice("kl_pg_token", "logprob_reduction", logprob_reduction, REDUCTIONS)
     l = sequence_logprob(logprobs - ref_logprobs, mask, logprob_reduction)  # [B]
     omega = sequence_logprob(token_kl, mask, logprob_reduction)  # [B]
     loss_reward = -group_covariance(rewards, l, n).mean()
@@ -463,7 +542,7 @@ def kl_pg_token_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewar
                       {"loss_reward": loss_reward.detach(), "loss_reg": loss_reg.detach()})
 
 
-@register_loss("grpo")
+@register_loss("grpo", checks=_grpo_checks)
 def grpo_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
               beta: float, *, eps: float = 1e-6, on_policy=None) -> LossOutput:
     """GRPO (Shao et al. 2024) with one update per batch (ratio = exp(lp - sg(lp)) = 1, so no clipping).
@@ -475,8 +554,6 @@ def grpo_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
     d loss/d lp[b,t] = mask/(B*|y_b|) * (-A_b + beta*(1 - exp(ref - lp))).
     on_policy only feeds the metric.
     """
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"grpo: eps must be a float > 0, got {eps!r}")
     n = group_size
     lp = _masked(logprobs, mask)  # [B, T]
     rg = _groups(rewards, n)  # [G, n]
@@ -532,6 +609,17 @@ def _prepare_inputs(logprobs, ref_logprobs, mask, rewards, group_size):
     return logprobs, ref_logprobs, mask, rewards.detach().to(dtype)
 
 
+def _check_devices(logprobs: Tensor, **others) -> None:
+    """Every tensor input on logprobs' device, else a ValueError naming the mismatched ones."""
+    if not isinstance(logprobs, Tensor):
+        return
+    bad = [f"{k} on {t.device}" for k, t in others.items()
+           if isinstance(t, Tensor) and t.device != logprobs.device]
+    if bad:
+        raise ValueError(f"compute_loss: logprobs is on {logprobs.device} but " + ", ".join(bad)
+                         + "; move the batch to the policy's device first (Batch.to)")
+
+
 @torch.no_grad()
 def _metrics(out: LossOutput, logprobs, ref_logprobs, mask, rewards, group_size, on, token_kl) -> dict[str, float]:
     log_ratio = logprobs - ref_logprobs  # [B, T], padding already zero
@@ -560,19 +648,22 @@ def compute_loss(name: str, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
     """Validate the inputs, run the registered loss `name`, and return (loss to minimise, metrics).
 
     Shapes: logprobs, ref_logprobs, mask [B, T]; rewards [B]; B = G * group_size, groups contiguous.
-    Options are loss-specific (see loss_options(name)); an unknown option raises ValueError.
+    Options are loss-specific (see loss_options(name)); an unknown option, an invalid value, or a
+    tensor on another device than ``logprobs`` raises ValueError naming it.
     Metrics (plain floats): loss, reward_mean, reward_std, reg_reward_mean (mean R), kl_k1 (mean sequence
     sum of lp - ref), kl_k3 (mean sequence sum of exp(ref-lp) - (ref-lp) - 1), kl_token (if token_kl is
     given), consistency (C(R) averaged over groups), frac_groups_equal_reward, on_policy_fraction,
     adv_abs_mean (mean |w_b|), completion_len_mean, and the loss's own terms (loss_reward / loss_reg,
     loss_pd / loss_lr, loss_pg / loss_kl).
     """
-    fn = _get_loss(name)
-    valid = loss_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"loss {name!r} does not accept option(s) {unknown}; valid options: {sorted(valid)}")
+    spec = loss_spec(name)
+    _check_devices(logprobs, ref_logprobs=ref_logprobs, mask=mask, rewards=rewards,
+                   on_policy=options.get("on_policy"), token_kl=options.get("token_kl"))
     group_size, beta = _check_scalars(group_size, beta)
+    spec.validate(beta, group_size, options)
+    if spec.needs_token_kl(options) and options.get("token_kl") is None:
+        raise ValueError(f"{name}: needs the option token_kl with options {options} ([B, T] "
+                         "full-vocabulary KL(pi||pi_ref) per position, differentiable)")
     logprobs, ref_logprobs, mask, rewards = _prepare_inputs(logprobs, ref_logprobs, mask, rewards, group_size)
     on = on_policy_mask(options.get("on_policy"), rewards.numel(), group_size, rewards.device)
     if "on_policy" in options:
@@ -582,5 +673,5 @@ def compute_loss(name: str, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
         if not isinstance(token_kl, Tensor) or token_kl.shape != logprobs.shape:
             raise ValueError(f"token_kl must be a tensor of shape {tuple(logprobs.shape)} (like logprobs)")
         token_kl = options["token_kl"] = _masked(token_kl.to(logprobs.dtype), mask)
-    out = fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, **options)
+    out = spec.fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, **options)
     return out.loss, _metrics(out, logprobs, ref_logprobs, mask, rewards, group_size, on, token_kl)

@@ -328,12 +328,11 @@ def loss_inputs(problem: TabularProblem, theta: Tensor, responses: Tensor,
                       token_kl=kl, group_size=n)
 
 
-_NEEDS_TOKEN_KL = {"local", "local_plus"}
-
-
 def needs_token_kl(name: str, **options) -> bool:
-    """Whether compute_loss(name, ..., **options) takes the `token_kl` option."""
-    return name == "kl_pg_token" or options.get("reg_estimator") in _NEEDS_TOKEN_KL
+    """Whether compute_loss(name, ..., **options) takes the `token_kl` option (asks the registry)."""
+    from agro import losses
+
+    return losses.loss_spec(name).needs_token_kl(options)
 
 
 def run_loss(name: str, inputs: LossInputs, beta: float, *, fast: bool = False,
@@ -354,7 +353,7 @@ def run_loss(name: str, inputs: LossInputs, beta: float, *, fast: bool = False,
     args = (inputs.logprobs, inputs.ref_logprobs, inputs.mask, inputs.rewards, inputs.group_size,
             beta)
     if fast:
-        return losses.LOSSES[name](*args, **options).loss
+        return losses.LOSSES[name].fn(*args, **options).loss
     return losses.compute_loss(name, *args, **options)[0]
 
 
