@@ -18,27 +18,43 @@ from agro.logging_utils import (
     format_step_line,
     read_metrics,
 )
-from agro.plotting import moving_average, plot_main, plot_runs
+from agro.plotting import PANELS, eval_points, make_figure, moving_average, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ANSI = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")   # any control character except \t and \n
 
 
-def _row(step: int, rng: np.random.Generator) -> dict:
+def _row(step: int, rng: np.random.Generator, binary: bool = False) -> dict:
     acc = min(1.0, 0.2 + 0.02 * step + 0.05 * rng.standard_normal())
-    return {"reward_mean": acc + 0.1, "accuracy": acc, "kl_k1": 0.002 * step, "kl_k3": 0.002 * step,
-            "loss": -0.03, "step_seconds": 1.5, "tokens_per_second": 1900.0, "fresh_fraction": 1.0}
+    return {"reward_mean": acc if binary else acc + 0.1, "accuracy": acc, "kl_k1": 0.002 * step,
+            "kl_k3": 0.002 * step, "completion_len_mean": 20.0 - 0.5 * step, "loss": -0.03,
+            "step_seconds": 1.5, "tokens_per_second": 1900.0, "fresh_fraction": 1.0}
 
 
-def _fake_run(run_dir: Path, steps: int = 12, seed: int = 0, evals=(0, 6, 12)) -> Path:
+# held-out evaluations of _fake_run: step -> (sampled_accuracy, kl_pi_ref, sampled_len_mean)
+BEFORE, AFTER = (0.05, 0.0, 20.0), (0.6, 0.2, 9.0)
+
+
+def _during(step: int) -> tuple[float, float, float]:
+    return 0.1 + 0.03 * step, 0.01 * step, 15.0
+
+
+def _fake_run(run_dir: Path, steps: int = 12, seed: int = 0, evals=(6,), before_after: bool = True,
+              binary: bool = False) -> Path:
+    """A run directory as the trainer writes it: rows for steps 1..steps, eval_every columns at
+    `evals`, and "before"/"after" eval events in events.jsonl (without a step, as today)."""
     rng = np.random.default_rng(seed)
+    keys = ("sampled_accuracy", "kl_pi_ref", "sampled_len_mean")
     with MetricsLogger(run_dir, tensorboard=False) as ml:
-        for s in range(steps + 1):
-            m = _row(s, rng) if s else {}
+        if before_after:
+            ml.log_event("eval", when="before", **dict(zip(keys, BEFORE)))
+        for s in range(1, steps + 1):
+            m = _row(s, rng, binary)
             if s in evals:
-                m["eval_accuracy"] = 0.1 + 0.03 * s
-            if m:
-                ml.log(s, m)
+                m.update({f"eval_{k}": v for k, v in zip(keys, _during(s))})
+            ml.log(s, m)
+        if before_after:
+            ml.log_event("eval", when="after", **dict(zip(keys, AFTER)))
     return run_dir
 
 
@@ -193,37 +209,126 @@ def _assert_png(path: Path) -> None:
 
 def test_plot_one_and_two_runs(tmp_path):
     a = _fake_run(tmp_path / "a", seed=0)
-    b = _fake_run(tmp_path / "b", steps=8, seed=1, evals=())
+    b = _fake_run(tmp_path / "b", steps=8, seed=1, evals=(), before_after=False)
     _assert_png(plot_runs([a], tmp_path / "one.png"))
     _assert_png(plot_runs([a, b], tmp_path / "out" / "two.png", labels=["A", "B"], smooth=3))
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_runs([a, tmp_path / "missing"], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="1 labels for 2 runs"):
+        plot_runs([a, b], tmp_path / "x.png", labels=["A"])
 
 
-def test_plot_main_subprocess(tmp_path):
+def test_eval_points_merge_events_and_eval_every_rows(tmp_path):
+    a = _fake_run(tmp_path / "a", evals=(4, 8))
+    pts = eval_points(a)
+    assert [p["step"] for p in pts] == [0, 4, 8, 12]           # before at 0, after at the last step
+    assert [p["when"] for p in pts] == ["before", "during", "during", "after"]
+    expect = [BEFORE, _during(4), _during(8), AFTER]
+    for p, e in zip(pts, expect):
+        np.testing.assert_allclose([p["sampled_accuracy"], p["kl_pi_ref"], p["sampled_len_mean"]], e)
+    # an event with an explicit step is placed there and wins over a metrics row at that step;
+    # a partial last line (killed writer) is ignored
+    with open(a / "events.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "eval", "when": "during", "step": 8, "sampled_accuracy": 0.9})
+                + "\n" + '{"kind": "eval", "when": "aft')
+    pts = eval_points(a)
+    assert [p["step"] for p in pts] == [0, 4, 8, 12] and pts[2]["sampled_accuracy"] == 0.9
+    assert eval_points(_fake_run(tmp_path / "b", evals=(), before_after=False)) == []
+
+
+def _axes(fig) -> dict:
+    return {ax.get_label(): ax for ax in fig.axes}
+
+
+def _marker_lines(ax) -> list:
+    return [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+
+
+def test_plot_panels_show_held_out_evals_reward_length_kl_loss(tmp_path):
+    a = _fake_run(tmp_path / "a", evals=(6,), binary=True)
+    fig = make_figure([a], smooth=3)
+    axes = _axes(fig)
+    assert list(axes) == [p.key for p in PANELS] == [
+        "heldout_accuracy", "reward", "completion_len", "kl", "loss", "reward_vs_kl"]
+    assert [ax.get_title() for ax in fig.axes] == [p.title for p in PANELS]
+    # held-out accuracy: before (events), eval_every (metrics) and after (events), in step order
+    (line,) = _marker_lines(axes["heldout_accuracy"])
+    np.testing.assert_array_equal(line.get_xdata(), [0, 6, 12])
+    np.testing.assert_allclose(line.get_ydata(), [BEFORE[0], _during(6)[0], AFTER[0]])
+    assert "0.050 → 0.600" in line.get_label()
+    # held-out length and KL as markers on the training curves' panels
+    for key, j in (("completion_len", 2), ("kl", 1)):
+        (mk,) = _marker_lines(axes[key])
+        np.testing.assert_allclose(mk.get_ydata(), [BEFORE[j], _during(6)[j], AFTER[j]])
+    # the per-step series: the smoothed line (label = run name) holds the moving average
+    rows = sorted(read_metrics(a), key=lambda r: r["step"])
+    for key, mkey in (("reward", "reward_mean"), ("completion_len", "completion_len_mean"),
+                      ("kl", "kl_k1"), ("loss", "loss")):
+        (smoothed,) = [ln for ln in axes[key].get_lines() if ln.get_label() == "a"]
+        y = np.array([r[mkey] for r in rows])
+        np.testing.assert_allclose(smoothed.get_ydata(), moving_average(y, 3))
+    # binary rewards: accuracy == reward, so the reward panel draws one curve, not two
+    assert len(axes["reward"].get_lines()) == 2                # raw (faint) + moving average
+
+
+def test_plot_reward_panel_adds_train_accuracy_only_when_it_differs(tmp_path):
+    a = _fake_run(tmp_path / "a", binary=False)                # reward_mean = accuracy + 0.1
+    labels = [ln.get_label() for ln in _axes(make_figure([a], smooth=1))["reward"].get_lines()]
+    assert labels == ["a", "a (train accuracy)"]
+
+
+def test_plot_without_evals_says_so(tmp_path):
+    a = _fake_run(tmp_path / "a", evals=(), before_after=False)
+    ax = _axes(make_figure([a]))["heldout_accuracy"]
+    assert not _marker_lines(ax)
+    assert any("no held-out evaluations" in t.get_text() for t in ax.texts)
+
+
+def _agro(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "agro.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_agro_plot_command_line(tmp_path):
     a = _fake_run(tmp_path / "run_a")
     b = _fake_run(tmp_path / "run_b", seed=3)
-    code = "import sys; from agro.plotting import plot_main; sys.exit(plot_main(sys.argv[1:]))"
-    r = subprocess.run([sys.executable, "-c", code, str(a)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=60)
+    r = _agro("plot", a, cwd=tmp_path)                          # one run: RUN_DIR/curves.png
     assert r.returncode == 0, r.stderr
     _assert_png(a / "curves.png")
-    r = subprocess.run([sys.executable, "-c", code, str(a), str(b), "--smooth", "1"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    r = _agro("plot", a, b, "smooth=1", "labels=A,B", cwd=tmp_path)   # several: ./agro_runs.png
     assert r.returncode == 0, r.stderr
     _assert_png(tmp_path / "agro_runs.png")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "empty")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert r.returncode == 1 and "no metrics.jsonl" in r.stderr
-
-
-def test_plot_main_in_process_options(tmp_path, capsys):
-    a = _fake_run(tmp_path / "r")
-    assert plot_main([str(a), "--out", str(tmp_path / "c.png"), "--smooth", "4",
-                      "--label", "mine"]) == 0
+    r = _agro("plot", a, "--out", tmp_path / "c.png", cwd=tmp_path)   # the older --out form
+    assert r.returncode == 0, r.stderr
     _assert_png(tmp_path / "c.png")
-    with pytest.raises(SystemExit):
-        plot_main([str(a), "--smooth", "0"])
+
+
+def test_agro_plot_yaml_and_errors(tmp_path, capsys):
+    from agro.cli import main
+    from agro.config import PlotConfig, format_help
+
+    a, b = _fake_run(tmp_path / "a"), _fake_run(tmp_path / "b", seed=2)
+    (tmp_path / "p.yaml").write_text(f"runs: [{a}, {b}]\nout: {tmp_path / 'y.png'}\nsmooth: 2\n")
+    assert main(["plot", str(tmp_path / "p.yaml")]) == 0
+    _assert_png(tmp_path / "y.png")
+    capsys.readouterr()
+    for argv, needle in (([str(a), "smoth=2"], "unknown key 'smoth'. Did you mean smooth?"),
+                         ([str(a), "smooth=0"], "field 'smooth' must be >= 1"),
+                         ([str(a), "smooth=x"], "field 'smooth' expects an integer"),
+                         ([str(a), "labels=A,B"], "field 'labels' has 2 labels for 1 runs"),
+                         ([str(tmp_path / "empty")], "field 'runs' names"),
+                         ([], "field 'runs' needs at least one run directory"),
+                         ([str(a), "--smooth", "2"], "unexpected arguments ['--smooth']")):
+        assert main(["plot", *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    (tmp_path / "bad.yaml").write_text(f"runs: [{a}]\nsmooth: 1\nlabel: x\n")
+    assert main(["plot", str(tmp_path / "bad.yaml")]) == 2
+    assert f"{tmp_path / 'bad.yaml'}:3: unknown key 'label'" in capsys.readouterr().err
+    assert main(["plot", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert format_help(PlotConfig) in out
+    for name in ("runs", "out", "labels", "smooth"):
+        assert f"\n  {name} (" in out
 
 
 def test_wandb_receives_config_scalars_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):

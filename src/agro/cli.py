@@ -17,8 +17,10 @@ commands:
             agro generate [CONFIG.yaml] [key=value ...]   (output=FILE.jsonl|.parquet)
   eval      held-out accuracy (greedy and sampled) of a model or a run directory
             agro eval MODEL_OR_RUN [CONFIG.yaml] [key=value ...]
-  plot      PNG curves of one or more runs: agro plot RUN_DIR... [--out FILE]
-  lab       exact tabular experiments: agro lab figure1|pitfall --out DIR
+  plot      curves of one or more run directories in one image
+            agro plot RUN_DIR... [CONFIG.yaml] [key=value ...]   (out=FILE.png)
+  lab       exact tabular experiments (Figure 1 of the paper; the on-policy pitfall)
+            agro lab figure1|pitfall [CONFIG.yaml] [key=value ...]   (out=DIR)
 
 `agro COMMAND --help` lists every field of that command's config.
 """
@@ -156,16 +158,72 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-def cmd_plot(argv: list[str]) -> int:
-    from .plotting import plot_main
+def _out_flag(rest: list[str]) -> tuple[list[str], list[str]]:
+    """``--out X`` (the form of older docs) -> the override ``out=X``; -> (overrides, rest)."""
+    rest = list(rest)
+    if "--out" not in rest:
+        return [], rest
+    i = rest.index("--out")
+    if i + 1 >= len(rest):
+        return ["--out"], rest[:i]          # load_config then reports "expected key=value"
+    value = rest[i + 1]
+    del rest[i:i + 2]
+    return [f"out={value}"], rest
 
-    return plot_main(argv)
+
+def cmd_plot(argv: list[str]) -> int:
+    import json
+
+    from .config import ConfigError, PlotConfig, load_config
+
+    if _help(argv, "agro plot RUN_DIR... [CONFIG.yaml] [key=value ...]", PlotConfig):
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    out, rest = _out_flag(rest)
+    flags = [r for r in rest if r.startswith("-")]
+    if flags:
+        return _die(f"unexpected arguments {flags}; fields are set as key=value "
+                    "(see agro plot --help)")
+    if rest and any(o.split("=", 1)[0].strip() == "runs" for o in overrides):
+        return _die("give the run directories as positionals or as runs=..., not both")
+    pre = [f"runs={json.dumps(rest)}"] if rest else []
+    try:
+        cfg = load_config(PlotConfig, yaml_path, pre + out + overrides)
+    except ConfigError as e:
+        return _die(str(e))
+    from .plotting import plot_runs
+
+    dest = cfg.out or (Path(cfg.runs[0]) / "curves.png" if len(cfg.runs) == 1 else "agro_runs.png")
+    try:
+        path = plot_runs(cfg.runs, dest, labels=cfg.labels or None, smooth=cfg.smooth)
+    except (FileNotFoundError, ValueError) as e:
+        return _die(str(e), 1)
+    print(f"agro plot: wrote {path}")
+    return 0
 
 
 def cmd_lab(argv: list[str]) -> int:
-    from .lab.cli import lab_main
+    from .config import ConfigError, LabConfig, load_config
 
-    return lab_main(argv)
+    if _help(argv, "agro lab figure1|pitfall [CONFIG.yaml] [key=value ...]", LabConfig):
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    out, rest = _out_flag(rest)
+    pre = [f"experiment={rest.pop(0)}"] if rest and not rest[0].startswith("-") else []
+    if rest:
+        return _die(f"unexpected arguments {rest}; fields are set as key=value "
+                    "(see agro lab --help)")
+    if not pre and yaml_path is None and not any(o.startswith("experiment=") for o in overrides):
+        return _die("name the experiment: agro lab figure1|pitfall [key=value ...] "
+                    "(see agro lab --help)")
+    try:
+        cfg = load_config(LabConfig, yaml_path, pre + out + overrides)
+    except ConfigError as e:
+        return _die(str(e))
+    from .lab.cli import run_lab
+
+    run_lab(cfg)
+    return 0
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -117,6 +116,12 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     offline_path: str = _f("", "offline: file(s) written by `agro generate` (.jsonl or .parquet; "
                            "comma-separated).")
     stale_lag: int = _f(2, "stale: generation lags the learner by this many policy versions.")
+    offline_check_rows: int = _f(4, "offline: rows per file whose reference log-probs are recomputed "
+                                 "at load and compared with the stored ones (0 = no check).")
+    trust_offline_reference: bool = _f(False, "offline: go on (with a warning) when a file's "
+                                       "reference model, tokenizer or precision differ from this "
+                                       "run's or its stored reference log-probs disagree with a "
+                                       "recomputation. Only for a user who knows the file is right.")
     output_dir: str = _f("runs/agro", "Run directory: metrics.jsonl, TensorBoard events, "
                          "checkpoints/, final/, plots.")
     save_every: int = _f(10, "Checkpoint every k steps (0 = only at the end).")
@@ -149,6 +154,65 @@ class EvalConfig(ModelFields, TaskFields, SamplingFields):
     num_prompts: int = _f(100, "Held-out prompts.")
     samples: int = _f(4, "Sampled completions per prompt (temperature from `temperature`).")
     greedy: bool = _f(True, "Also report greedy accuracy.")
+
+
+@dataclass
+class PlotConfig:
+    """`agro plot`: held-out accuracy, reward, completion length, KL and loss curves of runs."""
+
+    runs: list[str] = _f([], "Run directories, each with a metrics.jsonl (and events.jsonl for the "
+                         "before/after evaluations). Usually positionals: agro plot RUN_DIR...; "
+                         "in YAML a list, as key=value comma-separated.")
+    out: str = _f("", "Output image, format from the suffix (.png, .pdf, .svg). Empty: "
+                  "RUN_DIR/curves.png for one run, ./agro_runs.png for several.")
+    labels: list[str] = _f([], "Legend labels, one per run in order (empty: the run directory names).")
+    smooth: int = _f(5, "Moving-average window in steps for the per-step curves (1 = raw values only).")
+
+
+@dataclass
+class LabConfig:
+    """`agro lab`: exact tabular experiments, figure1 (agro_math.md §9) or pitfall (§4.6)."""
+
+    # Which fields each experiment function (agro.lab.experiments) takes, and its defaults for the
+    # fields whose default differs between them. tests/test_lab_cli.py checks both tables against
+    # the functions' signatures, so they cannot drift.
+    TAKES: typing.ClassVar[dict] = {
+        "figure1": ("K", "beta", "n", "eta", "steps", "instances", "log_every", "seed", "methods",
+                    "plot"),
+        "pitfall": ("K", "p_ref", "successes", "n", "eta", "steps", "instances", "betas",
+                    "lr_coefs", "lr_baseline", "log_every", "seed", "plot"),
+    }
+    DEFAULTS: typing.ClassVar[dict] = {
+        "figure1": {"steps": 20000, "instances": 10, "log_every": 100},
+        "pitfall": {"steps": 2000, "instances": 5, "log_every": 25},
+    }
+
+    experiment: str = _f("", "Experiment, also accepted as the first positional (agro lab figure1 "
+                         "out=DIR): figure1 = AGRO vs KL-PG on off-policy data mu = pi_ref (§9); "
+                         "pitfall = on-policy AGRO, Eq. 6, on binary-reward bandits (§4.6).",
+                         ("figure1", "pitfall"))
+    out: str = _f("", "Output directory (required): EXPERIMENT.csv and EXPERIMENT.png.")
+    K: int = _f(10, "Number of actions (arms) of each bandit.")
+    n: int = _f(4, "Samples per update (group size, >= 2).")
+    eta: float = _f(0.5, "SGD step size on the logits.")
+    steps: int = _f(0, "Number of updates (0 = the experiment's default: " + ", ".join(
+        f"{e} {d['steps']}" for e, d in DEFAULTS.items()) + ").")
+    instances: int = _f(0, "Random problem instances (0 = the experiment's default: " + ", ".join(
+        f"{e} {d['instances']}" for e, d in DEFAULTS.items()) + ").")
+    log_every: int = _f(0, "Log the metric every N updates (0 = the experiment's default: " +
+                        ", ".join(f"{e} {d['log_every']}" for e, d in DEFAULTS.items()) + ").")
+    seed: int = _f(0, "Seed of the problem instances and the sampled data.")
+    plot: bool = _f(True, "Write the PNG as well as the CSV.")
+    beta: float = _f(0.1, "(figure1) KL coefficient.")
+    methods: list[str] = _f(["agro", "kl_pg"], "(figure1) Losses to compare (registered names of "
+                            "agro.losses).")
+    p_ref: float = _f(0.28, "(pitfall) Reference success probability, in (0, 1).")
+    successes: int = _f(3, "(pitfall) Arms with reward 1 (the others have reward 0).")
+    betas: list[float] = _f([0.1, 0.3], "(pitfall) KL coefficients, one run each.")
+    lr_coefs: list[float] = _f([1.0, 0.0], "(pitfall) Weights on the likelihood-ratio part, one run "
+                               "each (1 = exact Eq. 6, 0 = the PD part only).")
+    lr_baseline: str = _f("none", "(pitfall) Baseline c in the likelihood-ratio weight (A^2 - c).",
+                          ("none", "loo_var", "loo_sq"))
 
 
 # --------------------------------------------------------------------------- machinery
@@ -239,6 +303,13 @@ def _coerce(name: str, t: Any, value: Any, where: str) -> Any:
             if isinstance(v, dict):
                 return v
         raise bad("a mapping (e.g. {lr_coef: 0.5} or loss_options.lr_coef=0.5)")
+    if typing.get_origin(t) is list:   # list[X]: a YAML list, a comma-separated string, or one X
+        (item_t,) = typing.get_args(t)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [] if value is None else [value]
+        return [_coerce(f"{name}[{i}]", item_t, v, where) for i, v in enumerate(value)]
     return value
 
 
@@ -373,14 +444,20 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         valid = losses.available_losses()
         c(cfg.loss in valid, "loss", w, f"must be one of {', '.join(valid)}, got {cfg.loss!r}")
         c(cfg.beta >= 0, "beta", w, f"must be >= 0, got {cfg.beta}")
-        if cfg.loss == "agro_on":
-            c(cfg.beta > 0, "beta", w, "must be > 0 for loss agro_on (its LR term divides by beta)")
         c(cfg.group_size >= 2, "group_size", w,
           f"must be >= 2 for loss {cfg.loss} (it uses a leave-one-out baseline over the group)")
-        opts = losses.loss_options(cfg.loss)
+        spec = losses.loss_spec(cfg.loss)
+        opts = spec.options
         for k in cfg.loss_options:
             c(k in opts, "loss_options", w,
               f"has unknown option '{k}' for loss {cfg.loss}; valid: {', '.join(sorted(opts)) or 'none'}")
+        c(not spec.beta_positive or cfg.beta > 0, "beta", w,
+          f"must be > 0 for loss {cfg.loss} (the registry says it divides by beta), got {cfg.beta}")
+        try:   # the registry's own checks of the option values (the same ones compute_loss runs)
+            spec.validate(cfg.beta, cfg.group_size, cfg.loss_options)
+        except ValueError as e:
+            c(False, "loss_options", w, f"is invalid: {e}")
+        c(cfg.offline_check_rows >= 0, "offline_check_rows", w, "must be >= 0")
         c(cfg.steps >= 1, "steps", w, "must be >= 1")
         c(cfg.prompts_per_step >= 1, "prompts_per_step", w, "must be >= 1")
         c(cfg.micro_batch_groups >= 1, "micro_batch_groups", w, "must be >= 1")
@@ -415,34 +492,49 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
     if isinstance(cfg, EvalConfig):
         c(cfg.num_prompts >= 1, "num_prompts", w, "must be >= 1")
         c(cfg.samples >= 0, "samples", w, "must be >= 0")
+    if isinstance(cfg, PlotConfig):
+        c(bool(cfg.runs), "runs", w, "needs at least one run directory (agro plot RUN_DIR...)")
+        for r in cfg.runs:
+            c((Path(r) / "metrics.jsonl").is_file(), "runs", w,
+              f"names {r}, which has no metrics.jsonl (is it an agro run directory?)")
+        c(not cfg.labels or len(cfg.labels) == len(cfg.runs), "labels", w,
+          f"has {len(cfg.labels)} labels for {len(cfg.runs)} runs (give one per run, or none)")
+        c(cfg.smooth >= 1, "smooth", w, f"must be >= 1, got {cfg.smooth}")
+    if isinstance(cfg, LabConfig):
+        from . import losses
 
-
-def resolve_precision(precision: str, device: str | None = None) -> str:
-    """'auto' -> 'bf16' where bf16 matmuls are native (CUDA with bf16, or a CPU with AVX512-BF16 /
-    AMX-BF16: :func:`agro.models.bf16_is_native`), else 'fp32'. Explicit values pass through."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    from .models import bf16_is_native
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "bf16" if bf16_is_native(device) else "fp32"
+        c(bool(cfg.out), "out", w, "is required: the output directory (agro lab "
+          f"{cfg.experiment or 'figure1'} out=DIR)")
+        takes = cfg.TAKES[cfg.experiment]
+        for k in w:
+            if k in cfg.TAKES["figure1"] + cfg.TAKES["pitfall"]:
+                c(k in takes, k, w, f"does not apply to experiment {cfg.experiment}")
+        c(cfg.K >= 2, "K", w, f"must be >= 2, got {cfg.K}")
+        c(cfg.n >= 2, "n", w, f"must be >= 2 (leave-one-out baselines), got {cfg.n}")
+        c(cfg.eta > 0, "eta", w, f"must be > 0, got {cfg.eta}")
+        for k in ("steps", "instances", "log_every"):
+            c(getattr(cfg, k) >= 0, k, w, f"must be >= 0 (0 = the experiment's default), "
+              f"got {getattr(cfg, k)}")
+        if cfg.experiment == "figure1":
+            c(cfg.beta > 0, "beta", w, f"must be > 0, got {cfg.beta}")
+            valid = losses.available_losses()
+            c(bool(cfg.methods), "methods", w, "must name at least one loss")
+            for m in cfg.methods:
+                c(m in valid, "methods", w, f"has unknown loss '{m}'; valid: {', '.join(valid)}")
+        else:
+            c(0 < cfg.p_ref < 1, "p_ref", w, f"must be in (0, 1), got {cfg.p_ref}")
+            c(1 <= cfg.successes < cfg.K, "successes", w, f"must be in [1, K), got {cfg.successes}")
+            c(bool(cfg.betas) and all(b > 0 for b in cfg.betas), "betas", w,
+              f"must be one or more numbers > 0, got {cfg.betas}")
+            c(bool(cfg.lr_coefs), "lr_coefs", w, "must hold at least one number")
 
 
 def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, d: dict[str, Any]):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
-
-
 def dump_yaml(cfg, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .fileio import atomic_write_text
 
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-def config_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
