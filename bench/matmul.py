@@ -9,8 +9,7 @@ import time
 
 import torch
 
-from agro.config import resolve_precision
-from agro.models import cpu_flags
+from agro.models import cpu_flags, resolve_precision
 
 SHAPES = [(552, 576, 1536), (2048, 2048, 2048)]   # a SmolLM2 MLP micro-batch GEMM; a square one
 

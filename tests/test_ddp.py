@@ -9,9 +9,11 @@ order: the test asks for 1e-5 while the weights move by far more than that.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +87,42 @@ def test_two_processes_equal_one_on_full_batch(tiny_model_dir, tmp_path):
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 3
     assert torch.allclose(torch.tensor(l1), torch.tensor(l2), atol=1e-5), (l1, l2)
+
+
+def _run_worker(model_dir, offline, out, split, processes):
+    worker = str(Path(__file__).with_name("ddp_uneven_worker.py"))
+    args = [str(model_dir), str(offline), str(out), json.dumps(split)]
+    if processes == 1:
+        cmd = [sys.executable, worker, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+               "no", "--main_process_port", "29518", worker, *args]
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent),
+                                                   env.get("PYTHONPATH", "")) if p)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out / "rank0.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("split", [[[0, 1, 2], [3]], [[0, 1, 2], []]],
+                         ids=["one-process-has-fewer-groups", "one-process-has-none"])
+def test_uneven_groups_weigh_every_sample_equally(tiny_model_dir, tmp_path, split):
+    """Processes holding different numbers of groups (or none) give the gradient of one process on
+    the union: every sample weighs 1 / (global sample count), and a process with no groups still
+    joins the all-reduce (otherwise the run would hang or crash)."""
+    offline = make_offline_file(tiny_model_dir, tmp_path / "groups.jsonl", num_prompts=4,
+                                group_size=3)
+    one = _run_worker(tiny_model_dir, offline, tmp_path / "one", split, 1)
+    (tmp_path / "two").mkdir()
+    two = _run_worker(tiny_model_dir, offline, tmp_path / "two", split, 2)
+    assert two["world"] == 2 and one["world"] == 1
+    g1, g2 = one["grads"], two["grads"]
+    assert g1.keys() == g2.keys()
+    scale = max(float(g.abs().max()) for g in g1.values())
+    diff = max(float((g1[k] - g2[k]).abs().max()) for k in g1)
+    print(f"uneven DDP {split}: max |grad diff| = {diff:.2e} (grad scale {scale:.2e})")
+    assert scale > 1e-4 and diff <= 1e-6 * max(1.0, scale), (diff, scale)
+    for k in ("loss", "kl_k1", "reward_mean"):
+        assert one["metrics"][k] == pytest.approx(two["metrics"][k], rel=1e-5, abs=1e-7), k

@@ -11,7 +11,8 @@ from agro.generation import (
     CachedGenerator, Generation, Generator, HFGenerator, SamplingParams, available_generators,
     make_generator, sample_from_logprobs,
 )
-from agro.models import apply_lora, completion_logprobs, load_model, load_tokenizer
+from agro.logprobs import completion_logprobs
+from agro.models import apply_lora, load_model, load_tokenizer
 from agro.rollouts import Group, collate
 
 PROMPTS = [[1, 520, 3310, 77, 9001], [1, 4040, 12], [1, 300, 301, 302, 303, 304, 305]]

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agro import models
+from agro import builders, logprobs, models
+from agro.logprobs import Reference, chosen_logprobs, completion_logprobs, token_kl
 from agro.models import (
-    Reference, apply_lora, autocast_ctx, chosen_logprobs, completion_logprobs, load_model,
-    load_tokenizer, param_count, save_for_transformers, token_kl, trainable_parameters,
+    apply_lora, autocast_ctx, load_model, load_tokenizer, param_count, save_for_transformers,
+    trainable_parameters,
 )
 from agro.rollouts import Group, collate
 
@@ -31,7 +32,9 @@ def naive_logprobs(model, batch) -> torch.Tensor:
     """Each row alone, unpadded, full forward, full log_softmax, gather: [B, T]."""
     B, T = batch.completion_ids.shape
     out = torch.zeros(B, T)
-    rows = [(g.prompt_ids, c) for g in batch.groups for c in g.completion_ids]
+    P = batch.prompt_len
+    rows = [(batch.input_ids[b, :P][batch.attention_mask[b, :P] > 0].tolist(),
+             batch.completion_ids[b][batch.completion_mask[b] > 0].tolist()) for b in range(B)]
     with torch.no_grad():
         for b, (p, c) in enumerate(rows):
             ids = torch.tensor([p + c])
@@ -148,8 +151,8 @@ def test_completion_logprobs_gradient_matches_naive(llama, tok):
 def test_chosen_logprobs_float64_gradcheck_and_bf16_input():
     logits = torch.randn(5, 3, 11, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 11, (5, 3))
-    old = models._ROW_CHUNK_ELEMS
-    models._ROW_CHUNK_ELEMS = 22  # force several chunks (2 rows each)
+    old = logprobs._ROW_CHUNK_ELEMS
+    logprobs._ROW_CHUNK_ELEMS = 22  # force several chunks (2 rows each)
     try:
         lp = chosen_logprobs(logits, ids)
         expected = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
@@ -167,7 +170,7 @@ def test_chosen_logprobs_float64_gradcheck_and_bf16_input():
         out.sum().backward()
         assert lb.grad.dtype == torch.bfloat16 and torch.isfinite(lb.grad.float()).all()
     finally:
-        models._ROW_CHUNK_ELEMS = old
+        logprobs._ROW_CHUNK_ELEMS = old
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):
@@ -292,10 +295,10 @@ def test_lora_reference_equals_base_model_and_policy_differs(tiny_model_dir, lla
 
 
 def test_build_policy_and_reference(tiny_model_dir):
-    pol, tk, ref = models.build_policy_and_reference(str(tiny_model_dir), precision="fp32", lora=False)
-    assert ref.kind == "frozen" and ref.model is not pol and pol.training
+    pol, tk, ref = builders.build_policy_and_reference(str(tiny_model_dir), precision="fp32", lora=False)
+    assert ref.kind == "frozen" and ref.model is not pol and not pol.training  # eval mode: agro never scores with dropout
     assert tk.padding_side == "left"
-    pol, tk, ref = models.build_policy_and_reference(str(tiny_model_dir), precision="bf16", lora=True,
+    pol, tk, ref = builders.build_policy_and_reference(str(tiny_model_dir), precision="bf16", lora=True,
                                                      lora_r=2, lora_alpha=4, lora_target_modules="all-linear")
     assert ref.kind == "adapters_disabled" and ref.model is pol and ref.precision == "bf16"
 
@@ -380,7 +383,7 @@ def test_default_gguf_loads_generates_and_saves(tmp_path):
     (set(), False),                                             # flags unknown: fp32
 ])
 def test_auto_precision_is_bf16_only_with_bf16_instructions(monkeypatch, flags, native):
-    from agro.config import resolve_precision
+    from agro.models import resolve_precision
 
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
     assert models.bf16_is_native("cpu") is native
@@ -397,7 +400,7 @@ def test_shared_prompt_pass_equals_naive_and_unshared_with_gradients(which, requ
     batch = make_batch(tok.pad_token_id)
     n = batch.group_size
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
-    assert models.prompts_shared_within_groups(batch.input_ids, batch.attention_mask,
+    assert logprobs.prompts_shared_within_groups(batch.input_ids, batch.attention_mask,
                                                batch.prompt_len, n)
     grads = []
     lps = []
@@ -422,7 +425,7 @@ def test_shared_prompt_pass_equals_naive_and_unshared_with_gradients(which, requ
 def test_shared_prompt_pass_logits_and_reference(llama, tok):
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
-    ref = models.Reference(llama, "fp32")
+    ref = logprobs.Reference(llama, "fp32")
     lp1, lg1 = ref.logprobs_and_logits(*args)
     lp2, lg2 = ref.logprobs_and_logits(*args, group_size=batch.group_size)
     assert lg1.shape == lg2.shape == (6, 6, llama.config.vocab_size)
@@ -435,8 +438,8 @@ def test_rows_with_different_prompts_are_not_shared(llama, tok):
     ids = batch.input_ids.clone()
     P = batch.prompt_len
     ids[1, P - 1] = ids[1, P - 1] + 1   # row 1 no longer has its group's prompt
-    assert not models.prompts_shared_within_groups(ids, batch.attention_mask, P, batch.group_size)
-    assert not models.prompts_shared_within_groups(ids, batch.attention_mask, P, 4)  # 6 % 4
+    assert not logprobs.prompts_shared_within_groups(ids, batch.attention_mask, P, batch.group_size)
+    assert not logprobs.prompts_shared_within_groups(ids, batch.attention_mask, P, 4)  # 6 % 4
     # falls back to the per-row pass, which still gives the per-row answer
     lp_g = completion_logprobs(llama, ids, batch.attention_mask, batch.completion_ids, P,
                                group_size=batch.group_size)
@@ -457,7 +460,7 @@ def test_shared_prompt_pass_without_decoder_split(monkeypatch, llama, tok):
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     split = completion_logprobs(llama, *args, group_size=batch.group_size)
-    monkeypatch.setattr(models, "_decoder_parts", lambda model: None)
+    monkeypatch.setattr(logprobs, "_decoder_parts", lambda model: None)
     whole = completion_logprobs(llama, *args, group_size=batch.group_size)
     assert torch.allclose(split, whole, atol=1e-5)
     assert torch.allclose(whole, naive_logprobs(llama, batch), atol=1e-5)
@@ -468,9 +471,9 @@ def test_packed_and_two_pass_group_paths_agree(llama, tok):
     passes over a repeated KV cache. Both equal the naive per-row answer, gradients included."""
     batch = make_batch(tok.pad_token_id)
     n, P, T = batch.group_size, batch.prompt_len, batch.completion_ids.shape[1]
-    packed = models._packed_group_logits(llama, batch.input_ids, batch.attention_mask, T, P, n)
-    two = models._shared_prompt_logits(llama, batch.input_ids, batch.attention_mask, T, P, "fp32", n)
+    packed = logprobs._packed_group_logits(llama, batch.input_ids, batch.attention_mask, T, P, n)
+    two = logprobs._shared_prompt_logits(llama, batch.input_ids, batch.attention_mask, T, P, "fp32", n)
     mask = batch.completion_mask > 0
     assert torch.allclose(packed[mask], two[mask], atol=1e-4)
-    lp = models.chosen_logprobs(packed, batch.completion_ids)
+    lp = logprobs.chosen_logprobs(packed, batch.completion_ids)
     assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)

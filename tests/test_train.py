@@ -162,3 +162,124 @@ def test_bad_offline_rows_stop_before_training_or_are_skipped_and_counted(
     tr, before, res = run_steps(cfg)
     assert res.steps_done == 1 and moved(tr, before) > 0
     assert "skipped 1 bad offline rows" in capsys.readouterr().out
+
+
+# ---- issue 8: what a step logs, counters, staleness, dropout ------------------------------------
+def read_rows(run_dir):
+    import json
+
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_micro_batch_step_logs_exactly_what_compute_loss_returned(tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    from agro import losses
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "prompts_per_step=2", "micro_batch_groups=2",
+                   "steps=2")
+    tr = Trainer(cfg, grader=HashGrader())
+    seen = []
+    real = losses.compute_loss
+
+    def spy(*a, **k):
+        loss, m = real(*a, **k)
+        seen.append((float(loss.detach()), m))
+        return loss, m
+
+    monkeypatch.setattr(losses, "compute_loss", spy)
+    tr.train()
+    rows = read_rows(tmp_path / "run")
+    assert len(seen) == len(rows) == 2                  # one micro-batch per step
+    loss, m = seen[1]                                   # step 2: pi != pi_ref, so the loss is not 0
+    assert abs(loss) > 1e-6
+    assert rows[1]["loss"] == pytest.approx(loss, rel=1e-12, abs=1e-15)
+    assert rows[1]["loss"] == pytest.approx(m["loss_reward"] + m["loss_reg"], rel=1e-6)  # float32 terms
+    for k in ("kl_k1", "reward_mean", "consistency"):
+        assert rows[1][k] == pytest.approx(m[k], rel=1e-12, abs=1e-15)
+
+
+def test_staleness_is_never_negative_on_a_skipped_step(tiny_model_dir, tmp_path, monkeypatch):
+    from agro import losses
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=2", "max_consecutive_skips=5")
+    tr = Trainer(cfg, grader=HashGrader())
+    real = losses.compute_loss
+    monkeypatch.setattr(losses, "compute_loss",
+                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    tr.train()
+    rows = read_rows(tmp_path / "run")
+    assert tr.total_skipped_steps == 2 and tr.version == 0
+    assert [r["staleness_mean"] for r in rows] == [0.0, 0.0]   # fresh groups, learned at once
+
+
+def test_stale_groups_report_their_lag(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=4", "source=stale", "stale_lag=2")
+    run_steps(cfg)
+    assert [r["staleness_mean"] for r in read_rows(tmp_path / "run")] == [0.0, 1.0, 2.0, 2.0]
+
+
+class CountingGrader(HashGrader):
+    """HashGrader that also reports grading errors (as a crashed sandbox item would)."""
+
+    def grade(self, completions, answers):
+        res = super().grade(completions, answers)
+        res.errors = 2
+        return res
+
+
+def test_collector_counters_reach_metrics_and_the_end_report(tiny_model_dir, tmp_path, capsys):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=2")
+    tr = Trainer(cfg, grader=CountingGrader())
+    real_encode = tr.collector.encode
+    calls = []
+
+    def encode(ex):   # every other prompt is "too long"
+        calls.append(1)
+        ids = real_encode(ex)
+        return ids * 1000 if len(calls) % 2 else ids
+
+    tr.collector.encode = encode
+    tr.train()
+    rows = read_rows(tmp_path / "run")
+    assert all(r["prompts_too_long"] >= 1 and r["grade_errors"] == 2 for r in rows)
+    total = sum(r["prompts_too_long"] for r in rows)
+    out = capsys.readouterr().out
+    assert f"prompts_too_long={int(total)}" in out and "grade_errors=4" in out
+
+
+def test_a_step_with_no_group_anywhere_is_counted_not_a_crash(tiny_model_dir, tmp_path, capsys):
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=1", "max_prompt_tokens=1")
+    tr, before, res = run_steps(cfg)
+    assert res.steps_done == 1 and moved(tr, before) == 0 and tr.version == 0
+    row = read_rows(tmp_path / "run")[-1]
+    assert row["groups"] == 0 and row["prompts_too_long"] > 0
+    assert "steps_without_groups=1" in capsys.readouterr().out
+
+
+def test_dropout_never_enters_the_scored_logprobs(tokenizer_dir, tmp_path):
+    """A model with dropout: at step 0 the learner's log-probs equal the reference's exactly
+    (log pi / pi_ref = 0), because every log-prob pass runs in eval mode."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from agro.rollouts import collate
+    from conftest import TINY_LLAMA
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                         attention_dropout=0.5, **TINY_LLAMA))
+    d = tmp_path / "dropout_llama"
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    cfg = make_cfg(d, tmp_path, "prompts_per_step=2", "micro_batch_groups=2")
+    tr = Trainer(cfg, grader=HashGrader())
+    tr.policy.train()                    # even if a user left the model in train mode
+    groups = tr.mixer.take(2, tr.version)
+    batch = collate(groups, tok.pad_token_id, tr.version)
+    batch.ref_logprobs = tr.reference.token_logprobs(batch.input_ids, batch.attention_mask,
+                                                     batch.completion_ids, batch.prompt_len,
+                                                     batch.group_size).float()
+    loss, m = tr.micro_batch_loss(batch)
+    assert m["kl_k1"] == 0.0 and m["kl_k3"] == 0.0
+    assert tr.policy.training            # the mode is restored after scoring

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .faults import maybe_crash
-from safetensors import safe_open
+from .fileio import fsync_path
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "to_plain",
-    "trainable_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -219,15 +218,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- file helpers
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory fsync makes renames/creations inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -268,7 +258,7 @@ def _write_model(path: Path, model: torch.nn.Module) -> dict[str, dict[str, Any]
                 "agro_trainable": json.dumps(sorted(tensors)),
                 "agro_frozen_count": str(n_frozen)}
     save_file(tensors, str(path), metadata=metadata)
-    _fsync_path(path)
+    fsync_path(path)
     return info
 
 
@@ -279,7 +269,7 @@ def _remove_dir(path: Path) -> None:
         return
     trash = path.with_name(f".del-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
     os.rename(path, trash)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -392,13 +382,13 @@ def save_checkpoint(
             "files": files, "trainable_parameters": trainable,
             "torch_version": torch.__version__,
         })
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():
             # left by an earlier run that was resumed from before this step: move it aside first
             log.warning("replacing existing checkpoint %s", final)
             _remove_dir(final)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -522,9 +512,3 @@ def load_checkpoint(
     state["config"] = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     return state
 
-
-def trainable_names(path: Path | str) -> list[str]:
-    """The trainable parameter names recorded in a checkpoint's ``model.safetensors``."""
-    with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-        return json.loads(meta["agro_trainable"]) if "agro_trainable" in meta else list(f.keys())

@@ -14,7 +14,6 @@ import torch
 
 from .faults import maybe_crash
 from .generation import SamplingParams
-from .models import completion_logprobs
 from .rollouts import Group, collate, split_groups
 from .tasks import Example, render_prompt
 
@@ -40,8 +39,8 @@ class Collector:
     """Turns prompts into complete, scored groups with provenance."""
 
     def __init__(self, *, tokenizer, generator, grader, reference, sampler, template: str,
-                 params: SamplingParams, group_size: int, precision: str,
-                 max_prompt_tokens: int, ref_micro_batch: int = 16):
+                 params: SamplingParams, group_size: int, max_prompt_tokens: int,
+                 ref_micro_batch: int = 16):
         self.tok = tokenizer
         self.generator = generator
         self.grader = grader
@@ -50,7 +49,6 @@ class Collector:
         self.template = template
         self.params = params
         self.n = group_size
-        self.precision = precision
         self.max_prompt_tokens = max_prompt_tokens
         self.ref_micro_batch = ref_micro_batch
         self.stats = CollectStats()
@@ -130,7 +128,8 @@ class Collector:
         """Fill `ref_logprobs` of each group (computed once, stored with the group)."""
         per_mb = max(1, self.ref_micro_batch // self.n)
         for mb in split_groups(groups, per_mb):
-            batch = collate(mb, self.tok.pad_token_id, current_version=-1, require_ref=False)
+            batch = collate(mb, self.tok.pad_token_id, current_version=-1,
+                            require_ref=False).to(self.reference.device)
             lp = self.reference.token_logprobs(
                 batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len,
                 batch.group_size)
@@ -142,10 +141,3 @@ class Collector:
                     g.ref_logprobs.append(lp[b, :len(c)].tolist())
                     b += 1
 
-
-def policy_logprobs_for(model, batch, precision: str, with_logits: bool = False):
-    """Policy per-token log-probs for a collated batch (differentiable); each group's prompt
-    is run once (``group_size``)."""
-    return completion_logprobs(model, batch.input_ids, batch.attention_mask,
-                               batch.completion_ids, batch.prompt_len, precision,
-                               with_logits=with_logits, group_size=batch.group_size)

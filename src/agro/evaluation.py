@@ -72,7 +72,7 @@ def _kl_k1(reference, tokenizer, gens, temperature: float) -> list[float]:
     behaviour = [sum(lp) for g in gens for lp in g.logprobs]
     ref_sums: list[float] = []
     for mb in split_groups(groups, max(1, 16 // max(1, groups[0].n))):
-        b = collate(mb, tokenizer.pad_token_id, current_version=-1, require_ref=False)
+        b = collate(mb, tokenizer.pad_token_id, current_version=-1, require_ref=False).to(reference.device)
         ref = reference.token_logprobs(b.input_ids, b.attention_mask, b.completion_ids,
                                        b.prompt_len, b.group_size)
         ref_sums += (ref.float() * b.completion_mask).sum(-1).tolist()

@@ -27,7 +27,9 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .models import _hf_model, autocast_ctx, neutral_generation_config
+from .logprobs import accepts_logits_to_keep, position_ids_from_mask
+from .models import autocast_ctx, hf_model, neutral_generation_config
+from .rollouts import samples_from_pi
 
 
 @dataclass
@@ -53,8 +55,7 @@ class SamplingParams:
     @property
     def samples_from_pi(self) -> bool:
         """True if samples are drawn from pi itself (on-policy settings)."""
-        return (not self.greedy and math.isclose(self.temperature, 1.0)
-                and self.top_p >= 1.0 and self.top_k <= 0)
+        return samples_from_pi(self.temperature, self.top_p, self.top_k, self.greedy)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _check_request(prompt_ids: list[list[int]], n: int) -> None:
 @contextlib.contextmanager
 def _generation_mode(model, gen_config):
     """Eval mode and a clean ``generation_config`` (nothing inherited) for the duration."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     was_training = model.training
     old_gc = hf.generation_config
     model.eval()
@@ -311,14 +312,13 @@ class CachedGenerator(HFGenerator):
     @torch.no_grad()
     def _sample(self, prompts: list[list[int]], n: int, params: SamplingParams):
         """G prompts -> (G*n completions, G*n behaviour log-prob lists), row g*n+i = sample i of g."""
-        from .models import _accepts_logits_to_keep, position_ids_from_mask
 
         model = self.model
         dev = next(model.parameters()).device
         G = len(prompts)
         ids, am = left_pad(prompts, self.pad_token_id)                   # [G, P] each
         ids, am = ids.to(dev), am.to(dev)
-        keep1 = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_hf_model(model))) else {}
+        keep1 = {"logits_to_keep": 1} if accepts_logits_to_keep(type(hf_model(model))) else {}
         warpers = _warpers(params)
         stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)
         B, T = G * n, int(params.max_new_tokens)

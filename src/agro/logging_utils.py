@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
+from .fileio import atomic_write_text
+
 __all__ = [
     "MetricsLogger",
     "MetricsRows",
@@ -141,17 +143,7 @@ def truncate_metrics(path: Path | str, resume_step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(x + "\n" for x in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
         log.info("%s: resuming at step %d, dropped %d later row(s)", path, resume_step, dropped)
     return dropped
 

@@ -25,6 +25,13 @@ import torch
 SOURCES = ("fresh", "replay", "offline", "stale")
 
 
+def samples_from_pi(temperature: float, top_p: float, top_k: int | None, greedy: bool = False) -> bool:
+    """The one rule for "these sampling settings draw from pi itself": temperature 1, no top-p or
+    top-k truncation, not greedy (agro_math.md §4.2: on-policy estimators need exactly pi)."""
+    return (not greedy and math.isclose(temperature, 1.0) and top_p >= 1.0
+            and (top_k is None or top_k <= 0))
+
+
 @dataclass
 class Group:
     """One prompt and its n completions, with everything the learner needs.
@@ -57,11 +64,7 @@ class Group:
     @property
     def samples_from_pi(self) -> bool:
         """True if the sampling settings draw from pi itself (temperature 1, no truncation)."""
-        return (
-            math.isclose(self.temperature, 1.0)
-            and self.top_p >= 1.0
-            and (self.top_k is None or self.top_k <= 0)
-        )
+        return samples_from_pi(self.temperature, self.top_p, self.top_k)
 
     def is_on_policy(self, current_version: int) -> bool:
         """Whether on-policy-only loss terms are valid for this group at `current_version`.
@@ -104,15 +107,18 @@ class Batch:
     on_policy: torch.Tensor        # [B] bool
     group_size: int
     prompt_len: int                # P
-    groups: list[Group]
 
     @property
     def num_samples(self) -> int:
         return int(self.rewards.shape[0])
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask.sum().item())
+    def to(self, device) -> "Batch":
+        """The same batch with every tensor on ``device`` (the one place a batch moves to the
+        policy's device before the loss)."""
+        tensors = {f: getattr(self, f).to(device) for f in
+                   ("input_ids", "attention_mask", "completion_mask", "completion_ids",
+                    "ref_logprobs", "rewards", "on_policy")}
+        return Batch(**tensors, group_size=self.group_size, prompt_len=self.prompt_len)
 
 
 def collate(
@@ -169,7 +175,6 @@ def collate(
         on_policy=on_policy,
         group_size=n,
         prompt_len=P,
-        groups=list(groups),
     )
 
 

@@ -1,47 +1,51 @@
 """The AGRO trainer: collect -> score -> mix -> loss -> step -> log -> checkpoint.
 
-Read top to bottom: :meth:`Trainer.__init__` builds the parts (task sampler, policy and
-reference, generator, grader, collector, sources, optimizer, logger); :meth:`Trainer.train` runs
-the loop; :meth:`Trainer.learn` is one optimizer step over whole groups; :meth:`save` / :meth:`_resume`
-hold everything needed to continue bit-identically.
+Read top to bottom: :meth:`Trainer.__init__` composes the parts from the shared builders
+(:mod:`agro.builders`: models, generator, grader, collector) plus the sources, optimizer and
+logger; :meth:`Trainer.train` runs the loop; :meth:`Trainer.learn` is one optimizer step over whole
+groups; :meth:`save` / :meth:`_resume` hold everything needed to continue bit-identically.
 
-The trainer has no branch per loss: it calls ``agro.losses.compute_loss(cfg.loss, ...)`` and only
-asks the registry which inputs a loss accepts (``on_policy``, ``token_kl``). It has no knowledge of
-a source's internals: it asks the mixer for ``prompts_per_step`` groups.
+The trainer has no branch per loss: it calls ``agro.losses.compute_loss(cfg.loss, ...)`` and asks
+the registry (:func:`agro.losses.loss_spec`) which inputs a loss takes (``on_policy`` flags, the
+full-vocabulary ``token_kl``). It has no knowledge of a source's internals: it asks the mixer for
+``prompts_per_step`` groups. Every collated batch moves to the policy's device in one place
+(:meth:`learn`), and every log-prob pass runs in eval mode (:func:`agro.logprobs.batch_logprobs`),
+so dropout never makes the learner's log-probs differ from the sampler's and the reference's.
 
 Departures from the paper (documented, deliberate):
 - Groups that are not fresh temperature-1 samples of the current policy are marked off-policy, so
   on-policy-only terms (agro_on's LR term, the causal/local estimators) switch off for them.
-- Data parallelism averages gradients over processes with an explicit all-reduce after the
-  micro-batch loop (each process holds whole groups), which makes N processes on B/N groups each
-  equal to one process on B groups.
+- Data parallelism: each process holds whole groups; every sample weighs 1 / (global sample
+  count) and gradients are summed over processes (:mod:`agro.distributed`), so N processes equal
+  one process on the union of their groups, even when they hold different numbers of groups.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import losses
+from .builders import (build_collector, build_generator, build_grader, build_models, seed_everything,
+                       setup_runtime)
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .collect import Collector, policy_logprobs_for
-from .config import TrainConfig, dump_yaml, parse_source, resolve_precision, to_dict
+from .collect import CollectStats
+from .config import TrainConfig, dump_yaml, parse_source, to_dict
 from .datafiles import read_groups
+from .distributed import Distributed
 from .evaluation import evaluate
 from .faults import maybe_crash
-from .generation import SamplingParams, make_generator
 from .logging_utils import MetricsLogger, TrainProgress
-from .models import build_policy_and_reference, save_for_transformers, token_kl
-from .rewards import Grader
-from .rollouts import Group, collate, split_groups
+from .logprobs import batch_logprobs, token_kl
+from .models import save_for_transformers
+from .rollouts import Group, collate, samples_from_pi, split_groups
 from .sources import build_mixer
 from .tasks import build_task
+
+__all__ = ["Trainer", "TrainResult", "TrainingAborted", "train", "seed_everything"]
 
 
 class TrainingAborted(RuntimeError):
@@ -58,10 +62,8 @@ class TrainResult:
     plot_path: Path | None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+# Collector counters reported per step (metrics.jsonl) and summed over the run (end report).
+COUNTERS = ("prompts_too_long", "gold_unparsable", "grade_timeouts", "grade_errors")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -90,41 +92,13 @@ def make_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.opti
     return torch.optim.AdamW(params, **kw)
 
 
-class Distributed:
-    """Process-group bookkeeping via accelerate (single process when not launched)."""
+@dataclass
+class RunCounters:
+    """What the run counted, summed over steps (resumable, reported at the end)."""
 
-    def __init__(self):
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank = self.state.process_index
-        self.world = self.state.num_processes
-        self.device = self.state.device
-        self.is_main = self.state.is_main_process
-
-    def all_reduce_mean_(self, tensors: list[torch.Tensor]) -> None:
-        if self.world == 1 or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for t in tensors:
-            t.copy_(flat[i:i + t.numel()].view_as(t))
-            i += t.numel()
-
-    def mean_dict(self, d: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return d
-        keys = sorted(d)
-        t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        t /= self.world
-        return dict(zip(keys, t.tolist()))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    collect: dict[str, int] = field(default_factory=lambda: {k: 0 for k in COUNTERS})
+    skipped_rows: dict[str, int] = field(default_factory=dict)   # offline bad rows, per file:reason
+    empty_steps: int = 0                                         # steps with no group on any process
 
 
 class Trainer:
@@ -134,95 +108,71 @@ class Trainer:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the "
                              f"number of processes ({self.dist.world}): it is the global batch")
         self.local_prompts = cfg.prompts_per_step // self.dist.world
+        self.device = self.dist.device
         self.out = Path(cfg.output_dir)
         self.ckpt_path = latest_checkpoint(self.out) if resume else None
         if resume and self.ckpt_path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
-        self.ckpt_state = self.ckpt_path is not None
-        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision))
-        self.cfg = cfg
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        seed_everything(cfg.seed + 1000 * self.dist.rank)
+        self.cfg = cfg = setup_runtime(cfg, rank=self.dist.rank, device=self.device)
         if self.dist.world > 1:
             self.note(f"data parallel: {self.dist.world} processes x {self.local_prompts} prompt "
-                      f"groups each = {cfg.prompts_per_step} per step ({self.dist.device})")
+                      f"groups each = {cfg.prompts_per_step} per step ({self.device})")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
-
-        # -- data ----------------------------------------------------------------------------
+        self.counters = RunCounters()
         self.task = build_task(cfg)
         for line in self.task.notes:
             self.note(line)
         self.sampler = self.task.train_sampler(cfg.seed + 7 * self.dist.rank)
-        self.template = cfg.prompt_template
+        self.policy, self.tok, self.reference = build_models(cfg, device=self.device)
+        self.generator = build_generator(cfg, self.policy, self.tok)
+        self.grader = build_grader(cfg, grader)
+        self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
+                                         grader=self.grader, reference=self.reference,
+                                         sampler=self.sampler)
         mix = parse_source(cfg.source)
-        self.skip_counts: dict[str, int] = {}
-        offline_groups = None
-
-        # -- models --------------------------------------------------------------------------
-        self.policy, self.tok, self.reference = build_policy_and_reference(
-            cfg.model, precision=cfg.precision, lora=cfg.lora, lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            lora_target_modules=cfg.lora_target_modules, device=self.dist.device)
-        if "offline" in mix:
-            offline_groups = []
-            for p in cfg.offline_path.split(","):
-                gs, report = read_groups(Path(p.strip()), skip_bad_rows=cfg.skip_bad_rows,
-                                         vocab_size=len(self.tok))
-                offline_groups += gs
-                for k, v in report.counts.items():
-                    self.skip_counts[f"offline:{k}"] = self.skip_counts.get(f"offline:{k}", 0) + v
-            bad_n = [g.prompt_id for g in offline_groups if g.n != cfg.group_size]
-            if bad_n:
-                raise ValueError(f"offline groups have a group size other than group_size="
-                                 f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
-        self.params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, top_k=cfg.top_k)
-        self.generator = make_generator(cfg.generator, self.policy, self.tok, precision=cfg.precision,
-                                        batch_size=cfg.generation_batch_size)
-        self.grader = grader if grader is not None else Grader(timeout=cfg.reward_timeout)
-        self.collector = Collector(
-            tokenizer=self.tok, generator=self.generator, grader=self.grader,
-            reference=self.reference, sampler=self.sampler, template=self.template,
-            params=self.params, group_size=cfg.group_size, precision=cfg.precision,
-            max_prompt_tokens=cfg.max_prompt_tokens)
-        self.mixer = build_mixer(mix, self.collector, offline_groups=offline_groups,
+        self.mixer = build_mixer(mix, self.collector, offline_groups=self._offline_groups(mix),
                                  replay_capacity=cfg.replay_capacity, replay_prob=cfg.replay_prob,
                                  stale_lag=cfg.stale_lag, seed=cfg.seed,
                                  rank=self.dist.rank, world=self.dist.world)
-
-        # -- learner -------------------------------------------------------------------------
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        accepted = losses.loss_options(cfg.loss)
-        self.pass_on_policy = "on_policy" in accepted
-        self.needs_token_kl = cfg.loss == "kl_pg_token" or str(
-            cfg.loss_options.get("reg_estimator", "vanilla")).startswith("local")
-        if not self.params_are_on_policy():
+        self.loss = losses.loss_spec(cfg.loss)
+        self.needs_token_kl = self.loss.needs_token_kl(cfg.loss_options)
+        if not samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
             self.note(f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, "
                       f"top_k={cfg.top_k} does not draw from pi: fresh groups are treated as "
                       "off-policy (on-policy-only loss terms are off, §4.2)")
-        self.step = 0
-        self.version = 0
-        self.consecutive_skips = 0
-        self.total_skipped_steps = 0
+        self.step = self.version = 0
+        self.consecutive_skips = self.total_skipped_steps = 0
         self.before: dict | None = None
-        if self.ckpt_state:
+        if self.ckpt_path is not None:
             self._resume()
-        self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard and self.dist.is_main,
-                                    wandb=cfg.wandb and self.dist.is_main,
+        self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
-                                    resume_step=self.step if self.ckpt_state else None) \
+                                    resume_step=self.step if self.ckpt_path else None) \
             if self.dist.is_main else None
 
-    # ------------------------------------------------------------------------------ helpers
-    def params_are_on_policy(self) -> bool:
-        return Group(prompt_id="", prompt_ids=[], completion_ids=[], rewards=[],
-                     temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                     top_k=self.cfg.top_k).samples_from_pi
+    def _offline_groups(self, mix: dict[str, float]) -> list[Group] | None:
+        """Read, validate and check every offline file (None when the mix has no offline part)."""
+        if "offline" not in mix:
+            return None
+        cfg = self.cfg
+        groups: list[Group] = []
+        for p in cfg.offline_path.split(","):
+            gs, report = read_groups(Path(p.strip()), skip_bad_rows=cfg.skip_bad_rows,
+                                     vocab_size=len(self.tok))
+            for k, v in report.counts.items():
+                key = f"offline:{k}"
+                self.counters.skipped_rows[key] = self.counters.skipped_rows.get(key, 0) + v
+            groups += gs
+        bad_n = [g.prompt_id for g in groups if g.n != cfg.group_size]
+        if bad_n:
+            raise ValueError(f"offline groups have a group size other than group_size="
+                             f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
+        return groups
 
     def note(self, msg: str) -> None:
         if self.dist.is_main:
@@ -233,6 +183,8 @@ class Trainer:
         cfg = self.cfg
         if self.step == 0 and cfg.eval_prompts > 0 and self.before is None:
             self.before = self.run_eval("before")
+            if self.logger:
+                self.logger.log_event("eval", when="before", step=0, **self.before)
         progress = TrainProgress(cfg.steps, enabled=cfg.progress and self.dist.is_main,
                                  start_step=self.step)
         try:
@@ -240,10 +192,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 groups = self.mixer.take(self.local_prompts, self.version)
                 t1 = time.perf_counter()
+                version = self.version          # the version these groups are learned at
                 metrics = self.learn(groups)
                 t2 = time.perf_counter()
                 self.step += 1
-                metrics.update(self.step_metrics(groups, t0, t1, t2))
+                metrics.update(self.step_metrics(groups, version, t0, t1, t2))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     metrics.update({f"eval_{k}": v for k, v in self.run_eval("during").items()})
                 if self.logger:
@@ -254,128 +207,176 @@ class Trainer:
         finally:
             progress.close()
         after = self.run_eval("after") if cfg.eval_prompts > 0 else None
-        self.report_skips()
+        self.report()
         final_dir = self.export_final()
-        plot_path = self.make_plot()
+        plot_path = None
         if self.logger:
             if after:
-                self.logger.log_event("eval", when="after", **after)
+                self.logger.log_event("eval", when="after", step=self.step, **after)
             self.logger.close()
+            plot_path = self.make_plot()
         self.grader.close()
         return TrainResult(self.out, self.step, self.before, after, final_dir, plot_path)
 
     def learn(self, groups: list[Group]) -> dict:
-        """One optimizer step on whole groups (micro-batches, accumulation, all-reduce)."""
+        """One optimizer step on whole groups: micro-batches, accumulation, all-reduce, clip, step.
+
+        Every sample of the global batch weighs 1 / (global sample count), whichever process holds
+        it, and gradients are summed over processes: N processes equal one process on the union
+        of their groups, also when a process has fewer groups than the others, or none (it still
+        joins the all-reduce). Logged metrics are sample-weighted means over the global batch, so
+        a one-micro-batch step logs exactly what ``compute_loss`` returned.
+        """
         cfg = self.cfg
-        self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_b = sum(g.n for g in groups)
+        local_b = sum(g.n for g in groups)
+        global_b = self.dist.sum_int(local_b)
         sums: dict[str, float] = {}
         for mb in split_groups(groups, cfg.micro_batch_groups):
-            batch = collate(mb, self.tok.pad_token_id, self.version)
-            opts = dict(cfg.loss_options)
-            if self.pass_on_policy:
-                opts["on_policy"] = batch.on_policy
-            if self.needs_token_kl:
-                lp, logits = policy_logprobs_for(self.policy, batch, cfg.precision, with_logits=True)
-                with torch.no_grad():
-                    ref_logits = self.reference.logits_slice(
-                        batch.input_ids, batch.attention_mask, batch.completion_ids,
-                        batch.prompt_len, batch.group_size)
-                opts["token_kl"] = token_kl(logits, ref_logits)
-                del logits, ref_logits
-            else:
-                lp = policy_logprobs_for(self.policy, batch, cfg.precision)
-            loss, m = losses.compute_loss(
-                cfg.loss, lp, batch.ref_logprobs, batch.completion_mask, batch.rewards,
-                batch.group_size, cfg.beta, **opts)
-            weight = batch.num_samples / total_b
-            (loss * weight).backward()
+            batch = collate(mb, self.tok.pad_token_id, self.version).to(self.device)
+            loss, m = self.micro_batch_loss(batch)
+            (loss * (batch.num_samples / global_b)).backward()
             maybe_crash("backward")
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v * weight
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * weight
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        self.dist.all_reduce_mean_(grads)
+                sums[k] = sums.get(k, 0.0) + v * batch.num_samples
+        self.dist.all_reduce_sum_grads_(self.trainable)
+        metrics = self.dist.weighted_mean(sums, local_b)
+        if global_b == 0:   # nothing to learn from on any process (e.g. every prompt too long)
+            self.counters.empty_steps += 1
+            self.note(f"step {self.step + 1}: no group to learn from on any process; no update")
+            return {"skipped_steps": float(self.total_skipped_steps), "grad_norm": float("nan")}
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-        finite = math.isfinite(grad_norm) and math.isfinite(sums.get("loss", 0.0))
-        if finite:
+        if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", float("nan"))):
             self.optimizer.step()
             self.scheduler.step()
             self.version += 1
             self.generator.sync_weights(self.policy)
             self.consecutive_skips = 0
-        else:   # weights and optimizer state untouched
-            self.optimizer.zero_grad(set_to_none=True)
-            self.consecutive_skips += 1
-            self.total_skipped_steps += 1
-            self.note(f"step {self.step + 1}: non-finite loss or gradient; optimizer step skipped "
-                      f"({self.consecutive_skips} in a row)")
-            if self.logger:
-                self.logger.log_event("skip_step", step=self.step + 1, grad_norm=str(grad_norm),
-                                      loss=str(sums.get("loss")))
-            if self.consecutive_skips >= cfg.max_consecutive_skips:
-                self.save()
-                raise TrainingAborted(
-                    f"{self.consecutive_skips} consecutive non-finite steps (max_consecutive_skips="
-                    f"{cfg.max_consecutive_skips}); stopped. The last good state is checkpointed "
-                    f"in {self.out / 'checkpoints'}; lower lr or check the data.")
-        sums["grad_norm"] = grad_norm if math.isfinite(grad_norm) else float("nan")
-        sums["skipped_steps"] = float(self.total_skipped_steps)
-        return self.dist.mean_dict(sums)
+        else:
+            self.skip_step(grad_norm, metrics.get("loss"))
+        metrics["grad_norm"] = grad_norm if math.isfinite(grad_norm) else float("nan")
+        metrics["skipped_steps"] = float(self.total_skipped_steps)
+        return metrics
 
-    def step_metrics(self, groups: list[Group], t0: float, t1: float, t2: float) -> dict:
-        st = self.collector.pop_stats()
+    def micro_batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The registered loss on one micro-batch (on the policy's device). The registry says
+        which inputs the loss takes (``on_policy`` flags, the full-vocabulary ``token_kl``)."""
+        opts = dict(self.cfg.loss_options)
+        if self.loss.accepts_on_policy:
+            opts["on_policy"] = batch.on_policy
+        if self.needs_token_kl:
+            lp, logits = batch_logprobs(self.policy, batch, self.cfg.precision, with_logits=True)
+            with torch.no_grad():
+                ref_logits = self.reference.logits_slice(
+                    batch.input_ids, batch.attention_mask, batch.completion_ids,
+                    batch.prompt_len, batch.group_size)
+            opts["token_kl"] = token_kl(logits, ref_logits)
+            del logits, ref_logits
+        else:
+            lp = batch_logprobs(self.policy, batch, self.cfg.precision)
+        return losses.compute_loss(self.cfg.loss, lp, batch.ref_logprobs, batch.completion_mask,
+                                   batch.rewards, batch.group_size, self.cfg.beta, **opts)
+
+    def skip_step(self, grad_norm: float, loss) -> None:
+        """A non-finite loss or gradient: weights and optimizer state stay untouched; after
+        ``max_consecutive_skips`` in a row, checkpoint the last good state and stop."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_skips += 1
+        self.total_skipped_steps += 1
+        self.note(f"step {self.step + 1}: non-finite loss or gradient; optimizer step skipped "
+                  f"({self.consecutive_skips} in a row)")
+        if self.logger:
+            self.logger.log_event("skip_step", step=self.step + 1, grad_norm=str(grad_norm),
+                                  loss=str(loss))
+        if self.consecutive_skips >= cfg.max_consecutive_skips:
+            self.save()
+            raise TrainingAborted(
+                f"{self.consecutive_skips} consecutive non-finite steps (max_consecutive_skips="
+                f"{cfg.max_consecutive_skips}); stopped. The last good state is checkpointed "
+                f"in {self.out / 'checkpoints'}; lower lr or check the data.")
+
+    def step_metrics(self, groups: list[Group], version: int, t0: float, t1: float,
+                     t2: float) -> dict:
+        """Per-step data, timing and counter metrics, combined over processes. ``version`` is the
+        policy version the groups were learned at, so staleness is never negative (a skipped step
+        does not advance the version)."""
+        st: CollectStats = self.collector.pop_stats()
+        for k in COUNTERS:
+            self.counters.collect[k] += getattr(st, k)
         n_samples = sum(g.n for g in groups)
         tokens = sum(len(c) for g in groups for c in g.completion_ids)
         correct = [c for g in groups for c in (g.correct if g.correct is not None else g.rewards)]
+        dated = [version - g.policy_version for g in groups if g.policy_version >= 0]
         by_source: dict[str, int] = {}
         for g in groups:
             by_source[g.source] = by_source.get(g.source, 0) + 1
+        sums = {   # summed over processes, then divided by the global count they refer to
+            "correct": float(sum(correct)), "samples": float(n_samples), "tokens": float(tokens),
+            "groups": float(len(groups)), "dated_groups": float(len(dated)),
+            "staleness_sum": float(sum(dated)),
+            **{f"{s}_groups": float(c) for s, c in by_source.items()},
+            **{k: float(getattr(st, k)) for k in COUNTERS},
+            "gen_seconds": st.gen_seconds, "grade_seconds": st.grade_seconds,
+            "ref_seconds": st.ref_seconds,
+        }
+        tot = self.dist.sum_dict(sums)
+        g_all = max(1.0, tot["groups"])
         m = {
-            "accuracy": sum(correct) / max(1, len(correct)),
-            "fresh_fraction": by_source.get("fresh", 0) / max(1, len(groups)),
+            "accuracy": tot["correct"] / max(1.0, tot["samples"]),
+            "completion_len_mean": tot["tokens"] / max(1.0, tot["samples"]),
+            "staleness_mean": tot["staleness_sum"] / max(1.0, tot["dated_groups"]),
+            "groups": tot["groups"],
             "step_seconds": t2 - t0,
             "collect_seconds": t1 - t0,
             "learn_seconds": t2 - t1,
-            "gen_seconds": st.gen_seconds,
-            "tokens_per_second": tokens / max(1e-9, t2 - t0),
-            "completion_len_mean": tokens / max(1, n_samples),
-            "staleness_mean": sum(self.version - 1 - g.policy_version for g in groups
-                                  if g.policy_version >= 0) / max(1, len(groups)),
+            "gen_seconds": tot["gen_seconds"] / self.dist.world,
+            "grade_seconds": tot["grade_seconds"] / self.dist.world,
+            "ref_seconds": tot["ref_seconds"] / self.dist.world,
+            "tokens_per_second": tot["tokens"] / max(1e-9, t2 - t0),
             "lr": self.scheduler.get_last_lr()[0],
-            "grade_timeouts": float(st.grade_timeouts),
-            "gold_unparsable": float(st.gold_unparsable),
-            "groups": float(len(groups)),
+            **{k: tot[k] for k in COUNTERS},
         }
-        for s in ("replay", "offline", "stale"):
-            m[f"{s}_fraction"] = by_source.get(s, 0) / max(1, len(groups))
-        return self.dist.mean_dict(m)
+        for s in ("fresh", "replay", "offline", "stale"):
+            m[f"{s}_fraction"] = tot.get(f"{s}_groups", 0.0) / g_all
+        return m
 
-    def report_skips(self) -> None:
-        """Say how many bad data rows were skipped (skip_bad_rows=true), per file and reason."""
+    def report(self) -> None:
+        """End-of-run report: bad data rows skipped (per file and reason) and the run's counters."""
         for rep in self.task.reports:
             if rep.skipped:
                 self.note(f"skipped bad rows: {rep.summary()}")
-        if self.skip_counts:
-            total = sum(self.skip_counts.values())
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items()))
+        c = self.counters
+        if c.skipped_rows:
+            total = sum(c.skipped_rows.values())
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(c.skipped_rows.items()))
             self.note(f"skipped {total} bad offline rows ({detail})")
+        nonzero = {k: v for k, v in c.collect.items() if v}
+        if nonzero or c.empty_steps or self.total_skipped_steps:
+            parts = [f"{k}={v}" for k, v in nonzero.items()]
+            parts += [f"steps_without_groups={c.empty_steps}"] if c.empty_steps else []
+            parts += [f"non_finite_steps_skipped={self.total_skipped_steps}"] \
+                if self.total_skipped_steps else []
+            self.note("counted over the run (this process): " + ", ".join(parts))
+        if self.logger:
+            self.logger.log_event("counters", **c.collect, empty_steps=c.empty_steps,
+                                  skipped_steps=self.total_skipped_steps,
+                                  **{f"skipped_rows:{k}": v for k, v in c.skipped_rows.items()})
 
     # ------------------------------------------------------------------------------ eval
     def run_eval(self, when: str) -> dict:
+        """Held-out accuracy (each process evaluates its share; sample-weighted over processes)."""
         cfg = self.cfg
-        examples = self.task.eval_examples(cfg.eval_prompts)
-        if self.dist.world > 1:
-            examples = examples[self.dist.rank::self.dist.world]
-        self.note(f"held-out evaluation ({when}): {len(examples)} prompts x {cfg.eval_samples} "
+        examples = self.task.eval_examples(cfg.eval_prompts)[self.dist.rank::self.dist.world]
+        self.note(f"held-out evaluation ({when}): {cfg.eval_prompts} prompts x {cfg.eval_samples} "
                   "samples at temperature 1")
-        res = evaluate(tokenizer=self.tok, generator=self.generator,
-                       grader=self.grader, examples=examples, template=self.template,
-                       samples=cfg.eval_samples, greedy=False, max_new_tokens=cfg.max_new_tokens,
-                       reference=self.reference)
-        res = self.dist.mean_dict({k: float(v) for k, v in res.items()})
+        res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
+                       examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
+                       greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference)
+        w = float(res.get("sampled_samples", 0))
+        res = self.dist.weighted_mean({k: float(v) * w for k, v in res.items()}, w)
+        res["sampled_samples"] = float(self.dist.sum_int(int(w)))
         self.note(f"held-out sampled accuracy ({when}): {res['sampled_accuracy']:.3f} "
                   f"(KL(pi||pi_ref) ~ {res.get('kl_pi_ref', 0.0):.4f}, "
                   f"{res['eval_seconds']:.0f} s)")
@@ -392,14 +393,15 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "mixer": self.mixer.state_dict(),
             "before": self.before,
-            "skip_counts": dict(self.skip_counts),
+            "counters": {"collect": dict(self.counters.collect),
+                         "empty_steps": self.counters.empty_steps},
             "world": self.dist.world,
         }
 
     def save(self) -> Path | None:
         path = None
         if self.dist.world > 1:   # each rank keeps its own sampler/source/RNG state
-            st = {"rank_states": self._gather_states()}
+            st = {"rank_states": self.dist.all_gather(self.state())}
         else:
             st = self.state()
         if self.dist.is_main:
@@ -408,11 +410,6 @@ class Trainer:
                                    keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
         return path
-
-    def _gather_states(self) -> list[dict]:
-        out = [None] * self.dist.world
-        torch.distributed.all_gather_object(out, self.state())
-        return out
 
     def _resume(self) -> None:
         st = load_checkpoint(self.ckpt_path, self.policy, self.optimizer, self.scheduler)
@@ -428,7 +425,9 @@ class Trainer:
         self.sampler.load_state_dict(st["sampler"])
         self.mixer.load_state_dict(st["mixer"])
         self.before = st.get("before")
-        self.skip_counts = dict(st.get("skip_counts") or {})
+        saved = st.get("counters") or {}
+        self.counters.collect.update(saved.get("collect") or {})
+        self.counters.empty_steps = int(saved.get("empty_steps", 0))
         set_rng_state(st["rng"])
         self.generator.sync_weights(self.policy)
         self.note(f"resumed from {self.ckpt_path} at step {self.step}")

@@ -1,50 +1,33 @@
-"""`agro generate` and `agro eval`: thin compositions of the same parts the trainer uses."""
+"""`agro generate` and `agro eval`: the same parts the trainer uses (:mod:`agro.builders`),
+composed for writing an offline dataset and for held-out evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
 
-from .collect import Collector
-from .config import EvalConfig, GenerateConfig, resolve_precision
+from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
+from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
 from .evaluation import evaluate
-from .generation import SamplingParams, make_generator
-from .models import Reference, build_policy_and_reference, load_model, load_tokenizer
-from .rewards import Grader
+from .logprobs import Reference
+from .models import load_model, load_tokenizer
 from .tasks import build_task
-
-
-def _seed(cfg) -> None:
-    from .trainer import seed_everything
-
-    cfg.precision = resolve_precision(cfg.precision)
-    if cfg.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
 
 
 def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
     """Sample `num_prompts` scored groups (rewards + reference log-probs) and write them."""
-    _seed(cfg)
+    cfg = setup_runtime(cfg)
     task = build_task(cfg)
-    policy, tok, reference = build_policy_and_reference(cfg.model, precision=cfg.precision)
+    policy, tok, reference = build_models(cfg)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision)
-    params = SamplingParams(cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k)
-    generator = make_generator(cfg.generator, policy, tok, precision=cfg.precision,
-                               batch_size=cfg.generation_batch_size)
     own = grader is None
-    grader = Grader(timeout=cfg.reward_timeout) if own else grader
+    grader = build_grader(cfg, grader)
     try:
-        collector = Collector(tokenizer=tok, generator=generator, grader=grader,
-                              reference=reference, sampler=task.train_sampler(cfg.seed),
-                              template=cfg.prompt_template, params=params,
-                              group_size=cfg.group_size, precision=cfg.precision,
-                              max_prompt_tokens=cfg.max_prompt_tokens)
+        collector = build_collector(cfg, tokenizer=tok, generator=build_generator(cfg, policy, tok),
+                                    grader=grader, reference=reference,
+                                    sampler=task.train_sampler(cfg.seed))
         groups = []
         chunk = max(1, cfg.generation_batch_size // cfg.group_size)
         while len(groups) < cfg.num_prompts:
@@ -82,13 +65,12 @@ def eval_defaults_from_run(spec: str) -> list[str]:
 def run_eval(cfg: EvalConfig) -> dict:
     from rich.progress import Progress
 
-    _seed(cfg)
+    cfg = setup_runtime(cfg)
     task = build_task(cfg)
     policy, tok = load_model(cfg.model), load_tokenizer(cfg.model)
-    generator = make_generator(cfg.generator, policy, tok, precision=cfg.precision,
-                               batch_size=cfg.generation_batch_size)
+    generator = build_generator(cfg, policy, tok)
     examples = task.eval_examples(cfg.num_prompts)
-    with Grader(timeout=cfg.reward_timeout) as grader, Progress(transient=True) as prog:
+    with build_grader(cfg) as grader, Progress(transient=True) as prog:
         bar = prog.add_task("evaluating", total=len(examples) * ((cfg.samples > 0) + cfg.greedy))
         return evaluate(tokenizer=tok, generator=generator, grader=grader,
                         examples=examples, template=cfg.prompt_template, samples=cfg.samples,

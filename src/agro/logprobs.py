@@ -1,0 +1,412 @@
+"""Per-token log-probabilities of completions, the quantity every loss consumes, and the
+reference policy pi_ref that is scored with the same kernels.
+
+:func:`completion_logprobs` returns ``log pi(y_t | x, y_<t)`` for the completion tokens of a batch
+laid out as ``[left-padded prompt | right-padded completion]`` (:class:`agro.rollouts.Batch`).
+These are the ``log pi_t`` of agro_math.md §0 ("Notation"); their sum over ``t`` is
+``log pi(y|x)``, and ``l_t = log pi_t - log pi_ref_t`` (§0, §5). Three rules keep it consistent
+with sampling and cheap:
+
+* positions come from the attention mask (``cumsum - 1``), exactly as ``generate`` computes
+  them, so a left-padded prompt sees the same rotary positions when scored as when sampled;
+* the LM head runs only on the ``T`` completion positions (``logits_to_keep``);
+* the log-softmax is never materialised: the chosen token's logit minus a ``logsumexp`` taken in
+  fp32 (a custom autograd function, chunked over rows, saves only the logits and one float per
+  token), also when the matmuls run in bf16 under autocast.
+
+Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
+same ``precision``; :class:`Reference` uses the precision it was built with. Measured on
+SmolLM2-135M (64-token completions): bf16 autocast moves per-token log-probs by 0.026 on average
+(0.19 per sequence), and after a +-1e-5 weight step the sequence log-ratio is 0.003 in fp32 but
+0.28 in bf16: bf16 noise swamps small log-ratios, so prefer fp32 unless bf16 is needed for speed.
+
+Every log-prob pass (policy in the loss, reference, sampling) runs with the model in eval mode,
+so dropout never makes the scored log-probs differ from the sampled ones (:func:`scoring_mode`).
+
+Departure from the paper: none.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load_model
+
+
+# --------------------------------------------------------------------------- log-prob kernel
+_ROW_CHUNK_ELEMS = 1 << 24  # ~64 MB of fp32 per chunk in the log-prob kernel
+
+
+class _ChosenLogProb(torch.autograd.Function):
+    """``logits[r, ids[r]] - logsumexp(logits[r])`` in fp32, chunked over rows.
+
+    Saves only the logits (in their own dtype) and the fp32 logsumexp per row, so neither the
+    forward nor the backward holds an fp32 [N, V] log-softmax for all rows at once.
+    Shapes: logits [N, V] (any float dtype), ids [N] long -> [N] fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        N = logits.shape[0]
+        out = torch.empty(N, dtype=torch.float32, device=logits.device)  # [N]
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # [N]
+        for s in range(0, N, chunk):
+            x = logits[s:s + chunk].float()                               # [c, V] fp32
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            out[s:s + chunk] = x.gather(-1, ids[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad = torch.empty_like(logits)                                   # [N, V]
+        g = g.float()
+        for s in range(0, logits.shape[0], chunk):
+            gs = g[s:s + chunk, None]                                     # [c, 1]
+            gl = torch.exp(logits[s:s + chunk].float() - lse[s:s + chunk, None]).mul_(-gs)  # -p * g
+            gl.scatter_add_(-1, ids[s:s + chunk, None], gs)               # + onehot * g
+            grad[s:s + chunk] = gl.to(grad.dtype)
+        return grad, None, None
+
+
+def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., ids]`` in fp32 without a full log-softmax copy.
+
+    logits [..., V] (any float dtype), ids [...] long -> [...] fp32, differentiable.
+    """
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    chunk = max(1, _ROW_CHUNK_ELEMS // V)
+    out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk)
+    return out.view(ids.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def accepts_logits_to_keep(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0/1 mask -> [B, L] positions ``cumsum - 1`` clamped at 0 (as ``generate``)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 prompt_len: int, group_size: int) -> bool:
+    """True if rows ``g*n .. g*n+n-1`` carry the same (left-padded) prompt in columns ``:P``, as
+    :func:`agro.rollouts.collate` lays out a group's ``n`` samples."""
+    B, P, n = input_ids.shape[0], int(prompt_len), int(group_size)
+    if n <= 1 or B % n:
+        return False
+    ids = input_ids[:, :P].reshape(B // n, n, P)
+    am = attention_mask[:, :P].reshape(B // n, n, P)
+    return bool((ids == ids[:, :1]).all()) and bool((am == am[:, :1]).all())
+
+
+def _forward(model, precision: str, dev, **kw):
+    with autocast_ctx(precision, dev):
+        return model(**kw)
+
+
+def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                      prompt_len: int, precision: str = "fp32",
+                      group_size: int = 1) -> torch.Tensor:
+    """Logits predicting completion tokens 0..T-1: columns ``prompt_len-1 .. prompt_len+T-2``.
+
+    input_ids, attention_mask [B, L] (L >= prompt_len + T - 1; later columns are ignored).
+    Returns [B, T, V] in the model's compute dtype (bf16 under autocast), not yet fp32.
+
+    ``group_size`` n > 1 with each group's n rows sharing their prompt (the
+    :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group, in one
+    packed pass per group (fp32, :func:`_packed_group_logits`) or by repeating its KV cache n
+    times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
+    on the default job the prompt is more than half of every sequence, so this removes ~40 % of
+    the tokens of every pass.
+    """
+    P = int(prompt_len)
+    if P < 1:
+        raise ValueError(f"prompt_len must be >= 1 (the first completion token is predicted from "
+                         f"the last prompt token), got {P}")
+    if input_ids.shape[1] < P + T - 1:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
+    if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
+        if precision == "fp32" and T > 1 and _decoder_parts(model) is not None:
+            return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size)
+        return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
+    dev = device_of(model)
+    ids = input_ids[:, :P + T - 1].to(dev)                               # [B, P+T-1]
+    am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
+    pos = position_ids_from_mask(am)                                     # [B, P+T-1]
+    keep = accepts_logits_to_keep(type(hf_model(model)))
+    kw = {"logits_to_keep": T} if keep else {}
+    out = _forward(model, precision, dev, input_ids=ids, attention_mask=am, position_ids=pos,
+                   use_cache=False, **kw)
+    logits = out.logits                                                  # [B, T or P+T-1, V]
+    if logits.shape[1] != T:
+        logits = logits[:, P - 1:P + T - 1]
+    return logits
+
+
+def _decoder_parts(model):
+    """``(decoder, input_embeddings, lm_head)`` of a plain causal LM whose logits are
+    ``lm_head(decoder(...).last_hidden_state)``; None for heads that do more (logit soft-capping,
+    logit scaling) or models without the standard accessors."""
+    hf = hf_model(model)
+    cfg = hf.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    dec = getattr(hf, getattr(hf, "base_model_prefix", "") or "", None)
+    try:
+        emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if dec is None or dec is hf or emb is None or head is None:
+        return None
+    return dec, emb, head
+
+
+def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
+                          n: int) -> torch.Tensor:
+    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used for bf16,
+    one-token completions and heads :func:`_packed_group_logits` cannot take).
+
+    Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
+    logits (they predict completion token 0). The cache is repeated n times along the batch
+    (``repeat_interleave``, differentiable) and pass 2 runs completion tokens 0..T-2 [B, T-1]
+    on top of it, with the full ``[prompt | completion]`` mask and the same position ids as the
+    unshared pass (``cumsum(mask) - 1``). Gradients reach the prompt's keys and values through
+    the cache, exactly as in one long pass.
+    """
+    dev = device_of(model)
+    keep = accepts_logits_to_keep(type(hf_model(model)))
+    pam = attention_mask[::n, :P].to(dev)                                # [G, P]
+    out = _forward(model, precision, dev, input_ids=input_ids[::n, :P].to(dev), attention_mask=pam,
+                   position_ids=position_ids_from_mask(pam), use_cache=T > 1,
+                   **({"logits_to_keep": 1} if keep else {}))
+    first = out.logits[:, -1:].repeat_interleave(n, dim=0)               # [B, 1, V]
+    if T == 1:
+        return first
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)                                     # [G, ...] -> [B, ...]
+    am = attention_mask[:, :P + T - 1].to(dev)                           # [B, P+T-1]
+    out2 = _forward(model, precision, dev, input_ids=input_ids[:, P:P + T - 1].to(dev),
+                    attention_mask=am, position_ids=position_ids_from_mask(am)[:, P:],
+                    past_key_values=cache, use_cache=True,
+                    **({"logits_to_keep": T - 1} if keep else {}))
+    return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)         # [B, T, V]
+
+
+def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int) -> torch.Tensor:
+    """:func:`completion_logits` with one packed sequence per group (fp32, plain LM head).
+
+    Group g becomes ``[prompt | c_1[:T-1] | ... | c_n[:T-1]]`` (length L = P + n(T-1)) under a
+    block attention mask: prompt tokens attend causally to the prompt, completion i's tokens to
+    the whole prompt and causally to completion i only, and no query attends to padding (a pad
+    query sees itself, so no row is empty). Positions continue from each prompt's length inside
+    every completion block, as in the ``[prompt | completion]`` layout. The completion logits are
+    read off the hidden states (token 0 of every block from the last prompt position) and the LM
+    head runs once on [B, T, H].
+
+    Same tokens as :func:`_shared_prompt_logits` but one pass: every weight gets a single
+    gradient per micro-batch instead of one per pass plus their sum.
+    """
+    dec, emb, head = _decoder_parts(model)
+    dev = device_of(model)
+    B = input_ids.shape[0]
+    G, Tc = B // n, T - 1
+    L = P + n * Tc
+    pid = input_ids[::n, :P].to(dev)                                     # [G, P]
+    pam = attention_mask[::n, :P].to(dev) > 0                            # [G, P]
+    cid = input_ids[:, P:P + Tc].to(dev).reshape(G, n * Tc)              # [G, n*Tc]
+    cam = attention_mask[:, P:P + Tc].to(dev).reshape(G, n * Tc) > 0     # [G, n*Tc]
+    ids = torch.cat([pid, cid], dim=1)                                   # [G, L]
+    real = torch.cat([pam, cam], dim=1)                                  # [G, L]
+    plen = pam.sum(-1, keepdim=True)                                     # [G, 1]
+    t_in = torch.arange(Tc, device=dev).repeat(n)                        # [n*Tc]
+    pos = torch.cat([(pam.long().cumsum(-1) - 1).clamp(min=0), plen + t_in], dim=1)  # [G, L]
+    blk = torch.cat([torch.full((P,), -1, device=dev),
+                     torch.arange(n, device=dev).repeat_interleave(Tc)])   # [L]
+    q = torch.arange(L, device=dev)
+    causal = q[None, :] <= q[:, None]                                    # [Lq, Lk]
+    to_prompt = (blk[None, :] == -1) & ((blk[:, None] != -1) | causal)
+    same_blk = (blk[:, None] == blk[None, :]) & (blk[:, None] != -1) & causal
+    allowed = (to_prompt | same_blk)[None] & real[:, None, :]            # [G, Lq, Lk]
+    allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
+    dtype = next(dec.parameters()).dtype
+    mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
+    h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
+            use_cache=False).last_hidden_state                           # [G, L, H]
+    src = torch.empty(n, T, dtype=torch.long, device=dev)                # hidden state per token
+    src[:, 0] = P - 1
+    src[:, 1:] = P + torch.arange(n, device=dev)[:, None] * Tc + torch.arange(Tc, device=dev)[None]
+    hs = h[:, src.reshape(-1)].reshape(B, T, h.shape[-1])                # [B, T, H]
+    return head(hs)                                                      # [B, T, V]
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_ids: torch.Tensor, prompt_len: int, precision: str = "fp32",
+                        with_logits: bool = False, group_size: int = 1):
+    """Per-token ``log pi(y_t | x, y_<t)`` of the completion tokens (agro_math.md §0, §5).
+
+    Args:
+        model: a causal LM or a peft PeftModel (adapters as currently enabled).
+        input_ids: [B, L] long, ``[left-padded prompt | right-padded completion]``
+            (:class:`agro.rollouts.Batch` layout; completion token t at column prompt_len + t).
+        attention_mask: [B, L], 1 on real tokens.
+        completion_ids: [B, T] long.
+        prompt_len: P, the column where completions start.
+        precision: 'fp32' or 'bf16' (autocast matmuls); the log-softmax is always fp32.
+        with_logits: also return the fp32 logits slice [B, T, V] (for the full-vocabulary token
+            KL, :func:`token_kl`). Memory: B*T*V*4 bytes (8 x 64 x 49152 -> 100 MB), and as much
+            again for its gradient; leave it off unless a loss needs it.
+        group_size: n; rows of a group that share their prompt run it once
+            (:func:`completion_logits`).
+
+    Returns:
+        logprobs [B, T] fp32 (0 where the completion is padding: ``attention_mask[:, P + t] == 0``),
+        differentiable when grad is enabled; or ``(logprobs, logits)`` if ``with_logits``.
+    """
+    B, T = completion_ids.shape
+    logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision,
+                               group_size)                                # [B, T, V]
+    if with_logits:
+        logits = logits.float()                                          # [B, T, V] fp32
+    tgt = completion_ids.to(logits.device)
+    lp = chosen_logprobs(logits, tgt)                                    # [B, T] fp32
+    real = attention_mask[:, prompt_len:prompt_len + T].to(logits.device) > 0  # [B, T]
+    lp = torch.where(real, lp, torch.zeros_like(lp))
+    return (lp, logits) if with_logits else lp
+
+
+def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL_t = KL(pi(.|x,y_<t) || pi_ref(.|x,y_<t))`` (agro_math.md §5), in fp32.
+
+    policy_logits, ref_logits [B, T, V] -> [B, T]; differentiable w.r.t. ``policy_logits``
+    (``ref_logits`` is treated as a constant). Uses ``sum_a pi(a) (log pi(a) - log pi_ref(a))``.
+    """
+    lp = F.log_softmax(policy_logits.float(), dim=-1)                    # [B, T, V]
+    lq = F.log_softmax(ref_logits.detach().float(), dim=-1)              # [B, T, V]
+    return (lp.exp() * (lp - lq)).sum(-1)                                # [B, T]
+
+
+@contextlib.contextmanager
+def scoring_mode(model):
+    """Run ``model`` in eval mode inside the block and restore its mode after.
+
+    Every pass that produces log-probabilities (the learner's, the reference's, the sampler's)
+    uses it: with dropout active (a model's own dropout, LoRA dropout) the log-probs in the loss
+    would not be pi's, ``log pi/pi_ref`` would be nonzero at step 0 and on-policy terms biased.
+    Gradients are unaffected by the mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def batch_logprobs(model, batch, precision: str, with_logits: bool = False):
+    """The learner's per-token log-probs of a collated :class:`agro.rollouts.Batch` (differentiable),
+    in eval mode (:func:`scoring_mode`); each group's prompt runs once (``batch.group_size``).
+
+    Returns [B, T] fp32 on the model's device, or ``(logprobs, [B, T, V] fp32 logits)``.
+    """
+    with scoring_mode(model):
+        return completion_logprobs(model, batch.input_ids, batch.attention_mask,
+                                   batch.completion_ids, batch.prompt_len, precision,
+                                   with_logits=with_logits, group_size=batch.group_size)
+
+
+# --------------------------------------------------------------------------- reference policy
+class Reference:
+    """The reference policy ``pi_ref`` (agro_math.md §0), always evaluated without gradients, in
+    eval mode, at the precision given (use the policy's precision).
+
+    Two kinds:
+    * :meth:`frozen_copy`: a deep copy of the model, frozen (full fine-tuning; one more copy of
+      the weights in memory);
+    * :meth:`adapters_disabled`: the *same* PeftModel with its LoRA adapters disabled (LoRA; no
+      extra memory).
+    """
+
+    def __init__(self, model, precision: str = "fp32", disable_adapter: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if disable_adapter and not is_peft(model):
+            raise ValueError("disable_adapter=True needs a peft PeftModel")
+        self.model = model
+        self.precision = precision
+        self.disable_adapter = disable_adapter
+
+    @classmethod
+    def frozen_copy(cls, model, precision: str = "fp32") -> "Reference":
+        ref = copy.deepcopy(model)
+        ref.eval()
+        ref.requires_grad_(False)
+        return cls(ref, precision)
+
+    @classmethod
+    def adapters_disabled(cls, peft_model, precision: str = "fp32") -> "Reference":
+        return cls(peft_model, precision, disable_adapter=True)
+
+    @classmethod
+    def load(cls, spec: str | Path, precision: str = "fp32",
+             device: str | torch.device | None = None) -> "Reference":
+        """A separate reference model (e.g. ``agro generate ref_model=...``), frozen."""
+        m = load_model(spec, device=device)
+        m.eval()
+        m.requires_grad_(False)
+        return cls(m, precision)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reference's weights live (batches for it are moved there)."""
+        return device_of(self.model)
+
+    @property
+    def kind(self) -> str:
+        return "adapters_disabled" if self.disable_adapter else "frozen"
+
+    @contextlib.contextmanager
+    def _active(self):
+        with scoring_mode(self.model), torch.no_grad():
+            if self.disable_adapter:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+
+    def token_logprobs(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                       group_size: int = 1) -> torch.Tensor:
+        """[B, T] fp32 ``log pi_ref(y_t | x, y_<t)`` (0 on padding), no grad."""
+        with self._active() as m:
+            return completion_logprobs(m, input_ids, attention_mask, completion_ids, prompt_len,
+                                       self.precision, group_size=group_size)
+
+    def logits_slice(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                     group_size: int = 1) -> torch.Tensor:
+        """[B, T, V] fp32 reference logits at the completion positions, no grad."""
+        return self.logprobs_and_logits(input_ids, attention_mask, completion_ids, prompt_len,
+                                        group_size)[1]
+
+    def logprobs_and_logits(self, input_ids, attention_mask, completion_ids, prompt_len: int,
+                            group_size: int = 1):
+        """``([B, T] fp32 log-probs, [B, T, V] fp32 logits)`` in one forward pass, no grad."""
+        with self._active() as m:
+            return completion_logprobs(m, input_ids, attention_mask, completion_ids, prompt_len,
+                                       self.precision, with_logits=True, group_size=group_size)
+

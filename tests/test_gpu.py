@@ -1,0 +1,82 @@
+"""The whole path on a CUDA device: a few training steps end to end in fp32, bf16 and LoRA, the
+held-out evaluation, and resume. Marked ``gpu``; skipped where CUDA is absent (the project's CI
+machine has no GPU: these tests have not been run there). ``bench/gpu_smoke.sh`` runs them, and
+the default job for a few steps, on a machine with one GPU.
+
+What the CPU suite does check of device handling: every tensor a loss sees must be on the
+device of ``logprobs`` (``compute_loss`` names the ones that are not; test below), and the
+trainer moves each collated batch with ``Batch.to`` in one place.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agro.config import TrainConfig, load_config
+from agro.losses import compute_loss
+from agro.trainer import Trainer
+from fakes import HashGrader
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+FAST = ["steps=2", "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=4",
+        "eval_samples=2", "tensorboard=false", "progress=false", "plot=false", "lr=1e-3",
+        "warmup_steps=0", "save_every=1"]
+
+
+def test_compute_loss_names_tensors_on_another_device():
+    """Runs everywhere: 'meta' tensors stand in for a second device."""
+    lp = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"logprobs is on cpu but rewards on meta, on_policy on meta"):
+        compute_loss("agro", lp, torch.zeros(4, 3), torch.ones(4, 3), torch.zeros(4, device="meta"),
+                     2, 0.1, on_policy=torch.ones(4, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"ref_logprobs on meta"):
+        compute_loss("agro", lp, torch.zeros(4, 3, device="meta"), torch.ones(4, 3),
+                     torch.zeros(4), 2, 0.1)
+
+
+def test_batch_to_moves_every_tensor():
+    from agro.rollouts import Group, collate
+
+    g = Group(prompt_id="a", prompt_ids=[1, 2], completion_ids=[[3], [4, 5]], rewards=[0.0, 1.0],
+              ref_logprobs=[[-1.0], [-1.0, -2.0]])
+    b = collate([g], 0, current_version=0).to("meta")
+    tensors = [v for v in vars(b).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == 7 and all(t.device.type == "meta" for t in tensors)
+
+
+def _run(tiny_model_dir, tmp_path, *extra, resume=False):
+    cfg = load_config(TrainConfig, None, FAST + [f"model={tiny_model_dir}",
+                                                 f"output_dir={tmp_path / 'run'}", *extra])
+    tr = Trainer(cfg, resume=resume, grader=HashGrader())
+    assert tr.device.type == "cuda" and next(tr.policy.parameters()).is_cuda
+    res = tr.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return tr, res, rows
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("extra", [["precision=fp32"], ["precision=bf16"],
+                                   ["precision=bf16", "lora=true", "lora_r=4"],
+                                   ["precision=fp32", "loss=kl_pg_token"],
+                                   ["precision=fp32", "loss=agro_on", "beta=0.5"]],
+                         ids=["fp32", "bf16", "lora", "token-kl", "agro_on"])
+def test_steps_end_to_end_on_cuda(tiny_model_dir, tmp_path, extra):
+    tr, res, rows = _run(tiny_model_dir, tmp_path, *extra)
+    assert res.steps_done == 2 and len(rows) == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert res.before is not None and res.after is not None and "kl_pi_ref" in res.after
+
+
+@pytest.mark.gpu
+@cuda
+def test_resume_on_cuda_is_bit_identical(tiny_model_dir, tmp_path):
+    a, _, _ = _run(tiny_model_dir, tmp_path / "a", "precision=fp32", "steps=4", "eval_prompts=0")
+    _run(tiny_model_dir, tmp_path / "b", "precision=fp32", "steps=2", "eval_prompts=0")
+    b, _, _ = _run(tiny_model_dir, tmp_path / "b", "precision=fp32", "steps=4", "eval_prompts=0",
+                   resume=True)
+    pa = dict(a.policy.named_parameters())
+    assert all(torch.equal(p, pa[n]) for n, p in b.policy.named_parameters())
