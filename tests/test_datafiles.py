@@ -1,4 +1,4 @@
-"""Data files: row reading, prompt-row validation, offline group files (round trip, bad rows)."""
+"""Data files: row reading, generic row validation, offline group files (round trip, bad rows)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,12 @@ import pytest
 
 from agro.datafiles import (
     GROUPS_FORMAT,
+    ORIGIN_KEY,
     DataError,
     SkipReport,
-    load_prompt_rows,
     read_groups,
     read_rows,
+    row_origin,
     write_groups,
     write_jsonl,
 )
@@ -107,101 +108,15 @@ def test_unsupported_and_missing_files(tmp_path):
         list(read_rows(tmp_path / "obj.json"))
 
 
-# --------------------------------------------------------------------------- prompt rows
-GOOD_MATH = {"problem": "What is 1+1?", "solution": "\\boxed{2}", "answer": "2"}
-GOOD_GSM = {"question": "How many?", "answer": "It is 3.\n#### 3"}
-
-# (name, kind, bad line text, field, reason)
-PROMPT_CASES = [
-    ("bad_json", "math", '{"problem": "x", ', "<row>", "bad_json"),
-    ("not_object", "math", '["problem"]', "<row>", "not_object"),
-    ("missing_problem", "math", json.dumps({"solution": "\\boxed{1}"}), "problem",
-     "missing_field:problem"),
-    ("mistyped_problem", "math", json.dumps({"problem": 12, "answer": "1"}), "problem",
-     "bad_type:problem"),
-    ("empty_problem", "math", json.dumps({"problem": "  ", "answer": "1"}), "problem",
-     "empty_field:problem"),
-    ("no_gold", "math", json.dumps({"problem": "x?", "solution": "no box"}), "solution",
-     "bad_gold"),
-    ("no_answer_no_solution", "math", json.dumps({"problem": "x?"}), "answer",
-     "missing_field:answer"),
-    ("mistyped_answer", "math", json.dumps({"problem": "x?", "answer": ["1"]}), "answer",
-     "bad_type:answer"),
-    ("duplicate_id", "math", json.dumps({**GOOD_MATH, "unique_id": "u1"}), "unique_id",
-     "duplicate_id"),
-    ("gsm_missing_answer", "gsm8k", json.dumps({"question": "q?"}), "answer",
-     "missing_field:answer"),
-    ("gsm_unparsable", "gsm8k", json.dumps({"question": "q?", "answer": "#### lots"}), "answer",
-     "bad_gold"),
-    ("gsm_empty_question", "gsm8k", json.dumps({"question": "", "answer": "#### 1"}), "question",
-     "empty_field:question"),
-]
-
-
-def _prompt_file(tmp_path: Path, kind: str, bad_line: str) -> Path:
-    good = GOOD_MATH if kind == "math" else GOOD_GSM
-    first = {**good, "unique_id": "u1"} if kind == "math" else good
-    lines = [json.dumps(first), "", json.dumps(good), bad_line, json.dumps(good)]
-    p = tmp_path / f"{kind}.jsonl"
-    p.write_text("\n".join(lines) + "\n")
-    return p  # the bad row is on line 4
-
-
-@pytest.mark.parametrize("name,kind,bad,field,reason", PROMPT_CASES,
-                         ids=[c[0] for c in PROMPT_CASES])
-def test_prompt_rows_bad_row_names_file_line_field(tmp_path, name, kind, bad, field, reason):
-    p = _prompt_file(tmp_path, kind, bad)
-    with pytest.raises(DataError) as ei:
-        load_prompt_rows(p, kind, skip_bad_rows=False)
-    err = ei.value
-    assert (err.line, err.field, err.reason) == (4, field, reason)
-    assert str(err).startswith(f"{p}:4: field '{field}': ")
-
-
-@pytest.mark.parametrize("name,kind,bad,field,reason", PROMPT_CASES,
-                         ids=[c[0] for c in PROMPT_CASES])
-def test_prompt_rows_skipping_counts_each_kind(tmp_path, name, kind, bad, field, reason):
-    p = _prompt_file(tmp_path, kind, bad)
-    exs, report = load_prompt_rows(p, kind, skip_bad_rows=True)
-    assert len(exs) == 3
-    assert report.counts == {reason: 1}
-    assert report.kept == 3
-    assert [e.meta["line"] for e in exs] == [1, 3, 5]
-
-
-def test_prompt_rows_json_list_line_is_index(tmp_path):
-    p = tmp_path / "m.json"
-    p.write_text(json.dumps([GOOD_MATH, GOOD_MATH, {"problem": 3}]))
-    with pytest.raises(DataError, match=r"m.json:3: field 'problem'"):
-        load_prompt_rows(p, "math")
-
-
-def test_prompt_rows_empty_and_all_bad(tmp_path):
-    p = tmp_path / "e.jsonl"
-    p.write_text("")
-    for skip in (False, True):
-        with pytest.raises(DataError, match="no rows"):
-            load_prompt_rows(p, "math", skip_bad_rows=skip)
-    p.write_text("{bad\n" + json.dumps({"question": "wrong format"}) + "\n")
-    with pytest.raises(DataError, match=r"nothing left: all 2 rows were bad.*bad_json: 1"):
-        load_prompt_rows(p, "math", skip_bad_rows=True)
-
-
-def test_prompt_rows_wrong_kind_hint(tmp_path):
-    p = tmp_path / "g.jsonl"
-    p.write_text(json.dumps(GOOD_GSM) + "\n")
-    with pytest.raises(DataError, match=r"row has fields: answer, question"):
-        load_prompt_rows(p, "math")
-
-
 # --------------------------------------------------------------------------- group files
-def _assert_same_groups(read, written):
+def _assert_same_groups(read, written, path=None):
     assert len(read) == len(written)
-    for r, w in zip(read, written):
+    for line, (r, w) in enumerate(zip(read, written), start=1):
         rd, wd = r.to_dict(), w.to_dict()
         assert rd.pop("source") == "offline"
         assert wd.pop("source") == "fresh"
-        assert rd.pop("meta") == {**w.meta, **META, "stored_source": "fresh"}
+        origin = {ORIGIN_KEY: {"file": str(path), "line": line}} if path is not None else {}
+        assert rd.pop("meta") == {**w.meta, **META, "stored_source": "fresh", **origin}
         wd.pop("meta")
         assert rd == wd  # floats bit-identical
 
@@ -216,9 +131,36 @@ def test_groups_round_trip(tmp_path, suffix):
     write_groups(path, groups, META)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     got, report = read_groups(path, vocab_size=VOCAB)
-    _assert_same_groups(got, groups)
+    _assert_same_groups(got, groups, path)
+    assert [row_origin(g) for g in got] == [(str(path), i) for i in range(1, 6)]
     assert report.kept == 5 and report.counts == {}
     assert all(g.source == "offline" and not g.is_on_policy(3) for g in got)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_origin_is_remembered_but_never_written(tmp_path, suffix):
+    first = tmp_path / f"a{suffix}"
+    write_groups(first, [make_group(i) for i in range(3)], META)
+    read, _ = read_groups(first)
+    assert [row_origin(g) for g in read] == [(str(first), i) for i in (1, 2, 3)]
+    again = tmp_path / f"b{suffix}"
+    write_groups(again, read, META)
+    for _, row in read_rows(again):
+        meta = json.loads(row["meta"]) if isinstance(row["meta"], str) else row["meta"]
+        assert ORIGIN_KEY not in meta and meta["task"] == "arithmetic"
+    assert [row_origin(g) for g in read_groups(again)[0]] == [(str(again), i) for i in (1, 2, 3)]
+
+
+def test_datafiles_does_not_import_tasks():
+    """Task logic (prompt rows, gold answers) builds on datafiles, never the reverse."""
+    import ast
+
+    import agro.datafiles
+
+    tree = ast.parse(Path(agro.datafiles.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.split(".")[-1] in ("tasks", "rewards")], imported
 
 
 def test_write_groups_refuses_bad_group_and_keeps_old_file(tmp_path):
@@ -393,4 +335,5 @@ def test_rows_without_optional_fields_load(tmp_path):
     write_jsonl(path, [row])
     (g,), _ = read_groups(path)
     assert g.rewards == [1.0, 0.0] and g.source == "offline" and g.policy_version == -1
-    assert g.temperature == 1.0 and g.meta == {"stored_source": "fresh"}
+    assert g.temperature == 1.0
+    assert g.meta == {"stored_source": "fresh", ORIGIN_KEY: {"file": str(path), "line": 1}}

@@ -1,4 +1,5 @@
-"""Tasks: arithmetic generator, samplers (resume), MATH/GSM8K loading, build_task, templates."""
+"""Tasks: arithmetic generator, samplers (resume), MATH/GSM8K loading and bad prompt rows,
+build_task, templates."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import pytest
 
 from agro import tasks
 from agro.datafiles import DataError
+from agro.rewards import last_boxed
 from agro.tasks import (
     ArithmeticTask,
     Example,
@@ -20,7 +22,7 @@ from agro.tasks import (
     PromptSampler,
     build_task,
     gsm8k_gold,
-    last_boxed,
+    load_prompt_rows,
     render_messages,
     render_prompt,
     split_held_out,
@@ -196,6 +198,7 @@ def test_sampler_state_rejects_other_task():
 
 # --------------------------------------------------------------------------- gold parsing
 def test_last_boxed():
+    assert tasks.last_boxed is last_boxed  # one implementation, in agro.rewards
     assert last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
     assert last_boxed(r"$\boxed{\{1, 2\}}$") == r"\{1, 2\}"
     assert last_boxed(r"\boxed 5$") == "5"
@@ -262,6 +265,93 @@ def test_gsm8k_gold_is_a_number():
     for e, r in zip(exs, rows):
         expected = float(r["answer"].split("####")[-1].strip().replace(",", ""))
         assert float(e.answer) == expected
+
+
+# --------------------------------------------------------------------------- prompt rows (bad rows)
+GOOD_MATH = {"problem": "What is 1+1?", "solution": "\\boxed{2}", "answer": "2"}
+GOOD_GSM = {"question": "How many?", "answer": "It is 3.\n#### 3"}
+
+# (name, kind, bad line text, field, reason)
+PROMPT_CASES = [
+    ("bad_json", "math", '{"problem": "x", ', "<row>", "bad_json"),
+    ("not_object", "math", '["problem"]', "<row>", "not_object"),
+    ("missing_problem", "math", json.dumps({"solution": "\\boxed{1}"}), "problem",
+     "missing_field:problem"),
+    ("mistyped_problem", "math", json.dumps({"problem": 12, "answer": "1"}), "problem",
+     "bad_type:problem"),
+    ("empty_problem", "math", json.dumps({"problem": "  ", "answer": "1"}), "problem",
+     "empty_field:problem"),
+    ("no_gold", "math", json.dumps({"problem": "x?", "solution": "no box"}), "solution",
+     "bad_gold"),
+    ("no_answer_no_solution", "math", json.dumps({"problem": "x?"}), "answer",
+     "missing_field:answer"),
+    ("mistyped_answer", "math", json.dumps({"problem": "x?", "answer": ["1"]}), "answer",
+     "bad_type:answer"),
+    ("duplicate_id", "math", json.dumps({**GOOD_MATH, "unique_id": "u1"}), "unique_id",
+     "duplicate_id"),
+    ("gsm_missing_answer", "gsm8k", json.dumps({"question": "q?"}), "answer",
+     "missing_field:answer"),
+    ("gsm_unparsable", "gsm8k", json.dumps({"question": "q?", "answer": "#### lots"}), "answer",
+     "bad_gold"),
+    ("gsm_empty_question", "gsm8k", json.dumps({"question": "", "answer": "#### 1"}), "question",
+     "empty_field:question"),
+]
+
+
+def _prompt_file(tmp_path: Path, kind: str, bad_line: str) -> Path:
+    good = GOOD_MATH if kind == "math" else GOOD_GSM
+    first = {**good, "unique_id": "u1"} if kind == "math" else good
+    lines = [json.dumps(first), "", json.dumps(good), bad_line, json.dumps(good)]
+    p = tmp_path / f"{kind}.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p  # the bad row is on line 4
+
+
+@pytest.mark.parametrize("name,kind,bad,field,reason", PROMPT_CASES,
+                         ids=[c[0] for c in PROMPT_CASES])
+def test_prompt_rows_bad_row_names_file_line_field(tmp_path, name, kind, bad, field, reason):
+    p = _prompt_file(tmp_path, kind, bad)
+    with pytest.raises(DataError) as ei:
+        load_prompt_rows(p, kind, skip_bad_rows=False)
+    err = ei.value
+    assert (err.line, err.field, err.reason) == (4, field, reason)
+    assert str(err).startswith(f"{p}:4: field '{field}': ")
+
+
+@pytest.mark.parametrize("name,kind,bad,field,reason", PROMPT_CASES,
+                         ids=[c[0] for c in PROMPT_CASES])
+def test_prompt_rows_skipping_counts_each_kind(tmp_path, name, kind, bad, field, reason):
+    p = _prompt_file(tmp_path, kind, bad)
+    exs, report = load_prompt_rows(p, kind, skip_bad_rows=True)
+    assert len(exs) == 3
+    assert report.counts == {reason: 1}
+    assert report.kept == 3
+    assert [e.meta["line"] for e in exs] == [1, 3, 5]
+
+
+def test_prompt_rows_json_list_line_is_index(tmp_path):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps([GOOD_MATH, GOOD_MATH, {"problem": 3}]))
+    with pytest.raises(DataError, match=r"m.json:3: field 'problem'"):
+        load_prompt_rows(p, "math")
+
+
+def test_prompt_rows_empty_and_all_bad(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text("")
+    for skip in (False, True):
+        with pytest.raises(DataError, match="no rows"):
+            load_prompt_rows(p, "math", skip_bad_rows=skip)
+    p.write_text("{bad\n" + json.dumps({"question": "wrong format"}) + "\n")
+    with pytest.raises(DataError, match=r"nothing left: all 2 rows were bad.*bad_json: 1"):
+        load_prompt_rows(p, "math", skip_bad_rows=True)
+
+
+def test_prompt_rows_wrong_kind_hint(tmp_path):
+    p = tmp_path / "g.jsonl"
+    p.write_text(json.dumps(GOOD_GSM) + "\n")
+    with pytest.raises(DataError, match=r"row has fields: answer, question"):
+        load_prompt_rows(p, "math")
 
 
 # --------------------------------------------------------------------------- build_task

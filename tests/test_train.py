@@ -283,3 +283,18 @@ def test_dropout_never_enters_the_scored_logprobs(tokenizer_dir, tmp_path):
     loss, m = tr.micro_batch_loss(batch)
     assert m["kl_k1"] == 0.0 and m["kl_k3"] == 0.0
     assert tr.policy.training            # the mode is restored after scoring
+
+
+def test_offline_file_from_another_reference_is_refused_before_training(
+        tiny_model_dir, tiny_gpt2_dir, tmp_path, offline_file, capsys):
+    from agro.provenance import ProvenanceError
+
+    cfg = make_cfg(tiny_gpt2_dir, tmp_path, "source=fresh:1,offline:1", f"offline_path={offline_file}")
+    with pytest.raises(ProvenanceError, match=r"groups.jsonl"):
+        Trainer(cfg, grader=HashGrader())
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg = make_cfg(tiny_gpt2_dir, tmp_path, "source=offline", f"offline_path={offline_file}",
+                   "trust_offline_reference=true")
+    tr, before, res = run_steps(cfg)       # the user said they know: a warning, then training
+    assert res.steps_done == 1
+    assert "reference" in capsys.readouterr().out

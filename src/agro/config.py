@@ -117,7 +117,8 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                            "comma-separated).")
     stale_lag: int = _f(2, "stale: generation lags the learner by this many policy versions.")
     offline_check_rows: int = _f(4, "offline: rows per file whose reference log-probs are recomputed "
-                                 "at load and compared with the stored ones (0 = no check).")
+                                 "at load and compared with the stored ones (0 = only the recorded "
+                                 "reference identity is checked).")
     trust_offline_reference: bool = _f(False, "offline: go on (with a warning) when a file's "
                                        "reference model, tokenizer or precision differ from this "
                                        "run's or its stored reference log-probs disagree with a "

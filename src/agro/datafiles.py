@@ -1,4 +1,4 @@
-"""Reading and writing data files safely: prompt rows (MATH / GSM8K) and offline group datasets.
+"""Reading and writing data files safely: generic rows, and offline group datasets.
 
 Every malformed row raises a :class:`DataError` that names the file, the line (JSONL: the real
 line number; JSON list: index + 1; Parquet: row index + 1) and the field, e.g.::
@@ -7,14 +7,20 @@ line number; JSON list: index + 1; Parquet: row index + 1) and the field, e.g.::
 
 With ``skip_bad_rows=True`` the same rows are skipped and counted per reason in a
 :class:`SkipReport` (never dropped silently); a file with no usable row left is still an error.
+:func:`raw_rows` / :func:`read_rows` read .jsonl / .json / .parquet rows and
+:func:`parse_records` validates them with any row parser; what a prompt row means (MATH, GSM8K)
+is task logic and lives in :mod:`agro.tasks`, which builds on this module (never the reverse).
 
 Offline group datasets (written by ``agro generate``) hold one :class:`~agro.rollouts.Group` per
 row: ``Group.to_dict()`` plus ``format`` (the row-format version, :data:`GROUPS_FORMAT`) and the
-file-level ``meta`` (tokenizer name, vocab size, ...) merged into the group's ``meta``. Reading
-validates every row (shapes, finiteness, ref log-probs <= 0, token ids in range, ...) and marks the
-groups ``source="offline"`` (the stored source is kept in ``meta["stored_source"]``).
+file-level ``meta`` (tokenizer name, vocab size, the reference identity of
+:mod:`agro.provenance`, ...) merged into the group's ``meta``. Reading validates every row
+(shapes, finiteness, ref log-probs <= 0, token ids in range, ...), marks the groups
+``source="offline"`` (the stored source is kept in ``meta["stored_source"]``) and records each
+group's file and line under ``meta[ORIGIN_KEY]`` (:func:`row_origin`; dropped again on write).
 
-Writes are atomic: a temp file in the destination directory, then ``os.replace``.
+Writes are atomic (:func:`agro.fileio.atomic_write`: a temp file next to the destination, fsync,
+``os.replace``).
 
 Departure from the paper: none (the paper does not describe its data files). The per-row reference
 log-probs stored here are what lets offline training skip the reference model (DESIGN.md).
@@ -24,15 +30,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from .fileio import atomic_write
 from .rollouts import SOURCES, Group
 
-if TYPE_CHECKING:  # tasks imports this module; the Example import below is done lazily.
-    from .tasks import Example
+T = TypeVar("T")
 
 GROUPS_FORMAT = 1
 """Version of the offline group row format written by :func:`write_groups`."""
@@ -45,6 +50,9 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 ROW = "<row>"  # field name used for problems with a whole row (bad JSON, not an object)
+
+ORIGIN_KEY = "_origin"
+"""``meta`` key where :func:`read_groups` records a group's ``{"file", "line"}``; never written."""
 
 
 # --------------------------------------------------------------------------- errors and reports
@@ -118,7 +126,7 @@ def _file_kind(path: Path) -> str:
                     ".jsonl, .json or .parquet)", "unsupported_file")
 
 
-def _raw_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError]]:
+def raw_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError]]:
     """Yield ``(line, row)`` or ``(line, DataError)`` for row-level problems.
 
     File-level problems (missing file, unreadable JSON list, unreadable Parquet) raise at once:
@@ -193,7 +201,7 @@ def read_rows(path: str | os.PathLike, report: SkipReport | None = None
     index + 1; Parquet row index + 1. Unparsable rows raise :class:`DataError`, or are counted
     in ``report`` and skipped when a report is given.
     """
-    for line_no, row in _raw_rows(path):
+    for line_no, row in raw_rows(path):
         if isinstance(row, DataError):
             if report is None:
                 raise row
@@ -203,22 +211,6 @@ def read_rows(path: str | os.PathLike, report: SkipReport | None = None
 
 
 # --------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Atomically write rows as JSONL (NaN / inf are refused: they are not JSON)."""
     def write(tmp: str) -> None:
@@ -226,22 +218,25 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
 
 
-# --------------------------------------------------------------------------- prompt rows
-def _present(row: dict, key: str) -> bool:
+# --------------------------------------------------------------------------- validating rows
+def present(row: dict, key: str) -> bool:
+    """True if ``row`` has ``key`` with a value other than None."""
     return key in row and row[key] is not None
 
 
-def _missing(path, line, row: dict, key: str) -> DataError:
+def missing_field(path, line, row: dict, key: str) -> DataError:
+    """The error for a required field that is absent (lists the fields the row does have)."""
     have = ", ".join(sorted(map(str, row))) or "none"
     return DataError(path, line, key, f"missing (row has fields: {have})", f"missing_field:{key}")
 
 
-def _text_field(path, line, row: dict, key: str) -> str:
-    if not _present(row, key):
-        raise _missing(path, line, row, key)
+def text_field(path, line, row: dict, key: str) -> str:
+    """``row[key]`` as a non-empty string, or a DataError (missing / not a string / empty)."""
+    if not present(row, key):
+        raise missing_field(path, line, row, key)
     v = row[key]
     if not isinstance(v, str):
         raise DataError(path, line, key, f"expected a string, got {type(v).__name__}",
@@ -251,137 +246,53 @@ def _text_field(path, line, row: dict, key: str) -> str:
     return v
 
 
-def _row_id(path, line, row: dict, label: str) -> tuple[str, str | None]:
-    """(example id, name of the id field or None when the id is made up from file and line)."""
-    for key in ("unique_id", "id"):
-        if _present(row, key):
-            v = row[key]
-            if isinstance(v, bool) or not isinstance(v, (str, int)):
-                raise DataError(path, line, key, "expected a string or integer id, got "
-                                f"{type(v).__name__}", f"bad_type:{key}")
-            if str(v).strip():
-                return str(v), key
-    return f"{label}:{line}", None
+def parse_records(
+    records: Iterable[tuple[int, dict | DataError]], path: str,
+    parse: Callable[[int, dict], T], *, skip_bad_rows: bool, what: str = "rows",
+    key: Callable[[T], str] | None = None, key_field: str | Callable[[dict], str] = "id",
+    key_label: str = "id", report: SkipReport | None = None,
+) -> tuple[list[T], SkipReport]:
+    """Validate ``(line, row)`` records into items with ``parse(line, row)``.
 
-
-def _math_row(path, line, row: dict, label: str) -> "Example":
-    from .tasks import Example, last_boxed
-
-    question = _text_field(path, line, row, "problem")
-    answer = row.get("answer")
-    if answer is not None and not isinstance(answer, str):
-        if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-            raise DataError(path, line, "answer", "expected a string or number, got "
-                            f"{type(answer).__name__}", "bad_type:answer")
-        if isinstance(answer, float) and not math.isfinite(answer):
-            raise DataError(path, line, "answer", f"is {answer}", "bad_gold")
-        answer = str(answer)
-    if answer is None or not answer.strip():
-        # MATH convention: the gold answer is the last \boxed{} of the solution.
-        if not _present(row, "solution"):
-            have = ", ".join(sorted(map(str, row))) or "none"
-            raise DataError(path, line, "answer", "missing, and there is no 'solution' to take "
-                            f"the last \\boxed{{}} from (row has fields: {have})",
-                            "missing_field:answer")
-        solution = row["solution"]
-        if not isinstance(solution, str):
-            raise DataError(path, line, "solution", "expected a string, got "
-                            f"{type(solution).__name__}", "bad_type:solution")
-        answer = last_boxed(solution)
-        if answer is None or not answer.strip():
-            raise DataError(path, line, "solution", "no 'answer' field and no non-empty "
-                            "\\boxed{} in the solution to take the gold answer from", "bad_gold")
-    ex_id, _ = _row_id(path, line, row, label)
-    meta = {k: v for k, v in row.items() if k not in ("problem", "answer", "unique_id", "id")}
-    meta.update(task="math", source_file=label, line=line)
-    return Example(id=ex_id, question=question, answer=answer.strip(), meta=meta)
-
-
-def _gsm8k_row(path, line, row: dict, label: str) -> "Example":
-    from .tasks import Example, gsm8k_gold
-
-    question = _text_field(path, line, row, "question")
-    if not _present(row, "answer"):
-        raise _missing(path, line, row, "answer")
-    raw = row["answer"]
-    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-        raise DataError(path, line, "answer", f"expected a string, got {type(raw).__name__}",
-                        "bad_type:answer")
-    gold = gsm8k_gold(str(raw))
-    if gold is None:
-        tail = str(raw).strip().splitlines()[-1:] or [""]
-        raise DataError(path, line, "answer", "no number after '####' (GSM8K answers end with "
-                        f"'#### N'); last line is {tail[0][:60]!r}", "bad_gold")
-    ex_id, _ = _row_id(path, line, row, label)
-    meta = {k: v for k, v in row.items() if k not in ("question", "answer", "id", "unique_id")}
-    if isinstance(raw, str) and "####" in raw:
-        meta["solution"] = raw.rsplit("####", 1)[0].strip()
-    meta.update(task="gsm8k", source_file=label, line=line)
-    return Example(id=ex_id, question=question, answer=gold, meta=meta)
-
-
-_PROMPT_PARSERS = {"math": _math_row, "gsm8k": _gsm8k_row}
-
-
-def prompt_rows_from_records(
-    rows: Iterable[tuple[int, dict | DataError]], path: str, kind: str, skip_bad_rows: bool,
-    report: SkipReport | None = None,
-) -> tuple[list["Example"], SkipReport]:
-    """Validate ``(line, row)`` records (from a file or a `datasets` object) into Examples.
-
-    ``path`` is the label used in messages and made-up ids (``"{name}:{line}"``). Duplicate ids
-    (from a ``unique_id`` / ``id`` field) are an error like any other bad row.
+    ``records`` come from :func:`raw_rows` (where a row that is not even an object is already a
+    DataError) or from any iterable of dicts (a `datasets` object). With ``key``, two items with
+    the same key are an error at the second one's ``key_field`` (a name, or a function of the
+    row). Bad rows raise, or are counted in the returned :class:`SkipReport` and skipped with
+    ``skip_bad_rows``; an empty input, or one with nothing left, always raises (``what`` names
+    the rows in that message).
     """
-    if kind not in _PROMPT_PARSERS:
-        raise ValueError(f"unknown prompt-row kind {kind!r}; valid: {', '.join(_PROMPT_PARSERS)}")
-    parse = _PROMPT_PARSERS[kind]
     report = report if report is not None else SkipReport(path=str(path))
-    label = Path(str(path)).name or str(path)
-    out: list[Example] = []
+    out: list[T] = []
     seen: dict[str, int] = {}
     n_rows = 0
-    for line, row in rows:
+    for line, row in records:
         n_rows += 1
+        k = None
         try:
             if isinstance(row, DataError):
                 raise row
-            ex = parse(path, line, row, label)
-            if ex.id in seen:
-                _, id_field = _row_id(path, line, row, label)
-                raise DataError(path, line, id_field or "id", f"duplicate id {ex.id!r} (first "
-                                f"seen on line {seen[ex.id]})", "duplicate_id")
+            item = parse(line, row)
+            k = key(item) if key is not None else None
+            if k is not None and k in seen:
+                name = key_field(row) if callable(key_field) else key_field
+                raise DataError(path, line, name, f"duplicate {key_label} {k!r} (first seen on "
+                                f"line {seen[k]})", "duplicate_id")
         except DataError as err:
             if not skip_bad_rows:
                 raise
             report.add(err)
             continue
-        seen[ex.id] = line
-        out.append(ex)
+        if k is not None:
+            seen[k] = line
+        out.append(item)
     report.kept = len(out)
-    _check_nonempty(path, n_rows, report, kind="rows")
-    return out, report
-
-
-def load_prompt_rows(path: str | os.PathLike, kind: str, skip_bad_rows: bool = False
-                     ) -> tuple[list["Example"], SkipReport]:
-    """Load MATH-format (``kind="math"``) or GSM8K-format (``kind="gsm8k"``) prompt rows.
-
-    MATH rows: ``problem``, ``answer`` (if missing or empty: the last ``\\boxed{}`` of
-    ``solution``); id from ``unique_id`` / ``id`` or ``"{file name}:{line}"``. GSM8K rows:
-    ``question`` and ``answer`` ending in ``#### N``; the gold is N with commas removed. Bad rows
-    raise :class:`DataError` (file, line, field) unless ``skip_bad_rows``; an empty file, or one
-    with nothing left after skipping, always raises.
-    """
-    return prompt_rows_from_records(_raw_rows(path), str(path), kind, skip_bad_rows)
-
-
-def _check_nonempty(path, n_rows: int, report: SkipReport, kind: str) -> None:
     if n_rows == 0:
-        raise DataError(path, None, None, f"no {kind} (the file is empty)", "empty_file")
+        raise DataError(path, None, None, f"no {what} (the file is empty)", "empty_file")
     if report.kept == 0:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(report.counts.items()))
-        raise DataError(path, None, None, f"nothing left: all {report.skipped} {kind} were bad "
+        raise DataError(path, None, None, f"nothing left: all {report.skipped} {what} were bad "
                         f"and skipped ({kinds}); first: {report.first_errors[0]}", "no_rows_left")
+    return out, report
 
 
 # --------------------------------------------------------------------------- group rows
@@ -403,8 +314,8 @@ class _GroupRowChecker:
         return DataError(self.path, self.line, field_, problem, reason)
 
     def required(self, key: str) -> Any:
-        if not _present(self.row, key):
-            raise _missing(self.path, self.line, self.row, key)
+        if not present(self.row, key):
+            raise missing_field(self.path, self.line, self.row, key)
         return self.row[key]
 
     def type_error(self, key: str, expected: str, v: Any) -> DataError:
@@ -460,7 +371,7 @@ class _GroupRowChecker:
         v = self.row.get(key)
         if v is None:
             if required:
-                raise _missing(self.path, self.line, self.row, key)
+                raise missing_field(self.path, self.line, self.row, key)
             return None
         if not isinstance(v, list):
             raise self.type_error(key, "a list of numbers", v)
@@ -566,38 +477,32 @@ def validate_group_row(row: dict, path: str = "<groups>", line: int = 0,
     return _GroupRowChecker(str(path), line, row, vocab_size).group()
 
 
+def row_origin(group: Group) -> tuple[str, int] | None:
+    """``(file, line)`` a group was read from by :func:`read_groups`, else None."""
+    o = group.meta.get(ORIGIN_KEY)
+    return (o["file"], o["line"]) if isinstance(o, dict) else None
+
+
 def read_groups(path: str | os.PathLike, skip_bad_rows: bool = False,
                 vocab_size: int | None = None) -> tuple[list[Group], SkipReport]:
     """Read an offline group dataset (.jsonl or .parquet written by :func:`write_groups`).
 
     Every row is validated (see :func:`validate_group_row` and the module docstring); duplicate
     ``prompt_id`` values are errors. With ``vocab_size`` every token id must lie in
-    ``[0, vocab_size)``. Returns the groups (``source="offline"``) and the skip report.
+    ``[0, vocab_size)``. Each group remembers its file and line (:func:`row_origin`, for later
+    errors such as :mod:`agro.provenance`'s). Returns the groups (``source="offline"``) and the
+    skip report.
     """
     p = str(path)
-    report = SkipReport(path=p)
-    groups: list[Group] = []
-    seen: dict[str, int] = {}
-    n_rows = 0
-    for line, row in _raw_rows(path):
-        n_rows += 1
-        try:
-            if isinstance(row, DataError):
-                raise row
-            g = validate_group_row(row, p, line, vocab_size)
-            if g.prompt_id in seen:
-                raise DataError(p, line, "prompt_id", f"duplicate prompt id {g.prompt_id!r} "
-                                f"(first seen on line {seen[g.prompt_id]})", "duplicate_id")
-        except DataError as err:
-            if not skip_bad_rows:
-                raise
-            report.add(err)
-            continue
-        seen[g.prompt_id] = line
-        groups.append(g)
-    report.kept = len(groups)
-    _check_nonempty(p, n_rows, report, kind="groups")
-    return groups, report
+
+    def parse(line: int, row: dict) -> Group:
+        g = validate_group_row(row, p, line, vocab_size)
+        g.meta[ORIGIN_KEY] = {"file": p, "line": line}
+        return g
+
+    return parse_records(raw_rows(path), p, parse, skip_bad_rows=skip_bad_rows, what="groups",
+                         key=lambda g: g.prompt_id, key_field="prompt_id",
+                         key_label="prompt id")
 
 
 def _parquet_schema():
@@ -619,8 +524,10 @@ def write_groups(path: str | os.PathLike, groups: list[Group], meta: dict | None
     """Atomically write groups, one per row, as .jsonl or .parquet.
 
     Each row is ``Group.to_dict()`` plus ``format`` (:data:`GROUPS_FORMAT`), with ``meta`` (the
-    file-level facts, e.g. ``{"tokenizer": name, "vocab_size": V, "model": ...}``) merged over the
-    group's own ``meta``. Rows are validated before anything is written (a group that could not
+    file-level facts, e.g. ``{"tokenizer": name, "vocab_size": V, "model": ...,
+    "reference": agro.provenance.reference_identity(...)}``) merged over the group's own ``meta``
+    (minus :data:`ORIGIN_KEY`, which describes where a group was read from, not the group).
+    Rows are validated before anything is written (a group that could not
     be read back raises DataError naming its index as the line). Parquet stores ``meta`` as a
     JSON string and floats as float64, so values round-trip exactly in both formats.
     """
@@ -638,7 +545,7 @@ def write_groups(path: str | os.PathLike, groups: list[Group], meta: dict | None
         row["rewards"] = [float(r) for r in row["rewards"]]
         if row["correct"] is not None:
             row["correct"] = [float(c) for c in row["correct"]]
-        row["meta"] = {**row["meta"], **meta}
+        row["meta"] = {k: v for k, v in {**row["meta"], **meta}.items() if k != ORIGIN_KEY}
         row = {"format": GROUPS_FORMAT, **row}
         validate_group_row(row, str(p), i + 1, vocab)
         try:
@@ -660,5 +567,5 @@ def write_groups(path: str | os.PathLike, groups: list[Group], meta: dict | None
     cols = {name: [r.get(name) for r in rows] for name in schema.names}
     cols["meta"] = [json.dumps(m, ensure_ascii=False, allow_nan=False) for m in cols["meta"]]
     table = pa.table(cols, schema=schema)
-    _atomic_write(p, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(p, lambda tmp: pq.write_table(table, tmp))
 

@@ -4,7 +4,9 @@
   at increasing levels. Its problem space is enumerable, and a stable hash of each problem's
   canonical string puts ~20 % of it in a held-out split that never overlaps the training split.
 * MATH-format and GSM8K-format rows from local .jsonl / .json / .parquet files or a `datasets`
-  name (:func:`build_task`), validated by :mod:`agro.datafiles`.
+  name (:func:`build_task`): read with :mod:`agro.datafiles` (generic rows, errors naming file,
+  line and field) and parsed here (:func:`load_prompt_rows`; gold answers from the last
+  ``\\boxed{}`` of a solution, :func:`agro.rewards.last_boxed`, or from ``#### N``).
 * :class:`PromptSampler` — draws training examples without replacement, epoch after epoch, from a
   seeded ``random.Random``; its ``state_dict`` holds only JSON types so a resumed run continues the
   exact same sequence.
@@ -21,14 +23,17 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import datafiles
-from .datafiles import SkipReport
+from .datafiles import DataError, SkipReport, missing_field, present, text_field
+from .rewards import last_boxed
 
 TASKS = ("arithmetic", "math", "gsm8k")
 TEMPLATES = ("auto", "bare", "paper", "boxed")
@@ -52,37 +57,6 @@ class Example:
 
 
 # --------------------------------------------------------------------------- gold answers
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed 5``) in ``text``.
-
-    Braces are matched, so nested ones survive. Returns None when there is none or it is
-    unbalanced.
-
-    >>> last_boxed(r"so $x = \boxed{\frac{1}{2}}$, not \boxed{3}.")
-    '3'
-    >>> last_boxed(r"$\boxed{\frac{1}{2}}$")
-    '\\frac{1}{2}'
-    """
-    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
-        return None
-    j = idx + (len("\\boxed") if text.startswith("\\boxed", idx) else len("\\fbox"))
-    if j < len(text) and text[j] == "{":
-        depth = 0
-        for k in range(j, len(text)):
-            if text[k] == "{":
-                depth += 1
-            elif text[k] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[j + 1:k]
-        return None
-    if j < len(text) and text[j] == " ":  # "\boxed 5"
-        m = re.match(r"\s*([^\s$]+)", text[j:])
-        return m.group(1) if m else None
-    return None
-
-
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -393,6 +367,108 @@ class ExamplesTask(Task):
         return list(self.eval[:max(0, k)])
 
 
+# --------------------------------------------------------------------------- prompt rows
+def _row_id(path, line, row: dict, label: str) -> tuple[str, str | None]:
+    """(example id, name of the id field or None when the id is made up from file and line)."""
+    for key in ("unique_id", "id"):
+        if present(row, key):
+            v = row[key]
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise DataError(path, line, key, "expected a string or integer id, got "
+                                f"{type(v).__name__}", f"bad_type:{key}")
+            if str(v).strip():
+                return str(v), key
+    return f"{label}:{line}", None
+
+
+def _math_row(path, line, row: dict, label: str) -> Example:
+    question = text_field(path, line, row, "problem")
+    answer = row.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+            raise DataError(path, line, "answer", "expected a string or number, got "
+                            f"{type(answer).__name__}", "bad_type:answer")
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise DataError(path, line, "answer", f"is {answer}", "bad_gold")
+        answer = str(answer)
+    if answer is None or not answer.strip():
+        # MATH convention: the gold answer is the last \boxed{} of the solution.
+        if not present(row, "solution"):
+            have = ", ".join(sorted(map(str, row))) or "none"
+            raise DataError(path, line, "answer", "missing, and there is no 'solution' to take "
+                            f"the last \\boxed{{}} from (row has fields: {have})",
+                            "missing_field:answer")
+        solution = row["solution"]
+        if not isinstance(solution, str):
+            raise DataError(path, line, "solution", "expected a string, got "
+                            f"{type(solution).__name__}", "bad_type:solution")
+        answer = last_boxed(solution)
+        if answer is None or not answer.strip():
+            raise DataError(path, line, "solution", "no 'answer' field and no non-empty "
+                            "\\boxed{} in the solution to take the gold answer from", "bad_gold")
+    ex_id, _ = _row_id(path, line, row, label)
+    meta = {k: v for k, v in row.items() if k not in ("problem", "answer", "unique_id", "id")}
+    meta.update(task="math", source_file=label, line=line)
+    return Example(id=ex_id, question=question, answer=answer.strip(), meta=meta)
+
+
+def _gsm8k_row(path, line, row: dict, label: str) -> Example:
+    question = text_field(path, line, row, "question")
+    if not present(row, "answer"):
+        raise missing_field(path, line, row, "answer")
+    raw = row["answer"]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise DataError(path, line, "answer", f"expected a string, got {type(raw).__name__}",
+                        "bad_type:answer")
+    gold = gsm8k_gold(str(raw))
+    if gold is None:
+        tail = str(raw).strip().splitlines()[-1:] or [""]
+        raise DataError(path, line, "answer", "no number after '####' (GSM8K answers end with "
+                        f"'#### N'); last line is {tail[0][:60]!r}", "bad_gold")
+    ex_id, _ = _row_id(path, line, row, label)
+    meta = {k: v for k, v in row.items() if k not in ("question", "answer", "id", "unique_id")}
+    if isinstance(raw, str) and "####" in raw:
+        meta["solution"] = raw.rsplit("####", 1)[0].strip()
+    meta.update(task="gsm8k", source_file=label, line=line)
+    return Example(id=ex_id, question=question, answer=gold, meta=meta)
+
+
+_PROMPT_PARSERS = {"math": _math_row, "gsm8k": _gsm8k_row}
+
+
+def prompt_rows_from_records(
+    rows: Iterable[tuple[int, dict | DataError]], path: str, kind: str, skip_bad_rows: bool,
+    report: SkipReport | None = None,
+) -> tuple[list[Example], SkipReport]:
+    """Validate ``(line, row)`` records (from a file or a `datasets` object) into Examples.
+
+    ``path`` is the label used in messages and made-up ids (``"{name}:{line}"``). Duplicate ids
+    (from a ``unique_id`` / ``id`` field) are an error like any other bad row.
+    """
+    if kind not in _PROMPT_PARSERS:
+        raise ValueError(f"unknown prompt-row kind {kind!r}; valid: {', '.join(_PROMPT_PARSERS)}")
+    parse = _PROMPT_PARSERS[kind]
+    label = Path(str(path)).name or str(path)
+    return datafiles.parse_records(
+        rows, path, lambda line, row: parse(path, line, row, label), skip_bad_rows=skip_bad_rows,
+        what="rows", key=lambda ex: ex.id,
+        key_field=lambda row: _row_id(path, 0, row, label)[1] or "id", key_label="id",
+        report=report)
+
+
+def load_prompt_rows(path: str | os.PathLike, kind: str, skip_bad_rows: bool = False
+                     ) -> tuple[list[Example], SkipReport]:
+    """Load MATH-format (``kind="math"``) or GSM8K-format (``kind="gsm8k"``) prompt rows.
+
+    MATH rows: ``problem``, ``answer`` (if missing or empty: the last ``\\boxed{}`` of
+    ``solution``); id from ``unique_id`` / ``id`` or ``"{file name}:{line}"``. GSM8K rows:
+    ``question`` and ``answer`` ending in ``#### N``; the gold is N with commas removed. Bad rows
+    raise :class:`~agro.datafiles.DataError` (file, line, field) unless ``skip_bad_rows``; an
+    empty file, or one with nothing left after skipping, always raises.
+    """
+    return prompt_rows_from_records(datafiles.raw_rows(path), str(path), kind, skip_bad_rows)
+
+
 # --------------------------------------------------------------------------- loading
 HELD_OUT_FRACTION = 0.1
 HELD_OUT_MAX = 500
@@ -438,16 +514,16 @@ def load_examples(spec: str, kind: str, skip_bad_rows: bool = False, split: str 
 
     A ``spec`` that is not a local file (and does not end in a data-file suffix) is a `datasets`
     name or directory, optionally ``name:config@split`` (``split`` is the default split). Rows
-    are validated identically in both cases (see :func:`agro.datafiles.load_prompt_rows`).
+    are validated identically in both cases (see :func:`load_prompt_rows`).
     """
     if _is_local(spec):
-        return datafiles.load_prompt_rows(spec, kind, skip_bad_rows)
+        return load_prompt_rows(spec, kind, skip_bad_rows)
     import datasets  # only imported for hub names
 
     name, config, split = parse_hub_spec(spec, split)
     ds = datasets.load_dataset(name, config, split=split)
     records = ((i + 1, dict(row)) for i, row in enumerate(ds))
-    return datafiles.prompt_rows_from_records(records, f"{name}[{split}]", kind, skip_bad_rows)
+    return prompt_rows_from_records(records, f"{name}[{split}]", kind, skip_bad_rows)
 
 
 def build_task(cfg: Any) -> Task:

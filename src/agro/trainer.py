@@ -41,6 +41,7 @@ from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
 from .models import save_for_transformers
+from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
 from .sources import build_mixer
 from .tasks import build_task
@@ -156,14 +157,22 @@ class Trainer:
             if self.dist.is_main else None
 
     def _offline_groups(self, mix: dict[str, float]) -> list[Group] | None:
-        """Read, validate and check every offline file (None when the mix has no offline part)."""
+        """Read and validate every offline file, and check that its reference log-probs are this
+        run's (:func:`agro.provenance.check_offline_groups`: the recorded reference identity, then
+        a recomputation of ``offline_check_rows`` rows). None when the mix has no offline part."""
         if "offline" not in mix:
             return None
         cfg = self.cfg
+        identity = reference_identity(cfg.model, self.reference, self.tok, cfg.precision)
         groups: list[Group] = []
         for p in cfg.offline_path.split(","):
-            gs, report = read_groups(Path(p.strip()), skip_bad_rows=cfg.skip_bad_rows,
-                                     vocab_size=len(self.tok))
+            path = Path(p.strip())
+            gs, report = read_groups(path, skip_bad_rows=cfg.skip_bad_rows, vocab_size=len(self.tok))
+            check = check_offline_groups(path, gs, identity=identity, reference=self.reference,
+                                         tokenizer=self.tok, precision=cfg.precision,
+                                         rows=cfg.offline_check_rows,
+                                         trust=cfg.trust_offline_reference, warn=self.note)
+            self.note(check.summary())
             for k, v in report.counts.items():
                 key = f"offline:{k}"
                 self.counters.skipped_rows[key] = self.counters.skipped_rows.get(key, 0) + v

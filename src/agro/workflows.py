@@ -12,6 +12,7 @@ from .datafiles import write_groups
 from .evaluation import evaluate
 from .logprobs import Reference
 from .models import load_model, load_tokenizer
+from .provenance import META_KEY, reference_identity
 from .tasks import build_task
 
 
@@ -44,9 +45,11 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
         if own:
             grader.close()
     out = Path(cfg.output)
+    identity = reference_identity(cfg.ref_model or cfg.model, reference, tok, cfg.precision)
     write_groups(out, groups, meta={"model": cfg.model, "tokenizer": cfg.model,
                                     "vocab_size": len(tok), "task": cfg.task,
-                                    "temperature": cfg.temperature, "top_p": cfg.top_p})
+                                    "temperature": cfg.temperature, "top_p": cfg.top_p,
+                                    META_KEY: identity})
     return out, len(groups)
 
 
