@@ -2,7 +2,7 @@
 
 Run by ``bench/vs_trl.py`` (not by hand): it needs ``trl`` (installed by ``make bench``, in
 ``.venv-bench`` only, never in agro's own environment). The reward is agro's public
-``agro.rewards.math_reward`` so both arms grade identically; the prompts are agro's arithmetic
+``agro.grading.math_reward`` so both arms grade identically; the prompts are agro's arithmetic
 training prompts, given to TRL in conversational form so it applies the same chat template.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from agro.rewards import math_reward
+    from agro.grading import math_reward
     from agro.tasks import ArithmeticTask
 
     if a.threads:

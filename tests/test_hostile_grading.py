@@ -84,6 +84,34 @@ HOSTILE = SLOW_SYMPY + [
     ("\\boxed{" + "x^" * 150 + "2}", "1"),
 ]
 
+# Aimed at the plain-expression path: without a marker, math-verify's own extraction reads the
+# text, and its ExprExtractionConfig would hand arithmetic-looking text to sympy.parse_expr (eval).
+PLAIN_EXPRESSION = [
+    (f"So the answer is {_CODE}", "0"),
+    (f"Answer: {_CODE}", "0"),
+    (f"the answer is (lambda: {_CODE})()", "0"),
+    (f"lambda: {_CODE}", "0"),
+    (f"The answer = 7 if {_CODE} else 7", "7"),
+    ("answer: ().__class__.__bases__[0].__subclasses__()", "0"),
+    ("answer: [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen']"
+     f"[0]('touch {_PWNED}', shell=True)", "0"),
+    ("(1).__class__.__mro__[-1]", "1"),
+    (f"$x$ is the number {_CODE}", "0"),  # LaTeX present: math-verify reads the whole text
+    (f"We get $1$ and then eval('{_CODE}') = 1", "1"),
+    (f"So the answer is exec(\"{_CODE}\")", "0"),
+    ("So the answer is 9**9**9**9.", "1"),
+    ("So the answer is 2**2**2**2**2**2.", "1"),
+    ("so we get 10^(10^10) in the end", "1"),
+    ("so we get (10**10)**(10**10) in the end", "1"),
+    ("answer: 9^999999 apples", "1"),
+    ("Result: $ 2^{2^{30}} $ apples", "2"),
+    ("x is 1e999999999 and more text here", "1"),
+    ("so it is " + "(" * 100 + "1" + ")" * 100 + " I think", "1"),
+    ("the answer is " + "1+" * 100_000 + "1", "1"),
+    ("Hence\n" + "9" * 5000, "9"),
+]
+HOSTILE += PLAIN_EXPRESSION
+
 
 def _assert_not_pwned() -> None:
     assert not _PWNED.exists(), "model text was executed as code"
@@ -104,8 +132,66 @@ def _grade_timed(g: Grader, completion: str, answer: str) -> tuple[GradeResult, 
 
 
 def test_corpus_is_large_and_has_multi_megabyte_items():
-    assert len(HOSTILE) >= 25
+    assert len(HOSTILE) >= 70
     assert sum(len(c) >= 2_000_000 for c, _ in HOSTILE) >= 3
+    # most plain-expression items do reach math-verify in the sandbox (the rest are decided by the
+    # trainer-side fast path), and several reach its whole-text extraction
+    from agro import rewards
+
+    verdicts = [rewards.triage("0", c) for c, _ in PLAIN_EXPRESSION]
+    assert sum(v[0] is None for v in verdicts) >= 12 and sum(v[2] is not None for v in verdicts) >= 8
+
+
+@pytest.mark.parametrize("text", [
+    _CODE, "__import__('os')", "lambda: 1", "(1).__class__", "1; 2", "1 if 1 else 2", "x + 1", "a.b",
+    "9**9**9", "2^3^4", "10^(10)", "10^99999", "((" * 30 + "1" + "))" * 30, "1" * 300, "[1]", "{1: 2}",
+    "'1'", "1e5", "1_000", "\\frac{1}{2}", "2 ** -1 ** 2",
+])
+def test_plain_expressions_outside_the_whitelist_are_refused(text):
+    from agro import rewards
+
+    with pytest.raises(ValueError):
+        rewards._safe_parse_expr(text)
+    _assert_not_pwned()
+
+
+def test_plain_arithmetic_is_parsed_without_eval():
+    from agro import rewards
+
+    parsed = [rewards._safe_parse_expr(t) for t in ("1 + 2*3", "(9+1)/2", "2**10", "3\u00d74", "7.5 - .5")]
+    assert [float(x.doit()) for x in parsed] == [7, 5, 1024, 12, 7]
+
+
+def test_no_eval_while_math_verify_runs():
+    """Inside the sandbox's guard, sympify of code is refused (numbers and names still work),
+    math-verify's expression mode goes through the whitelist, and everything is restored after."""
+    import sympy
+    import sympy.parsing.sympy_parser as spp
+    from math_verify import ExprExtractionConfig, parse
+    from math_verify import parser as mvp
+
+    from agro import rewards
+
+    before = (spp.parse_expr, mvp.parse_expr_cached)
+    calls = []
+    real = rewards._safe_parse_expr
+
+    def spy(text):
+        calls.append(text)
+        return real(text)
+
+    rewards._safe_parse_expr, saved = spy, rewards._safe_parse_expr
+    try:
+        with rewards._no_eval():
+            with pytest.raises((ValueError, sympy.SympifyError)):
+                sympy.sympify(_CODE)
+            assert sympy.sympify("12.5") == sympy.Float("12.5") and sympy.sympify("yotta") == sympy.Symbol("yotta")
+            assert parse("the answer is 1 + 2*3", [ExprExtractionConfig()], parsing_timeout=None)[0].doit() == 7
+            assert parse(f"the answer is 2*(1+{_CODE})", [ExprExtractionConfig()], parsing_timeout=None) != []
+    finally:
+        rewards._safe_parse_expr = saved
+    assert calls and (spp.parse_expr, mvp.parse_expr_cached) == before
+    _assert_not_pwned()
 
 
 @pytest.mark.parametrize("idx", range(len(HOSTILE)), ids=[repr(c[:24]) for c, _ in HOSTILE])

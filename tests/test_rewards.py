@@ -1,4 +1,5 @@
-"""Tests for agro.rewards: answer extraction, equivalence and math_reward (agro_math.md §8)."""
+"""Tests for agro.rewards and agro.grading's reward API: answer extraction, equivalence and
+math_reward (agro_math.md §8)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agro import rewards
-from agro.rewards import extract_answer, is_equivalent, math_reward
+from agro import grading, rewards
+from agro.grading import Grader, default_grader, is_equivalent, math_reward
+from agro.rewards import extract_answer, last_boxed
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -152,7 +154,7 @@ def test_arithmetic_hot_path_is_cheap():
         guess = a * b + rng.choice([0, 0, 1, -10])
         completions.append(f"{a} * {b}: first {a} * {b // 10 * 10} = {a * (b // 10 * 10)}. The final answer is {guess:,}.")
         answers.append(str(a * b))
-    res = rewards.default_grader().grade(completions, answers)
+    res = default_grader().grade(completions, answers)
     expected = [1.0 if c.endswith(f"{int(a):,}.") else 0.0 for c, a in zip(completions, answers)]
     assert res.rewards == expected
     assert res.sandboxed == 0  # plain numbers are compared in the trainer process
@@ -162,7 +164,7 @@ def test_arithmetic_hot_path_is_cheap():
 @pytest.mark.data
 def test_math500_solutions_match_their_answers():
     rows = _rows("math500_test.jsonl")
-    res = rewards.default_grader().grade([r["solution"] for r in rows], [r["answer"] for r in rows])
+    res = default_grader().grade([r["solution"] for r in rows], [r["answer"] for r in rows])
     assert sum(v == 1.0 for v in res.rewards) >= 0.99 * len(rows)
     assert res.timeouts == 0 and res.errors == 0
 
@@ -172,7 +174,7 @@ def test_math500_solutions_do_not_match_other_answers():
     """Guards against a grader that says yes too easily (each solution vs the next row's answer)."""
     rows = _rows("math500_test.jsonl")[:200]
     others = rows[1:] + rows[:1]
-    res = rewards.default_grader().grade([r["solution"] for r in rows], [o["answer"] for o in others])
+    res = default_grader().grade([r["solution"] for r in rows], [o["answer"] for o in others])
     same = sum(rewards._normalise(r["answer"]) == rewards._normalise(o["answer"]) for r, o in zip(rows, others))
     assert sum(v == 1.0 for v in res.rewards) <= same + 2
     assert res.sandboxed > 50  # this test does exercise the Sympy path
@@ -193,7 +195,7 @@ def test_math500_rewritten_answers_need_sympy_and_match():
             golds.append(r["answer"])
             preds.append(pred)
     assert len(preds) >= 20
-    res = rewards.default_grader().equivalent(golds, preds)
+    res = default_grader().equivalent(golds, preds)
     assert res.sandboxed == len(preds)
     assert sum(v == 1.0 for v in res.rewards) >= 0.95 * len(preds)
 
@@ -207,3 +209,198 @@ def test_gsm8k_answer_fields_match_themselves():
     # and a wrong final number is caught
     wrong = [f.rsplit("####", 1)[0] + "#### " + str(int(f.rsplit("####", 1)[1].replace(",", "")) + 1) for f in fields[:200]]
     assert all(v == 0.0 for v in math_reward(wrong, fields[:200]))
+
+
+# ------------------------------------------------------------------------------ last_boxed
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"a \boxed{1} then \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"$\boxed{\{1, 2\}}$", r"\{1, 2\}"),  # \{ and \} are literal braces
+        (r"\boxed{\{1, 2\} \cup \{3\}}", r"\{1, 2\} \cup \{3\}"),
+        (r"\boxed{\}}", r"\}"),
+        (r"\boxed 5$", "5"),  # the brace-less form
+        (r"so \boxed 5. Done", "5."),
+        (r"\boxed \frac{1}{2} is it", r"\frac{1}{2}"),
+        (r"\boxed {7}", "7"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{\boxed{3}}", "3"),
+        (r"\boxed{\begin{pmatrix} 1 \\ {2} \end{pmatrix}}", r"\begin{pmatrix} 1 \\ {2} \end{pmatrix}"),
+        (r"\boxed{4} then an unclosed \boxed{5", "4"),
+        (r"\boxed{unbalanced", None),
+        ("no box", None),
+        (r"\boxed{}", ""),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_last_boxed_is_linear_time():
+    baits = ["\\boxed{" * 200_000, "\\boxed " * 200_000, "\\boxed a{" * 200_000, "{" * 500_000 + "\\boxed{1}",
+             "\\{" * 500_000, "\\boxed{" + "\\}" * 500_000]
+    for bait in baits:
+        t = time.perf_counter()
+        last_boxed(bait)
+        assert time.perf_counter() - t < 1.0, bait[:20]
+
+
+# ------------------------------------------------------------------------------ module layout
+
+
+def test_doctests():
+    import doctest
+
+    for module in (rewards, grading):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_rewards_module_is_standalone():
+    """The sandbox loads rewards.py by path: it must not import agro, grading, torch or Sympy at
+    import time, and it must not reach for agro.grading at all (no import circle)."""
+    import ast
+    import subprocess
+    import sys
+
+    source = Path(rewards.__file__).read_text()
+    tree = ast.parse(source)
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith("agro") or "grading" in m]
+    assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body)
+    code = (
+        "import importlib.util as u, sys\n"
+        f"s = u.spec_from_file_location('_r', {rewards.__file__!r}); m = u.module_from_spec(s)\n"
+        "s.loader.exec_module(m)\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('agro', 'torch', 'sympy', 'math_verify')]\n"
+        "assert not bad, bad\n"
+        "assert m.extract_answer('The final answer is 7.') == '7'\n"
+    )
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------ extraction sources
+
+
+@pytest.mark.parametrize(
+    "text, answer, source",
+    [
+        ("Work. The final answer is $x \\geq 5$. I hope it is correct.", "x \\geq 5", "marker"),
+        ("so $\\boxed{12}$", "12", "boxed"),
+        ("3 + 4 = <<3+4=7>>7\n#### 7", "7", "hashes"),
+        ("x >= 5", "x >= 5", "bare"),
+        ("10, 4, -2", "10, 4, -2", "bare"),  # not the last number
+        ("$\\frac{1}{2}$", "\\frac{1}{2}", "bare"),
+        ("\\(x \\neq 3\\)", "x \\neq 3", "bare"),
+        ("Tuesday", "Tuesday", "bare"),
+        ("We add the numbers.\n7 + 8 = 15", "7 + 8 = 15", "bare"),  # the last line is an answer
+        ("So the answer is x != 3.", "x != 3", "answer"),
+        ("Answer: (1, 0.3333)", "(1, 0.3333)", "answer"),
+        ("We multiply and get 15 apples in total.", "15", "number"),
+        ("It costs 2,74 euros in total.", "2,74", "number"),  # maybe a decimal comma: decided later
+        ("The probability is $\\frac{1}{3}$ overall.", "3", "text"),  # math-verify reads the text
+        ("the cat sat on the mat", None, "none"),
+    ],
+)
+def test_extract_sources(text, answer, source):
+    ex = rewards.extract(text)
+    assert (ex.answer, ex.source) == (answer, source)
+    assert (ex.text is not None) == (source in ("number", "text"))
+
+
+# ------------------------------------------------------------------------------ numbers in-process
+
+
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        # stated precision: >= 4 significant digits, rounded half-up to the places given
+        ("\\frac{1}{3}", "0.3333", 1.0), ("\\frac{2}{3}", "0.6667", 1.0), ("\\frac{2}{3}", "0.6666", 0.0),
+        ("\\frac{1}{3}", "0.333", 0.0), ("\\frac{1}{3}", "0.33", 0.0), ("\\frac{1}{2}", "0.5", 1.0),
+        ("-\\frac{2}{3}", "-0.6667", 1.0), ("\\frac{1}{12}", "0.08333", 1.0), ("\\frac{1}{12}", "0.0833", 0.0),
+        ("\\frac{100}{3}", "33.33", 1.0), ("15", "15.00", 1.0), ("15", "15.01", 0.0), ("0.3333", "1/3", 1.0),
+        ("\\frac{1}{3}", "0.333333", 1.0), ("\\frac{1}{3}", "0.3333333333", 1.0), ("0.3333", "0.333333", 0.0),
+        # decimal commas (against a decimal only) and thousands separators
+        ("1.45", "1,45", 1.0), ("0.222", "0,222", 1.0), ("145", "1,45", None), ("1.234", "1,234", 0.0),
+        ("1234", "1,234", 1.0), ("2000", "2 000", 1.0), ("10080", "10,\\!080", 1.0), ("1008016", "1{,}008{,}016", 1.0),
+        ("1234", "1, 234", None), ("2250.49", "2,250.49\u20ac", 1.0), ("24000", "\\$24,000", 1.0),
+        # units, equations whose right-hand side is the number
+        ("5", "5 cm", 1.0), ("5", "5 cm^2", 1.0), ("5", "x = 5", 1.0), ("15", "7 + 8 = 15", 1.0),
+        ("15", "7 + 8 = 16", 0.0), ("2", "a = 1, b = 2", None), ("5", "x \\geq 5", None),
+    ],
+)
+def test_quick_verdict_numbers(gold, pred, expected):
+    assert rewards.quick_verdict(gold, pred) == expected
+
+
+def test_round_half_up():
+    assert rewards._round_half_up(rewards.Fraction(2, 3), 4) == rewards.Fraction("0.6667")
+    assert rewards._round_half_up(rewards.Fraction(-5, 1000), 2) == rewards.Fraction("-0.01")
+    assert rewards._round_half_up(rewards.Fraction(1, 8), 2) == rewards.Fraction("0.13")
+
+
+# ------------------------------------------------------------------------------ sandbox rules
+
+
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        ("x \\geq 6", "x >= 6", True), ("x \\neq 3", "x != 3", True), ("x \\neq 3", "x = 3", False),
+        ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{bmatrix} 1 \\\\ 2 \\end{bmatrix}", True),
+        ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]", True),
+        ("\\left(\\frac{1}{3}, 2\\right]", "(0.3333, 2]", True), ("\\left(\\frac{1}{3}, 2\\right]", "(0.33, 2]", False),
+        ("(1, \\frac{1}{3})", "(1, 0.3333)", True), ("2\\sqrt{5}", "4.4721", True), ("2\\sqrt{5}", "4.4720", False),
+        ("\\begin{pmatrix} \\frac{2}{3} \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix} 0.6667 \\\\ 1 \\end{pmatrix}", True),
+        ("10, 4, -2", "4, 10, -2", False), ("10, 4, -2", "10,4,-2", True), ("\\{1, 2\\}", "\\{2, 1\\}", True),
+        ("(2, 3)", "\\{2, 3\\}", False),
+    ],
+)
+def test_sandbox_rules(gold, pred, expected):
+    """The comparison rules of the sandbox, called in-process on trusted input."""
+    assert rewards.sandbox_grade(gold, pred, None) is expected
+
+
+def test_sandbox_reads_the_text_when_there_is_no_marker():
+    assert rewards.sandbox_grade("\\frac{1}{2}", None, "The probability is $\\frac{1}{2}$, as we saw.") is True
+    assert rewards.sandbox_grade("0.25", None, "Therefore the result is\n\\[ 0,25 \\]") is True
+    assert rewards.sandbox_grade("\\frac{1}{2}", None, "The probability is $\\frac{1}{3}$.") is False
+    assert rewards.sandbox_grade("\\frac{1}{2}", None, "") is False
+
+
+def test_hot_path_styles_stay_in_process():
+    """Plain-number completions in every common style are decided without the sandbox."""
+    completions = ["The final answer is 1,234.", "1234", "1234.", "617 * 2 = 1234", "We get 1234 apples.",
+                   "So \\boxed{1234}", "#### 1,234", "The answer is 1234.", "Work:\n617 + 617 = 1234", "1233"]
+    res = Grader().grade(completions, ["1234"] * len(completions))
+    assert res.rewards == [1.0] * 9 + [0.0]
+    assert res.sandboxed == 0
+
+
+# ------------------------------------------------------------------------------ start-up
+
+
+def test_start_returns_at_once_and_grade_uses_that_sandbox():
+    with Grader() as g:
+        t = time.perf_counter()
+        assert g.start() is g
+        assert time.perf_counter() - t < 0.5  # fork + exec only; math-verify loads in the background
+        assert g.starts == 1 and not g.ready()
+        g.start()  # idempotent
+        assert g.starts == 1
+        deadline = time.monotonic() + 120
+        while not g.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert g.ready()
+        t = time.perf_counter()
+        res = g.grade(["\\boxed{\\frac{1}{\\sqrt{2}}}"], ["\\frac{\\sqrt{2}}{2}"])
+        assert res.rewards == [1.0] and res.sandboxed == 1 and g.starts == 1
+        assert time.perf_counter() - t < 0.5  # no start-up wait left
+
+
+def test_grade_right_after_start_waits_for_the_sandbox():
+    with Grader() as g:
+        g.start()
+        res = g.grade(["\\boxed{x^2-1}"], ["(x-1)(x+1)"])
+        assert res.rewards == [1.0] and g.starts == 1 and g.ready()

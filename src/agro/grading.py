@@ -1,13 +1,19 @@
-"""Time-bounded, sandboxed grading of untrusted model answers (agro_math.md §8, "prompt/reward").
+r"""Time-bounded, sandboxed grading of untrusted model answers (agro_math.md §8, "prompt/reward").
 
 The paper parses the answer after "The final answer is" and matches it to the ground truth with
-Sympy (reward 1/0). Model text is untrusted. Sympy can run for minutes or fill the memory on
-``9^{9^{9^{9}}}`` or ``1000000!``, and math-verify's own timeout uses ``signal.alarm``, which only
-works in the main thread. ``Grader`` bounds each item's wall time with processes instead, which
-works from any thread, a DataLoader worker or a subprocess:
+Sympy (reward 1/0). This module holds the public reward API (``math_reward``, ``is_equivalent``,
+``Grader``, ``default_grader``); ``agro.rewards`` holds the answer extraction and matching rules,
+and lists where they depart from the paper (more extraction fallbacks, math-verify instead of a
+bare Sympy match, ordered lists, stated precision).
+
+Model text is untrusted. Sympy can run for minutes or fill the memory on ``9^{9^{9^{9}}}`` or
+``1000000!``, and math-verify's own timeout uses ``signal.alarm``, which only works in the main
+thread. ``Grader`` bounds each item's wall time with processes instead, which works from any
+thread, a DataLoader worker or a subprocess:
 
     trainer process                     zygote (fresh interpreter,     grader (fork of the zygote)
-                                        started once, lazily)
+                                        started by Grader.start() or
+                                        on the first hard item)
     Grader.grade: extract, fast path
       --- JSON jobs ----------------->  relays one job at a time  --->  math-verify on one item
       <-- JSON results --------------   poll(deadline); past it,  <---  result
@@ -15,20 +21,23 @@ works from any thread, a DataLoader worker or a subprocess:
                                         a fresh one (~5 ms)
 
 * Most items never leave the trainer process: extraction, length caps, exact comparison of plain
-  numbers and string normalisation run there in linear time (``agro.rewards``).
+  numbers and string normalisation run there in linear time (``agro.rewards.triage``).
 * The zygote is started with ``subprocess`` rather than ``multiprocessing``, so it also starts from
   daemonic processes (DataLoader workers), never re-imports the trainer's ``__main__`` and never
   inherits its threads. It loads ``rewards.py`` and this file by path (not via ``agro``, so
-  never torch), imports math-verify and warms its caches once. Each grader is a ``fork`` of it, so
-  restarting after a timeout costs milliseconds, not an interpreter start. The zygote is
+  never torch), imports math-verify and warms its caches once (about 3 s; ``Grader.start()``
+  begins this in the background so that it overlaps model loading). Each grader is a ``fork`` of
+  it, so restarting after a timeout costs milliseconds, not an interpreter start. The zygote is
   single-threaded, so forking it is safe.
 * Only JSON crosses the process boundary (no pickle). Grader processes run under an address-space
   limit and die with the zygote, and the zygote exits when the trainer closes the connection.
   Nothing is ever evaluated as Python code (see ``agro.rewards``).
 
 A timed-out or crashed item scores 0.0 and is counted in ``GradeResult``; the run goes on.
-The time that a fresh zygote takes to start (about 1-2 s, once per ``Grader`` and process) is
-not counted against any item.
+The time that a fresh zygote takes to start is not counted against any item.
+
+>>> math_reward(["... so the answer is \\boxed{0.75}.", "The final answer is 3/4."], ["\\frac{3}{4}", "0.75"])
+[1.0, 1.0]
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GradeResult", "Grader", "default_grader"]
+__all__ = ["GradeResult", "Grader", "default_grader", "is_equivalent", "math_reward"]
 
 _STARTUP_TIMEOUT = 180.0  # seconds for a new zygote to import math-verify (machine may be busy)
 _SAFETY_SLACK = 10.0  # extra seconds the trainer waits before declaring the zygote itself hung
@@ -95,8 +104,13 @@ class Grader:
         max_answer_chars: longer extracted answers score 0.0 without reaching Sympy.
         memory_mb: address-space limit of each grader process (None: no limit).
         child_max_jobs: a grader process is replaced after this many items (bounds cache growth).
+        ordered_lists: a gold answer written as a bare list "a, b, c" is ordered (a permutation
+            scores 0), as in MATH's reference grader; False compares such lists as sets, as
+            math-verify does. Set braces ``\\{...\\}`` always make a set, parentheses a tuple.
 
-    Thread-safe (calls are serialised). A ``Grader`` copied into a forked process (e.g. a
+    Thread-safe (calls are serialised). Call ``start()`` right after construction so that the
+    sandbox starts while the model loads; otherwise the first item that needs Sympy waits for it
+    (about 3 s, not counted against the item). A ``Grader`` copied into a forked process (e.g. a
     DataLoader worker) starts its own zygote there. Use ``close()`` or ``with Grader() as g:``.
     """
 
@@ -107,6 +121,7 @@ class Grader:
         max_answer_chars: int = 512,
         memory_mb: int | None = 2048,
         child_max_jobs: int = 5000,
+        ordered_lists: bool = True,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -119,6 +134,7 @@ class Grader:
         self.max_answer_chars = int(max_answer_chars)
         self.memory_mb = memory_mb
         self.child_max_jobs = int(child_max_jobs)
+        self.ordered_lists = bool(ordered_lists)
         self.starts = 0  # zygotes started by this Grader in this process
         self._rewards = rewards
         self._lock = threading.Lock()
@@ -126,16 +142,49 @@ class Grader:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._finalizer: weakref.finalize | None = None
+        self._ready = False  # the zygote said "ready"
 
     # ---------------------------------------------------------------- public API
     def grade(self, completions: list[str], answers: list[str]) -> GradeResult:
         """Reward each completion ([N]) against its gold answer ([N]); see ``GradeResult``."""
-        return self._grade(list(completions), list(answers), extract=True)
+        return self._grade(list(completions), list(answers))
 
     def equivalent(self, golds: list[str], preds: list[str]) -> GradeResult:
-        """Like ``grade`` for answers that are already extracted: 1.0 where ``preds[i]`` equals
-        ``golds[i]``. Used by ``agro.rewards.is_equivalent``."""
-        return self._grade(list(preds), list(golds), extract=False)
+        """1.0 where answer ``preds[i]`` equals ``golds[i]`` ([N] each). A prediction may be a bare
+        answer ("x >= 5") or a short text around one ("so $x = 5$"); it is read exactly like a
+        completion. Used by ``is_equivalent``."""
+        return self._grade(list(preds), list(golds))
+
+    def start(self) -> Grader:
+        """Start the sandbox in the background and return at once (idempotent).
+
+        The zygote then imports math-verify and warms its caches (about 3 s) while the caller
+        goes on, e.g. loading the model; ``grade()`` waits for whatever is left of that when it
+        first needs the sandbox. Returns ``self``.
+        """
+        self._fork_check()
+        if self._lock.acquire(blocking=False):  # else a grade() in flight starts it anyway
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._stop()
+                    self._spawn()
+            finally:
+                self._lock.release()
+        return self
+
+    def ready(self) -> bool:
+        """Whether the sandbox has started and is warm (never blocks; see ``start``)."""
+        self._fork_check()
+        if not self._lock.acquire(blocking=False):
+            return self._ready
+        try:
+            if self._proc is None or self._proc.poll() is not None or self._conn is None:
+                return False
+            if not self._ready and self._conn.poll(0):
+                self._await_ready()
+            return self._ready
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Stop the zygote and its grader process. The Grader restarts them if used again."""
@@ -150,14 +199,14 @@ class Grader:
         self.close()
 
     # ---------------------------------------------------------------- trainer side
-    def _grade(self, texts: list[Any], answers: list[Any], extract: bool) -> GradeResult:
+    def _grade(self, texts: list[Any], answers: list[Any]) -> GradeResult:
         if len(texts) != len(answers):
             raise ValueError(f"{len(texts)} completions but {len(answers)} answers")
         rw = self._rewards
         t0 = time.perf_counter()
         res = GradeResult(rewards=[0.0] * len(texts))
         item_seconds = [0.0] * len(texts)
-        jobs: list[tuple[int, str, str]] = []
+        jobs: list[tuple[int, list[Any]]] = []
         golds: dict[Any, str | None] = {}
         for i, (text, answer) in enumerate(zip(texts, answers)):
             ti = time.perf_counter()
@@ -172,13 +221,9 @@ class Grader:
                     res.rewards[i] = None
                     res.gold_unparsable += 1
                 else:
-                    if extract:
-                        pred = rw.extract_answer(text, self.max_chars) if isinstance(text, str) else None
-                    else:
-                        pred = rw.clean_answer(text[-self.max_chars:] if isinstance(text, str) else text)
-                    verdict = rw.quick_verdict(gold, pred, self.max_answer_chars)
+                    verdict, pred, tail = rw.triage(gold, text, self.max_chars, self.max_answer_chars)
                     if verdict is None:
-                        jobs.append((i, gold, pred))
+                        jobs.append((i, [gold, pred, tail, self.ordered_lists]))
                     else:
                         res.rewards[i] = verdict
             except Exception:  # a bug on odd input must not stop a training run
@@ -194,15 +239,15 @@ class Grader:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def _run_jobs(self, jobs: list[tuple[int, str, str]], res: GradeResult, item_seconds: list[float]) -> None:
+    def _run_jobs(self, jobs: list[tuple[int, list[Any]]], res: GradeResult, item_seconds: list[float]) -> None:
         pending = jobs
         while pending:
             self._ensure_started()
             chunk, pending = pending[:_CHUNK], pending[_CHUNK:]
             done = 0
             try:
-                self._send({"op": "run", "timeout": self.timeout, "jobs": [[g, p] for _, g, p in chunk]})
-                for i, _, _ in chunk:
+                self._send({"op": "run", "timeout": self.timeout, "jobs": [args for _, args in chunk]})
+                for i, _ in chunk:
                     status, value, seconds = self._recv(self.timeout + _SAFETY_SLACK)
                     self._record(res, item_seconds, i, status, value, float(seconds))
                     done += 1
@@ -246,14 +291,20 @@ class Grader:
                 except OSError:
                     pass
             self._proc = self._conn = self._finalizer = None
+            self._ready = False
             self._lock = threading.Lock()
             self._owner = os.getpid()
             self.starts = 0
 
     def _ensure_started(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        self._stop()
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            self._spawn()
+        if not self._ready:
+            self._await_ready()
+
+    def _spawn(self) -> None:
+        """Start a zygote without waiting for it (a few ms: fork and exec)."""
         here = Path(__file__).resolve().parent
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
@@ -281,6 +332,9 @@ class Grader:
         self._proc, self._conn = proc, conn
         self._finalizer = weakref.finalize(self, _shutdown, proc, conn, os.getpid())
         self.starts += 1
+
+    def _await_ready(self) -> None:
+        """Wait for the zygote's greeting (it has imported math-verify and warmed up)."""
         try:
             msg = self._recv(_STARTUP_TIMEOUT)
         except (_SandboxFailure, OSError, EOFError, ValueError) as e:
@@ -292,11 +346,13 @@ class Grader:
         if msg != ["ready"]:
             self._stop()
             raise RuntimeError(f"agro.grading: unexpected sandbox greeting {msg!r}")
+        self._ready = True
 
     def _stop(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
         self._proc = self._conn = self._finalizer = None
+        self._ready = False
 
     def _send(self, obj: Any) -> None:
         assert self._conn is not None
@@ -333,12 +389,36 @@ _default_lock = threading.Lock()
 
 
 def default_grader() -> Grader:
-    """The process-wide ``Grader()`` (1 s timeout) behind ``agro.rewards.math_reward``."""
+    """The process-wide ``Grader()`` (1 s timeout) behind ``math_reward`` and ``is_equivalent``."""
     global _default
     with _default_lock:
         if _default is None:
             _default = Grader()
         return _default
+
+
+def is_equivalent(gold: str, pred: str) -> bool:
+    r"""Whether answer ``pred`` equals answer ``gold``, by the rules of ``agro.rewards``.
+
+    ``pred`` may be a bare answer ("0.75", "x >= 5", "10, 4, -2") or a short text around one
+    ("so $x = \frac{3}{4}$"). Plain numbers compare as exact rationals in this process
+    ("15" == "15.0", "15,000" == "15000", "\frac{3}{4}" == "0.75"); everything else goes through
+    math-verify in the default grader's time-bounded sandbox (a timeout counts as not equivalent).
+    False when ``gold`` cannot be parsed.
+    """
+    return default_grader().equivalent([gold], [pred]).rewards[0] == 1.0
+
+
+def math_reward(completions: list[str], answers: list[str]) -> list[float | None]:
+    r"""Binary reward per completion: 1.0 if its final answer equals the gold answer, else 0.0.
+
+    ``None`` where the gold answer cannot be parsed (skip the example and count it). Gold answers
+    may be raw ("\frac{1}{2}", "10") or a GSM8K answer field ("... #### 72"). Each completion is
+    graded in at most about 1 s of wall time by ``default_grader()``.
+
+    Shapes: ``completions`` and ``answers`` are [N]; returns [N].
+    """
+    return default_grader().grade(completions, answers).rewards
 
 
 # ==================================================================================================
@@ -349,7 +429,8 @@ def default_grader() -> Grader:
 def _zygote_main(fd: int, rewards_path: str, memory_mb: int, child_max_jobs: int) -> None:
     """Serve jobs from the trainer on ``fd``: each job runs in a forked grader under a deadline.
 
-    Protocol (JSON messages): trainer -> ``{"op": "run", "timeout": t, "jobs": [[gold, pred], ...]}``,
+    Protocol (JSON messages): trainer -> ``{"op": "run", "timeout": t, "jobs": [args, ...]}`` with
+    ``args`` = ``[gold, answer, text, ordered_lists]`` for ``rewards.sandbox_grade``,
     zygote -> one ``[status, value, seconds]`` per job in order, status in {"ok", "timeout",
     "error"}; trainer -> ``{"op": "close"}`` or EOF ends the zygote.
     """
@@ -366,7 +447,7 @@ def _zygote_main(fd: int, rewards_path: str, memory_mb: int, child_max_jobs: int
     rewards.sandbox_warmup()
     gc.collect()
     gc.freeze()  # forked graders then share the warm heap copy-on-write without touching it
-    fn = rewards.sandbox_equivalent
+    fn = rewards.sandbox_grade
 
     child: _Child | None = None
     zombies: list[int] = []
@@ -434,7 +515,7 @@ class _Child:
         theirs.close()
         return cls(pid, Connection(mine.detach()))
 
-    def run(self, args: list[str], timeout: float) -> tuple[str, Any, bool]:
+    def run(self, args: list[Any], timeout: float) -> tuple[str, Any, bool]:
         """(status, value, still_alive) of one job, waiting at most ``timeout`` seconds."""
         self.jobs += 1
         try:
