@@ -28,7 +28,7 @@ train: setup
 	$(VENV)/bin/agro train
 
 lab: setup
-	$(VENV)/bin/agro lab figure1 --out runs/figure1
+	$(VENV)/bin/agro lab figure1 out=runs/figure1
 
 # Benchmarks (never part of the tests): TRL lives only in its own venv, .venv-bench.
 BVENV   := .venv-bench

@@ -38,6 +38,7 @@ def test_yaml_then_overrides(tmp_path):
     ("temperature=0", "temperature"),
     ("source=offline", "offline_path"),
     ("beta=nan", "finite"),
+    ("lora_dropout=0.1", "agro scores in eval mode"),
 ])
 def test_invalid_values_are_refused_with_valid_options(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -50,6 +51,14 @@ def test_agro_on_needs_positive_beta():
     with pytest.raises(ConfigError, match="agro_on"):
         load_config(TrainConfig, None, ["loss=agro_on", "beta=0"])
     load_config(TrainConfig, None, ["loss=agro", "beta=0"])  # off-policy AGRO allows beta = 0
+
+
+def test_loss_option_values_are_checked_by_the_registry_before_any_model_loads():
+    with pytest.raises(ConfigError, match=r"loss_options.*loo_var.*group_size >= 3"):
+        load_config(TrainConfig, None, ["loss=agro_on", "beta=0.1", "group_size=2",
+                                        "loss_options.lr_baseline=loo_var"])
+    with pytest.raises(ConfigError, match=r"reg_estimator='g9' is not one of"):
+        load_config(TrainConfig, None, ["loss_options.reg_estimator=g9"])
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from agro.lab.cli import lab_main
+from agro.cli import cmd_lab as lab_main
 from agro.lab.experiments import (
     figure1, figure1_problem, pitfall_problem, single_thread, train_sampled,
 )
@@ -30,7 +30,7 @@ def read_csv(path):
 
 
 def run_cli(*args):
-    out = subprocess.run([sys.executable, "-m", "agro.lab.cli", *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "agro.cli", "lab", *args], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -116,11 +116,3 @@ def test_pitfall_smoke_with_the_older_out_flag(tmp_path):
         if r["step"] == "400":
             final.setdefault(r["lr_coef"], []).append(float(r["p_success"]))
     assert max(final["1.0"]) < 0.05 and min(final["0.0"]) > 0.9    # §4.6: Eq. 6 collapses
-
-
-def test_python_m_agro_lab_cli_is_the_same_command(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "agro.lab.cli", "figure1", f"out={tmp_path}",
-                        "steps=20", "instances=1", "methods=agro", "plot=false"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert {row["method"] for row in csv.DictReader(open(tmp_path / "figure1.csv"))} == {"agro"}

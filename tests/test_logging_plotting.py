@@ -154,7 +154,7 @@ def test_wandb_missing_warns_and_continues(tmp_path, caplog, monkeypatch):
 def test_format_step_line():
     m = {"reward_mean": 0.4149, "accuracy": 0.375, "kl_k1": 0.01234, "kl_k3": 0.5,
          "loss": -0.0314, "step_seconds": 14.24, "tokens_per_second": 1930.0,
-         "fresh_fraction": 1.0, "eval_accuracy": 0.4567}
+         "fresh_fraction": 1.0, "eval_sampled_accuracy": 0.4567}
     assert format_step_line(12, 40, m) == (
         "step 12/40 | reward 0.41 acc 0.38 | kl 0.012 | loss -0.031 | 14.2 s (1.9k tok/s) | "
         "fresh 1.00 | eval acc 0.457")

@@ -25,16 +25,16 @@ COMPLETIONS = [[[88, 99, 2], [5, 6, 7, 8, 9, 10]], [[4000], [41, 42, 43, 44]], [
 def make_batch(pad_id: int, prompts=PROMPTS, completions=COMPLETIONS):
     groups = [Group(prompt_id=str(i), prompt_ids=p, completion_ids=c, rewards=[0.0] * len(c))
               for i, (p, c) in enumerate(zip(prompts, completions))]
-    return collate(groups, pad_token_id=pad_id, current_version=0, require_ref=False)
+    batch = collate(groups, pad_token_id=pad_id, current_version=0, require_ref=False)
+    batch.rows = [(p, c) for p, cs in zip(prompts, completions) for c in cs]  # for naive_logprobs
+    return batch
 
 
 def naive_logprobs(model, batch) -> torch.Tensor:
     """Each row alone, unpadded, full forward, full log_softmax, gather: [B, T]."""
     B, T = batch.completion_ids.shape
     out = torch.zeros(B, T)
-    P = batch.prompt_len
-    rows = [(batch.input_ids[b, :P][batch.attention_mask[b, :P] > 0].tolist(),
-             batch.completion_ids[b][batch.completion_mask[b] > 0].tolist()) for b in range(B)]
+    rows = batch.rows   # the unpadded (prompt, completion) pairs make_batch collated
     with torch.no_grad():
         for b, (p, c) in enumerate(rows):
             ids = torch.tensor([p + c])

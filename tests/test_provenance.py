@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from agro.collect import attach_ref_logprobs
 from agro.datafiles import DataError, read_groups, write_groups, write_jsonl
 from agro.logprobs import Reference
 from agro.models import apply_lora, load_model, load_tokenizer
@@ -29,7 +30,7 @@ from agro.provenance import (
     tokenizer_sha256,
     weights_sha256,
 )
-from agro.rollouts import Group, collate, split_groups
+from agro.rollouts import Group, collate
 
 N = 4  # group size
 
@@ -75,16 +76,7 @@ def _groups(tok, k=6) -> list[Group]:
 
 def _score(groups, reference, tok, groups_per_batch=3) -> list[Group]:
     """Attach reference log-probs as the Collector does: several groups per batch."""
-    for mb in split_groups(groups, groups_per_batch):
-        b = collate(mb, tok.pad_token_id, current_version=-1, require_ref=False)
-        lp = reference.token_logprobs(b.input_ids, b.attention_mask, b.completion_ids,
-                                      b.prompt_len, b.group_size)
-        r = 0
-        for g in mb:
-            g.ref_logprobs = []
-            for c in g.completion_ids:
-                g.ref_logprobs.append(lp[r, :len(c)].tolist())
-                r += 1
+    attach_ref_logprobs(groups, reference, tok.pad_token_id, groups_per_batch)
     return groups
 
 

@@ -35,6 +35,15 @@ def run_steps(cfg, steps=None, resume=False):
     return tr, before, res
 
 
+def make_losses_nan(monkeypatch):
+    """Every loss becomes NaN (its metrics stay finite): the non-finite-step path."""
+    from agro import losses
+
+    real = losses.compute_loss
+    monkeypatch.setattr(losses, "compute_loss",
+                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+
+
 def moved(tr, before):
     after = params_of(tr.policy)
     return max(float((after[n] - before[n]).abs().max()) for n in before)
@@ -133,9 +142,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkey
 
     cfg = make_cfg(tiny_model_dir, tmp_path, "steps=5", "max_consecutive_skips=2")
     tr = Trainer(cfg, grader=HashGrader())
-    real = losses.compute_loss
-    monkeypatch.setattr(losses, "compute_loss",
-                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    make_losses_nan(monkeypatch)
     before = params_of(tr.policy)
     opt_before = {k: v for k, v in tr.optimizer.state_dict().items()}
     with pytest.raises(TrainingAborted, match="2 consecutive non-finite"):
@@ -203,9 +210,7 @@ def test_staleness_is_never_negative_on_a_skipped_step(tiny_model_dir, tmp_path,
 
     cfg = make_cfg(tiny_model_dir, tmp_path, "steps=2", "max_consecutive_skips=5")
     tr = Trainer(cfg, grader=HashGrader())
-    real = losses.compute_loss
-    monkeypatch.setattr(losses, "compute_loss",
-                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    make_losses_nan(monkeypatch)
     tr.train()
     rows = read_rows(tmp_path / "run")
     assert tr.total_skipped_steps == 2 and tr.version == 0

@@ -28,6 +28,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def default_device() -> torch.device:
+    """The device a single-process command runs on: the current CUDA device if any, else CPU
+    (the trainer gets its device from :class:`agro.distributed.Distributed`)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def setup_runtime(cfg, rank: int = 0, device=None):
     """Resolve ``precision='auto'`` for ``device``, set torch's thread count and seed everything
     (``seed + 1000 * rank`` so data-parallel processes draw different samples).

@@ -123,21 +123,24 @@ class Collector:
         st.ref_seconds += t3 - t2
         return groups
 
-    @torch.no_grad()
     def attach_ref_logprobs(self, groups: list[Group]) -> None:
         """Fill `ref_logprobs` of each group (computed once, stored with the group)."""
-        per_mb = max(1, self.ref_micro_batch // self.n)
-        for mb in split_groups(groups, per_mb):
-            batch = collate(mb, self.tok.pad_token_id, current_version=-1,
-                            require_ref=False).to(self.reference.device)
-            lp = self.reference.token_logprobs(
-                batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len,
-                batch.group_size)
-            lp = lp.float().cpu()
-            b = 0
-            for g in mb:
-                g.ref_logprobs = []
-                for c in g.completion_ids:
-                    g.ref_logprobs.append(lp[b, :len(c)].tolist())
-                    b += 1
+        attach_ref_logprobs(groups, self.reference, self.tok.pad_token_id,
+                            max(1, self.ref_micro_batch // self.n))
 
+
+@torch.no_grad()
+def attach_ref_logprobs(groups: list[Group], reference, pad_token_id: int,
+                        groups_per_batch: int) -> None:
+    """Set ``g.ref_logprobs`` ([n][T_i] floats) of every group from ``reference``, scoring
+    ``groups_per_batch`` whole groups per pass on the reference's device."""
+    for mb in split_groups(groups, groups_per_batch):
+        batch = collate(mb, pad_token_id, current_version=-1, require_ref=False).to(reference.device)
+        lp = reference.token_logprobs(batch.input_ids, batch.attention_mask, batch.completion_ids,
+                                      batch.prompt_len, batch.group_size).float().cpu()
+        b = 0
+        for g in mb:
+            g.ref_logprobs = []
+            for c in g.completion_ids:
+                g.ref_logprobs.append(lp[b, :len(c)].tolist())
+                b += 1

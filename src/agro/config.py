@@ -107,7 +107,9 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                     "adapters disabled.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_dropout: float = _f(0.0, "LoRA dropout: must stay 0. agro scores every log-prob in eval "
+                             "mode (dropout would make the learner's log-probs differ from the "
+                             "sampler's and the reference's), so dropout would have no effect.")
     lora_target_modules: str = _f("all-linear", "LoRA target modules (comma-separated or 'all-linear').")
     source: str = _f("fresh", "Data source per group: fresh, replay, offline, stale, or a weighted "
                      "mix like 'fresh:0.5,offline:0.5'.")
@@ -469,6 +471,9 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
           "and adam_beta2 must be in [0, 1)")
         c(cfg.max_grad_norm >= 0, "max_grad_norm", w, "must be >= 0")
         c(cfg.lora_r >= 1, "lora_r", w, "must be >= 1")
+        c(cfg.lora_dropout == 0, "lora_dropout", w,
+          f"must be 0, got {cfg.lora_dropout}: agro scores in eval mode, so dropout would have no "
+          "effect (with it active, log pi/pi_ref != 0 at step 0 and on-policy terms are biased)")
         c(0 <= cfg.replay_prob <= 1, "replay_prob", w, f"must be in [0, 1], got {cfg.replay_prob}")
         c(cfg.replay_capacity >= 1, "replay_capacity", w, "must be >= 1")
         c(cfg.stale_lag >= 0, "stale_lag", w, "must be >= 0")

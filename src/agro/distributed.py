@@ -49,15 +49,19 @@ class Distributed:
         tensors and no collective hangs."""
         if self.world == 1 or not params:
             return
+        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        torch.distributed.all_reduce(has)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         torch.distributed.all_reduce(flat)
         i = 0
-        for p in params:
+        for p, h in zip(params, has.tolist()):
             p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
             i += p.numel()
+            if h == 0:      # no process produced a gradient: leave it None, as one process would
+                p.grad = None
 
     def weighted_mean(self, sums: dict[str, float], weight: float) -> dict[str, float]:
         """Global weighted means: every process passes ``sums[k] = sum_i w_i * x_i`` over its own

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .generation import SamplingParams
-from .rollouts import Group, collate, split_groups
+from .rollouts import Group, collate, samples_from_pi, split_groups
 from .tasks import Example, render_prompt
 
 
@@ -64,7 +64,7 @@ def _kl_k1(reference, tokenizer, gens, temperature: float) -> list[float]:
     """Per-sample ``log pi(y|x) - log pi_ref(y|x)``: log pi is the generator's recorded
     behaviour log-prob (temperature 1, no truncation: the samples' own distribution), so only the
     reference needs a forward pass."""
-    if abs(temperature - 1.0) > 1e-12:
+    if not samples_from_pi(temperature, 1.0, 0):
         return []
     groups = [Group(prompt_id=str(i), prompt_ids=list(g.prompt_ids),
                     completion_ids=[list(c) for c in g.completion_ids],

@@ -333,7 +333,7 @@ def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
     ``step 12/40 | reward 0.41 acc 0.38 | kl 0.012 | loss -0.031 | 14.2 s (1.9k tok/s) | fresh 1.00``
 
     Reads ``reward_mean``, ``accuracy``, ``kl_k1`` (else ``kl_k3``), ``loss``, ``step_seconds``,
-    ``tokens_per_second``, ``fresh_fraction`` and ``eval_accuracy``; absent ones are left out,
+    ``tokens_per_second``, ``fresh_fraction`` and ``eval_sampled_accuracy``; absent ones are left out,
     None/NaN print as ``nan``.
     """
     m = {k: (_metric_value(k, v) if not isinstance(v, str) else None) for k, v in metrics.items()}
@@ -359,8 +359,8 @@ def format_step_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
         parts.append(f"{_human(m['tokens_per_second'])} tok/s")
     if "fresh_fraction" in m:
         parts.append(f"fresh {_fixed(m['fresh_fraction'], 2)}")
-    if "eval_accuracy" in m:
-        parts.append(f"eval acc {_fixed(m['eval_accuracy'], 3)}")
+    if "eval_sampled_accuracy" in m:
+        parts.append(f"eval acc {_fixed(m['eval_sampled_accuracy'], 3)}")
     return " | ".join(parts)
 
 

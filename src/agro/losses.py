@@ -50,8 +50,8 @@ Departures from the paper (Tang et al. 2025, arXiv:2503.19612):
   makes the off-policy groups correct).
 * `logprob_reduction="mean"` divides each sequence's log-ratio by its number of completion tokens
   (length-averaged log-ratios, §8 "beta scale remark"), so R = r - beta*l/|y|. The paper uses "sum".
-  This changes the fixed point, not only the scale: R constant on the support means
-  pi(y) ∝ pi_ref(y) * exp(|y| (r(y) - c) / beta), not pi* of Eq. (2). agro_on's likelihood-ratio
+  This changes the fixed point, not only the scale: R = c constant on the support means
+  pi(y) = pi_ref(y) * exp(|y| (r(y) - c) / beta) with c set by normalisation, not pi* of Eq. (2). agro_on's likelihood-ratio
   term still multiplies the full score sum_t grad log pi(y_t|.) (it comes from the sampling
   distribution, which does not depend on the reduction). The token-level estimators require
   "sum": the 1/|y| factor depends on later tokens, so the dropped terms would no longer have zero

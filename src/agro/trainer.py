@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from . import losses
-from .builders import (build_collector, build_generator, build_grader, build_models, seed_everything,
-                       setup_runtime)
+from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .collect import CollectStats
 from .config import TrainConfig, dump_yaml, parse_source, to_dict
@@ -46,7 +45,7 @@ from .rollouts import Group, collate, samples_from_pi, split_groups
 from .sources import build_mixer
 from .tasks import build_task
 
-__all__ = ["Trainer", "TrainResult", "TrainingAborted", "train", "seed_everything"]
+__all__ = ["Trainer", "TrainResult", "TrainingAborted", "train"]
 
 
 class TrainingAborted(RuntimeError):
@@ -361,15 +360,16 @@ class Trainer:
             total = sum(c.skipped_rows.values())
             detail = ", ".join(f"{k}={v}" for k, v in sorted(c.skipped_rows.items()))
             self.note(f"skipped {total} bad offline rows ({detail})")
-        nonzero = {k: v for k, v in c.collect.items() if v}
+        collect = {k: int(v) for k, v in self.dist.sum_dict(c.collect).items()}  # all processes
+        nonzero = {k: v for k, v in collect.items() if v}
         if nonzero or c.empty_steps or self.total_skipped_steps:
             parts = [f"{k}={v}" for k, v in nonzero.items()]
             parts += [f"steps_without_groups={c.empty_steps}"] if c.empty_steps else []
             parts += [f"non_finite_steps_skipped={self.total_skipped_steps}"] \
                 if self.total_skipped_steps else []
-            self.note("counted over the run (this process): " + ", ".join(parts))
+            self.note("counted over the run: " + ", ".join(parts))
         if self.logger:
-            self.logger.log_event("counters", **c.collect, empty_steps=c.empty_steps,
+            self.logger.log_event("counters", **collect, empty_steps=c.empty_steps,
                                   skipped_steps=self.total_skipped_steps,
                                   **{f"skipped_rows:{k}": v for k, v in c.skipped_rows.items()})
 
@@ -383,9 +383,12 @@ class Trainer:
         res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                        examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
                        greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference)
-        w = float(res.get("sampled_samples", 0))
-        res = self.dist.weighted_mean({k: float(v) * w for k, v in res.items()}, w)
-        res["sampled_samples"] = float(self.dist.sum_int(int(w)))
+        counts = {k: float(v) for k, v in res.items()
+                  if k in ("eval_prompts", "sampled_samples", "sampled_grade_timeouts")}
+        w = counts.get("sampled_samples", 0.0)
+        rates = {k: float(v) * w for k, v in res.items() if k not in counts and k != "eval_seconds"}
+        res = {**self.dist.weighted_mean(rates, w), **self.dist.sum_dict(counts),
+               "eval_seconds": max(self.dist.all_gather(float(res["eval_seconds"])))}
         self.note(f"held-out sampled accuracy ({when}): {res['sampled_accuracy']:.3f} "
                   f"(KL(pi||pi_ref) ~ {res.get('kl_pi_ref', 0.0):.4f}, "
                   f"{res['eval_seconds']:.0f} s)")

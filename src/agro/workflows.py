@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
+from .builders import (build_collector, build_generator, build_grader, build_models, default_device,
+                       setup_runtime)
 from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
 from .evaluation import evaluate
@@ -18,11 +19,12 @@ from .tasks import build_task
 
 def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
     """Sample `num_prompts` scored groups (rewards + reference log-probs) and write them."""
-    cfg = setup_runtime(cfg)
+    device = default_device()
+    cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
-    policy, tok, reference = build_models(cfg)
+    policy, tok, reference = build_models(cfg, device=device)
     if cfg.ref_model:
-        reference = Reference.load(cfg.ref_model, precision=cfg.precision)
+        reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
     own = grader is None
     grader = build_grader(cfg, grader)
     try:
@@ -68,9 +70,10 @@ def eval_defaults_from_run(spec: str) -> list[str]:
 def run_eval(cfg: EvalConfig) -> dict:
     from rich.progress import Progress
 
-    cfg = setup_runtime(cfg)
+    device = default_device()
+    cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
-    policy, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    policy, tok = load_model(cfg.model, device=device), load_tokenizer(cfg.model)
     generator = build_generator(cfg, policy, tok)
     examples = task.eval_examples(cfg.num_prompts)
     with build_grader(cfg) as grader, Progress(transient=True) as prog:

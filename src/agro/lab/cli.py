@@ -3,7 +3,6 @@ and §4.6 (the on-policy pitfall).
 
     agro lab figure1 out=DIR [steps=N instances=N seed=S ...]
     agro lab pitfall out=DIR [steps=N betas=0.1,0.3 lr_coefs=1,0 ...]
-    python -m agro.lab.cli figure1 out=DIR          (the same command line)
 
 Arguments are parsed by `agro.cli.cmd_lab` like every other `agro` command (YAML file and/or
 ``key=value``, `--help` lists the fields); this module maps the config onto the keyword arguments
@@ -11,11 +10,9 @@ of `agro.lab.experiments.figure1` / `pitfall` and calls it.
 """
 from __future__ import annotations
 
-import sys
-
 from agro.config import LabConfig
 
-__all__ = ["experiment_kwargs", "run_lab", "lab_main"]
+__all__ = ["experiment_kwargs", "run_lab"]
 
 
 def experiment_kwargs(cfg: LabConfig) -> dict:
@@ -40,14 +37,3 @@ def run_lab(cfg: LabConfig) -> dict:
     torch.set_num_threads(1)
     fn = {"figure1": experiments.figure1, "pitfall": experiments.pitfall}[cfg.experiment]
     return fn(cfg.out, **experiment_kwargs(cfg))
-
-
-def lab_main(argv: list[str]) -> int:
-    """`agro lab ARGS...`; returns the process exit code (2 for an invalid config)."""
-    from agro.cli import cmd_lab
-
-    return cmd_lab(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(lab_main(sys.argv[1:]))

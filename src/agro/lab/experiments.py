@@ -8,7 +8,7 @@ per-prompt losses: each prompt then gets exactly the §9 update
     theta += eta * d,   d = (1/n) sum_i (e_{y_i} - pi) * w_i,
 with w_i the estimator's per-sample weight (AGRO: R_i - loo_i(R); KL-PG: r_i - loo_i(r) - beta l_i).
 After a first update through `compute_loss` (which validates everything), the loop calls the
-registered loss function `agro.losses.LOSSES[name]` directly: the same code minus input checks and
+registered loss function `agro.losses.LOSSES[name].fn` directly: the same code minus input checks and
 metrics, which halves the cost of a step (equality is tested in tests/test_lab.py).
 `train_exact` / `train_exact_on_policy` integrate the *expected* updates (closed forms for softmax
 bandits, checked against enumerated expectations of compute_loss in tests/test_math_reference.py).

@@ -339,7 +339,7 @@ def run_loss(name: str, inputs: LossInputs, beta: float, *, fast: bool = False,
              **options) -> Tensor:
     """loss = agro.losses.compute_loss(name, ...)[0] on lab inputs; token_kl passed when needed.
 
-    fast=True calls the registered loss function `agro.losses.LOSSES[name]` directly: the same
+    fast=True calls the registered loss function `agro.losses.LOSSES[name].fn` directly: the same
     loss code that compute_loss dispatches to, without its input validation and metrics (which
     cost about half of a tiny step). Lab inputs are always valid (float64, full mask, contiguous
     groups), so both give the same loss and gradient (checked in tests/test_lab.py).
