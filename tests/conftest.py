@@ -16,6 +16,13 @@ import torch
 THREADS = int(os.environ.get("AGRO_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
 
+# Measured machine figures (agro.perf: GEMM peak, precision=auto calibration) go to a fresh
+# cache for the test session, never the user's ~/.cache/agro.
+if "AGRO_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["AGRO_CACHE_DIR"] = tempfile.mkdtemp(prefix="agro-test-cache-")
+
 TINY_LLAMA = dict(
     num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=True,

@@ -106,8 +106,10 @@ def build_generator(cfg, policy, tokenizer):
                           batch_size=cfg.generation_batch_size)
 
 
-def build_collector(cfg, *, tokenizer, generator, grader, reference, sampler) -> Collector:
+def build_collector(cfg, *, tokenizer, generator, grader, reference, sampler,
+                    flop_model=None) -> Collector:
     """The :class:`Collector` that turns the sampler's prompts into scored groups."""
     return Collector(tokenizer=tokenizer, generator=generator, grader=grader, reference=reference,
                      sampler=sampler, template=cfg.prompt_template, params=sampling_params(cfg),
-                     group_size=cfg.group_size, max_prompt_tokens=cfg.max_prompt_tokens)
+                     group_size=cfg.group_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                     flop_model=flop_model)

@@ -14,6 +14,7 @@ import torch
 
 from .faults import maybe_crash
 from .generation import SamplingParams
+from .perf import batch_flops
 from .rollouts import Group, collate, split_groups
 from .tasks import Example, render_prompt
 
@@ -26,6 +27,8 @@ class CollectStats:
     samples: int = 0
     completion_tokens: int = 0
     gen_seconds: float = 0.0
+    decode_steps: int = 0              # sampler forward calls (each reads every weight once)
+    ref_flops: float = 0.0             # estimated FLOPs of the reference passes (agro.perf)
     grade_seconds: float = 0.0
     ref_seconds: float = 0.0
     grade_timeouts: int = 0
@@ -40,7 +43,7 @@ class Collector:
 
     def __init__(self, *, tokenizer, generator, grader, reference, sampler, template: str,
                  params: SamplingParams, group_size: int, max_prompt_tokens: int,
-                 ref_micro_batch: int = 16):
+                 ref_micro_batch: int = 16, flop_model=None):
         self.tok = tokenizer
         self.generator = generator
         self.grader = grader
@@ -51,6 +54,7 @@ class Collector:
         self.n = group_size
         self.max_prompt_tokens = max_prompt_tokens
         self.ref_micro_batch = ref_micro_batch
+        self.flop_model = flop_model
         self.stats = CollectStats()
 
     def pop_stats(self) -> CollectStats:
@@ -87,8 +91,10 @@ class Collector:
         if not examples:
             return []
         t0 = time.perf_counter()
+        steps0 = getattr(self.generator, "decode_steps", 0)
         gens = self.generator.generate(prompt_ids, self.n, self.params)
         t1 = time.perf_counter()
+        self.stats.decode_steps += getattr(self.generator, "decode_steps", 0) - steps0
         maybe_crash("collect")
         texts = [t for g in gens for t in g.texts]
         answers = [ex.answer for ex in examples for _ in range(self.n)]
@@ -112,7 +118,7 @@ class Collector:
                 temperature=self.params.temperature, top_p=self.params.top_p,
                 top_k=self.params.top_k,
             ))
-        self.attach_ref_logprobs(groups)
+        self.stats.ref_flops += self.attach_ref_logprobs(groups)
         t3 = time.perf_counter()
         st = self.stats
         st.groups += len(groups)
@@ -123,19 +129,24 @@ class Collector:
         st.ref_seconds += t3 - t2
         return groups
 
-    def attach_ref_logprobs(self, groups: list[Group]) -> None:
-        """Fill `ref_logprobs` of each group (computed once, stored with the group)."""
-        attach_ref_logprobs(groups, self.reference, self.tok.pad_token_id,
-                            max(1, self.ref_micro_batch // self.n))
+    def attach_ref_logprobs(self, groups: list[Group]) -> float:
+        """Fill `ref_logprobs` of each group (computed once, stored with the group); returns the
+        estimated FLOPs spent (0 without a flop model)."""
+        return attach_ref_logprobs(groups, self.reference, self.tok.pad_token_id,
+                                   max(1, self.ref_micro_batch // self.n), self.flop_model)
 
 
 @torch.no_grad()
 def attach_ref_logprobs(groups: list[Group], reference, pad_token_id: int,
-                        groups_per_batch: int) -> None:
+                        groups_per_batch: int, flop_model=None) -> float:
     """Set ``g.ref_logprobs`` ([n][T_i] floats) of every group from ``reference``, scoring
-    ``groups_per_batch`` whole groups per pass on the reference's device."""
+    ``groups_per_batch`` whole groups per pass on the reference's device. Returns the passes'
+    estimated FLOPs (:func:`agro.perf.batch_flops`; 0 without ``flop_model``)."""
+    flops = 0.0
     for mb in split_groups(groups, groups_per_batch):
         batch = collate(mb, pad_token_id, current_version=-1, require_ref=False).to(reference.device)
+        if flop_model is not None:
+            flops += batch_flops(flop_model, batch, backward=False)
         lp = reference.token_logprobs(batch.input_ids, batch.attention_mask, batch.completion_ids,
                                       batch.prompt_len, batch.group_size).float().cpu()
         b = 0
@@ -144,3 +155,4 @@ def attach_ref_logprobs(groups: list[Group], reference, pad_token_id: int,
             for c in g.completion_ids:
                 g.ref_logprobs.append(lp[b, :len(c)].tolist())
                 b += 1
+    return flops

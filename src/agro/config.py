@@ -539,8 +539,11 @@ def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_yaml(cfg, path: Path) -> None:
+def dump_yaml(cfg, path: Path, comments: list[str] | None = None) -> None:
+    """Write ``cfg`` as YAML (atomically); ``comments`` become ``#`` lines at the top (facts about
+    the run that are not settings, e.g. why precision=auto chose what it chose)."""
     from .fileio import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    head = "".join(f"# {c}\n" for c in comments or [])
+    atomic_write_text(path, head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

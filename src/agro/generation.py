@@ -194,6 +194,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.precision = precision
         self.batch_size = int(batch_size)
+        self.decode_steps = 0   # model forward calls made while sampling (each reads every weight)
         eos = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         self._eos = [eos] if eos is not None else []
@@ -225,6 +226,7 @@ class HFGenerator:
             seqs = self.model.generate(input_ids=ids.to(dev), attention_mask=am.to(dev),
                                        generation_config=gc, logits_processor=procs)
         new = seqs[:, P:]                                                # [b, Tg]
+        self.decode_steps += int(new.shape[1])
         lps = recorder.finish(new)                                       # [b, Tg] fp32
         return new.cpu(), lps.float().cpu()
 
@@ -331,6 +333,7 @@ class CachedGenerator(HFGenerator):
             with autocast_ctx(self.precision, dev):
                 out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                             use_cache=True, **keep1)
+            self.decode_steps += 1
             logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [B, V]
             cache = out.past_key_values
             cache.batch_repeat_interleave(n)
@@ -357,6 +360,7 @@ class CachedGenerator(HFGenerator):
                 with autocast_ctx(self.precision, dev):
                     out = model(input_ids=tok[:, None], attention_mask=am, position_ids=pos[:, None],
                                 past_key_values=cache, use_cache=True, **keep1)
+                self.decode_steps += 1
                 pos = pos + 1
                 logits = out.logits[:, -1].float()                       # [b, V]
         finally:

@@ -21,6 +21,7 @@ Departures from the paper (documented, deliberate):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
 from .models import save_for_transformers
+from .perf import (FlopModel, batch_flops, calibrate_precision, machine_key, matmul_peak,
+                   phase_rates)
 from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
 from .sources import build_mixer
@@ -113,24 +116,32 @@ class Trainer:
         self.ckpt_path = latest_checkpoint(self.out) if resume else None
         if resume and self.ckpt_path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
+        requested_precision = cfg.precision
         self.cfg = cfg = setup_runtime(cfg, rank=self.dist.rank, device=self.device)
         if self.dist.world > 1:
             self.note(f"data parallel: {self.dist.world} processes x {self.local_prompts} prompt "
                       f"groups each = {cfg.prompts_per_step} per step ({self.device})")
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            dump_yaml(cfg, self.out / "config.yaml")
         self.counters = RunCounters()
         self.task = build_task(cfg)
         for line in self.task.notes:
             self.note(line)
         self.sampler = self.task.train_sampler(cfg.seed + 7 * self.dist.rank)
         self.policy, self.tok, self.reference = build_models(cfg, device=self.device)
+        self.precision_notes = self._auto_precision(requested_precision)
+        cfg = self.cfg
+        if self.dist.is_main:
+            dump_yaml(cfg, self.out / "config.yaml", self.precision_notes)
+        self.flops = FlopModel.of(self.policy)
+        self.peak = matmul_peak(self.flops, torch.bfloat16 if cfg.precision == "bf16"
+                                else torch.float32, self.device)
+        self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
+                  f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)})")
         self.generator = build_generator(cfg, self.policy, self.tok)
         self.grader = build_grader(cfg, grader)
         self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
                                          grader=self.grader, reference=self.reference,
-                                         sampler=self.sampler)
+                                         sampler=self.sampler, flop_model=self.flops)
         mix = parse_source(cfg.source)
         self.mixer = build_mixer(mix, self.collector, offline_groups=self._offline_groups(mix),
                                  replay_capacity=cfg.replay_capacity, replay_prob=cfg.replay_prob,
@@ -154,6 +165,34 @@ class Trainer:
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
                                     resume_step=self.step if self.ckpt_path else None) \
             if self.dist.is_main else None
+
+    def _auto_precision(self, requested: str) -> list[str]:
+        """precision=auto: where bf16 is native on this CPU, time this model's learner, reference
+        and sampling passes in fp32 and bf16 (:func:`agro.perf.calibrate_precision`, cached per
+        machine) and keep the faster; every process uses rank 0's choice. Returns the lines that
+        say what was chosen and why (logged, and written atop config.yaml)."""
+        cfg = self.cfg
+        if requested != "auto":
+            return [f"precision: {cfg.precision} (set explicitly)"]
+        if cfg.precision != "bf16" or self.device.type != "cpu":
+            why = ("no native bf16 matmuls on this CPU" if cfg.precision == "fp32"
+                   else f"native bf16 on {self.device.type}")
+            return [f"precision: auto -> {cfg.precision} ({why})"]
+        cal = calibrate_precision(self.policy, prompts_per_step=self.local_prompts,
+                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens)
+        choice = self.dist.all_gather(cal["choice"])[0]
+        f32, b16 = cal["fp32"], cal["bf16"]
+        lines = [f"precision: auto -> {choice} (measured on this machine{', cached' if cal['cached'] else ''}: "
+                 f"estimated step fp32 {f32['step']:.2f} s vs bf16 {b16['step']:.2f} s)",
+                 f"  seconds fp32/bf16: learner pass {f32['learner']:.3f}/{b16['learner']:.3f}, "
+                 f"reference pass {f32['reference']:.3f}/{b16['reference']:.3f}, "
+                 f"8 sampling steps {f32['sample']:.3f}/{b16['sample']:.3f}"]
+        for line in lines:
+            self.note(line)
+        if choice != cfg.precision:
+            self.cfg = dataclasses.replace(cfg, precision=choice)
+            self.reference.precision = choice
+        return lines
 
     def _offline_groups(self, mix: dict[str, float]) -> list[Group] | None:
         """Read and validate every offline file, and check that its reference log-probs are this
@@ -240,8 +279,11 @@ class Trainer:
         local_b = sum(g.n for g in groups)
         global_b = self.dist.sum_int(local_b)
         sums: dict[str, float] = {}
+        self.learn_flops = 0.0
         for mb in split_groups(groups, cfg.micro_batch_groups):
             batch = collate(mb, self.tok.pad_token_id, self.version).to(self.device)
+            self.learn_flops += batch_flops(self.flops, batch, backward=True) + \
+                (batch_flops(self.flops, batch, backward=False) if self.needs_token_kl else 0.0)
             loss, m = self.micro_batch_loss(batch)
             (loss * (batch.num_samples / global_b)).backward()
             maybe_crash("backward")
@@ -327,7 +369,9 @@ class Trainer:
             **{f"{s}_groups": float(c) for s, c in by_source.items()},
             **{k: float(getattr(st, k)) for k in COUNTERS},
             "gen_seconds": st.gen_seconds, "grade_seconds": st.grade_seconds,
-            "ref_seconds": st.ref_seconds,
+            "ref_seconds": st.ref_seconds, "decode_steps": float(st.decode_steps),
+            "gen_tokens": float(st.completion_tokens),
+            "ref_flops": st.ref_flops, "learn_flops": getattr(self, "learn_flops", 0.0),
         }
         tot = self.dist.sum_dict(sums)
         g_all = max(1.0, tot["groups"])
@@ -348,6 +392,13 @@ class Trainer:
         }
         for s in ("fresh", "replay", "offline", "stale"):
             m[f"{s}_fraction"] = tot.get(f"{s}_groups", 0.0) / g_all
+        w = self.dist.world   # per-process rates: each process runs its share in the same seconds
+        m.update(phase_rates(learn_flops=tot["learn_flops"] / w, learn_seconds=t2 - t1,
+                             ref_flops=tot["ref_flops"] / w, ref_seconds=m["ref_seconds"],
+                             gen_tokens=int(tot["gen_tokens"] / w),
+                             decode_steps=int(tot["decode_steps"] / w),
+                             gen_seconds=m["gen_seconds"], weight_bytes=self.flops.weight_bytes,
+                             peak=self.peak))
         return m
 
     def report(self) -> None:

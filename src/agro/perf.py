@@ -1,0 +1,279 @@
+"""Where a step's time goes, measured against what this machine can do.
+
+* :class:`FlopModel`: matmul FLOPs of a causal LM's passes, from its linear layers (the decoder's
+  and the LM head's, which agro runs only where logits are needed) plus attention scores.
+  Forward = 2 FLOPs per weight per token; backward = 2x forward.
+* :func:`batch_flops`: the FLOPs of one log-prob pass over a collated batch as agro runs it
+  (each group's prompt once, then its n completions; the head on completion positions only).
+* :func:`matmul_peak`: this machine's measured GEMM rate per dtype on the model's own layer
+  shapes (a short timing, cached per machine in ``~/.cache/agro/machine.json``), the yardstick
+  for "fraction of peak".
+* :func:`phase_rates`: per-step rates for metrics.jsonl: learner and reference in TFLOP/s and as
+  a fraction of the measured peak of the precision in use; sampling in tokens/s and GB/s of
+  weights read (each decode step reads every weight once).
+
+These are estimates of the work done, written down so they can be checked: they count the
+padded shapes agro actually computes, not only useful tokens. Departure from the paper: none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import cpu_flags, hf_model
+
+CACHE_ENV = "AGRO_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Sizes that set a causal LM's matmul FLOPs.
+
+    decoder_params: weights of the linear layers below the LM head (all layers, all heads).
+    head_params:    V x H, the LM head (tied or not).
+    layers, hidden: for the attention-score FLOPs (QK^T and AV: 4 * L_q * L_k * hidden per layer).
+    weight_bytes:   bytes of all parameters as stored (what a decode step reads).
+    """
+
+    decoder_params: int
+    head_params: int
+    layers: int
+    hidden: int
+    weight_bytes: int
+
+    @classmethod
+    def of(cls, model) -> "FlopModel":
+        hf = hf_model(model)
+        head = hf.get_output_embeddings()
+        head_w = head.weight if head is not None else None
+        dec = 0
+        for m in hf.modules():
+            if isinstance(m, torch.nn.Linear) and m is not head:
+                dec += m.weight.numel()
+        cfg = hf.config
+        layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)) or 0)
+        hidden = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)) or 0)
+        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes)
+
+    def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
+        """Forward FLOPs: ``tokens`` through the decoder, ``head_tokens`` through the LM head,
+        ``attn_pairs`` = sum over sequences of L_q * L_k computed by attention."""
+        return (2.0 * self.decoder_params * tokens + 2.0 * self.head_params * head_tokens
+                + 4.0 * self.layers * self.hidden * attn_pairs)
+
+
+def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
+    """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it:
+    each group's prompt once plus its n completions (the packed ``[P + n(T-1)]`` sequence), the
+    LM head on the B x T completion positions; x3 with the backward pass."""
+    B, T = batch.completion_ids.shape
+    n = max(1, batch.group_size)
+    G, P = B // n, batch.prompt_len
+    L = P + n * max(0, T - 1)
+    fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
+    return fwd * (3.0 if backward else 1.0)
+
+
+# --------------------------------------------------------------------------- measured peak
+def _cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "agro")
+    return Path(root) / "machine.json"
+
+
+def machine_key(device: torch.device | str = "cpu") -> str:
+    """What a cached measurement is valid for: CPU model and flags (or GPU name), threads, torch."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        what = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+        what = f"{name} [{' '.join(simd)}] threads={torch.get_num_threads()}"
+    return f"{dev.type}: {what} | torch {torch.__version__}"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(key: str, sub: str, value) -> None:
+    from .fileio import atomic_write_text
+
+    data = _load_cache()
+    data.setdefault(key, {})[sub] = value
+    try:
+        atomic_write_text(_cache_path(), json.dumps(data, indent=1, sort_keys=True))
+    except OSError:
+        pass   # a read-only home: measure again next time
+
+
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float) -> float:
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            break
+    return 2.0 * m * k * n * reps / dt
+
+
+def matmul_peak(fm: FlopModel, dtype: torch.dtype, device="cpu", seconds: float = 0.3,
+                use_cache: bool = True) -> float:
+    """Measured GEMM FLOP/s for ``dtype`` on a decoder-sized layer shape ([512, H] @ [H, 4H]),
+    cached per machine (:func:`machine_key`)."""
+    key = machine_key(device)
+    sub = f"gemm_flops:{str(dtype).replace('torch.', '')}:H={fm.hidden}"
+    if use_cache:
+        hit = _load_cache().get(key, {}).get(sub)
+        if isinstance(hit, (int, float)) and hit > 0:
+            return float(hit)
+    H = max(64, fm.hidden)
+    with torch.no_grad():
+        rate = _gemm_rate(512, H, 4 * H, dtype, device, seconds)
+    if use_cache:
+        _store_cache(key, sub, rate)
+    return rate
+
+
+def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, ref_seconds: float,
+                gen_tokens: int, decode_steps: int, gen_seconds: float, weight_bytes: int,
+                peak: float | None) -> dict[str, float]:
+    """Per-step achieved rates (metrics.jsonl keys): ``learn_tflops``, ``ref_tflops`` (and their
+    ``*_peak_frac`` when a measured peak is given), ``gen_tokens_per_second`` and
+    ``gen_weight_gbps`` (decode steps x weight bytes / sampling seconds)."""
+    out: dict[str, float] = {"learn_tflop": learn_flops / 1e12, "ref_tflop": ref_flops / 1e12}
+    if learn_seconds > 0 and learn_flops > 0:
+        out["learn_tflops"] = learn_flops / learn_seconds / 1e12
+    if ref_seconds > 0 and ref_flops > 0:
+        out["ref_tflops"] = ref_flops / ref_seconds / 1e12
+    if peak:
+        for k in ("learn", "ref"):
+            if f"{k}_tflops" in out:
+                out[f"{k}_peak_frac"] = out[f"{k}_tflops"] * 1e12 / peak
+    if gen_seconds > 0 and gen_tokens > 0:
+        out["gen_tokens_per_second"] = gen_tokens / gen_seconds
+        out["gen_weight_gbps"] = decode_steps * weight_bytes / gen_seconds / 1e9
+    return out
+
+
+# --------------------------------------------------------------------------- precision=auto
+def _model_key(model) -> str:
+    hf = hf_model(model)
+    c = hf.config
+    return (f"{type(hf).__name__} H={getattr(c, 'hidden_size', '?')} "
+            f"L={getattr(c, 'num_hidden_layers', '?')} V={getattr(c, 'vocab_size', '?')} "
+            f"lora={hasattr(model, 'disable_adapter')}")
+
+
+def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
+                    completion_len: int, groups: int, decode_batch: int, decode_steps: int,
+                    reps: int) -> dict[str, float]:
+    """Seconds of one learner pass (forward + backward over ``groups`` packed groups), one
+    reference pass (forward, no grad) and ``decode_steps`` sampling steps at ``decode_batch`` rows,
+    on random tokens, with the kernels agro uses, best of ``reps``."""
+    from .logprobs import (accepts_logits_to_keep, completion_logprobs, position_ids_from_mask,
+                           scoring_mode)
+    from .models import autocast_ctx, device_of
+
+    dev = device_of(model)
+    V = int(hf_model(model).config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    B, P, T = groups * group_size, prompt_len, completion_len
+    prompt = torch.randint(0, V, (groups, P), generator=g).repeat_interleave(group_size, 0)
+    comp = torch.randint(0, V, (B, T), generator=g)
+    ids = torch.cat([prompt, comp], 1).to(dev)
+    am = torch.ones_like(ids)
+    comp = comp.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    keep1 = {"logits_to_keep": 1} if accepts_logits_to_keep(type(hf_model(model))) else {}
+
+    def learner():
+        lp = completion_logprobs(model, ids, am, comp, P, precision, group_size=group_size)
+        lp.sum().backward()
+        for p in params:
+            p.grad = None
+
+    def reference():
+        with torch.no_grad():
+            completion_logprobs(model, ids, am, comp, P, precision, group_size=group_size)
+
+    def sample():
+        x = torch.randint(0, V, (decode_batch, P), generator=g).to(dev)
+        m = torch.ones_like(x)
+        with torch.no_grad(), autocast_ctx(precision, dev):
+            out = model(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
+                        use_cache=True, **keep1)
+            cache, pos = out.past_key_values, m.sum(-1)
+            for _ in range(decode_steps):
+                m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
+                out = model(input_ids=x[:, -1:], attention_mask=m, position_ids=pos[:, None],
+                            past_key_values=cache, use_cache=True, **keep1)
+                pos = pos + 1
+
+    out = {}
+    with scoring_mode(model):
+        for name, fn in (("learner", learner), ("reference", reference), ("sample", sample)):
+            best = float("inf")
+            for _ in range(reps + 1):          # the first call warms up (allocations, kernels)
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            out[name] = best
+    return out
+
+
+def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_new_tokens: int,
+                        prompt_len: int = 32, use_cache: bool = True, reps: int = 2) -> dict:
+    """precision=auto on a machine with native bf16: time this model's learner pass, reference
+    pass and sampling steps in fp32 and in bf16 (autocast), estimate one training step of each
+    (``prompts_per_step`` groups of ``group_size``, ``max_new_tokens`` decode steps) and choose
+    the faster. Cached per machine and model shape in ``~/.cache/agro/machine.json``.
+
+    Returns {"choice": "fp32"|"bf16", "fp32": {...seconds..., "step": s}, "bf16": {...}}.
+    """
+    key = machine_key(next(model.parameters()).device)
+    sub = (f"precision:{_model_key(model)} G={prompts_per_step} n={group_size} "
+           f"T={max_new_tokens} P={prompt_len}")
+    if use_cache:
+        hit = _load_cache().get(key, {}).get(sub)
+        if isinstance(hit, dict) and hit.get("choice") in ("fp32", "bf16"):
+            return dict(hit, cached=True)
+    groups, steps = 2, 8
+    res: dict = {}
+    for prec in ("fp32", "bf16"):
+        t = _time_precision(model, prec, group_size=group_size, prompt_len=prompt_len,
+                            completion_len=max_new_tokens, groups=groups,
+                            decode_batch=prompts_per_step * group_size, decode_steps=steps,
+                            reps=reps)
+        scale = prompts_per_step / groups
+        t["step"] = (t["learner"] + t["reference"]) * scale + t["sample"] * max_new_tokens / steps
+        res[prec] = {k: round(v, 4) for k, v in t.items()}
+    res["choice"] = "bf16" if res["bf16"]["step"] < res["fp32"]["step"] else "fp32"
+    if use_cache:
+        _store_cache(key, sub, res)
+    return dict(res, cached=False)

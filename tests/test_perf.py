@@ -1,0 +1,102 @@
+"""agro.perf: FLOP counts checked by hand, phase rates, the measured peak cache, and
+precision=auto's calibration (choice recorded atop config.yaml, cached per machine)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from agro import perf
+from agro.rollouts import Group, collate
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path / "cache"))
+
+
+def test_flop_model_counts_linear_weights_by_hand(tiny_model_dir):
+    from agro.models import load_model
+
+    m = load_model(tiny_model_dir)
+    fm = perf.FlopModel.of(m)
+    c = m.config
+    H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = H // c.num_attention_heads * c.num_key_value_heads
+    per_layer = H * H + 2 * H * kv + H * H + 3 * H * I      # q, k, v, o, gate, up, down
+    assert fm.decoder_params == L * per_layer
+    assert fm.head_params == V * H and fm.layers == L and fm.hidden == H
+    assert fm.weight_bytes == 4 * sum(p.numel() for p in m.parameters())
+
+
+def test_batch_flops_by_hand():
+    fm = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0)
+    g = Group(prompt_id="a", prompt_ids=[1, 2, 3], completion_ids=[[4, 5], [6]], rewards=[0, 1])
+    b = collate([g, g], 0, current_version=0, require_ref=False)   # G=2, n=2, P=3, T=2
+    L = 3 + 2 * 1
+    fwd = 2 * 1000 * (2 * L) + 2 * 50 * (4 * 2) + 4 * 2 * 8 * (2 * L * L)
+    assert perf.batch_flops(fm, b, backward=False) == fwd
+    assert perf.batch_flops(fm, b, backward=True) == 3 * fwd
+
+
+def test_phase_rates():
+    r = perf.phase_rates(learn_flops=4e12, learn_seconds=2.0, ref_flops=1e12, ref_seconds=0.5,
+                         gen_tokens=300, decode_steps=30, gen_seconds=3.0, weight_bytes=10**9,
+                         peak=4e12)
+    assert r["learn_tflops"] == pytest.approx(2.0) and r["ref_tflops"] == pytest.approx(2.0)
+    assert r["learn_peak_frac"] == pytest.approx(0.5)
+    assert r["gen_tokens_per_second"] == pytest.approx(100.0)
+    assert r["gen_weight_gbps"] == pytest.approx(10.0)
+
+
+def test_matmul_peak_is_measured_once_per_machine(monkeypatch):
+    fm = perf.FlopModel(1, 1, 1, 64, 0)
+    calls = []
+    real = perf._gemm_rate
+    monkeypatch.setattr(perf, "_gemm_rate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = perf.matmul_peak(fm, torch.float32, seconds=0.05)
+    b = perf.matmul_peak(fm, torch.float32, seconds=0.05)
+    assert a == b > 0 and len(calls) == 1
+
+
+def test_calibrate_precision_times_both_and_caches(tiny_model_dir):
+    from agro.models import load_model
+
+    m = load_model(tiny_model_dir)
+    cal = perf.calibrate_precision(m, prompts_per_step=2, group_size=2, max_new_tokens=4,
+                                   prompt_len=8, reps=1)
+    assert cal["choice"] in ("fp32", "bf16") and not cal["cached"]
+    for p in ("fp32", "bf16"):
+        assert all(cal[p][k] > 0 for k in ("learner", "reference", "sample", "step"))
+    faster = min(("fp32", "bf16"), key=lambda p: cal[p]["step"])
+    assert cal["choice"] == faster
+    assert all(p.grad is None for p in m.parameters())     # timing leaves no gradients behind
+    again = perf.calibrate_precision(m, prompts_per_step=2, group_size=2, max_new_tokens=4,
+                                     prompt_len=8, reps=1)
+    assert again["cached"] and again["choice"] == cal["choice"]
+
+
+def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_path, monkeypatch):
+    """Where bf16 is native, precision=auto calibrates and records why; the YAML still loads
+    (comments), so --resume keeps the concrete choice."""
+    from agro import trainer as trainer_mod
+    from agro.config import TrainConfig, load_config
+    from fakes import HashGrader
+
+    import agro.models as models
+    monkeypatch.setattr(models, "bf16_is_native", lambda device="cpu": True)
+    monkeypatch.setattr(perf, "calibrate_precision",
+                        lambda *a, **k: {"choice": "fp32", "cached": False,
+                                         "fp32": {"learner": 1.0, "reference": 0.5, "sample": 0.2, "step": 3.0},
+                                         "bf16": {"learner": 2.0, "reference": 1.0, "sample": 0.3, "step": 6.0}})
+    monkeypatch.setattr(trainer_mod, "calibrate_precision", perf.calibrate_precision)
+    cfg = load_config(TrainConfig, None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                                          "precision=auto", "steps=1", "prompts_per_step=2",
+                                          "group_size=2", "max_new_tokens=4", "eval_prompts=0",
+                                          "tensorboard=false", "progress=false", "plot=false"])
+    tr = trainer_mod.Trainer(cfg, grader=HashGrader())
+    assert tr.cfg.precision == "fp32" and tr.reference.precision == "fp32"
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert text.startswith("# precision: auto -> fp32 (measured on this machine: estimated step "
+                           "fp32 3.00 s vs bf16 6.00 s)")
+    assert yaml.safe_load(text)["precision"] == "fp32"
