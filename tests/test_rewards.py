@@ -240,11 +240,104 @@ def test_last_boxed(text, expected):
 
 def test_last_boxed_is_linear_time():
     baits = ["\\boxed{" * 200_000, "\\boxed " * 200_000, "\\boxed a{" * 200_000, "{" * 500_000 + "\\boxed{1}",
-             "\\{" * 500_000, "\\boxed{" + "\\}" * 500_000]
+             "\\{" * 500_000, "\\boxed{" + "\\}" * 500_000,
+             # joining: every box joins its neighbour, or every gap is just over the rule
+             "\\boxed{1}, " * 200_000, "\\boxed{1} and " * 100_000, "\\boxed{1}$ \\quad \\text{and} \\quad $" * 50_000,
+             ("\\boxed{1}" + " " * 39 + "x") * 50_000, "\\boxed{\\boxed{1}, \\boxed{2}}" * 50_000,
+             "\\boxed{" * 50_000 + "\\boxed{1}, \\boxed{2}" + "}" * 50_000]
     for bait in baits:
         t = time.perf_counter()
         last_boxed(bait)
         assert time.perf_counter() - t < 1.0, bait[:20]
+
+
+# ------------------------------------------------------------------------------ several boxes, one answer
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # neighbouring boxes are one answer: their contents as the bare list "a, b"
+        (r"\boxed{3} and \boxed{7}", "3, 7"),
+        (r"The solutions are $\boxed{3}$ and $\boxed{7}$.", "3, 7"),
+        (r"$\boxed{1}\boxed{2}$", "1, 2"),
+        (r"\boxed{1},\boxed{2},\boxed{3}", "1, 2, 3"),
+        (r"\boxed{1} and \boxed{2} and \boxed{3}", "1, 2, 3"),
+        (r"$$\boxed{2}, \boxed{3}, \boxed{5}$$", "2, 3, 5"),
+        (r"\(\boxed{1}\) and \(\boxed{-2}\).", "1, -2"),
+        (r"$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$", "(2, 2), (6, 2)"),
+        (r"$\boxed{1}$\text{, and }$\boxed{2}$; $\boxed{3}$", "1, 2, 3"),
+        ("so\n\\[\n\\boxed{(1, 2)},\n\\boxed{(2, 1)}\n\\]", "(1, 2), (2, 1)"),  # one line break
+        (r"$y_1 = \boxed{x+1}$ and $y_2 = \boxed{x-1}$", "x+1, x-1"),  # a one-letter label
+        (r"\boxed 3, \boxed 7", "3, 7"),  # brace-less boxes: the comma is not part of the content
+        (r"\boxed{5}, \boxed{5}", "5"),  # a repeated neighbour counts once
+        (r"\boxed{1} then \boxed{2} and \boxed{3}", "2, 3"),  # only the boxes next to the last one
+        # self-corrections, alternative forms and separate statements: the last box alone
+        (r"\boxed{4}, wait, actually \boxed{5}", "5"),
+        (r"\boxed{4}. Hmm, no. The answer is \boxed{5}", "5"),
+        (r"\boxed{4}, no, \boxed{5}", "5"),
+        (r"\boxed{4}. \boxed{5}", "5"),
+        (r"So \boxed{3} no, \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"$\boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$ inches.", r"\frac{639}{40}"),  # MATH-500
+        (r"$\boxed{28}$ or $\boxed{28_9}$", "28_9"),
+        ("\\boxed{4}\n\n\\boxed{5}", "5"),  # a blank line
+        (r"\boxed{1} papers and \boxed{2} bins", "2"),  # words
+        (r"$a = \boxed{3}$, $b = \boxed{4}$, so $a+b=\boxed{7}$", "7"),
+        (r"$a = \boxed{3}$, $a+b=\boxed{7}$", "7"),  # "a+b =" is not a one-letter label
+        (r"\boxed{1}" + " " * 41 + r"\boxed{2}", "2"),  # too far apart
+        (r"\boxed{1} \\ \boxed{2}", "2"),  # a LaTeX line break
+        (r"{\boxed{1}}, {\boxed{2}}", "2"),  # braces between them
+    ],
+)
+def test_neighbouring_boxes_are_one_answer(text, expected):
+    assert last_boxed(text) == expected
+    assert extract_answer(text) == expected  # completions and predictions
+    assert rewards.gold_answer(text) == expected  # gold answers: the same rule
+
+
+def test_at_most_max_joined_boxes_are_joined():
+    n = rewards._MAX_JOINED_BOXES
+    text = ", ".join(f"\\boxed{{{i}}}" for i in range(n + 6))
+    assert last_boxed(text) == ", ".join(str(i) for i in range(6, n + 6))
+
+
+def test_box_spans_and_last_box_span_agree():
+    """``_last_box_span`` (used to unwrap boxes) is the last of ``_box_spans`` (used to join)."""
+    rng = random.Random(0)
+    tokens = ["\\boxed{", "\\fbox{", "\\boxed ", "{", "}", "\\{", "\\}", "\\\\", "1", "x", " ", ", ", " and "]
+    for _ in range(3000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 14)))
+        spans = rewards._box_spans(text)
+        assert rewards._last_box_span(text) == ((spans[-1][1], spans[-1][2]) if spans else None), text
+        assert all(a[3] <= b[0] for a, b in zip(spans, spans[1:])), text  # disjoint, in order
+
+
+def test_last_boxed_without_joining():
+    assert last_boxed(r"\boxed{3} and \boxed{7}", join=False) == "7"
+    assert last_boxed(r"\boxed{3} and \boxed{\boxed{7}}", join=False) == "7"
+
+
+def test_several_boxes_are_graded_as_one_answer():
+    """A gold written as several boxes is not matched by part of it (with only the last box kept,
+    "7" scored 1: a reward for an incomplete answer); a completion that writes each solution in its
+    own box matches the set; a self-correction is graded on its last box."""
+    completions = [
+        "7", "The answer is $\\boxed{7}$.", "\\boxed{3} and \\boxed{7}",  # against the two-box gold
+        "The solutions are \\boxed{3} and \\boxed{7}.", "The solutions are \\boxed{7} and \\boxed{3}.",
+        "The solution is \\boxed{7}.",  # against {3, 7}
+        "\\boxed{4}, wait, actually \\boxed{5}", "\\boxed{4}. Hmm, no. The answer is \\boxed{5}",
+        "\\boxed{5}, wait, actually \\boxed{4}",  # against 5
+    ]
+    golds = ["\\boxed{3} and \\boxed{7}"] * 3 + ["\\{3, 7\\}"] * 3 + ["5"] * 3
+    assert math_reward(completions, golds) == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert not is_equivalent("\\boxed{3} and \\boxed{7}", "7")
+    assert is_equivalent("\\{3, 7\\}", "\\boxed{3} and \\boxed{7}")
+    assert is_equivalent("5", "\\boxed{4}, wait, actually \\boxed{5}")
+    assert not is_equivalent("4", "\\boxed{4}, wait, actually \\boxed{5}")
+    # Boxes are a bare list, ordered like any other (Grader(ordered_lists=False) for sets).
+    assert not is_equivalent("3, 7", "\\boxed{7} and \\boxed{3}")
+    with Grader(ordered_lists=False) as g:
+        assert g.equivalent(["3, 7"], ["\\boxed{7} and \\boxed{3}"]).rewards == [1.0]
 
 
 # ------------------------------------------------------------------------------ module layout

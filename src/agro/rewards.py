@@ -6,7 +6,10 @@ This module does the answer side of that; ``agro.grading`` runs it under a time 
 the public ``math_reward`` / ``is_equivalent`` / ``Grader``. Where it departs from the paper:
 
 * Extraction, in order of preference: the rest of the sentence after the last "The final answer
-  is"; the last ``\boxed{}`` (also ``\fbox{}``, ``\boxed 5``); what follows GSM8K's ``####``; a
+  is"; the last ``\boxed{}`` (also ``\fbox{}``, ``\boxed 5``), joined with the boxes right before
+  it when only white space, ``,`` ``;``, math delimiters or "and" separate them ("$\boxed{3}$ and
+  $\boxed{7}$" is the list "3, 7"; ``last_boxed`` gives the exact rule, which gold answers follow
+  too); what follows GSM8K's ``####``; a
   completion that *is* an answer ("x >= 5", "10, 4, -2", "$\frac12$"). Without any of these,
   math-verify's own extraction reads the last ``MAX_TEXT_CHARS`` of the completion in the sandbox
   (it finds answers in ``$...$``, ``$$...$$``, ``\(...\)``, ``\[...\]``, after "answer", and plain
@@ -117,8 +120,61 @@ _MATH_WORDS = frozenset(
 )
 
 
+_BOX_JOIN_GAP_CHARS = 40
+"""Boxes are joined only if at most this many characters separate them (see ``last_boxed``)."""
+
+_MAX_JOINED_BOXES = 64
+"""At most this many boxes are joined into one answer (the last ones; a longer run of boxes is
+not an answer, and this keeps the join cheap on hostile text)."""
+
+# What may stand between two boxes that are joined into one answer: white space (at most one line
+# break), "," ";" "~", math delimiters ($ \( \) \[ \]), LaTeX spacing (\, \; \quad \qquad), the word
+# "and" (also as \text{ and }, \text{, and }), and a one-letter label before the next box ("y_2 ="
+# in "$y_1 = \boxed{a}$ and $y_2 = \boxed{b}$"). Not "or" (in solutions "\boxed{28} or \boxed{28_9}"
+# gives one answer in two forms), not "." and no other word ("\boxed{4}, wait, \boxed{5}" is a
+# self-correction). Only ever matched on at most _BOX_JOIN_GAP_CHARS characters.
+_BOX_GAP_RE = re.compile(
+    r"(?:[ \t\r\n,;~$]"
+    r"|\\[()\[\]]"
+    r"|\\[,;:! ]|\\q?quad(?![A-Za-z])"
+    r"|\\(?:text|textrm|textnormal|textbf|textit|mathrm|mbox)[ \t]*\{[ \t]*(?:,[ \t]*)?(?:and[ \t]*)?\}"
+    r"|(?<![A-Za-z])and(?![A-Za-z])"
+    r"|(?<![A-Za-z\\])[A-Za-z](?:_[A-Za-z0-9]|_\{[A-Za-z0-9]{1,3}\})?[ \t]*=(?!=)"
+    r")*"
+)
+
+
+def _box_spans(text: str) -> list[tuple[int, int, int, int]]:
+    r"""Complete boxes of ``text`` that are not inside another complete box, in order, as
+    ``(start, content_start, content_end, end)``; ``start`` is that of ``\boxed``. One pass with a
+    stack (each box is appended and removed at most once), so the cost is linear."""
+    if "\\boxed" not in text and "\\fbox" not in text:
+        return []
+    stack: list[tuple[int, int] | None] = []  # per open brace: (box start, content start), or None
+    boxes: list[tuple[int, int, int, int]] = []
+    for m in _BOX_TOKEN_RE.finditer(text):
+        tok = m.group()
+        if m.group(1) is not None:  # \boxed 5
+            box = (m.start(), m.start(1), m.end(1), m.end(1))
+        elif tok[-1] == "{" and tok[0] == "\\" and len(tok) > 2:  # \boxed{ or \fbox{
+            stack.append((m.start(), m.end()))
+            continue
+        elif tok == "{":
+            stack.append(None)
+            continue
+        elif tok == "}" and stack and (top := stack.pop()) is not None:
+            box = (top[0], top[1], m.start(), m.end())
+        else:  # "\\", "\{" and "\}" are literal text; "}" closes a plain brace or nothing
+            continue
+        while boxes and boxes[-1][0] >= box[0]:  # boxes inside this one
+            boxes.pop()
+        boxes.append(box)
+    return boxes
+
+
 def _last_box_span(text: str) -> tuple[int, int] | None:
-    """``(start, end)`` of the content of the box that closes last, or None. Linear time."""
+    """``(start, end)`` of the content of the box that closes last, or None. Linear time (the
+    last element of ``_box_spans``, without keeping the list)."""
     if "\\boxed" not in text and "\\fbox" not in text:
         return None
     stack: list[int] = []  # per open brace: start of the box content, or -1 for a plain brace
@@ -140,6 +196,11 @@ def _last_box_span(text: str) -> tuple[int, int] | None:
     return best
 
 
+def _joinable(gap: str) -> bool:
+    """Whether two boxes with ``gap`` between them belong to one answer (see ``_BOX_GAP_RE``)."""
+    return len(gap) <= _BOX_JOIN_GAP_CHARS and gap.count("\n") <= 1 and _BOX_GAP_RE.fullmatch(gap) is not None
+
+
 def _unwrap_boxed(s: str) -> str:
     r"""Remove ``\boxed{...}`` / ``\boxed x`` wrappers that span the whole string (repeatedly)."""
     for _ in range(8):
@@ -156,12 +217,27 @@ def _unwrap_boxed(s: str) -> str:
     return s.strip()
 
 
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last complete ``\boxed{...}`` in ``text`` (or ``\fbox{...}``, ``\boxed 5``).
+def last_boxed(text: str, join: bool = True) -> str | None:
+    r"""The final boxed answer of ``text``: the content of its last complete ``\boxed{...}`` (or
+    ``\fbox{...}``, ``\boxed 5``), joined with the boxes right before it that belong to the same
+    answer. None if there is no complete box.
 
     Braces must balance (nesting is fine; ``\{`` and ``\}`` are literal braces, not counted). One
     pass with a stack, so the cost is linear even for thousands of unclosed ``\boxed{``. "Last"
-    is the box that closes last; a box wrapping a whole box is unwrapped. None if there is none.
+    is the box that closes last; a box wrapping a whole box is unwrapped.
+
+    Joining (``join=True``; this is what predictions, completions and gold answers all go through):
+    an answer written as several boxes, "$\boxed{3}$ and $\boxed{7}$", "\boxed{1},\boxed{2}",
+    "\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}", is one answer, their contents in
+    order as a bare list "3, 7" (ordered like any bare list, see ``agro.rewards``; repeated
+    neighbours counted once). Boxes are joined only when at most ``_BOX_JOIN_GAP_CHARS``
+    characters separate them and these are white space (at most one line break), ``,`` ``;``
+    ``~``, math delimiters, LaTeX spacing, "and" (also ``\text{ and }``) or a one-letter label
+    ("y_2 ="). Anything else, a word, a full stop or "or", separates answers, so a self-correction
+    ("\boxed{4}, wait, actually \boxed{5}"; "\boxed{4}. Hmm, no. The answer is \boxed{5}") and
+    alternative forms ("\boxed{28} or \boxed{28_9}") give the last box. math-verify joins more
+    loosely (any boxes under 10 characters apart, or under 70 with a ``,`` ``;`` "and" "or"
+    between them). ``join=False`` gives the last box alone.
 
     >>> last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}}.")
     '\\frac{1}{2}'
@@ -171,14 +247,29 @@ def last_boxed(text: str) -> str | None:
     ('5', '7', '3')
     >>> last_boxed(r"\boxed{4} then an unclosed \boxed{5"), last_boxed(r"\boxed{5"), last_boxed("no box")
     ('4', None, None)
+    >>> last_boxed(r"$\boxed{3}$ and $\boxed{7}$."), last_boxed(r"\boxed{4}, wait, actually \boxed{5}")
+    ('3, 7', '5')
     """
     if not isinstance(text, str):
         return None
-    span = _last_box_span(text)
-    if span is None:
+    boxes = _box_spans(text)
+    if not boxes:
         return None
-    content = text[span[0]:span[1]]
-    return _unwrap_boxed(content) if content.lstrip().startswith(("\\boxed", "\\fbox")) else content
+    first = len(boxes) - 1
+    while join and first > 0 and len(boxes) - first < _MAX_JOINED_BOXES \
+            and _joinable(text[boxes[first - 1][3]:boxes[first][0]]):
+        first -= 1
+    parts: list[str] = []
+    for _, start, end, _ in boxes[first:]:
+        content = text[start:end]
+        if content.lstrip().startswith(("\\boxed", "\\fbox")):
+            content = _unwrap_boxed(content)
+        if first == len(boxes) - 1:
+            return content
+        content = content.strip().rstrip(",;").strip()  # "\boxed 3, \boxed 7": "3," is "3"
+        if content and (not parts or parts[-1] != content):
+            parts.append(content)
+    return ", ".join(parts)
 
 
 def _strip_answer(s: str) -> str:
@@ -364,7 +455,7 @@ def extract_answer(text: str, max_chars: int = MAX_COMPLETION_CHARS) -> str | No
 
     In order of preference: the rest of the sentence after "The final answer is" (stripped of a
     trailing full stop, ``$`` and a surrounding ``\boxed{}``); else the content of the last
-    ``\boxed{...}``; else what follows the last GSM8K ``####`` on its line; else the completion
+    ``\boxed{...}`` (with its neighbouring boxes, see ``last_boxed``); else what follows the last GSM8K ``####`` on its line; else the completion
     itself if it is an answer ("x >= 5"); else the last number (int, decimal, negative, fraction
     ``a/b``, thousands separators removed). Only the last ``max_chars`` characters are read, and
     every step is linear in that length. (The grader does more without a marker: math-verify reads
@@ -523,7 +614,8 @@ def gold_answer(answer: Any, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
     r"""The comparable gold answer, or None if it is unusable (empty, too long, not text).
 
     Raw answers ("\frac{1}{2}", "10") are kept; a GSM8K answer field keeps what follows "####";
-    a full solution keeps its last ``\boxed{}``.
+    a full solution keeps its last ``\boxed{}`` (with its neighbouring boxes, as the list "a, b":
+    see ``last_boxed``).
     """
     if isinstance(answer, str):
         answer = answer[-MAX_COMPLETION_CHARS:]
