@@ -6,8 +6,7 @@
 * :func:`batch_flops`: the FLOPs of one log-prob pass over a collated batch as agro runs it
   (each group's prompt once, then its n completions; the head on completion positions only).
 * :func:`matmul_peak`: this machine's measured GEMM rate per dtype on the model's own layer
-  shapes (a short timing, cached per machine in ``~/.cache/agro/machine.json``), the yardstick
-  for "fraction of peak".
+  shapes (a short timing at each run's start), the yardstick for "fraction of peak".
 * :func:`phase_rates`: per-step rates for metrics.jsonl: learner and reference in TFLOP/s and as
   a fraction of the measured peak of the precision in use; sampling in tokens/s and GB/s of
   weights read (each decode step reads every weight once).
@@ -142,22 +141,15 @@ def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: floa
     return 2.0 * m * k * n * reps / dt
 
 
-def matmul_peak(fm: FlopModel, dtype: torch.dtype, device="cpu", seconds: float = 0.3,
-                use_cache: bool = True) -> float:
-    """Measured GEMM FLOP/s for ``dtype`` on a decoder-sized layer shape ([512, H] @ [H, 4H]),
-    cached per machine (:func:`machine_key`)."""
-    key = machine_key(device)
-    sub = f"gemm_flops:{str(dtype).replace('torch.', '')}:H={fm.hidden}"
-    if use_cache:
-        hit = _load_cache().get(key, {}).get(sub)
-        if isinstance(hit, (int, float)) and hit > 0:
-            return float(hit)
+def matmul_peak(fm: FlopModel, dtype: torch.dtype, device="cpu", seconds: float = 0.1,
+                trials: int = 3) -> float:
+    """Measured GEMM FLOP/s for ``dtype`` on a decoder-sized layer shape ([512, H] @ [H, 4H]):
+    the best of ``trials`` short timings, measured at each run's start (well under a second), so
+    it reflects the machine the run has. Not cached: a figure measured while another process
+    shared the cores would understate the peak for every later run."""
     H = max(64, fm.hidden)
     with torch.no_grad():
-        rate = _gemm_rate(512, H, 4 * H, dtype, device, seconds)
-    if use_cache:
-        _store_cache(key, sub, rate)
-    return rate
+        return max(_gemm_rate(512, H, 4 * H, dtype, device, seconds) for _ in range(trials))
 
 
 def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, ref_seconds: float,
