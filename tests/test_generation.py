@@ -256,3 +256,18 @@ def test_sample_from_logprobs_draws_the_distribution():
         se = (p[r].double() * (1 - p[r].double()) / N).sqrt()
         assert ((freq - p[r]).abs() <= 5 * se + 1e-12).all(), (r, freq, p[r])
         assert (freq[p[r] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("cls", [HFGenerator, CachedGenerator])
+def test_bf16_sampling_uses_a_bf16_copy_refreshed_by_sync_weights(cls, llama, tok):
+    gen = cls(llama, tok, precision="bf16")
+    assert gen.model is not llama and next(gen.model.parameters()).dtype == torch.bfloat16
+    assert next(llama.parameters()).dtype == torch.float32          # the policy keeps fp32
+    name, p = next((n, p) for n, p in llama.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        p.add_(0.25)
+    stale = dict(gen.model.named_parameters())[name].detach().clone()
+    gen.sync_weights(llama)
+    fresh = dict(gen.model.named_parameters())[name]
+    assert torch.equal(fresh, p.detach().to(torch.bfloat16)) and not torch.equal(fresh, stale)
+    assert cls(llama, tok, precision="fp32").model is llama        # fp32 samples the policy itself

@@ -477,3 +477,26 @@ def test_packed_and_two_pass_group_paths_agree(llama, tok):
     assert torch.allclose(packed[mask], two[mask], atol=1e-4)
     lp = logprobs.chosen_logprobs(packed, batch.completion_ids)
     assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
+
+
+def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, monkeypatch):
+    """bf16 autocast now packs each group too (one pass, one gradient per weight): its
+    log-probs stay within bf16 noise of fp32 and of the unshared bf16 pass, gradients flow."""
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    used = []
+    real = logprobs._packed_group_logits
+    monkeypatch.setattr(logprobs, "_packed_group_logits",
+                        lambda *a, **k: used.append(k.get("precision", a[-1])) or real(*a, **k))
+    mask = batch.completion_mask > 0
+    llama.zero_grad(set_to_none=True)
+    lp16 = completion_logprobs(llama, *args, precision="bf16", group_size=batch.group_size)
+    lp16.sum().backward()
+    assert used == ["bf16"]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in llama.parameters() if p.requires_grad)
+    with torch.no_grad():
+        lp32 = completion_logprobs(llama, *args, precision="fp32", group_size=batch.group_size)
+        lp16_unshared = completion_logprobs(llama, *args, precision="bf16", group_size=1)
+    assert 0 < (lp16 - lp32)[mask].abs().max() < 0.1
+    assert (lp16 - lp16_unshared)[mask].abs().max() < 0.1

@@ -142,8 +142,9 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if input_ids.shape[1] < P + T - 1:
         raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
     if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
-        if precision == "fp32" and T > 1 and _decoder_parts(model) is not None:
-            return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size)
+        if T > 1 and _decoder_parts(model) is not None:
+            return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size,
+                                        precision)
         return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
     dev = device_of(model)
     ids = input_ids[:, :P + T - 1].to(dev)                               # [B, P+T-1]
@@ -179,7 +180,7 @@ def _decoder_parts(model):
 
 def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
                           n: int) -> torch.Tensor:
-    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used for bf16,
+    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used for
     one-token completions and heads :func:`_packed_group_logits` cannot take).
 
     Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
@@ -208,8 +209,10 @@ def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, prec
     return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)         # [B, T, V]
 
 
-def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int) -> torch.Tensor:
-    """:func:`completion_logits` with one packed sequence per group (fp32, plain LM head).
+def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
+                         precision: str = "fp32") -> torch.Tensor:
+    """:func:`completion_logits` with one packed sequence per group (plain LM head; fp32 or bf16
+    autocast: the mask is in the dtype attention computes in).
 
     Group g becomes ``[prompt | c_1[:T-1] | ... | c_n[:T-1]]`` (length L = P + n(T-1)) under a
     block attention mask: prompt tokens attend causally to the prompt, completion i's tokens to
@@ -244,16 +247,19 @@ def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: in
     same_blk = (blk[:, None] == blk[None, :]) & (blk[:, None] != -1) & causal
     allowed = (to_prompt | same_blk)[None] & real[:, None, :]            # [G, Lq, Lk]
     allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
-    dtype = next(dec.parameters()).dtype
+    # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
+    dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
     mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
-    h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
-            use_cache=False).last_hidden_state                           # [G, L, H]
+    with autocast_ctx(precision, dev):
+        h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
+                use_cache=False).last_hidden_state                       # [G, L, H]
     src = torch.empty(n, T, dtype=torch.long, device=dev)                # hidden state per token
     src[:, 0] = P - 1
     src[:, 1:] = P + torch.arange(n, device=dev)[:, None] * Tc + torch.arange(Tc, device=dev)[None]
     hs = h[:, src.reshape(-1)].reshape(B, T, h.shape[-1])                # [B, T, H]
-    return head(hs)                                                      # [B, T, V]
+    with autocast_ctx(precision, dev):
+        return head(hs)                                                  # [B, T, V]
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
