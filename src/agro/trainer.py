@@ -397,7 +397,9 @@ class Trainer:
                              ref_flops=tot["ref_flops"] / w, ref_seconds=m["ref_seconds"],
                              gen_tokens=int(tot["gen_tokens"] / w),
                              decode_steps=int(tot["decode_steps"] / w),
-                             gen_seconds=m["gen_seconds"], weight_bytes=self.flops.weight_bytes,
+                             gen_seconds=m["gen_seconds"],
+                             weight_bytes=sum(p.numel() * p.element_size()
+                                              for p in self.generator.model.parameters()),
                              peak=self.peak))
         return m
 
