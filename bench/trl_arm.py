@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="TRL's own bf16 flag (mixed precision)")
     a = ap.parse_args()
 
     import torch
@@ -52,7 +53,7 @@ def main() -> None:
         gradient_accumulation_steps=seqs // a.micro_batch, num_generations=a.group_size,
         max_completion_length=a.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         beta=a.beta, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
-        bf16=False, fp16=False, use_cpu=True, seed=a.seed, logging_steps=1, save_strategy="no",
+        bf16=a.bf16, fp16=False, use_cpu=True, seed=a.seed, logging_steps=1, save_strategy="no",
         report_to="none", dataloader_num_workers=0, log_completions=False, shuffle_dataset=False,
         model_init_kwargs={"dtype": torch.float32},
     )

@@ -6,8 +6,10 @@
 Both arms train the same model (the embedded default, saved once as an fp32 transformers
 directory so both load it the same way), on the same arithmetic prompts in the same order, with
 the same settings: ``prompts`` x ``group_size`` samples per optimizer step, ``max_new_tokens``,
-temperature 1 / top_k 0 / top_p 1, beta, lr, fp32, micro-batches of ``micro_batch`` sequences,
-HF ``generate`` for sampling, a frozen reference model, one process, all cores. Each arm runs in
+temperature 1 / top_k 0 / top_p 1, beta, lr, the same precision (``--precision fp32``, or
+``bf16``: agro ``precision=bf16``, TRL ``bf16=True``), micro-batches of ``micro_batch`` sequences,
+each arm's default sampler (agro's KV-cache loop, TRL's ``generate``), a frozen reference model,
+one process, all cores. Each arm runs in
 its own process, one after the other (never concurrently: two torch processes on 2 cores slow
 each other down 10-20x), alternating agro, TRL, agro, TRL ... for ``rounds`` rounds.
 
@@ -47,7 +49,7 @@ def run_agro(a, model: Path, out: Path) -> dict:
            f"steps={a.steps}", f"prompts_per_step={a.prompts}", f"group_size={a.group_size}",
            f"micro_batch_groups={a.micro_batch // a.group_size}",
            f"max_new_tokens={a.max_new_tokens}", f"beta={a.beta}", f"lr={a.lr}",
-           "warmup_steps=0", "precision=fp32", "temperature=1.0", "top_p=1.0", "top_k=0",
+           "warmup_steps=0", f"precision={a.precision}", "temperature=1.0", "top_p=1.0", "top_k=0",
            "eval_prompts=0", "save_every=0", "plot=false", "tensorboard=false", "progress=false",
            f"seed={a.seed}", f"num_threads={a.threads}"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if a.quiet else None)
@@ -67,7 +69,7 @@ def run_trl(a, model: Path, out: Path) -> dict:
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--group-size", str(a.group_size),
            "--micro-batch", str(a.micro_batch), "--max-new-tokens", str(a.max_new_tokens),
            "--beta", str(a.beta), "--lr", str(a.lr), "--seed", str(a.seed),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads)] + (["--bf16"] if a.precision == "bf16" else [])
     p = subprocess.run(cmd, check=True, capture_output=True, text=True)
     if not a.quiet:
         sys.stderr.write(p.stderr[-4000:])
@@ -89,6 +91,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--arms", default="agro,trl")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="agro precision=...; TRL with bf16=True for bf16 (fp32 master weights in "
+                         "both, loaded from the same fp32 directory)")
     ap.add_argument("--cache", default=str(HERE / ".cache"))
     ap.add_argument("--json", default="", help="also write all measurements here")
     ap.add_argument("--quiet", action="store_true")
@@ -118,7 +123,7 @@ def main() -> None:
                                    for s in x["step_seconds"][a.warmup:]]) for arm in arms}
     print()
     print(f"settings: {a.prompts} prompts x {a.group_size} samples, max_new_tokens "
-          f"{a.max_new_tokens}, micro-batch {a.micro_batch} seqs, beta {a.beta}, lr {a.lr}, fp32, "
+          f"{a.max_new_tokens}, micro-batch {a.micro_batch} seqs, beta {a.beta}, lr {a.lr}, {a.precision}, "
           f"threads {a.threads or os.cpu_count()}, {a.steps} steps x {a.rounds} rounds, first "
           f"{a.warmup} dropped")
     for arm in arms:
