@@ -271,3 +271,26 @@ def test_bf16_sampling_uses_a_bf16_copy_refreshed_by_sync_weights(cls, llama, to
     fresh = dict(gen.model.named_parameters())[name]
     assert torch.equal(fresh, p.detach().to(torch.bfloat16)) and not torch.equal(fresh, stale)
     assert cls(llama, tok, precision="fp32").model is llama        # fp32 samples the policy itself
+
+
+def test_bf16_sampling_copy_keeps_fp32_buffers_and_samples_close_to_the_policy(llama, tok):
+    """Only the weights are cast: RoPE's inv_freq stays fp32 (a bf16 inv_freq shifts rotary angles
+    by ~p * inv_freq * 2^-9). Behaviour log-probs of the copy agree with the policy's own bf16
+    scoring within bf16 noise."""
+    gen = CachedGenerator(llama, tok, precision="bf16")
+    bufs = {n: b.dtype for n, b in gen.model.named_buffers() if b.is_floating_point()}
+    assert bufs and all(d == torch.float32 for d in bufs.values()), bufs
+    torch.manual_seed(3)
+    prompts = [[1, 520, 3310, 77], [1, 4040, 12, 5, 6]]
+    gens = gen.generate(prompts, 2, SamplingParams(8))
+    groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
+                    rewards=[0.0] * 2) for i, g in enumerate(gens)]
+    batch = collate(groups, tok.pad_token_id, current_version=0, require_ref=False)
+    with torch.no_grad():
+        lp = completion_logprobs(llama, batch.input_ids, batch.attention_mask,
+                                 batch.completion_ids, batch.prompt_len, "bf16")
+    behaviour = torch.zeros_like(lp)
+    for b, row in enumerate(x for g in gens for x in g.logprobs):
+        behaviour[b, :len(row)] = torch.tensor(row)
+    mask = batch.completion_mask > 0
+    assert (lp - behaviour)[mask].abs().max() < 0.1

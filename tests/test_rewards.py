@@ -497,3 +497,11 @@ def test_grade_right_after_start_waits_for_the_sandbox():
         g.start()
         res = g.grade(["\\boxed{x^2-1}"], ["(x-1)(x+1)"])
         assert res.rewards == [1.0] and g.starts == 1 and g.ready()
+
+
+def test_joined_boxes_keep_repeats_unless_one_answer_is_repeated():
+    from agro.rewards import last_boxed
+
+    assert last_boxed(r"$x=\boxed{3}$ and $y=\boxed{3}$") == "3, 3"     # two labelled values
+    assert last_boxed(r"\boxed{2}, \boxed{2}, \boxed{3}") == "2, 2, 3"
+    assert last_boxed(r"so \boxed{5} \boxed{5}") == "5"                   # a repeated final answer

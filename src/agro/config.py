@@ -39,9 +39,11 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 class ModelFields:
     model: str = _f("default", "Policy: a Hugging Face hub id, a local directory saved with "
                     "save_pretrained, a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct).")
-    precision: str = _f("auto", "Matmul precision: 'bf16' (autocast), 'fp32', or 'auto' (bf16 on a "
-                        "GPU or a CPU with native bf16 matmuls, else fp32: on a CPU without them "
-                        "bf16 is emulated and several times slower). Log-softmax is always fp32.",
+    precision: str = _f("auto", "Matmul precision: 'bf16' (autocast), 'fp32', or 'auto': fp32 on a "
+                        "CPU without native bf16 matmuls (emulated, several times slower); bf16 "
+                        "on a GPU; on a CPU with native bf16, `agro train` times this model in "
+                        "both and keeps the faster (cached per machine; `agro generate`/`eval` "
+                        "take bf16 there). Log-softmax is always fp32.",
                         ("auto", "bf16", "fp32"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")

@@ -215,8 +215,7 @@ class HFGenerator:
             self.model = model
             return
         if self.model is None or getattr(self, "_source", None) is not model:
-            self.model = copy.deepcopy(model).to(torch.bfloat16).eval()
-            self.model.requires_grad_(False)
+            self.model = bf16_copy(model)
             self._source = model
             return
         with torch.no_grad():
@@ -273,6 +272,16 @@ class HFGenerator:
                 texts=[self.tokenizer.decode(x, skip_special_tokens=True) for x in c],
             ))
         return out
+
+
+def bf16_copy(model):
+    """A frozen eval-mode copy of ``model`` with its parameters in bf16 and its buffers as they
+    are (RoPE's ``inv_freq`` stays fp32: rounding it would shift every rotary angle)."""
+    out = copy.deepcopy(model).eval()
+    out.requires_grad_(False)
+    for p in out.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return out
 
 
 def sample_from_logprobs(logp: torch.Tensor) -> torch.Tensor:

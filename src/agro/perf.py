@@ -125,8 +125,9 @@ def _store_cache(key: str, sub: str, value) -> None:
 
 
 def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float) -> float:
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)   # a local generator: the run's RNG streams are untouched
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     reps, t0 = 0, time.perf_counter()
@@ -188,6 +189,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     """Seconds of one learner pass (forward + backward over ``groups`` packed groups), one
     reference pass (forward, no grad) and ``decode_steps`` sampling steps at ``decode_batch`` rows,
     on random tokens, with the kernels agro uses, best of ``reps``."""
+    from .generation import bf16_copy
     from .logprobs import (accepts_logits_to_keep, completion_logprobs, position_ids_from_mask,
                            scoring_mode)
     from .models import autocast_ctx, device_of
@@ -214,17 +216,20 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
         with torch.no_grad():
             completion_logprobs(model, ids, am, comp, P, precision, group_size=group_size)
 
+    # the sampler's own model: in bf16 a bf16 copy of the weights (agro.generation.bf16_copy)
+    sampler = bf16_copy(model) if precision == "bf16" else model
+
     def sample():
         x = torch.randint(0, V, (decode_batch, P), generator=g).to(dev)
         m = torch.ones_like(x)
         with torch.no_grad(), autocast_ctx(precision, dev):
-            out = model(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
-                        use_cache=True, **keep1)
+            out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
+                          use_cache=True, **keep1)
             cache, pos = out.past_key_values, m.sum(-1)
             for _ in range(decode_steps):
                 m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
-                out = model(input_ids=x[:, -1:], attention_mask=m, position_ids=pos[:, None],
-                            past_key_values=cache, use_cache=True, **keep1)
+                out = sampler(input_ids=x[:, -1:], attention_mask=m, position_ids=pos[:, None],
+                              past_key_values=cache, use_cache=True, **keep1)
                 pos = pos + 1
 
     out = {}

@@ -217,6 +217,9 @@ def _unwrap_boxed(s: str) -> str:
     return s.strip()
 
 
+_LABEL_RE = re.compile(r"[A-Za-z](?:_\{?\w{1,8}\}?)?[ \t]*=")  # "y =", "y_2 =", "x_{1}=" before a box
+
+
 def last_boxed(text: str, join: bool = True) -> str | None:
     r"""The final boxed answer of ``text``: the content of its last complete ``\boxed{...}`` (or
     ``\fbox{...}``, ``\boxed 5``), joined with the boxes right before it that belong to the same
@@ -267,8 +270,14 @@ def last_boxed(text: str, join: bool = True) -> str | None:
         if first == len(boxes) - 1:
             return content
         content = content.strip().rstrip(",;").strip()  # "\boxed 3, \boxed 7": "3," is "3"
-        if content and (not parts or parts[-1] != content):
+        if content:
             parts.append(content)
+    # A repeated final answer ("\boxed{5} \boxed{5}") is one answer; labelled boxes
+    # ("x = \boxed{3} and y = \boxed{3}") are two values, and "2, 2, 3" keeps its repeats.
+    labelled = any(_LABEL_RE.search(text[boxes[i][3]:boxes[i + 1][0]])
+                   for i in range(first, len(boxes) - 1))
+    if parts and not labelled and all(p == parts[0] for p in parts):
+        return parts[0]
     return ", ".join(parts)
 
 

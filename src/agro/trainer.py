@@ -174,13 +174,21 @@ class Trainer:
         cfg = self.cfg
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
-        if cfg.precision != "bf16" or self.device.type != "cpu":
-            why = ("no native bf16 matmuls on this CPU" if cfg.precision == "fp32"
-                   else f"native bf16 on {self.device.type}")
-            return [f"precision: auto -> {cfg.precision} ({why})"]
+        # every process follows rank 0: its flags decide whether to time, its timing decides
+        rank0 = self.dist.all_gather(cfg.precision)[0]
+        timed = self.dist.all_gather(cfg.precision == "bf16" and self.device.type == "cpu")[0]
+        if not timed:
+            if rank0 != cfg.precision:
+                self.cfg = dataclasses.replace(cfg, precision=rank0)
+                self.reference.precision = rank0
+            why = (f"native bf16 on {self.device}" if rank0 == "bf16"
+                   else f"no native bf16 matmuls on this {self.device.type}")
+            return [f"precision: auto -> {rank0} ({why})"]
         cal = calibrate_precision(self.policy, prompts_per_step=self.local_prompts,
-                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens)
-        choice = self.dist.all_gather(cal["choice"])[0]
+                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens) \
+            if self.dist.is_main else None
+        cal = self.dist.all_gather(cal)[0]
+        choice = cal["choice"]
         f32, b16 = cal["fp32"], cal["bf16"]
         lines = [f"precision: auto -> {choice} (measured on this machine{', cached' if cal['cached'] else ''}: "
                  f"estimated step fp32 {f32['step']:.2f} s vs bf16 {b16['step']:.2f} s)",
