@@ -500,3 +500,17 @@ def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, mo
         lp16_unshared = completion_logprobs(llama, *args, precision="bf16", group_size=1)
     assert 0 < (lp16 - lp32)[mask].abs().max() < 0.1
     assert (lp16 - lp16_unshared)[mask].abs().max() < 0.1
+
+
+def test_long_groups_take_the_two_pass_path(llama, tok, monkeypatch):
+    """A packed group's attention grows with (P + n(T-1))^2: past PACKED_MAX_LEN the two-pass
+    path runs instead, with the same log-probs."""
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    with torch.no_grad():
+        packed = completion_logprobs(llama, *args, group_size=batch.group_size)
+        monkeypatch.setattr(logprobs, "PACKED_MAX_LEN", 4)
+        monkeypatch.setattr(logprobs, "_packed_group_logits",
+                            lambda *a, **k: pytest.fail("packed path taken for a long group"))
+        two = completion_logprobs(llama, *args, group_size=batch.group_size)
+    assert torch.allclose(packed, two, atol=1e-5)

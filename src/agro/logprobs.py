@@ -40,6 +40,11 @@ from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load
 
 
 # --------------------------------------------------------------------------- log-prob kernel
+PACKED_MAX_LEN = 4096
+"""Longest packed group sequence P + n(T-1): its dense block mask and attention grow with the
+square of it (n times the attention of the two-pass path), so longer groups take the two-pass
+path (a prompt pass, then its KV cache repeated n times)."""
+
 _ROW_CHUNK_ELEMS = 1 << 24  # ~64 MB of fp32 per chunk in the log-prob kernel
 
 
@@ -142,7 +147,7 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if input_ids.shape[1] < P + T - 1:
         raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
     if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
-        if T > 1 and _decoder_parts(model) is not None:
+        if 1 < T and P + group_size * (T - 1) <= PACKED_MAX_LEN and _decoder_parts(model) is not None:
             return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size,
                                         precision)
         return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
