@@ -271,6 +271,10 @@ def test_bf16_sampling_uses_a_bf16_copy_refreshed_by_sync_weights(cls, llama, to
     fresh = dict(gen.model.named_parameters())[name]
     assert torch.equal(fresh, p.detach().to(torch.bfloat16)) and not torch.equal(fresh, stale)
     assert cls(llama, tok, precision="fp32").model is llama        # fp32 samples the policy itself
+    from agro.models import apply_lora
+
+    peft = apply_lora(llama, r=2, alpha=4)
+    assert cls(peft, tok, precision="bf16").model is peft          # LoRA: no copy of the base
 
 
 def test_bf16_sampling_copy_keeps_fp32_buffers_and_samples_close_to_the_policy(llama, tok):

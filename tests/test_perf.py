@@ -99,3 +99,19 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
     assert text.startswith("# precision: auto -> fp32 (measured on this machine: estimated step "
                            "fp32 3.00 s vs bf16 6.00 s)")
     assert yaml.safe_load(text)["precision"] == "fp32"
+    tr.train()                                              # 1 step, checkpointed at the end
+    resumed = load_config(TrainConfig, str(tmp_path / "run" / "config.yaml"),
+                          [f"output_dir={tmp_path / 'run'}", "steps=2"])
+    trainer_mod.Trainer(resumed, resume=True, grader=HashGrader())
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("# precision: auto -> fp32")
+
+
+def test_lora_backward_counts_no_weight_gradients_for_the_frozen_base():
+    fm = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0)
+    lora = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0,
+                          frozen_base=True)
+    g = Group(prompt_id="a", prompt_ids=[1, 2, 3], completion_ids=[[4, 5], [6]], rewards=[0, 1])
+    b = collate([g], 0, current_version=0, require_ref=False)
+    fwd = perf.batch_flops(fm, b, backward=False)
+    assert perf.batch_flops(fm, b, backward=True) == 3 * fwd
+    assert perf.batch_flops(lora, b, backward=True) == 2 * fwd

@@ -29,7 +29,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from .logprobs import accepts_logits_to_keep, position_ids_from_mask
-from .models import autocast_ctx, hf_model, neutral_generation_config
+from .models import autocast_ctx, hf_model, is_peft, neutral_generation_config
 from .rollouts import samples_from_pi
 
 
@@ -211,7 +211,9 @@ class HFGenerator:
         trainable tensors change), so each decode step reads half the bytes and autocast does
         not recast every weight at every token (measured on SmolLM2-135M, 2 cores, 32 x 32
         tokens: 4.2 s with autocast on fp32 weights, 3.0 s on the bf16 copy; docs/RESULTS.md)."""
-        if self.precision != "bf16":
+        if self.precision != "bf16" or is_peft(model):
+            # LoRA: a bf16 copy would duplicate the frozen base (memory is why LoRA is chosen);
+            # such runs sample under autocast from the policy itself
             self.model = model
             return
         if self.model is None or getattr(self, "_source", None) is not model:

@@ -36,7 +36,10 @@ class FlopModel:
 
     decoder_params: weights of the linear layers below the LM head (all layers, all heads).
     head_params:    V x H, the LM head (tied or not).
-    layers, hidden: for the attention-score FLOPs (QK^T and AV: 4 * L_q * L_k * hidden per layer).
+    layers, hidden: for the attention-score FLOPs (QK^T and AV: 4 * L_q * L_k * d per layer, with
+                    d = heads x head_dim, which is the hidden size unless the config sets head_dim).
+    frozen_base:    only adapters train (LoRA): the backward pass computes activation gradients
+                    but no weight gradients for the base, so it costs ~1x the forward, not 2x.
     weight_bytes:   bytes of all parameters as stored (what a decode step reads).
     """
 
@@ -45,6 +48,7 @@ class FlopModel:
     layers: int
     hidden: int
     weight_bytes: int
+    frozen_base: bool = False
 
     @classmethod
     def of(cls, model) -> "FlopModel":
@@ -58,8 +62,13 @@ class FlopModel:
         cfg = hf.config
         layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)) or 0)
         hidden = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)) or 0)
+        heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "head_dim", None)
+        if heads and head_dim:
+            hidden = int(heads) * int(head_dim)
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = 0 < trainable < 0.5 * sum(p.numel() for p in model.parameters())
+        return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen)
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
         """Forward FLOPs: ``tokens`` through the decoder, ``head_tokens`` through the LM head,
@@ -71,13 +80,16 @@ class FlopModel:
 def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
     """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it:
     each group's prompt once plus its n completions (the packed ``[P + n(T-1)]`` sequence), the
-    LM head on the B x T completion positions; x3 with the backward pass."""
+    LM head on the B x T completion positions; with the backward pass x3 (x2 when only adapters
+    train: no weight gradients for the frozen base)."""
     B, T = batch.completion_ids.shape
     n = max(1, batch.group_size)
     G, P = B // n, batch.prompt_len
     L = P + n * max(0, T - 1)
     fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
-    return fwd * (3.0 if backward else 1.0)
+    if not backward:
+        return fwd
+    return fwd * (2.0 if fm.frozen_base else 3.0)
 
 
 # --------------------------------------------------------------------------- measured peak

@@ -172,6 +172,10 @@ class Trainer:
         machine) and keep the faster; every process uses rank 0's choice. Returns the lines that
         say what was chosen and why (logged, and written atop config.yaml)."""
         cfg = self.cfg
+        if self.ckpt_path is not None:   # resuming: config.yaml keeps its own record of the choice
+            old = (self.out / "config.yaml").read_text().splitlines()
+            return [x[2:] for x in old if x.startswith("# ")] or \
+                [f"precision: {cfg.precision} (from the resumed run's config.yaml)"]
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
         # every process follows rank 0: its flags decide whether to time, its timing decides
