@@ -495,3 +495,51 @@ def test_render_prompt_real_fast_tokenizer():
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     out = render_prompt(tok, EX_ARITH, "auto")
     assert out == f"<|user|>{EX_ARITH.question}\n<|assistant|>"
+
+
+# --------------------------------------------------------------------------- custom arithmetic range
+def test_arithmetic_range_space_answers_and_split():
+    t = ArithmeticTask(value_range="0-20:+-*")
+    assert (t.n_operands, t.lo, t.hi, t.ops) == (2, 0, 20, "+-*")
+    assert t.space_size == 21 * 21 * 3
+    seen, held = set(), 0
+    for i in range(t.space_size):
+        ex = t.problem(i)
+        seen.add(ex.meta["expression"])
+        held += ex.meta["split"] == "eval"
+        assert int(ex.answer) == eval(ex.meta["expression"])   # the gold is the expression's value
+    assert len(seen) == t.space_size
+    assert 0.15 < held / t.space_size < 0.25          # ~20 % held out by hash
+    ev = t.eval_examples(10_000)
+    assert len(ev) == held and all(e.meta["split"] == "eval" for e in ev)
+    assert t.problem(0).id.startswith("arith0-20:+-*:")
+    # the held-out rule is the problem's, not the space's: 7+8 is held out in every space or none
+    l1 = {ArithmeticTask(1).problem(i).meta["expression"]: ArithmeticTask(1).problem(i).meta["split"]
+          for i in range(200)}
+    both = [e for e in l1 if e in seen]
+    assert len(both) == 200                            # level 1 (one-digit + and *) lies inside
+    assert all(l1[e] == ("eval" if ArithmeticTask.is_held_out(e) else "train") for e in both)
+
+
+@pytest.mark.parametrize("spec", ["", "20-0", "0-20:/", "0-20:++", "a-b", "0-20:+-*x"])
+def test_arithmetic_range_rejects_bad_specs(spec):
+    from agro.tasks import parse_arith_range
+
+    with pytest.raises(ValueError):
+        parse_arith_range(spec)
+
+
+def test_arithmetic_range_config_error_names_the_field():
+    from agro.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="arithmetic_range"):
+        load_config(TrainConfig, None, ["arithmetic_range=9-3"])
+    cfg = load_config(TrainConfig, None, ["arithmetic_range=0-20:+*", "prompt_template=number"])
+    task = build_task(cfg)
+    assert task.ops == "+*" and task.hi == 20
+
+
+def test_number_template_asks_for_only_the_number():
+    ex = ArithmeticTask(1).problem(3)
+    msgs = render_messages(ex, "number")
+    assert msgs == [{"role": "user", "content": f"{ex.question} Answer with only the number."}]

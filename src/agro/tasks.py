@@ -12,8 +12,8 @@
   exact same sequence.
 * Prompt templates: ``bare`` (the question as the user turn), ``paper`` (a system prompt asking for
   a step-by-step solution ending "The final answer is $ANSWER", Sec. 8 / App. A of the paper, see
-  agro_math.md §8), ``boxed`` (asks for ``\\boxed{}``), ``auto`` (bare for arithmetic, paper
-  otherwise).
+  agro_math.md §8), ``boxed`` (asks for ``\\boxed{}``), ``number`` (the question followed by
+  "Answer with only the number."), ``auto`` (bare for arithmetic, paper otherwise).
 
 Departures from the paper: the paper trains on MATH only; arithmetic and GSM8K are ours (so that a
 135M-parameter model on a CPU can learn something in minutes). The paper's exact system prompt is
@@ -36,7 +36,7 @@ from .datafiles import DataError, SkipReport, missing_field, present, text_field
 from .rewards import last_boxed
 
 TASKS = ("arithmetic", "math", "gsm8k")
-TEMPLATES = ("auto", "bare", "paper", "boxed")
+TEMPLATES = ("auto", "bare", "paper", "boxed", "number")
 
 PAPER_SYSTEM = (
     "Solve the following math problem step by step. Explain your reasoning, then end your "
@@ -44,6 +44,7 @@ PAPER_SYSTEM = (
     "is the final number or expression that solves the problem."
 )
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+NUMBER_INSTRUCTION = "Answer with only the number."
 
 
 @dataclass
@@ -241,6 +242,21 @@ class Task(abc.ABC):
         """The first ``k`` held-out examples (fixed order, independent of any seed)."""
 
 
+def parse_arith_range(spec: str) -> tuple[int, int, int, str]:
+    """``"LO-HI"`` or ``"LO-HI:OPS"`` (two operands; OPS from ``+-*``, default ``+-*``) ->
+    (operands, smallest operand, largest operand, operators). Raises ValueError."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*(?::\s*([+*-]+))?\s*", spec or "")
+    if not m:
+        raise ValueError(f"arithmetic_range must look like 'LO-HI' or 'LO-HI:OPS' (e.g. '0-20:+-*'), "
+                         f"got {spec!r}")
+    lo, hi, ops = int(m.group(1)), int(m.group(2)), m.group(3) or "+-*"
+    if hi <= lo:
+        raise ValueError(f"arithmetic_range {spec!r}: HI must be > LO")
+    if len(set(ops)) != len(ops):
+        raise ValueError(f"arithmetic_range {spec!r}: an operator is repeated")
+    return 2, lo, hi, "".join(o for o in "+-*" if o in ops)
+
+
 def _arith_spec(level: int) -> tuple[int, int, int, str]:
     """(operands, smallest operand, largest operand, operators) for a level."""
     if level < 1:
@@ -279,19 +295,26 @@ class ArithmeticTask(Task):
 
     HELD_OUT_PERCENT = 20
 
-    def __init__(self, level: int = 1):
+    def __init__(self, level: int = 1, value_range: str = ""):
         self.level = int(level)
-        self.n_operands, self.lo, self.hi, self.ops = _arith_spec(self.level)
+        self.value_range = value_range.strip()
+        if self.value_range:   # a custom space: two operands in [lo, hi], the given operators
+            self.n_operands, self.lo, self.hi, self.ops = parse_arith_range(self.value_range)
+            self.key = f"{self.lo}-{self.hi}:{self.ops}"
+        else:
+            self.n_operands, self.lo, self.hi, self.ops = _arith_spec(self.level)
+            self.key = str(self.level)
         radix = self.hi - self.lo + 1
         self.space_size = radix ** self.n_operands * len(self.ops) ** (self.n_operands - 1)
         self.name = "arithmetic"
         self.description = (
-            f"arithmetic level {self.level}: {self.n_operands} operands in "
+            f"arithmetic {'range ' + self.key if self.value_range else f'level {self.level}'}: "
+            f"{self.n_operands} operands in "
             f"[{self.lo}, {self.hi}], operators {' '.join(self.ops)}, {self.space_size} problems, "
             f"~{self.HELD_OUT_PERCENT}% held out by hash")
         self.notes = []
         self.reports = []
-        self._eval_order = KeyedPermutation(self.space_size, stable_hash(f"arith-eval:{level}"))
+        self._eval_order = KeyedPermutation(self.space_size, stable_hash(f"arith-eval:{self.key}"))
         self._eval: list[Example] = []
         self._eval_pos = 0
 
@@ -315,10 +338,10 @@ class ArithmeticTask(Task):
         spaced = str(operands[0]) + "".join(f" {o} {x}" for o, x in zip(ops, operands[1:]))
         held = self.is_held_out(canonical)
         return Example(
-            id=f"arith{self.level}:{canonical}",
+            id=f"arith{self.key}:{canonical}",
             question=f"What is {spaced}?",
             answer=str(eval_arithmetic(operands, ops)),
-            meta={"task": "arithmetic", "level": self.level, "expression": canonical,
+            meta={"task": "arithmetic", "level": self.level, "space": self.key, "expression": canonical,
                   "split": "eval" if held else "train"},
         )
 
@@ -328,7 +351,7 @@ class ArithmeticTask(Task):
 
     def train_sampler(self, seed: int) -> PromptSampler:
         return PromptSampler(self.space_size, self._train_problem, seed,
-                             name=f"arithmetic level {self.level}")
+                             name=f"arithmetic {self.key}")
 
     def eval_examples(self, k: int) -> list[Example]:
         """The first ``k`` held-out problems in a fixed pseudo-random order.
@@ -538,7 +561,8 @@ def build_task(cfg: Any) -> Task:
     """
     kind = getattr(cfg, "task", "arithmetic")
     if kind == "arithmetic":
-        return ArithmeticTask(level=getattr(cfg, "arithmetic_level", 1))
+        return ArithmeticTask(level=getattr(cfg, "arithmetic_level", 1),
+                              value_range=getattr(cfg, "arithmetic_range", ""))
     if kind not in TASKS:
         raise ValueError(f"unknown task {kind!r}; valid: {', '.join(TASKS)}")
     data_path = getattr(cfg, "data_path", "")
@@ -591,6 +615,8 @@ def render_messages(example: Example, template: str = "auto") -> list[dict[str, 
     if t == "paper":
         return [{"role": "system", "content": PAPER_SYSTEM},
                 {"role": "user", "content": example.question}]
+    if t == "number":
+        return [{"role": "user", "content": f"{example.question} {NUMBER_INSTRUCTION}"}]
     return [{"role": "user", "content": f"{example.question}\n\n{BOXED_INSTRUCTION}"}]
 
 

@@ -60,7 +60,8 @@ def eval_defaults_from_run(spec: str) -> list[str]:
     p = Path(spec)
     if p.is_dir() and (p / "config.yaml").is_file() and (p / "final").is_dir():
         saved = yaml.safe_load((p / "config.yaml").read_text()) or {}
-        keep = ("task", "data_path", "eval_data_path", "arithmetic_level", "prompt_template",
+        keep = ("task", "data_path", "eval_data_path", "arithmetic_level", "arithmetic_range",
+                "prompt_template",
                 "max_new_tokens", "precision", "seed")
         return [f"{k}={saved[k]}" for k in keep if k in saved and saved[k] != ""] + \
             [f"model={p / 'final'}"]
@@ -82,4 +83,5 @@ def run_eval(cfg: EvalConfig) -> dict:
                         examples=examples, template=cfg.prompt_template, samples=cfg.samples,
                         greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature,
+                        batch_size=cfg.generation_batch_size,
                         on_progress=lambda d, t: prog.update(bar, completed=d))
