@@ -23,10 +23,7 @@ if "AGRO_CACHE_DIR" not in os.environ:
 
     os.environ["AGRO_CACHE_DIR"] = tempfile.mkdtemp(prefix="agro-test-cache-")
 
-TINY_LLAMA = dict(
-    num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=True,
-)
+from agro.models import TINY_LLAMA  # noqa: E402,F401  (tests build variants of it)
 
 
 @pytest.fixture(autouse=True)
@@ -60,23 +57,15 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir, tmp_path_factory):
-    """A tiny random Llama (2 layers, width 64, GQA 4/2 heads, tied embeddings) with the real
-    tokenizer's vocabulary, saved with that tokenizer: ``load_model(d)`` / ``load_tokenizer(d)``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama (agro.models.TINY_LLAMA: 2 layers, width 64, GQA 4/2 heads, tied
+    embeddings) with the real tokenizer's vocabulary, saved with that tokenizer: ``load_model(d)``
+    / ``load_tokenizer(d)``."""
+    from transformers import AutoTokenizer
+
+    from agro.models import save_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **TINY_LLAMA,
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(cfg)
-    torch.random.set_rng_state(state)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tok, seed=1234)
 
 
 @pytest.fixture(scope="session")

@@ -62,9 +62,13 @@ class TaskFields:
     data_split: str = _f("train", "`datasets` split for data_path when it is a hub name.")
     arithmetic_level: int = _f(1, "Arithmetic difficulty: 1 = one-digit + and *, 2 = two-digit, "
                                "3 = three-digit with -, ...")
+    arithmetic_range: str = _f("", "Arithmetic over a custom space instead of a level: two operands "
+                               "'LO-HI' or 'LO-HI:OPS', e.g. '0-20:+-*' (operators from + - *; "
+                               "default all three). ~20 % held out by a stable hash.")
     prompt_template: str = _f("auto", "Prompt: 'auto' (bare for arithmetic, paper for math/gsm8k), "
                               "'bare', 'paper' (step by step, ends 'The final answer is ...'), "
-                              "'boxed'.", ("auto", "bare", "paper", "boxed"))
+                              "'boxed', 'number' (the question + 'Answer with only the number.').",
+                              ("auto", "bare", "paper", "boxed", "number"))
     max_prompt_tokens: int = _f(512, "Prompts longer than this (in tokens) are skipped and counted.")
     skip_bad_rows: bool = _f(False, "Skip and count malformed data rows instead of stopping with "
                              "an error naming file, line and field.")
@@ -135,6 +139,9 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                            "level-1 arithmetic held-out pool has 45).")
     eval_samples: int = _f(4, "Sampled completions per held-out prompt (temperature 1).")
     eval_every: int = _f(0, "Evaluate every k steps as well (0 = only before and after).")
+    eval_before: bool = _f(True, "Evaluate the base model before the first step (`agro repro` "
+                           "evaluates it once per seed instead of once per run).")
+    save_final: bool = _f(True, "Write output_dir/final (the model in transformers format) at the end.")
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive non-finite steps.")
     tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tb.")
     wandb: bool = _f(False, "Log to Weights & Biases (if installed).")
@@ -172,6 +179,23 @@ class PlotConfig:
                   "RUN_DIR/curves.png for one run, ./agro_runs.png for several.")
     labels: list[str] = _f([], "Legend labels, one per run in order (empty: the run directory names).")
     smooth: int = _f(5, "Moving-average window in steps for the per-step curves (1 = raw values only).")
+
+
+@dataclass
+class ReproConfig:
+    """`agro repro`: the paper's LLM claims (c1 ... c6) reproduced with the real trainer, resumably."""
+
+    claim: str = _f("", "Claim, also accepted as the first positional (agro repro c1 --out DIR); "
+                    "`agro repro --list` names them.", ("c1", "c2", "c3", "c4", "c5", "c6"))
+    out: str = _f("", "Output directory (required): runs.csv, arms.yaml, the plots, verdict.md.")
+    quick: bool = _f(False, "The same pipeline on a tiny random model, a couple of steps per arm "
+                     "(plumbing only; also the flag --quick).")
+    store: str = _f("", "Run store (the big run directories, shared by claims so a common arm runs "
+                    "once). Empty: runs/repro, or OUT/.store with quick.")
+    seeds: list[int] = _f([], "Seeds (empty: 0,1,2; quick: 0,1).")
+    arms: list[str] = _f([], "Only these arms of the claim (empty: all).")
+    max_runs: int = _f(0, "Run at most this many pending runs, then write the outputs and stop "
+                       "(0 = all). A sweep script commits between invocations.")
 
 
 @dataclass
@@ -378,6 +402,17 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
                 raw[head] = (prev, where)
                 continue
         raw[k] = (_yaml_value(v), where)
+    return _build(cls, raw)
+
+
+def config_from_dict(cls, data: dict[str, Any], where: str = "settings"):
+    """Build and validate a config from a mapping of field: value (errors name ``where``)."""
+    return _build(cls, {str(k): (v, f"{where} '{k}'") for k, v in data.items()})
+
+
+def _build(cls, raw: dict[str, tuple[Any, str]]):
+    names = [f.name for f in fields(cls)]
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, (v, where) in raw.items():
         if k not in names:
@@ -431,6 +466,12 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(bool(cfg.model), "model", w, "must not be empty")
     if isinstance(cfg, TaskFields):
         c(cfg.arithmetic_level >= 1, "arithmetic_level", w, "must be >= 1")
+        if cfg.arithmetic_range:
+            from .tasks import parse_arith_range
+            try:
+                parse_arith_range(cfg.arithmetic_range)
+            except ValueError as e:
+                c(False, "arithmetic_range", w, str(e))
         c(cfg.reward_timeout > 0, "reward_timeout", w, "must be > 0")
         c(cfg.max_prompt_tokens >= 1, "max_prompt_tokens", w, "must be >= 1")
         if cfg.task in ("math", "gsm8k"):
@@ -508,6 +549,15 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(not cfg.labels or len(cfg.labels) == len(cfg.runs), "labels", w,
           f"has {len(cfg.labels)} labels for {len(cfg.runs)} runs (give one per run, or none)")
         c(cfg.smooth >= 1, "smooth", w, f"must be >= 1, got {cfg.smooth}")
+    if isinstance(cfg, ReproConfig):
+        c(bool(cfg.out), "out", w, f"is required: the output directory (agro repro "
+          f"{cfg.claim or 'c1'} --out DIR)")
+        c(cfg.max_runs >= 0, "max_runs", w, "must be >= 0")
+        if cfg.claim:
+            from .repro.claims import CLAIMS
+            bad = [a for a in cfg.arms if a not in CLAIMS[cfg.claim].arms]
+            c(not bad, "arms", w, f"names {bad[:1]}, not an arm of {cfg.claim}; its arms: "
+              f"{', '.join(CLAIMS[cfg.claim].arms)}")
     if isinstance(cfg, LabConfig):
         from . import losses
 

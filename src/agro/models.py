@@ -313,3 +313,29 @@ def save_for_transformers(model, tokenizer, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(str(out))
     del merged
     return out
+
+
+TINY_LLAMA = dict(
+    num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=True,
+)
+
+
+def save_tiny_llama(out_dir: str | Path, tokenizer=None, seed: int = 1234) -> Path:
+    """Save a tiny random Llama (``TINY_LLAMA``: 2 layers, width 64, GQA 4/2 heads, tied
+    embeddings) with the real default tokenizer's vocabulary and that tokenizer, for plumbing
+    runs that need no download (tests, ``agro repro --quick``). The global RNG is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(DEFAULT_MODEL)
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY_LLAMA)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    torch.random.set_rng_state(state)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

@@ -138,6 +138,7 @@ class Trainer:
         self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
                   f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)})")
         self.generator = build_generator(cfg, self.policy, self.tok)
+        self._own_grader = grader is None      # a grader passed in is the caller's to close
         self.grader = build_grader(cfg, grader)
         self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
                                          grader=self.grader, reference=self.reference,
@@ -240,7 +241,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         cfg = self.cfg
-        if self.step == 0 and cfg.eval_prompts > 0 and self.before is None:
+        if self.step == 0 and cfg.eval_prompts > 0 and cfg.eval_before and self.before is None:
             self.before = self.run_eval("before")
             if self.logger:
                 self.logger.log_event("eval", when="before", step=0, **self.before)
@@ -267,14 +268,15 @@ class Trainer:
             progress.close()
         after = self.run_eval("after") if cfg.eval_prompts > 0 else None
         self.report()
-        final_dir = self.export_final()
+        final_dir = self.export_final() if cfg.save_final else None
         plot_path = None
         if self.logger:
             if after:
                 self.logger.log_event("eval", when="after", step=self.step, **after)
             self.logger.close()
             plot_path = self.make_plot()
-        self.grader.close()
+        if self._own_grader:
+            self.grader.close()
         return TrainResult(self.out, self.step, self.before, after, final_dir, plot_path)
 
     def learn(self, groups: list[Group]) -> dict:
@@ -447,7 +449,8 @@ class Trainer:
                   "samples at temperature 1")
         res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                        examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
-                       greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference)
+                       greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference,
+                       batch_size=cfg.generation_batch_size)
         counts = {k: float(v) for k, v in res.items()
                   if k in ("eval_prompts", "sampled_samples", "sampled_grade_timeouts")}
         w = counts.get("sampled_samples", 0.0)
