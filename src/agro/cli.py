@@ -1,4 +1,4 @@
-"""The `agro` command line: train, generate, eval, plot, lab.
+"""The `agro` command line: train, generate, eval, plot, lab, repro.
 
 Each command parses one typed config (see agro.config) from an optional YAML file and
 ``key=value`` overrides, validates it before any model loads, then calls the library.
@@ -21,6 +21,8 @@ commands:
             agro plot RUN_DIR... [CONFIG.yaml] [key=value ...]   (out=FILE.png)
   lab       exact tabular experiments (Figure 1 of the paper; the on-policy pitfall)
             agro lab figure1|pitfall [CONFIG.yaml] [key=value ...]   (out=DIR)
+  repro     the paper's LLM claims with verdicts, resumable sweeps of the real trainer
+            agro repro --list | agro repro c1..c6 --out DIR [--quick] [key=value ...]
 
 `agro COMMAND --help` lists every field of that command's config.
 """
@@ -226,8 +228,51 @@ def cmd_lab(argv: list[str]) -> int:
     return 0
 
 
+def cmd_repro(argv: list[str]) -> int:
+    from .config import ConfigError, ReproConfig, load_config
+
+    usage = "agro repro --list | agro repro c1..c6 --out DIR [--quick] [CONFIG.yaml] [key=value ...]"
+    if _help(argv, usage, ReproConfig):
+        return 0
+    if "--list" in argv:
+        from .repro.claims import ARMS, CLAIMS
+
+        for c in CLAIMS.values():
+            print(f"{c.name}  {c.title}")
+            print(f"    arms: {', '.join(c.arms)}")
+        print(f"\n{len(ARMS)} arms in all; an arm shared by claims runs once per seed.")
+        return 0
+    yaml_path, overrides, rest = _split_args(argv)
+    out, rest = _out_flag(rest)
+    quick = ["quick=true"] if "--quick" in rest else []
+    rest = [r for r in rest if r != "--quick"]
+    pre = [f"claim={rest.pop(0)}"] if rest and not rest[0].startswith("-") else []
+    if rest:
+        return _die(f"unexpected arguments {rest}; fields are set as key=value "
+                    "(see agro repro --help)")
+    if not pre and yaml_path is None and not any(o.startswith("claim=") for o in overrides):
+        return _die(f"name the claim: {usage}")
+    try:
+        cfg = load_config(ReproConfig, yaml_path, pre + out + quick + overrides)
+    except ConfigError as e:
+        return _die(str(e))
+    from .repro.runner import SweepError, run_sweep
+
+    try:
+        verdict, left = run_sweep(cfg.claim, cfg.out, quick=cfg.quick, store=cfg.store or None,
+                                  seeds=cfg.seeds or None, arms=cfg.arms or None,
+                                  max_runs=cfg.max_runs)
+    except SweepError as e:
+        return _die(str(e))
+    print(f"agro repro {cfg.claim}: {verdict['verdict']}"
+          + (f" (pitfall: {verdict['pitfall_verdict']})" if "pitfall_verdict" in verdict else ""))
+    print(f"  wrote {Path(cfg.out) / 'verdict.md'}, runs.csv, arms.yaml and the plots")
+    print(f"  runs still pending: {left}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
-            "plot": cmd_plot, "lab": cmd_lab}
+            "plot": cmd_plot, "lab": cmd_lab, "repro": cmd_repro}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The full `agro repro` sweeps behind docs/PAPER.md, one run at a time, resumable, committing each
+# claim's outputs (docs/paper/cN: runs.csv, arms.yaml, plots, verdict.md) after every finished run.
+#
+#   scripts/paper_sweep.sh [CLAIM ...]          (default: c1 c4 c5 c2 c6 c3, shared arms first)
+#
+# Run it alone on the machine (a second torch process slows both 10-20x), in the background:
+#   nohup scripts/paper_sweep.sh > runs/repro/sweep.log 2>&1 &
+# Killed at any point, it continues where it stopped when started again (finished runs are
+# skipped, an interrupted run resumes from its last checkpoint). The run store is runs/repro.
+#
+# AGRO_SRC pins the code the sweep runs (default: this checkout's src). To keep editing the
+# checkout while a sweep runs, point it at a worktree of a fixed commit:
+#   git worktree add /tmp/agro-sweep HEAD && AGRO_SRC=/tmp/agro-sweep/src scripts/paper_sweep.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+SRC=${AGRO_SRC:-$ROOT/src}
+PY=${PY:-$ROOT/.venv/bin/python}
+REV=$(git -C "$SRC/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git -C "$SRC/.." status --porcelain -- src 2>/dev/null)" ]; then
+  echo "paper_sweep: $SRC has uncommitted changes; commit them, or pin a commit with AGRO_SRC" >&2
+  exit 2
+fi
+export AGRO_CODE_REV=$REV      # recorded in every run's done.json and in arms.yaml
+CLAIMS=${*:-c1 c4 c5 c2 c6 c3}
+mkdir -p runs/repro
+for c in $CLAIMS; do
+  while true; do
+    out=$(PYTHONPATH="$SRC" "$PY" -m agro.cli repro "$c" --out "docs/paper/$c" max_runs=1 2>>runs/repro/sweep.err)
+    rc=$?
+    echo "$out"
+    if [ $rc -ne 0 ]; then
+      echo "paper_sweep: agro repro $c failed (exit $rc); see runs/repro/sweep.err" >&2
+      exit $rc
+    fi
+    left=$(echo "$out" | sed -n 's/.*runs still pending: \([0-9]*\).*/\1/p')
+    verdict=$(echo "$out" | sed -n "s/^agro repro $c: //p")
+    git add "docs/paper/$c" >/dev/null 2>&1
+    git commit -q -m "paper sweep $c: one more run finished, $left pending; verdict so far: $verdict (code $REV)" \
+      -- "docs/paper/$c" >/dev/null 2>&1 || echo "paper_sweep: nothing committed for $c"
+    [ "$left" = "0" ] && break
+  done
+done
+echo "paper_sweep: done ($CLAIMS)"

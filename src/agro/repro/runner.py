@@ -1,0 +1,423 @@
+"""Runs a claim's arms x seeds through the real trainer, resumably, and writes its outputs.
+
+Layout of the run store (``store``; the runs are big and never committed)::
+
+    STORE/base-<hash>/seed<S>.json        held-out accuracy of the base model (step 0 of every arm)
+    STORE/offline-<hash>/groups.jsonl      the one offline file, sampled once from pi_ref (c3)
+    STORE/<arm>-<hash>/seed<S>/            an `agro train` run directory (metrics.jsonl, events.jsonl,
+                                           config.yaml, checkpoints/ while it runs, done.json after)
+
+``<hash>`` is a digest of the run's full resolved settings, so a changed base or arm never reuses
+runs made with other settings, while the same arm needed by two claims runs once. A run with
+``done.json`` is finished and skipped; a run without one resumes from its last complete checkpoint
+(bit-identical to an uninterrupted run, see tests/test_kill_resume.py) or starts again. Each finished
+run's checkpoints are deleted (only its logs are kept).
+
+The claim's outputs (``out``): ``runs.csv`` (one row per arm, seed and logged step, with the base
+model's evaluation as step 0), ``arms.yaml`` (every arm's full settings and the command that re-runs
+it), ``accuracy_vs_<x>.png``, ``accuracy_vs_kl.png`` and ``verdict.md``. They are rewritten from
+whatever runs have finished, so a partial sweep already shows its partial verdict.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .. import __version__
+from ..config import EvalConfig, GenerateConfig, TrainConfig, config_from_dict, to_dict
+from ..fileio import atomic_write_text
+from ..perf import machine_key
+from .claims import (ARMS, FULL_BASE, FULL_OFFLINE, QUICK_BASE, QUICK_OFFLINE, Arm, Claim,
+                     claim as get_claim)
+
+CSV_COLUMNS = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1",
+               "eval_accuracy", "eval_kl", "loss", "completion_len_mean", "fresh_fraction",
+               "staleness_mean"]
+# Wall times are not in runs.csv (they differ between re-runs); they are in arms.yaml.
+# Settings that never change what a run computes (only where it writes or what it shows).
+_NOT_HASHED = {"output_dir", "progress", "tensorboard", "wandb", "wandb_project", "plot",
+               "save_every", "keep_checkpoints", "num_threads"}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as asked (unknown arm, an output directory holding another sweep)."""
+
+
+def code_revision() -> str:
+    """The code that runs: $AGRO_CODE_REV (set by scripts/paper_sweep.sh), else the git commit of
+    the checkout holding this package, with "+dirty" if its src/ has uncommitted changes."""
+    import os
+    import subprocess
+
+    if os.environ.get("AGRO_CODE_REV"):
+        return os.environ["AGRO_CODE_REV"]
+    src = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class RunRecord:
+    """One finished (or partial) run: its logged rows and its evaluation points."""
+
+    arm: str
+    seed: int
+    rows: list[dict] = field(default_factory=list)     # CSV_COLUMNS, step 0 = base model
+    done: bool = False
+    wall_seconds: float = 0.0
+    status: str = "finished"       # or "aborted" (TrainingAborted: its rows stop where it stopped)
+    code: str = ""                 # the code revision that ran it
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.rows if r.get("eval_accuracy") not in (None, "")]
+
+
+class Sweep:
+    """One claim's sweep. ``log`` receives progress lines."""
+
+    def __init__(self, claim: Claim | str, out: str | Path, store: str | Path | None = None,
+                 quick: bool = False, seeds: list[int] | None = None,
+                 arms: list[str] | None = None, log: Callable[[str], None] = print):
+        self.claim = get_claim(claim) if isinstance(claim, str) else claim
+        self.out = Path(out)
+        self.quick = quick
+        self.store = Path(store) if store else (self.out / ".store" if quick else Path("runs/repro"))
+        self.seeds = list(seeds) if seeds else ([0, 1] if quick else [0, 1, 2])
+        unknown = [a for a in (arms or []) if a not in self.claim.arms]
+        if unknown:
+            raise SweepError(f"claim {self.claim.name} has no arm {unknown[0]!r}; its arms: "
+                             f"{', '.join(self.claim.arms)}")
+        self.arms = [ARMS[a] for a in (arms or self.claim.arms)]
+        self.log = log
+        self._grader = None
+
+    # ------------------------------------------------------------------ settings
+    def base(self) -> dict:
+        if not self.quick:
+            return dict(FULL_BASE)
+        return dict(QUICK_BASE, model=str(self._tiny_model()))
+
+    def offline_settings(self) -> dict:
+        return dict(QUICK_OFFLINE if self.quick else FULL_OFFLINE)
+
+    def _tiny_model(self) -> Path:
+        from ..models import save_tiny_llama
+
+        d = self.store / "tiny-model"
+        if not d.is_dir():
+            tmp = self.store / "tiny-model.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_tiny_llama(tmp)
+            tmp.replace(d)
+        return d
+
+    def arm_settings(self, arm: Arm, seed: int) -> dict:
+        s = dict(self.base(), **arm.overrides, seed=seed)
+        if arm.offline:
+            off = self.offline_settings()
+            s["source"] = "offline"
+            s["offline_path"] = str(self.offline_file())
+            s["steps"] = off["epochs"] * math.ceil(off["prompts"] / s["prompts_per_step"])
+            s["eval_every"] = max(1, math.ceil(off["prompts"] / s["prompts_per_step"]))
+        return s
+
+    def run_dir(self, arm: Arm, seed: int) -> Path:
+        """STORE/<arm>-<digest of every resolved TrainConfig field but seed and the unhashed>/seed<S>:
+        a changed default (not only a changed override) gets new runs."""
+        s = self.arm_settings(arm, seed)
+        full = {**to_dict(TrainConfig()), **s}     # every default, then the settings
+        key = {k: v for k, v in full.items() if k not in _NOT_HASHED and k != "seed"}
+        if arm.offline:   # the file's path is in the store; what matters is how it was made
+            key["offline_path"] = self._offline_key()
+        return self.store / f"{arm.name}-{_digest(key)}" / f"seed{seed}"
+
+    # ------------------------------------------------------------------ shared pieces
+    def _eval_settings(self) -> dict:
+        b = self.base()
+        keep = ("model", "precision", "task", "arithmetic_range", "arithmetic_level",
+                "prompt_template", "max_new_tokens", "generation_batch_size", "group_size")
+        return {k: b[k] for k in keep if k in b}
+
+    def base_eval_path(self, seed: int) -> Path:
+        b = self.base()
+        key = dict(self._eval_settings(), prompts=b["eval_prompts"], samples=b["eval_samples"])
+        return self.store / f"base-{_digest(key)}" / f"seed{seed}.json"
+
+    def base_eval(self, seed: int) -> dict:
+        """Held-out accuracy of the base model (pi_ref), once per seed: step 0 of every arm."""
+        p = self.base_eval_path(seed)
+        if p.is_file():
+            return json.loads(p.read_text())
+        from ..workflows import run_eval
+
+        b = self.base()
+        self.log(f"[repro] base model evaluation, seed {seed}")
+        cfg = config_from_dict(EvalConfig, dict(self._eval_settings(), seed=seed,
+                                                num_prompts=b["eval_prompts"],
+                                                samples=b["eval_samples"], greedy=False))
+        res = run_eval(cfg)
+        res["kl_pi_ref"] = 0.0          # the base model is pi_ref
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(res, sort_keys=True))
+        return res
+
+    def _offline_key(self) -> str:
+        return _digest(dict(self._eval_settings(), **self.offline_settings()))
+
+    def offline_file(self) -> Path:
+        return self.store / f"offline-{self._offline_key()}" / "groups.jsonl"
+
+    def ensure_offline_file(self) -> Path:
+        p = self.offline_file()
+        if p.is_file():
+            return p
+        from ..workflows import generate_offline
+
+        off = self.offline_settings()
+        self.log(f"[repro] sampling the offline file once from pi_ref: {off['prompts']} prompts")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name("partial-" + p.name)
+        cfg = config_from_dict(GenerateConfig, dict(self._eval_settings(), seed=off["seed"],
+                                                    num_prompts=off["prompts"], output=str(tmp)))
+        _, n_groups = generate_offline(cfg, grader=self._shared_grader())
+        if n_groups != off["prompts"]:
+            raise RuntimeError(f"the offline file {tmp} holds {n_groups} groups, not the "
+                               f"{off['prompts']} the sweep's epochs are counted in")
+        tmp.replace(p)
+        return p
+
+    def _shared_grader(self):
+        if self._grader is None:
+            from ..builders import build_grader
+
+            self._grader = build_grader(config_from_dict(TrainConfig, {}))
+        return self._grader
+
+    def close(self) -> None:
+        if self._grader is not None:
+            self._grader.close()
+            self._grader = None
+
+    # ------------------------------------------------------------------ running
+    def pending(self) -> list[tuple[Arm, int]]:
+        out = []
+        for a in self.arms:
+            for s in self.seeds:
+                d = self.run_dir(a, s)
+                if (d / "done.json").is_file():
+                    shutil.rmtree(d / "checkpoints", ignore_errors=True)   # a kill after done.json
+                else:
+                    out.append((a, s))
+        return out
+
+    def run(self, max_runs: int = 0) -> int:
+        """Run up to ``max_runs`` pending runs (0 = all); returns how many are still pending."""
+        for s in self.seeds:
+            self.base_eval(s)
+        todo = self.pending()
+        for arm, seed in todo[:max_runs or None]:
+            self.run_one(arm, seed)
+        return len(self.pending())
+
+    def run_one(self, arm: Arm, seed: int) -> Path:
+        from ..checkpoint import latest_checkpoint
+        from ..trainer import Trainer, TrainingAborted
+
+        if arm.offline:
+            self.ensure_offline_file()
+        d = self.run_dir(arm, seed)
+        settings = dict(self.arm_settings(arm, seed), output_dir=str(d))
+        cfg = config_from_dict(TrainConfig, settings, where=f"repro arm {arm.name}")
+        resume = d.is_dir() and latest_checkpoint(d) is not None
+        if d.is_dir() and not resume:
+            shutil.rmtree(d)            # started but no complete checkpoint: start again
+        self.log(f"[repro] {self.claim.name}: arm {arm.name} seed {seed} "
+                 f"({'resuming' if resume else 'starting'}) -> {d}")
+        t0 = time.perf_counter()
+        status, reason, steps = "finished", "", cfg.steps
+        trainer = Trainer(cfg, resume=resume, grader=self._shared_grader())
+        try:
+            steps = trainer.train().steps_done
+        except TrainingAborted as e:      # e.g. non-finite steps: a result, not a crash
+            status, reason, steps = "aborted", str(e), trainer.step
+            self.log(f"[repro] arm {arm.name} seed {seed} aborted at step {steps}: {e}")
+        wall = time.perf_counter() - t0
+        del trainer
+        gc.collect()
+        # done.json first: a kill between the two leaves a finished run, never a lost one
+        atomic_write_text(d / "done.json", json.dumps({
+            "arm": arm.name, "seed": seed, "status": status, "reason": reason, "steps": steps,
+            "wall_seconds": wall, "resumed": resume,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine_key(), "agro": __version__, "code": code_revision()}, indent=1))
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        return d
+
+    # ------------------------------------------------------------------ reading
+    def records(self) -> dict[str, dict[int, RunRecord]]:
+        """{arm: {seed: RunRecord}} for every run that has finished."""
+        out: dict[str, dict[int, RunRecord]] = {}
+        for arm in self.arms:
+            for seed in self.seeds:
+                d = self.run_dir(arm, seed)
+                if not (d / "done.json").is_file() or not self.base_eval_path(seed).is_file():
+                    continue
+                out.setdefault(arm.name, {})[seed] = self._record(arm, seed, d)
+        return out
+
+    def _pool(self, arm: Arm) -> int:
+        """Prompts in one epoch: the offline file's groups, else the task's training prompts."""
+        if arm.offline:
+            return self.offline_settings()["prompts"]
+        if getattr(self, "_train_pool", None) is None:
+            self._train_pool = self._count_train_prompts()
+        return self._train_pool
+
+    def _count_train_prompts(self) -> int:
+        from ..tasks import build_task
+
+        task = build_task(config_from_dict(TrainConfig, self._eval_settings()))
+        space = getattr(task, "space_size", None)
+        if space is not None:
+            return sum(1 for i in range(space) if task.problem(i).meta["split"] == "train")
+        return len(getattr(task, "train", [])) or 1
+
+    def _record(self, arm: Arm, seed: int, d: Path) -> RunRecord:
+        base = json.loads(self.base_eval_path(seed).read_text())
+        done = json.loads((d / "done.json").read_text())
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        n, pool = cfg["group_size"], self._pool(arm)
+        rows = [dict(arm=arm.name, seed=seed, step=0, epoch=0.0, samples=0, kl_k1=0.0,
+                     eval_accuracy=base["sampled_accuracy"], eval_kl=0.0)]
+        after = {}
+        ev = d / "events.jsonl"
+        if ev.is_file():
+            for line in ev.read_text().splitlines():
+                e = json.loads(line)
+                if e.get("kind") == "eval" and e.get("when") == "after":
+                    after = e
+        groups = 0
+        for line in (d / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            groups += int(m.get("groups", 0))
+            row = dict(arm=arm.name, seed=seed, step=m["step"], epoch=groups / pool,
+                       samples=groups * n, reward_mean=m.get("reward_mean"), kl_k1=m.get("kl_k1"),
+                       eval_accuracy=m.get("eval_sampled_accuracy"), eval_kl=m.get("eval_kl_pi_ref"),
+                       loss=m.get("loss"), completion_len_mean=m.get("completion_len_mean"),
+                       fresh_fraction=m.get("fresh_fraction"),
+                       staleness_mean=m.get("staleness_mean"))
+            if after and m["step"] == after.get("step"):
+                row["eval_accuracy"] = after.get("sampled_accuracy")
+                row["eval_kl"] = after.get("kl_pi_ref")
+            rows.append(row)
+        return RunRecord(arm.name, seed, rows, True, float(done.get("wall_seconds", 0.0)),
+                         done.get("status", "finished"), done.get("code", ""))
+
+    # ------------------------------------------------------------------ writing
+    def write_outputs(self) -> dict:
+        """runs.csv, arms.yaml, the plots and verdict.md from the finished runs; returns the
+        verdict dict (also written as verdict.json)."""
+        from . import plots, verdicts
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_out_dir()
+        recs = self.records()
+        with open(self.out / "runs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            for arm in self.arms:
+                for seed in self.seeds:
+                    r = recs.get(arm.name, {}).get(seed)
+                    for row in (r.rows if r else []):
+                        w.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
+        self._write_arms_yaml(recs)
+        labels = {a.name: a.label for a in self.arms}
+        plots.write_plots(self.claim, recs, labels, self.out)
+        verdict = verdicts.decide(self.claim, recs, self.seeds)
+        verdict["sweep"] = self._sweep_summary(recs)
+        (self.out / "verdict.md").write_text(verdicts.render(self.claim, verdict, labels))
+        atomic_write_text(self.out / "verdict.json", json.dumps(verdict, indent=1, default=str))
+        return verdict
+
+    def _check_out_dir(self) -> None:
+        """Refuse to overwrite OUT's record of one sweep with another's (e.g. one arm re-run)."""
+        p = self.out / "arms.yaml"
+        if not p.is_file():
+            return
+        prev = yaml.safe_load(p.read_text()) or {}
+        mine = (self.claim.name, bool(self.quick), list(self.seeds), [a.name for a in self.arms])
+        theirs = (prev.get("claim"), bool(prev.get("quick")), list(prev.get("seeds", [])),
+                  list(prev.get("arms", {})))
+        if mine != theirs:
+            raise SweepError(f"{self.out} holds the outputs of another sweep (claim, quick, seeds, "
+                             f"arms = {theirs}); write this one ({mine}) to another --out")
+
+    def _sweep_summary(self, recs) -> dict:
+        walls = [r.wall_seconds for by in recs.values() for r in by.values()]
+        return {"runs_finished": len(walls), "runs_total": len(self.arms) * len(self.seeds),
+                "wall_seconds_sum": sum(walls), "quick": self.quick}
+
+    def _write_arms_yaml(self, recs) -> None:
+        doc = {"claim": self.claim.name, "quick": self.quick, "seeds": self.seeds,
+               "rerun_one": (f"agro repro {self.claim.name} --out /tmp/check arms=ARM seeds=SEED "
+                             "store=/tmp/check-store" + (" --quick" if self.quick else "")
+                             + "   (a fresh store, so the run really runs; compare runs.csv rows)"),
+               "arms": {}}
+        for arm in self.arms:
+            s = {k: v for k, v in self.arm_settings(arm, 0).items() if k != "seed"}
+            if arm.offline:
+                s["offline_path"] = "(the run store's offline file: " + \
+                    json.dumps(self.offline_settings()) + ")"
+            if self.quick:
+                s["model"] = "(tiny random 2-layer Llama, agro.models.save_tiny_llama)"
+            by = recs.get(arm.name, {})
+            doc["arms"][arm.name] = {
+                "label": arm.label, "settings": s,
+                "wall_seconds_by_seed": {sd: round(r.wall_seconds, 1) for sd, r in by.items()},
+                "code_by_seed": {sd: r.code for sd, r in by.items()},
+                "status_by_seed": {sd: r.status for sd, r in by.items()}}
+        atomic_write_text(self.out / "arms.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def run_sweep(claim: str, out: str | Path, *, quick: bool = False, store: str | Path | None = None,
+              seeds: list[int] | None = None, arms: list[str] | None = None, max_runs: int = 0,
+              log: Callable[[str], None] = print) -> tuple[dict, int]:
+    """Run (up to ``max_runs`` pending runs of) a claim and write its outputs.
+    Returns (verdict, runs still pending)."""
+    sweep = Sweep(claim, out, store=store, quick=quick, seeds=seeds, arms=arms, log=log)
+    sweep._check_out_dir()              # before any run: a wrong --out fails now, not in hours
+    try:
+        left = sweep.run(max_runs)
+        verdict = sweep.write_outputs()
+    finally:
+        sweep.close()
+    return verdict, left

@@ -1,0 +1,276 @@
+"""`agro repro`: the decision statistics (unit), the verdict wiring on made-up runs, and the whole
+pipeline in --quick mode for every claim (a tiny random model: plumbing, not evidence), including
+skip-finished, resume-after-SIGKILL and re-run-reproduces-rows."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agro.repro import stats, verdicts
+from agro.repro.claims import ARMS, CLAIMS
+from agro.repro.runner import CSV_COLUMNS, RunRecord
+
+REQUIRED = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1", "eval_accuracy"]
+
+
+# ------------------------------------------------------------------ statistics
+def test_estimate_matches_a_hand_computation():
+    e = stats.estimate([0.1, 0.2, 0.6])
+    m = 0.3
+    sd = math.sqrt(((0.1 - m) ** 2 + (0.2 - m) ** 2 + (0.6 - m) ** 2) / 2)
+    assert e.mean == pytest.approx(m, abs=1e-12)
+    assert e.se == pytest.approx(sd / math.sqrt(3), abs=1e-12)
+    assert e.hi - e.mean == pytest.approx(4.303 * sd / math.sqrt(3), abs=1e-9)
+    one = stats.estimate([0.5])
+    assert one.n == 1 and math.isinf(one.se)
+    assert stats.estimate([]).n == 0
+
+
+def test_paired_difference_uses_common_seeds_only():
+    d = stats.paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.5, 5: 0.0})
+    assert d.n == 2 and d.mean == pytest.approx(0.1) and d.se == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("vals,sup,eq", [
+    ([0.10, 0.12, 0.11], stats.REPRODUCED, stats.NOT_REPRODUCED),       # clearly above 0
+    ([-0.10, -0.12, -0.11], stats.NOT_REPRODUCED, stats.NOT_REPRODUCED),  # clearly below 0
+    ([0.001, -0.002, 0.0005], stats.NOT_REPRODUCED, stats.REPRODUCED),   # tiny: equal
+    ([0.2, -0.2, 0.05], stats.INCONCLUSIVE, stats.INCONCLUSIVE),         # wide: can't tell
+])
+def test_decision_rules(vals, sup, eq):
+    d = stats.estimate(vals)
+    assert stats.superiority(d, 0.05)[0] == sup
+    assert stats.equivalence(d, 0.05)[0] == eq
+
+
+def test_one_seed_is_never_a_verdict():
+    d = stats.estimate([0.3])
+    assert stats.superiority(d, 0.05)[0] == stats.INCONCLUSIVE
+    assert stats.equivalence(d, 0.05)[0] == stats.INCONCLUSIVE
+
+
+def test_combine_and_interp():
+    R, N, I = stats.REPRODUCED, stats.NOT_REPRODUCED, stats.INCONCLUSIVE
+    assert stats.combine(R, R) == R and stats.combine(R, I) == I and stats.combine(I, N) == N
+    assert stats.interp_at([0, 1, 3], [0.1, 0.3, 0.7], 2.0) == pytest.approx(0.5)
+    assert stats.interp_at([0, 2, 1], [0.0, 1.0, 0.0], 1.0) == pytest.approx(0.5)  # first crossing
+    assert math.isnan(stats.interp_at([0, 1], [0.1, 0.2], 5.0))
+
+
+# ------------------------------------------------------------------ verdict wiring (made-up runs)
+def _rec(arm, seed, accs, kls=None, epochs=None):
+    kls = kls or [0.0] * len(accs)
+    rows = [dict(arm=arm, seed=seed, step=i * 5, epoch=(epochs[i] if epochs else i * 0.01),
+                 eval_accuracy=a, eval_kl=k) for i, (a, k) in enumerate(zip(accs, kls))]
+    return RunRecord(arm, seed, rows, True, 1.0)
+
+
+def _noise(arm: str, seed: int) -> float:
+    """A fixed, arm- and seed-specific wobble (|x| <= 0.012), so paired differences have spread."""
+    return 0.006 * ((seed * 7 + sum(map(ord, arm))) % 5 - 2)
+
+
+def _recs(spec, epochs=None):
+    """{arm: (accs, kls)} -> {arm: {seed: RunRecord}} for seeds 0-2, accs after step 0 wobbled."""
+    return {arm: {s: _rec(arm, s, [a + _noise(arm, s) * (i > 0) for i, a in enumerate(accs)], kls,
+                          epochs)
+                  for s in range(3)} for arm, (accs, kls) in spec.items()}
+
+
+def _parts(v):
+    return {p["part"]: p["verdict"] for p in v["parts"]}
+
+
+def test_c2_pitfall_is_detected_when_lambda_1_falls_below_base():
+    base = 0.11
+    recs = _recs({"agro_on": ([base, 0.05, 0.02, 0.01], None),
+                  "agro": ([base, 0.3, 0.5, 0.6], None),
+                  "agro_on-b0.5": ([base, 0.15, 0.2, 0.22], None),
+                  "agro-b0.5": ([base, 0.14, 0.18, 0.2], None)})
+    v = verdicts.decide(CLAIMS["c2"], recs, [0, 1, 2])
+    assert v["pitfall_verdict"] == stats.REPRODUCED
+    assert v["verdict"] == stats.NOT_REPRODUCED      # lambda=1 loses to lambda=0 at beta=0.02
+    # and the opposite world: lambda=1 best everywhere, no collapse
+    recs["agro_on"] = _recs({"agro_on": ([base, 0.5, 0.7, 0.8], None)})["agro_on"]
+    recs["agro_on-b0.5"] = _recs({"agro_on-b0.5": ([base, 0.3, 0.4, 0.45], None)})["agro_on-b0.5"]
+    v = verdicts.decide(CLAIMS["c2"], recs, [0, 1, 2])
+    assert v["verdict"] == stats.REPRODUCED and v["pitfall_verdict"] == stats.NOT_REPRODUCED
+    assert len(v["info_parts"]) == 2     # beta = 0.5 comparisons: shown, not in either verdict
+
+
+def test_c1_equal_curves_reproduce_and_a_gap_does_not():
+    same = _recs({"agro": ([0.1, 0.3, 0.4], None), "kl_pg": ([0.1, 0.3, 0.4], None)})
+    assert verdicts.decide(CLAIMS["c1"], same, [0, 1, 2])["verdict"] == stats.REPRODUCED
+    gap = _recs({"agro": ([0.1, 0.3, 0.4], None), "kl_pg": ([0.1, 0.2, 0.25], None)})
+    assert verdicts.decide(CLAIMS["c1"], gap, [0, 1, 2])["verdict"] == stats.NOT_REPRODUCED
+
+
+def test_c3_parts_follow_the_arms_not_their_order():
+    ep = [0, 1, 2, 3, 4]
+    good = {"offline-agro": ([0.1, 0.2, 0.3, 0.35, 0.4], None),
+            "offline-kl_pg_token": ([0.1, 0.15, 0.2, 0.22, 0.25], None),
+            "offline-pg": ([0.1, 0.3, 0.3, 0.2, 0.1], None)}
+    v = verdicts.decide(CLAIMS["c3"], _recs(good, ep), [0, 1, 2])
+    assert v["verdict"] == stats.REPRODUCED, v["parts"]
+    swapped = dict(good, **{"offline-agro": good["offline-kl_pg_token"],
+                            "offline-kl_pg_token": good["offline-agro"],
+                            "offline-pg": ([0.1, 0.2, 0.3, 0.35, 0.4], None)})
+    parts = _parts(verdicts.decide(CLAIMS["c3"], _recs(swapped, ep), [0, 1, 2]))
+    assert set(parts.values()) == {stats.NOT_REPRODUCED}
+
+
+def test_c5_slower_and_kl_efficiency_parts_have_the_right_sign():
+    kls = [0.0, 1.0, 2.0]
+    world = {"agro-b0.0063": ([0.1, 0.4, 0.5], [0.0, 2.0, 4.0]),     # fast, KL-hungry
+             "agro": ([0.1, 0.35, 0.45], kls),
+             "agro-b0.063": ([0.1, 0.25, 0.3], [0.0, 0.5, 1.0]),     # slow, KL-frugal
+             "agro-b0": ([0.1, 0.4, 0.5], [0.0, 4.0, 8.0])}
+    assert verdicts.decide(CLAIMS["c5"], _recs(world), [0, 1, 2])["verdict"] == stats.REPRODUCED
+    flipped = dict(world, **{"agro-b0.0063": world["agro-b0.063"],
+                             "agro-b0.063": world["agro-b0.0063"]})
+    parts = _parts(verdicts.decide(CLAIMS["c5"], _recs(flipped), [0, 1, 2]))
+    assert parts["larger beta learns more slowly"] == stats.NOT_REPRODUCED
+    assert parts["larger beta is more KL-efficient"] == stats.NOT_REPRODUCED
+
+
+def test_c6_noninferiority_both_ways():
+    ok = _recs({"agro": ([0.1, 0.3, 0.4], None), "stale2-agro": ([0.1, 0.3, 0.4], None),
+                "stale8-agro": ([0.1, 0.3, 0.41], None), "kl_pg": ([0.1, 0.3, 0.4], None),
+                "stale2-kl_pg": ([0.1, 0.25, 0.3], None), "stale8-kl_pg": ([0.1, 0.2, 0.2], None)})
+    assert verdicts.decide(CLAIMS["c6"], ok, [0, 1, 2])["verdict"] == stats.REPRODUCED
+    bad = dict(ok, **_recs({"stale8-agro": ([0.1, 0.2, 0.2], None),
+                            "stale8-kl_pg": ([0.1, 0.3, 0.4], None)}))
+    parts = _parts(verdicts.decide(CLAIMS["c6"], bad, [0, 1, 2]))
+    assert parts["agro does at least as well as kl_pg at lag 8"] == stats.NOT_REPRODUCED
+    assert parts["agro keeps its lag-0 accuracy at lag 8"] == stats.NOT_REPRODUCED
+
+
+def test_matched_kl_below_the_floor_is_inconclusive_not_a_free_verdict():
+    tiny = [0.0, 0.001, 0.002]
+    recs = _recs({"agro": ([0.1, 0.3, 0.5], tiny), "replay-p0.5": ([0.1, 0.2, 0.3], tiny),
+                  "replay-p0.9": ([0.1, 0.15, 0.2], tiny)})
+    parts = _parts(verdicts.decide(CLAIMS["c4"], recs, [0, 1, 2]))
+    assert parts["replay-p0.5 is as KL-efficient as on-policy"] == stats.INCONCLUSIVE
+
+
+def test_c4_matched_kl_compares_curves_not_endpoints():
+    # replay reaches less KL but lies on the same accuracy-vs-KL line: as KL-efficient.
+    recs = _recs({"agro": ([0.1, 0.3, 0.5], [0.0, 1.0, 2.0]),
+                  "replay-p0.5": ([0.1, 0.2, 0.3], [0.0, 0.5, 1.0]),
+                  "replay-p0.9": ([0.1, 0.15, 0.2], [0.0, 0.25, 0.5])})
+    v = verdicts.decide(CLAIMS["c4"], recs, [0, 1, 2])
+    parts = {p["part"]: p["verdict"] for p in v["parts"]}
+    assert parts["replay-p0.5 is as KL-efficient as on-policy"] == stats.REPRODUCED
+    assert parts["on-policy moves further from pi_ref per step"] == stats.REPRODUCED
+    # a replay arm that buys its accuracy with twice the KL is not as KL-efficient
+    recs["replay-p0.9"] = _recs({"r": ([0.1, 0.15, 0.2], [0.0, 0.5, 1.0])})["r"]
+    recs["agro"] = _recs({"a": ([0.1, 0.4, 0.6], [0.0, 0.5, 1.0])})["a"]
+    v = verdicts.decide(CLAIMS["c4"], recs, [0, 1, 2])
+    parts = {p["part"]: p["verdict"] for p in v["parts"]}
+    assert parts["replay-p0.9 is as KL-efficient as on-policy"] == stats.NOT_REPRODUCED
+
+
+def test_unfinished_sweep_is_inconclusive_and_says_why():
+    recs = _recs({"agro": ([0.1, 0.5], None)})
+    v = verdicts.decide(CLAIMS["c1"], recs, [0, 1, 2])
+    assert v["verdict"] == stats.INCONCLUSIVE and "kl_pg" in v["why"]
+
+
+# ------------------------------------------------------------------ the pipeline, --quick
+def test_list_names_every_claim(capsys):
+    from agro.cli import main
+
+    assert main(["repro", "--list"]) == 0
+    out = capsys.readouterr().out
+    for c in ("c1", "c2", "c3", "c4", "c5", "c6"):
+        assert f"{c}  " in out
+    assert all(a in ARMS for c in CLAIMS.values() for a in c.arms)
+
+
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    from agro.cli import main
+
+    assert main(["repro", "c9", "--out", str(tmp_path)]) == 2
+    assert "claim" in capsys.readouterr().err
+    assert main(["repro", "c1", "--out", str(tmp_path), "arms=kl_pg_token"]) == 2
+    assert "not an arm of c1" in capsys.readouterr().err
+    assert main(["repro", "c1"]) == 2
+    assert "out" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tokenizer_dir):
+    return tmp_path_factory.mktemp("repro_store")
+
+
+def _read_csv(p: Path) -> list[dict]:
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", list(CLAIMS))
+def test_quick_claim_writes_runs_plots_and_verdict(name, store, tmp_path):
+    from agro.cli import main
+
+    out = tmp_path / name
+    assert main(["repro", name, "--out", str(out), "--quick", f"store={store}"]) == 0
+    rows = _read_csv(out / "runs.csv")
+    assert list(rows[0]) == CSV_COLUMNS and set(REQUIRED) <= set(rows[0])
+    claim = CLAIMS[name]
+    for arm in claim.arms:
+        for seed in ("0", "1"):
+            mine = [r for r in rows if r["arm"] == arm and r["seed"] == seed]
+            assert mine and mine[0]["step"] == "0" and mine[0]["eval_accuracy"] != ""
+            steps = [int(r["step"]) for r in mine]
+            assert steps == list(range(len(steps))) and len(steps) >= 3
+            assert mine[-1]["eval_accuracy"] != ""           # the final evaluation
+            assert int(mine[-1]["samples"]) == steps[-1] * 2 * 2   # prompts x n per step
+    if name == "c3":   # offline: epochs over the file
+        assert max(float(r["epoch"]) for r in rows) == pytest.approx(2.0)
+    for png in [f"accuracy_vs_{claim.x}.png"] + (["accuracy_vs_kl.png"] if claim.kl_plot else []):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    md = (out / "verdict.md").read_text()
+    assert f"# {name}:" in md and "**Verdict:" in md and "Quick mode" in md
+    v = json.loads((out / "verdict.json").read_text())
+    assert v["verdict"] in (stats.REPRODUCED, stats.NOT_REPRODUCED, stats.INCONCLUSIVE)
+    assert not v["missing"] and v["sweep"]["runs_finished"] == len(claim.arms) * 2
+    # every finished run dropped its checkpoints (only logs are kept)
+    assert not list(Path(store).glob("*/seed*/checkpoints"))
+
+
+def _repro(args, env_extra=None, cwd=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "agro.cli", "repro", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _rows(out: Path, arm: str, seed: str = "0") -> list[dict]:
+    return [dict(r) for r in _read_csv(out / "runs.csv")
+            if r["arm"] == arm and r["seed"] == seed]
+
+
+def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, store):
+    """One arm, killed (SIGKILL) in its second step (2 micro-batches a step), then re-run: it resumes from its checkpoint,
+    finished runs are skipped, and its rows equal those of the same arm run uninterrupted (the
+    module's shared store ran it without a kill)."""
+    st = tmp_path / "store"
+    args = ["c1", "--out", str(tmp_path / "a"), "--quick", f"store={st}", "arms=agro", "seeds=0"]
+    r = _repro(args, {"AGRO_FAULT": "backward:3"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not list(st.glob("agro-*/seed0/done.json"))
+    r = _repro(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(resuming)" in r.stdout
+    r = _repro(args)                    # nothing left: skipped, not re-run
+    assert r.returncode == 0 and "(starting)" not in r.stdout and "(resuming)" not in r.stdout
+    ref = tmp_path / "ref"
+    assert _repro(["c1", "--out", str(ref), "--quick", f"store={store}", "arms=agro",
+                   "seeds=0"]).returncode == 0
+    assert _rows(tmp_path / "a", "agro") == _rows(ref, "agro")
