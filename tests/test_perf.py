@@ -115,3 +115,35 @@ def test_lora_backward_counts_no_weight_gradients_for_the_frozen_base():
     fwd = perf.batch_flops(fm, b, backward=False)
     assert perf.batch_flops(fm, b, backward=True) == 3 * fwd
     assert perf.batch_flops(lora, b, backward=True) == 2 * fwd
+
+
+def test_generate_and_eval_follow_the_precision_train_measured(tiny_model_dir, monkeypatch, tmp_path):
+    """precision=auto in `agro generate`/`eval`: where `agro train` timed this model on this
+    machine, they take its choice (else a file written in bf16 would fail the fp32 run's
+    provenance check); explicit precisions and untimed models keep the flag rule."""
+    import dataclasses
+
+    from agro import perf
+    from agro.builders import follow_train_precision
+    from agro.config import GenerateConfig
+    from agro.models import load_model
+
+    monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path))
+    model = load_model(str(tiny_model_dir))
+    assert perf.cached_precision_choice(model) is None
+    key = perf.machine_key("cpu")
+    head = f"precision:{perf._model_key(model)} "
+    perf._store_cache(key, head + "G=8 n=4 T=32 P=32", {"choice": "fp32"})
+    assert perf.cached_precision_choice(model) == "fp32"
+
+    class Ref:
+        precision = "bf16"
+
+    cfg = dataclasses.replace(GenerateConfig(), precision="bf16")   # what the flag rule resolved
+    ref = Ref()
+    out, note = follow_train_precision(cfg, "auto", model, ref)
+    assert out.precision == "fp32" and ref.precision == "fp32" and "measured" in note
+    out, note = follow_train_precision(cfg, "bf16", model, Ref())   # asked for explicitly
+    assert out.precision == "bf16" and note is None
+    perf._store_cache(key, head + "G=2 n=2 T=8 P=32", {"choice": "bf16"})
+    assert perf.cached_precision_choice(model) is None               # timings disagree: no rule

@@ -47,6 +47,25 @@ def setup_runtime(cfg, rank: int = 0, device=None):
     return cfg
 
 
+def follow_train_precision(cfg, requested: str, policy, reference):
+    """`agro generate` / `agro eval` with precision=auto on a CPU where the flag rule says bf16:
+    take instead what `agro train` measured to be faster for this model here
+    (:func:`agro.perf.cached_precision_choice`), so a file generated now passes the training
+    run's provenance check. Returns (cfg, note or None); ``reference.precision`` follows."""
+    if requested != "auto" or cfg.precision != "bf16" or next(policy.parameters()).device.type != "cpu":
+        return cfg, None
+    from .perf import cached_precision_choice
+
+    choice = cached_precision_choice(policy)
+    if choice is None or choice == cfg.precision:
+        return cfg, None
+    if reference is not None:
+        reference.precision = choice
+    return dataclasses.replace(cfg, precision=choice), (
+        f"precision: auto -> {choice} (what agro train measured to be faster for this model on "
+        f"this machine; the CPU-flag rule alone would say {cfg.precision})")
+
+
 def build_policy_and_reference(model_spec: str | Path = DEFAULT_MODEL, precision: str = "fp32",
                                lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
                                lora_dropout: float = 0.0,

@@ -256,6 +256,18 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     return out
 
 
+def cached_precision_choice(model) -> str | None:
+    """What ``agro train``'s precision=auto chose for this model on this machine, if it has timed
+    it here (any batch shape): "fp32" or "bf16"; None if never timed, or if timings of different
+    batch shapes chose differently. `agro generate` / `agro eval` follow it so that an offline
+    file is written in the precision the training run will check it in."""
+    key = machine_key(next(model.parameters()).device)
+    head = f"precision:{_model_key(model)} "
+    choices = {v.get("choice") for k, v in _load_cache().get(key, {}).items()
+               if k.startswith(head) and isinstance(v, dict)}
+    return choices.pop() if len(choices) == 1 and choices <= {"fp32", "bf16"} else None
+
+
 def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_new_tokens: int,
                         prompt_len: int = 32, use_cache: bool = True, reps: int = 2) -> dict:
     """precision=auto on a machine with native bf16: time this model's learner pass, reference

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from .builders import (build_collector, build_generator, build_grader, build_models, default_device,
-                       setup_runtime)
+                       follow_train_precision, setup_runtime)
 from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
 from .evaluation import evaluate
@@ -20,9 +20,13 @@ from .tasks import build_task
 def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
     """Sample `num_prompts` scored groups (rewards + reference log-probs) and write them."""
     device = default_device()
+    requested = cfg.precision
     cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
     policy, tok, reference = build_models(cfg, device=device)
+    cfg, note = follow_train_precision(cfg, requested, policy, reference)
+    if note:
+        print(f"agro generate: {note}", flush=True)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
     own = grader is None
@@ -72,9 +76,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     from rich.progress import Progress
 
     device = default_device()
+    requested = cfg.precision
     cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
     policy, tok = load_model(cfg.model, device=device), load_tokenizer(cfg.model)
+    cfg, note = follow_train_precision(cfg, requested, policy, None)
+    if note:
+        print(f"agro eval: {note}", flush=True)
     generator = build_generator(cfg, policy, tok)
     examples = task.eval_examples(cfg.num_prompts)
     with build_grader(cfg) as grader, Progress(transient=True) as prog:
