@@ -274,3 +274,23 @@ def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, 
     assert _repro(["c1", "--out", str(ref), "--quick", f"store={store}", "arms=agro",
                    "seeds=0"]).returncode == 0
     assert _rows(tmp_path / "a", "agro") == _rows(ref, "agro")
+
+
+def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_table", Path(__file__).resolve().parents[1] / "scripts" / "paper_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = tmp_path / "docs" / "paper" / "c2"
+    d.mkdir(parents=True)
+    (d / "verdict.json").write_text(json.dumps({
+        "verdict": stats.INCONCLUSIVE, "missing": ["agro_on (seeds done: [0])"],
+        "pitfall_verdict": stats.REPRODUCED,
+        "sweep": {"runs_finished": 4, "runs_total": 12, "wall_seconds_sum": 3600.0}}))
+    t = mod.table(tmp_path)
+    line = [x for x in t.splitlines() if x.startswith("| C2")][0]
+    assert "pending (inconclusive at this scale so far)" in line and "4 of 12" in line
+    assert "§4.6 prediction: reproduced" in line and "1.00 h" in line
+    assert [x for x in t.splitlines() if x.startswith("| C1")][0].count("not run yet") == 1
