@@ -132,7 +132,7 @@ def test_generate_and_eval_follow_the_precision_train_measured(tiny_model_dir, m
     model = load_model(str(tiny_model_dir))
     assert perf.cached_precision_choice(model) is None
     key = perf.machine_key("cpu")
-    head = f"precision:{perf._model_key(model)} "
+    head = f"{perf.CACHE_PREFIX}{perf._model_key(model)} "
     perf._store_cache(key, head + "G=8 n=4 T=32 P=32", {"choice": "fp32"})
     assert perf.cached_precision_choice(model) == "fp32"
 

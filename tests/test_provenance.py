@@ -105,7 +105,8 @@ def test_identity_fields_and_lora_base_equals_frozen_copy(model, other_model, to
     frozen = Reference.frozen_copy(model, "fp32")
     ident = reference_identity(tiny_model_dir, frozen, tok, "fp32")
     assert set(ident) == {"format", "name", "kind", "weights_sha256", "num_parameters",
-                          "tokenizer_sha256", "vocab_size", "precision", "agro_version"}
+                          "tokenizer_sha256", "vocab_size", "precision", "weights_dtype",
+                          "agro_version"}
     assert ident["kind"] == "frozen" and ident["precision"] == "fp32"
     # tied embedding / LM head counted once
     assert ident["num_parameters"] == sum(p.numel() for p in model.parameters())
@@ -294,6 +295,32 @@ def test_bf16_run_accepts_its_own_file_and_refuses_another_model(tmp_path, model
         _check(path, groups, run, rows=6)
 
 
+def test_bf16_weights_reference_and_autocast_reference_do_not_mix(tmp_path, model, tok,
+                                                                   tiny_model_dir):
+    """bf16 runs store their (frozen) reference in bf16; a file scored by a reference that ran
+    under autocast over fp32 weights (a LoRA bf16 run, or agro before weights_dtype existed: no
+    field, read as float32) is refused by them, and their own files are accepted."""
+    import copy
+
+    stored = Reference.frozen_copy(copy.deepcopy(model), "bf16")
+    stored.store_bf16()
+    ident = reference_identity(tiny_model_dir, stored, tok, "bf16")
+    assert ident["weights_dtype"] == "bfloat16" and ident["format"] == 2
+    run = (stored, ident, tok)
+    own = _write(tmp_path / "own.jsonl", _score(_groups(tok), stored, tok), ident)
+    groups, _ = read_groups(own)
+    _check(own, groups, run, rows=2)
+    autocast = Reference.frozen_copy(model, "bf16")
+    old = reference_identity(tiny_model_dir, autocast, tok, "bf16")
+    assert old["weights_dtype"] == "float32" and old["weights_sha256"] == ident["weights_sha256"]
+    old.pop("weights_dtype")                       # as agro wrote it before (format 1)
+    path = _write(tmp_path / "old.jsonl", _score(_groups(tok), autocast, tok), old)
+    groups, _ = read_groups(path)
+    with pytest.raises(ProvenanceError) as ei:
+        _check(path, groups, run, rows=0)
+    assert ei.value.field == "meta.reference.weights_dtype"
+
+
 def test_trust_warns_and_goes_on(tmp_path, run_fp32, other_model):
     ref, ident, tok = run_fp32
     other_ref = Reference.frozen_copy(other_model, "fp32")
@@ -348,7 +375,8 @@ def test_malformed_identity_is_a_data_error(tmp_path, run_fp32):
 
 @pytest.mark.parametrize("key,value,refused", [
     ("weights_sha256", "0" * 64, True), ("tokenizer_sha256", "0" * 64, True),
-    ("precision", "bf16", True), ("name", "some/other-path", False),
+    ("precision", "bf16", True), ("weights_dtype", "bfloat16", True),
+    ("name", "some/other-path", False),
     ("kind", "adapters_disabled", False), ("agro_version", "0.0.1", False),
     ("num_parameters", 1, False),
 ])

@@ -21,7 +21,6 @@ check that sampling is from pi and used by diagnostics).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
@@ -29,7 +28,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from .logprobs import accepts_logits_to_keep, position_ids_from_mask
-from .models import autocast_ctx, hf_model, is_peft, neutral_generation_config
+from .models import autocast_ctx, bf16_copy, hf_model, is_bf16, is_peft, neutral_generation_config
 from .rollouts import samples_from_pi
 
 
@@ -206,14 +205,17 @@ class HFGenerator:
             raise ValueError("tokenizer/model define no EOS token: generation could not stop")
 
     def sync_weights(self, model) -> None:
-        """Sample from ``model``'s current weights. fp32: the policy object itself. bf16: a bf16
-        copy of the policy, made once and refreshed here after each optimizer step (only the
-        trainable tensors change), so each decode step reads half the bytes and autocast does
-        not recast every weight at every token (measured on SmolLM2-135M, 2 cores, 32 x 32
-        tokens: 4.2 s with autocast on fp32 weights, 3.0 s on the bf16 copy; docs/RESULTS.md)."""
-        if self.precision != "bf16" or is_peft(model):
+        """Sample from ``model``'s current weights. fp32, LoRA, or a model already in bf16 (the
+        trainer passes its bf16 working copy, agro.models.MasterWeights, refreshed in place after
+        each optimizer step): the object itself. bf16 with fp32 weights (`agro generate`, `agro
+        eval`, a library user): a bf16 copy, made once and refreshed here, so each decode step
+        reads half the bytes and autocast does not recast every weight at every token (measured
+        on SmolLM2-135M, 2 cores, 32 x 32 tokens: 4.2 s with autocast on fp32 weights, 3.0 s on
+        the bf16 copy; docs/RESULTS.md)."""
+        if self.precision != "bf16" or is_peft(model) or is_bf16(model):
             # LoRA: a bf16 copy would duplicate the frozen base (memory is why LoRA is chosen);
-            # such runs sample under autocast from the policy itself
+            # such runs sample under autocast from the policy itself. A model already in bf16
+            # (the trainer's working copy, agro.models.MasterWeights) is sampled from as it is.
             self.model = model
             return
         if self.model is None or getattr(self, "_source", None) is not model:
@@ -274,16 +276,6 @@ class HFGenerator:
                 texts=[self.tokenizer.decode(x, skip_special_tokens=True) for x in c],
             ))
         return out
-
-
-def bf16_copy(model):
-    """A frozen eval-mode copy of ``model`` with its parameters in bf16 and its buffers as they
-    are (RoPE's ``inv_freq`` stays fp32: rounding it would shift every rotary angle)."""
-    out = copy.deepcopy(model).eval()
-    out.requires_grad_(False)
-    for p in out.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return out
 
 
 def sample_from_logprobs(logp: torch.Tensor) -> torch.Tensor:

@@ -383,6 +383,28 @@ class Reference:
         m.requires_grad_(False)
         return cls(m, precision)
 
+    def store_bf16(self, keep_digest: bool = True) -> None:
+        """Keep a frozen reference's weights in bf16 (runs in bf16: half its memory, no cast at
+        every matmul, and the same weights as the learner's bf16 working copy). With
+        ``keep_digest`` its identity digest (agro.provenance.weights_sha256) is taken first, from
+        the weights as loaded (a file's identity then does not depend on how the reference is
+        stored; the identity's ``weights_dtype`` says how); without it, the digest cannot be
+        asked for later (the trainer skips it when no offline file needs checking: a pass over
+        every weight). A LoRA reference shares the policy's base and stays as it is."""
+        if self.precision != "bf16":
+            raise ValueError(f"store_bf16 on a reference used in {self.precision}")
+        if self.disable_adapter:
+            return
+        if keep_digest:
+            from .provenance import weights_sha256
+
+            self.weights_digest = weights_sha256(self)
+        else:
+            self.cast_without_digest = True
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+
     @property
     def device(self) -> torch.device:
         """Where the reference's weights live (batches for it are moved there)."""

@@ -4,8 +4,9 @@ precision (which matmul dtype this device runs fast) and export for transformers
 The per-token log-probability kernels and the reference policy live in :mod:`agro.logprobs`;
 :mod:`agro.builders` puts policy, tokenizer and reference together for the entry points.
 
-Departure from the paper: none (the paper trains Llama 3 8B fully; LoRA and bf16 autocast are
-options of ours for small machines).
+Departure from the paper: none (the paper trains Llama 3 8B fully; LoRA and bf16 are options of
+ours for small machines: bf16 full fine-tuning runs on a bf16 working copy over fp32 master weights,
+:class:`MasterWeights`; bf16 LoRA under autocast).
 """
 from __future__ import annotations
 
@@ -165,8 +166,8 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.floa
                device: str | torch.device | None = None):
     """Causal LM for ``spec`` ('default', a .gguf path, a local dir, or a hub id).
 
-    Weights are loaded in ``dtype`` (float32 by default: master weights stay fp32 and bf16 is
-    applied by autocast). A GGUF checkpoint is dequantised by transformers and its quantization
+    Weights are loaded in ``dtype`` (float32 by default: master weights stay fp32; bf16 runs
+    compute on a bf16 working copy, :class:`MasterWeights`, or under autocast for LoRA). A GGUF checkpoint is dequantised by transformers and its quantization
     config dropped (so ``save_pretrained`` works). ``model.generation_config`` is replaced by
     :func:`neutral_generation_config`: plain ``model.generate()`` samples from pi (temperature 1,
     top_k 0, top_p 1) and never inherits a checkpoint's sampling defaults.
@@ -339,3 +340,79 @@ def save_tiny_llama(out_dir: str | Path, tokenizer=None, seed: int = 1234) -> Pa
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+# --------------------------------------------------------------------------- bf16 working weights
+def bf16_copy(model):
+    """A frozen eval-mode copy of ``model`` with its parameters in bf16 and its buffers as they
+    are (RoPE's ``inv_freq`` stays fp32: rounding it would shift every rotary angle). The
+    parameters are cast straight into the copy (no fp32 duplicate of the model on the way); tied
+    parameters stay tied."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+            for p in model.parameters()}
+    out = copy.deepcopy(model, memo).eval()
+    out.requires_grad_(False)
+    return out
+
+
+def is_bf16(model) -> bool:
+    """True if every floating-point parameter of ``model`` is bf16."""
+    ps = [p for p in model.parameters() if p.is_floating_point()]
+    return bool(ps) and all(p.dtype == torch.bfloat16 for p in ps)
+
+
+def grad_accum_fp32(mode: str, device) -> bool:
+    """TrainConfig.grad_accum -> accumulate micro-batch gradients in fp32? ('auto': on GPUs.)"""
+    if mode not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"grad_accum must be auto, bf16 or fp32, got {mode!r}")
+    return mode == "fp32" or (mode == "auto" and torch.device(device).type != "cpu")
+
+
+class MasterWeights:
+    """Mixed precision as GPU trainers do it: bf16 *working* weights for the forward and backward
+    passes, fp32 *master* weights (and so fp32 optimizer state) for the update.
+
+    ``master`` is the policy the optimizer, checkpoints and export see (fp32). ``work`` is a bf16
+    copy (parameters only; buffers such as RoPE's ``inv_freq`` stay fp32) with the same
+    ``requires_grad``; the learner and the sampler run on it. :meth:`accumulate_grads` adds the
+    working copy's bf16 gradients into the masters' fp32 ``.grad`` and drops them: after every
+    micro-batch with ``grad_accum="fp32"`` (exact fp32 accumulation; the default on GPUs), or once
+    per step with ``grad_accum="bf16"`` (micro-batch gradients add up in bf16 in the working copy,
+    one rounding per addition, ~2^-9 relative; the default on CPUs, where the extra pass over the
+    weights per micro-batch is memory-bound and costs more than bf16 saves). After the optimizer
+    step (or a resume), :meth:`refresh` casts the masters into the working copy, once per step. Log-softmax stays fp32
+    in the kernels (agro.logprobs), whatever the weights' dtype.
+
+    Departure from autocast (agro's bf16 path before): autocast re-casts every fp32 weight to bf16
+    at every matmul of every micro-batch and decode step; here weights are cast once per step, and
+    the learner and the sampler share the same bf16 weights.
+    """
+
+    def __init__(self, master):
+        if is_peft(master):
+            raise ValueError("MasterWeights is for full fine-tuning; LoRA runs use autocast "
+                             "(a bf16 copy would duplicate the frozen base)")
+        self.master = master
+        self.work = bf16_copy(master)
+        for m, w in zip(master.parameters(), self.work.parameters()):
+            w.requires_grad_(m.requires_grad)
+        self._pairs = list(zip(master.parameters(), self.work.parameters()))
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """master.grad += float(work.grad); work.grad = None (for every trainable tensor)."""
+        for m, w in self._pairs:
+            if w.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = w.grad.to(m.dtype)
+            else:
+                m.grad.add_(w.grad)         # fp32 += bf16 (type promotion)
+            w.grad = None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Cast the masters into the working copy (after an optimizer step or a resume)."""
+        for m, w in self._pairs:
+            if m.requires_grad:
+                w.copy_(m)

@@ -201,10 +201,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     """Seconds of one learner pass (forward + backward over ``groups`` packed groups), one
     reference pass (forward, no grad) and ``decode_steps`` sampling steps at ``decode_batch`` rows,
     on random tokens, with the kernels agro uses, best of ``reps``."""
-    from .generation import bf16_copy
     from .logprobs import (accepts_logits_to_keep, completion_logprobs, position_ids_from_mask,
                            scoring_mode)
-    from .models import autocast_ctx, device_of
+    from .models import MasterWeights, autocast_ctx, bf16_copy, device_of, is_peft
 
     dev = device_of(model)
     V = int(hf_model(model).config.vocab_size)
@@ -218,18 +217,35 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     params = [p for p in model.parameters() if p.requires_grad]
     keep1 = {"logits_to_keep": 1} if accepts_logits_to_keep(type(hf_model(model))) else {}
 
+    # bf16 as the trainer runs it (agro.models.MasterWeights): the learner, the reference and the
+    # sampler on bf16 weights, gradients accumulated into fp32 masters; LoRA: autocast
+    mixed = MasterWeights(model) if precision == "bf16" and not is_peft(model) else None
+    work = mixed.work if mixed else model
+    ref_model = bf16_copy(model) if mixed else model
+
     def learner():
-        lp = completion_logprobs(model, ids, am, comp, P, precision, group_size=group_size)
+        lp = completion_logprobs(work, ids, am, comp, P, precision, group_size=group_size)
         lp.sum().backward()
+        for p in work.parameters():
+            p.grad = None
+
+    def update():
+        """bf16 working copy: its gradients into the fp32 masters, then masters -> copy."""
+        if mixed is None:
+            return
+        for w in mixed.work.parameters():
+            if w.requires_grad:
+                w.grad = torch.zeros_like(w)
+        mixed.accumulate_grads()
+        mixed.refresh()
         for p in params:
             p.grad = None
 
     def reference():
         with torch.no_grad():
-            completion_logprobs(model, ids, am, comp, P, precision, group_size=group_size)
+            completion_logprobs(ref_model, ids, am, comp, P, precision, group_size=group_size)
 
-    # the sampler's own model: in bf16 a bf16 copy of the weights (agro.generation.bf16_copy)
-    sampler = bf16_copy(model) if precision == "bf16" else model
+    sampler = work
 
     def sample():
         x = torch.randint(0, V, (decode_batch, P), generator=g).to(dev)
@@ -245,8 +261,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
                 pos = pos + 1
 
     out = {}
-    with scoring_mode(model):
-        for name, fn in (("learner", learner), ("reference", reference), ("sample", sample)):
+    with scoring_mode(model), scoring_mode(work), scoring_mode(ref_model):
+        for name, fn in (("learner", learner), ("reference", reference), ("sample", sample),
+                         ("update", update)):
             best = float("inf")
             for _ in range(reps + 1):          # the first call warms up (allocations, kernels)
                 t = time.perf_counter()
@@ -256,30 +273,40 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     return out
 
 
+# Version of what precision=auto times: 2 = bf16 on a working copy over fp32 masters (entries of
+# version 1 timed autocast over fp32 weights and are ignored).
+CACHE_PREFIX = "precision/2:"
+
+
 def cached_precision_choice(model) -> str | None:
     """What ``agro train``'s precision=auto chose for this model on this machine, if it has timed
     it here (any batch shape): "fp32" or "bf16"; None if never timed, or if timings of different
     batch shapes chose differently. `agro generate` / `agro eval` follow it so that an offline
     file is written in the precision the training run will check it in."""
     key = machine_key(next(model.parameters()).device)
-    head = f"precision:{_model_key(model)} "
+    head = f"{CACHE_PREFIX}{_model_key(model)} "
     choices = {v.get("choice") for k, v in _load_cache().get(key, {}).items()
                if k.startswith(head) and isinstance(v, dict)}
     return choices.pop() if len(choices) == 1 and choices <= {"fp32", "bf16"} else None
 
 
 def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_new_tokens: int,
-                        prompt_len: int = 32, use_cache: bool = True, reps: int = 2) -> dict:
+                        prompt_len: int = 32, use_cache: bool = True, reps: int = 2,
+                        micro_batches: int = 1, accum_fp32: bool = False) -> dict:
     """precision=auto on a machine with native bf16: time this model's learner pass, reference
-    pass and sampling steps in fp32 and in bf16 (autocast), estimate one training step of each
+    pass and sampling steps in fp32 and in bf16 (as the trainer runs bf16: a working copy over
+    fp32 masters, or autocast for LoRA), estimate one training step of each
     (``prompts_per_step`` groups of ``group_size``, ``max_new_tokens`` decode steps) and choose
     the faster. Cached per machine and model shape in ``~/.cache/agro/machine.json``.
+
+    bf16's step includes moving the working copy's gradients into the fp32 masters and casting the
+    masters back (``update``): once per step, or once per micro-batch with ``accum_fp32``.
 
     Returns {"choice": "fp32"|"bf16", "fp32": {...seconds..., "step": s}, "bf16": {...}}.
     """
     key = machine_key(next(model.parameters()).device)
-    sub = (f"precision:{_model_key(model)} G={prompts_per_step} n={group_size} "
-           f"T={max_new_tokens} P={prompt_len}")
+    sub = (f"{CACHE_PREFIX}{_model_key(model)} G={prompts_per_step} n={group_size} "
+           f"T={max_new_tokens} P={prompt_len} mb={micro_batches} accum={'fp32' if accum_fp32 else 'bf16'}")
     if use_cache:
         hit = _load_cache().get(key, {}).get(sub)
         if isinstance(hit, dict) and hit.get("choice") in ("fp32", "bf16"):
@@ -292,7 +319,8 @@ def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_ne
                             decode_batch=prompts_per_step * group_size, decode_steps=steps,
                             reps=reps)
         scale = prompts_per_step / groups
-        t["step"] = (t["learner"] + t["reference"]) * scale + t["sample"] * max_new_tokens / steps
+        t["step"] = ((t["learner"] + t["reference"]) * scale + t["sample"] * max_new_tokens / steps
+                     + t["update"] * (micro_batches if accum_fp32 else 1))
         res[prec] = {k: round(v, 4) for k, v in t.items()}
     res["choice"] = "bf16" if res["bf16"]["step"] < res["fp32"]["step"] else "fp32"
     if use_cache:

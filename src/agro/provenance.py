@@ -11,9 +11,11 @@ against two references at once). Two defences, both in :func:`check_offline_grou
    sha256 of the tokenizer (vocabulary, special tokens, chat template), the precision, plus the
    model name, kind, parameter count and agro version for messages. ``agro generate`` stores it
    in every row's ``meta[META_KEY]`` (``meta["reference"]``); the trainer compares it with its
-   own. The name, kind and version may differ; weights, tokenizer and precision must match.
-   A LoRA reference (adapters disabled) hashes to the same value as a frozen copy of the same
-   base model, so a file generated for full fine-tuning serves a LoRA run and vice versa.
+   own. The name, kind and version may differ; weights, tokenizer, precision and the dtype the
+   reference's weights compute in (``weights_dtype``: bf16 runs store a frozen reference in bf16,
+   a LoRA reference runs under autocast over fp32 weights) must match. A LoRA reference (adapters
+   disabled) hashes to the same value as a frozen copy of the same base model, so in fp32 a file
+   generated for full fine-tuning serves a LoRA run and vice versa; in bf16 the dtypes differ.
 2. **Recomputation.** A few rows, spread over the file, are scored again with this run's
    reference and compared with the stored log-probs, with a tolerance per precision
    (:data:`TOKEN_TOL`, :data:`SEQ_TOL`; the measured noise is in :data:`SEQ_TOL`'s docstring).
@@ -43,8 +45,11 @@ from .rollouts import Group, collate
 META_KEY = "reference"
 """Key of the reference identity in a group row's ``meta`` (written by ``agro generate``)."""
 
-IDENTITY_FORMAT = 1
-MUST_MATCH = ("weights_sha256", "tokenizer_sha256", "precision")
+IDENTITY_FORMAT = 2
+MUST_MATCH = ("weights_sha256", "tokenizer_sha256", "precision", "weights_dtype")
+# format 1 (before bf16 references were stored in bf16) had no weights_dtype: its references
+# computed from fp32 weights (bf16 by autocast)
+_DEFAULTS = {"weights_dtype": "float32"}
 """Identity fields that must be equal between a file and the run; the others are informative."""
 
 TOKEN_TOL = {"fp32": 1e-3, "bf16": 1.0}
@@ -120,6 +125,12 @@ def weights_sha256(reference) -> tuple[str, int]:
     pass over the weights: 0.31 s for SmolLM2-135M (538 MB fp32; 0.39 s for the whole identity)
     on a 2-core CPU with SHA extensions (1.7 GB/s).
     """
+    stored = getattr(reference, "weights_digest", None)
+    if stored is not None:    # taken before the weights were cast (Reference.store_bf16)
+        return stored
+    if getattr(reference, "cast_without_digest", False):
+        raise ValueError("this reference's weights were cast to bf16 without keeping the digest "
+                         "of the weights as loaded (Reference.store_bf16(keep_digest=False))")
     state = _state_for_hash(reference)
     cache: dict[tuple, str] = {}
     lines, n_params = [], 0
@@ -136,6 +147,13 @@ def weights_sha256(reference) -> tuple[str, int]:
         lines.append(f"{name} {str(t.dtype).removeprefix('torch.')} "
                      f"{'x'.join(map(str, t.shape))} {digest}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest(), n_params
+
+
+def _weights_dtype(reference) -> str:
+    """"bfloat16" if the reference's floating-point weights are stored in bf16, else "float32"."""
+    ps = [p for p in reference.model.parameters() if p.is_floating_point()]
+    bf = bool(ps) and all(p.dtype == torch.bfloat16 for p in ps)
+    return "bfloat16" if bf else "float32"
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -187,6 +205,7 @@ def reference_identity(model_spec: str | os.PathLike, reference, tokenizer, prec
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": len(tokenizer),
         "precision": precision,
+        "weights_dtype": _weights_dtype(reference),
         "agro_version": __version__,
     }
 
@@ -248,7 +267,8 @@ def _identity_errors(path: str, groups: Sequence[Group], identity: dict) -> list
             errors.append(ProvenanceError(f, line, f"meta.{META_KEY}", "expected an object, "
                                           f"got {type(stored).__name__}", "bad_type:meta"))
             break
-        diffs = [k for k in MUST_MATCH if stored.get(k) != identity.get(k)]
+        diffs = [k for k in MUST_MATCH
+                 if stored.get(k, _DEFAULTS.get(k)) != identity.get(k, _DEFAULTS.get(k))]
         if not diffs:
             continue
         sig = json.dumps([[k, stored.get(k)] for k in diffs])

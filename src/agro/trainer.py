@@ -40,7 +40,7 @@ from .evaluation import evaluate
 from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
-from .models import save_for_transformers
+from .models import MasterWeights, grad_accum_fp32, is_peft, save_for_transformers
 from .perf import (FlopModel, batch_flops, calibrate_precision, machine_key, matmul_peak,
                    phase_rates)
 from .provenance import check_offline_groups, reference_identity
@@ -132,12 +132,20 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml", self.precision_notes)
+        # bf16 full fine-tuning: bf16 working weights (learner and sampler) over fp32 masters, and
+        # a bf16 reference (agro.models.MasterWeights); fp32 and LoRA: the policy itself
+        if cfg.precision == "bf16":   # first: the working copy is then the only transient copy
+            self.reference.store_bf16(keep_digest="offline" in parse_source(cfg.source))
+        self.mixed = (MasterWeights(self.policy)
+                      if cfg.precision == "bf16" and not is_peft(self.policy) else None)
+        self.learner = self.mixed.work if self.mixed else self.policy
+        self.accum_fp32 = grad_accum_fp32(cfg.grad_accum, self.device)
         self.flops = FlopModel.of(self.policy)
         self.peak = matmul_peak(self.flops, torch.bfloat16 if cfg.precision == "bf16"
                                 else torch.float32, self.device)
         self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
                   f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)})")
-        self.generator = build_generator(cfg, self.policy, self.tok)
+        self.generator = build_generator(cfg, self.learner, self.tok)
         self._own_grader = grader is None      # a grader passed in is the caller's to close
         self.grader = build_grader(cfg, grader)
         self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
@@ -190,7 +198,9 @@ class Trainer:
                    else f"no native bf16 matmuls on this {self.device.type}")
             return [f"precision: auto -> {rank0} ({why})"]
         cal = calibrate_precision(self.policy, prompts_per_step=self.local_prompts,
-                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens) \
+                                  group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                  micro_batches=-(-self.local_prompts // cfg.micro_batch_groups),
+                                  accum_fp32=grad_accum_fp32(cfg.grad_accum, self.device)) \
             if self.dist.is_main else None
         cal = self.dist.all_gather(cal)[0]
         choice = cal["choice"]
@@ -199,7 +209,8 @@ class Trainer:
                  f"estimated step fp32 {f32['step']:.2f} s vs bf16 {b16['step']:.2f} s)",
                  f"  seconds fp32/bf16: learner pass {f32['learner']:.3f}/{b16['learner']:.3f}, "
                  f"reference pass {f32['reference']:.3f}/{b16['reference']:.3f}, "
-                 f"8 sampling steps {f32['sample']:.3f}/{b16['sample']:.3f}"]
+                 f"8 sampling steps {f32['sample']:.3f}/{b16['sample']:.3f}, "
+                 f"bf16 grads -> fp32 masters -> bf16 {b16.get('update', 0.0):.3f}"]
         for line in lines:
             self.note(line)
         if choice != cfg.precision:
@@ -290,6 +301,8 @@ class Trainer:
         """
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
+        if self.mixed:
+            self.mixed.work.zero_grad(set_to_none=True)
         local_b = sum(g.n for g in groups)
         global_b = self.dist.sum_int(local_b)
         sums: dict[str, float] = {}
@@ -300,9 +313,13 @@ class Trainer:
                 (batch_flops(self.flops, batch, backward=False) if self.needs_token_kl else 0.0)
             loss, m = self.micro_batch_loss(batch)
             (loss * (batch.num_samples / global_b)).backward()
+            if self.mixed and self.accum_fp32:   # each micro-batch's bf16 grads -> fp32
+                self.mixed.accumulate_grads()
             maybe_crash("backward")
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * batch.num_samples
+        if self.mixed:      # the step's bf16 gradients -> the fp32 masters' .grad, once
+            self.mixed.accumulate_grads()
         self.dist.all_reduce_sum_grads_(self.trainable)
         metrics = self.dist.weighted_mean(sums, local_b)
         if global_b == 0:   # nothing to learn from on any process (e.g. every prompt too long)
@@ -315,7 +332,9 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.version += 1
-            self.generator.sync_weights(self.policy)
+            if self.mixed:      # the one cast per step: masters -> bf16 working weights
+                self.mixed.refresh()
+            self.generator.sync_weights(self.learner)
             self.consecutive_skips = 0
         else:
             self.skip_step(grad_norm, metrics.get("loss"))
@@ -330,7 +349,7 @@ class Trainer:
         if self.loss.accepts_on_policy:
             opts["on_policy"] = batch.on_policy
         if self.needs_token_kl:
-            lp, logits = batch_logprobs(self.policy, batch, self.cfg.precision, with_logits=True)
+            lp, logits = batch_logprobs(self.learner, batch, self.cfg.precision, with_logits=True)
             with torch.no_grad():
                 ref_logits = self.reference.logits_slice(
                     batch.input_ids, batch.attention_mask, batch.completion_ids,
@@ -338,7 +357,7 @@ class Trainer:
             opts["token_kl"] = token_kl(logits, ref_logits)
             del logits, ref_logits
         else:
-            lp = batch_logprobs(self.policy, batch, self.cfg.precision)
+            lp = batch_logprobs(self.learner, batch, self.cfg.precision)
         return losses.compute_loss(self.cfg.loss, lp, batch.ref_logprobs, batch.completion_mask,
                                    batch.rewards, batch.group_size, self.cfg.beta, **opts)
 
@@ -509,7 +528,9 @@ class Trainer:
         self.counters.collect.update(saved.get("collect") or {})
         self.counters.empty_steps = int(saved.get("empty_steps", 0))
         set_rng_state(st["rng"])
-        self.generator.sync_weights(self.policy)
+        if self.mixed:
+            self.mixed.refresh()
+        self.generator.sync_weights(self.learner)
         self.note(f"resumed from {self.ckpt_path} at step {self.step}")
 
     def export_final(self) -> Path | None:

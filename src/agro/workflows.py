@@ -29,6 +29,8 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
         print(f"agro generate: {note}", flush=True)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
+    if cfg.precision == "bf16":      # stored as the training run stores it (agro.trainer)
+        reference.store_bf16()
     own = grader is None
     grader = build_grader(cfg, grader)
     try:
