@@ -294,3 +294,29 @@ def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
     assert "pending (inconclusive at this scale so far)" in line and "4 of 12" in line
     assert "§4.6 prediction: reproduced" in line and "1.00 h" in line
     assert [x for x in t.splitlines() if x.startswith("| C1")][0].count("not run yet") == 1
+
+
+def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
+    """A newer agro adds TrainConfig fields (at defaults that keep old behaviour): its digest of
+    an arm differs, but a finished run whose config.yaml lacks only those fields is reused; a run
+    that differs in a real setting is not."""
+    import shutil
+
+    import yaml
+
+    from agro.repro.runner import Sweep
+
+    st = tmp_path / "store"
+    sw = Sweep("c1", tmp_path / "out", store=st, quick=True, seeds=[0], arms=["agro"])
+    sw.run(0)
+    sw.close()
+    exact = sw.run_dir(ARMS["agro"], 0)
+    old = exact.parent.with_name("agro-0123456789") / "seed0"
+    shutil.move(str(exact.parent), str(old.parent))
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg.pop("grad_accum")                         # as written before the field existed
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert sw.run_dir(ARMS["agro"], 0) == old and not sw.pending()
+    cfg["lr"] = cfg["lr"] * 2                     # a real difference: not the same run
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert sw.run_dir(ARMS["agro"], 0) != old and sw.pending()

@@ -144,13 +144,39 @@ class Sweep:
 
     def run_dir(self, arm: Arm, seed: int) -> Path:
         """STORE/<arm>-<digest of every resolved TrainConfig field but seed and the unhashed>/seed<S>:
-        a changed default (not only a changed override) gets new runs."""
-        s = self.arm_settings(arm, seed)
-        full = {**to_dict(TrainConfig()), **s}     # every default, then the settings
+        a changed default (not only a changed override) gets new runs. A finished run made by an
+        older agro, whose config lacked fields added since, is still found when those fields are
+        at their defaults here and everything else matches (:meth:`_compatible_run`)."""
+        full = self._resolved(arm, seed)
         key = {k: v for k, v in full.items() if k not in _NOT_HASHED and k != "seed"}
         if arm.offline:   # the file's path is in the store; what matters is how it was made
             key["offline_path"] = self._offline_key()
-        return self.store / f"{arm.name}-{_digest(key)}" / f"seed{seed}"
+        d = self.store / f"{arm.name}-{_digest(key)}" / f"seed{seed}"
+        if not d.is_dir():
+            d = self._compatible_run(arm, seed, full) or d
+        return d
+
+    def _resolved(self, arm: Arm, seed: int) -> dict:
+        return {**to_dict(TrainConfig()), **self.arm_settings(arm, seed)}
+
+    def _compatible_run(self, arm: Arm, seed: int, full: dict) -> Path | None:
+        """A finished run of this arm and seed whose config.yaml equals ``full`` on every field it
+        has (but output_dir, offline_path and the unhashed), lacking only fields that are at
+        their defaults in ``full`` (fields agro added after the run was made)."""
+        defaults = to_dict(TrainConfig())
+        skip = _NOT_HASHED | {"output_dir", "offline_path"}
+        for cand in sorted(self.store.glob(f"{arm.name}-*/seed{seed}")):
+            if not ((cand / "done.json").is_file() and (cand / "config.yaml").is_file()):
+                continue
+            if cand.parent.name[len(arm.name) + 1:].count("-"):   # another arm's name prefix
+                continue
+            old = yaml.safe_load((cand / "config.yaml").read_text()) or {}
+            same = all(old[k] == v for k, v in full.items() if k in old and k not in skip)
+            added_at_default = all(full[k] == defaults.get(k) for k in full
+                                   if k not in old and k not in skip)
+            if same and added_at_default and not (set(old) - set(full) - skip):
+                return cand
+        return None
 
     # ------------------------------------------------------------------ shared pieces
     def _eval_settings(self) -> dict:
