@@ -47,6 +47,12 @@ class Estimate:
     n: int
     lo: float
     hi: float
+    level: float = 0.95
+
+    @property
+    def interval(self) -> str:
+        """"the 95% interval (lo .. hi)" (the level it was made at)."""
+        return f"the {round(self.level * 100)}% interval ({self.lo:+.3f} .. {self.hi:+.3f})"
 
     def short(self, digits: int = 3) -> str:
         """"mean ± se" (no interval)."""
@@ -59,7 +65,8 @@ class Estimate:
             return "n/a"
         ci = (f"[{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]" if math.isfinite(self.se)
               else "[no interval: one seed]")
-        return f"{self.mean:+.{digits}f} ± {self.se:.{digits}f} (95% CI {ci}, n={self.n})"
+        return (f"{self.mean:+.{digits}f} ± {self.se:.{digits}f} ({round(self.level * 100)}% CI "
+                f"{ci}, n={self.n})")
 
 
 def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
@@ -71,14 +78,14 @@ def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
     n = len(v)
     if n == 0:
-        return Estimate(math.nan, math.nan, 0, math.nan, math.nan)
+        return Estimate(math.nan, math.nan, 0, math.nan, math.nan, level)
     m = sum(v) / n
     if n < 2:
-        return Estimate(m, math.inf, 1, -math.inf, math.inf)
+        return Estimate(m, math.inf, 1, -math.inf, math.inf, level)
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
     se = sd / math.sqrt(n)
     h = (t975 if level == 0.95 else t95)(n - 1) * se
-    return Estimate(m, se, n, m - h, m + h)
+    return Estimate(m, se, n, m - h, m + h, level)
 
 
 def paired(a: dict, b: dict, level: float = 0.95) -> Estimate:

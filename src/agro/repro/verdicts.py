@@ -149,7 +149,7 @@ def _c2(recs):
     d = stats.estimate([final_acc(r) - base_acc(r) for r in recs.get("agro_on-b0.5", {}).values()])
     pitfall.append(_part(f"lambda=1 is safe at beta={BETA_SAFE} (not below the base model)",
                          "final - base held-out accuracy of agro_on-b0.5", d,
-                         lambda e, m: _not_below(e, m)))
+                         _at_least))
     return paper, pitfall, info
 
 
@@ -163,26 +163,17 @@ def _below(e: Estimate) -> tuple[str, str]:
     return INCONCLUSIVE, f"the 95% interval ({e.lo:+.3f} .. {e.hi:+.3f}) contains 0"
 
 
-def _not_below(e: Estimate, margin: float) -> tuple[str, str]:
+def _at_least(e: Estimate, margin: float) -> tuple[str, str]:
+    """"Not worse than -margin": reproduced when the interval's lower end lies above -margin (for
+    "A is at least as good as B" pass A - B at ``level=0.90``: a one-sided 5 % test); not
+    reproduced when the whole interval lies below 0."""
     if e.n < 2:
         return INCONCLUSIVE, "fewer than two seeds"
     if e.lo > -margin:
-        return REPRODUCED, f"the 95% interval ({e.lo:+.3f} .. {e.hi:+.3f}) lies above -{margin}"
+        return REPRODUCED, f"{e.interval} lies above -{margin}"
     if e.hi < 0:
-        return NOT_REPRODUCED, f"accuracy fell: the 95% interval ({e.lo:+.3f} .. {e.hi:+.3f}) lies below 0"
-    return INCONCLUSIVE, f"the 95% interval ({e.lo:+.3f} .. {e.hi:+.3f}) reaches below -{margin}"
-
-
-def _noninferior(d: Estimate, margin: float) -> tuple[str, str]:
-    """"A is at least as good as B": the lower end of A - B's 90 % interval (a one-sided 5 %
-    test; pass ``level=0.90`` to paired) lies above -margin."""
-    if d.n < 2:
-        return INCONCLUSIVE, "fewer than two seeds"
-    if d.lo > -margin:
-        return REPRODUCED, f"the 90% interval ({d.lo:+.3f} .. {d.hi:+.3f}) lies above -{margin}"
-    if d.hi < 0:
-        return NOT_REPRODUCED, f"the 90% interval ({d.lo:+.3f} .. {d.hi:+.3f}) lies below 0"
-    return INCONCLUSIVE, f"the 90% interval ({d.lo:+.3f} .. {d.hi:+.3f}) reaches below -{margin}"
+        return NOT_REPRODUCED, f"{e.interval} lies below 0"
+    return INCONCLUSIVE, f"{e.interval} reaches below -{margin}"
 
 
 def _c3(recs):
@@ -214,15 +205,21 @@ def _matched_kl(recs, arms) -> float:
     return min(kls) if kls else math.nan
 
 
+def _at_matched_kl(recs, name: str, a: str, b: str, rule, among=None) -> dict:
+    """Held-out accuracy of ``a`` - ``b`` (paired) at the largest KL every run of ``among``
+    (default: a and b) reached; 90 % level for the equivalence rule, else 95 %."""
+    kl = _matched_kl(recs, among or (a, b))
+    level = 0.90 if rule is stats.equivalence else 0.95
+    d = stats.paired(per_seed(recs, a, lambda r: acc_at_kl(r, kl)),
+                     per_seed(recs, b, lambda r: acc_at_kl(r, kl)), level=level)
+    return _kl_part(name, f"held-out accuracy at matched KL = {kl:.3g} nats, {a} - {b}", kl, d, rule)
+
+
 def _c4(recs):
     arms = ("agro", "replay-p0.5", "replay-p0.9")
-    kl = _matched_kl(recs, arms)
-    parts = []
-    for p in ("replay-p0.5", "replay-p0.9"):
-        d = _eq(recs, p, "agro", lambda r: acc_at_kl(r, kl))
-        parts.append(_kl_part(f"{p} is as KL-efficient as on-policy",
-                              f"held-out accuracy at matched KL = {kl:.3g} nats, {p} - agro (p=0)",
-                              kl, d, stats.equivalence))
+    parts = [_at_matched_kl(recs, f"{p} is as KL-efficient as on-policy", p, "agro",
+                            stats.equivalence, among=arms)
+             for p in ("replay-p0.5", "replay-p0.9")]
     d = stats.paired(per_seed(recs, "agro", final_kl), per_seed(recs, "replay-p0.9", final_kl))
     verdict, why = stats.superiority(d, 0.0)
     parts.append({"part": "on-policy moves further from pi_ref per step",
@@ -237,18 +234,9 @@ def _c5(recs):
                    f"mean held-out accuracy, {lo} - {hi}",
                    stats.paired(per_seed(recs, lo, mean_acc), per_seed(recs, hi, mean_acc)),
                    stats.superiority)]
-    kl = _matched_kl(recs, (lo, hi))
-    parts.append(_kl_part("larger beta is more KL-efficient",
-                          f"held-out accuracy at matched KL = {kl:.3g} nats, {hi} - {lo}", kl,
-                          stats.paired(per_seed(recs, hi, lambda r: acc_at_kl(r, kl)),
-                                       per_seed(recs, lo, lambda r: acc_at_kl(r, kl))),
-                          stats.superiority))
-    kl0 = _matched_kl(recs, (zero, mid))
-    parts.append(_kl_part("beta = 0 is KL-inefficient",
-                          f"held-out accuracy at matched KL = {kl0:.3g} nats, {mid} - {zero}", kl0,
-                          stats.paired(per_seed(recs, mid, lambda r: acc_at_kl(r, kl0)),
-                                       per_seed(recs, zero, lambda r: acc_at_kl(r, kl0))),
-                          stats.superiority))
+    for name, better, worse in (("larger beta is more KL-efficient", hi, lo),
+                                ("beta = 0 is KL-inefficient", mid, zero)):
+        parts.append(_at_matched_kl(recs, name, better, worse, stats.superiority))
     return parts
 
 
@@ -259,12 +247,12 @@ def _c6(recs):
                            f"final held-out accuracy, stale{k}-agro - stale{k}-kl_pg",
                            stats.paired(per_seed(recs, f"stale{k}-agro", final_acc),
                                         per_seed(recs, f"stale{k}-kl_pg", final_acc), level=0.90),
-                           _noninferior))
+                           _at_least))
     parts.append(_part("agro keeps its lag-0 accuracy at lag 8",
                        "final held-out accuracy, stale8-agro - agro (lag 0)",
                        stats.paired(per_seed(recs, "stale8-agro", final_acc),
                                     per_seed(recs, "agro", final_acc), level=0.90),
-                       _noninferior))
+                       _at_least))
     return parts
 
 
