@@ -149,3 +149,23 @@ def test_bf16_copy_of_a_bf16_model_is_not_copied_again_by_the_sampler(tiny_model
     work = bf16_copy(load_model(str(tiny_model_dir)))
     gen = CachedGenerator(work, load_tokenizer(str(tiny_model_dir)), precision="bf16")
     assert gen.model is work
+
+
+def test_a_bf16_generate_file_trains_a_bf16_run_and_is_refused_by_fp32(tiny_model_dir, tmp_path):
+    """`agro generate precision=bf16` scores with the bf16-stored reference (the sampling model
+    itself); a bf16 training run's provenance check accepts it (identity and recomputed rows), an
+    fp32 run refuses it."""
+    from agro.provenance import ProvenanceError
+    from fakes import make_offline_file
+
+    path = make_offline_file(tiny_model_dir, tmp_path / "b16.jsonl", num_prompts=4, group_size=2,
+                             precision="bf16")
+    base = [f"model={tiny_model_dir}", "steps=1", "prompts_per_step=2", "group_size=2",
+            "max_new_tokens=5", "eval_prompts=0", "source=offline", f"offline_path={path}",
+            "offline_check_rows=4", "tensorboard=false", "progress=false", "plot=false",
+            "save_every=0"]
+    cfg = load_config(TrainConfig, None, base + ["precision=bf16", f"output_dir={tmp_path / 'a'}"])
+    Trainer(cfg, grader=HashGrader()).train()
+    cfg = load_config(TrainConfig, None, base + ["precision=fp32", f"output_dir={tmp_path / 'b'}"])
+    with pytest.raises(ProvenanceError, match="precision"):
+        Trainer(cfg, grader=HashGrader())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .builders import (build_collector, build_generator, build_grader, build_models, default_device,
+from .builders import (build_collector, build_generator, build_grader, default_device,
                        follow_train_precision, setup_runtime)
 from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
@@ -23,14 +23,21 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
     requested = cfg.precision
     cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
-    policy, tok, reference = build_models(cfg, device=device)
+    # Nothing trains here: the model that samples is pi_ref itself, so the reference is that very
+    # model (frozen), not a copy; in bf16 one bf16 model then serves both (its identity digest is
+    # taken from the weights as loaded, before the cast).
+    tok = load_tokenizer(cfg.model)
+    policy = load_model(cfg.model, device=device)
+    policy.eval()
+    policy.requires_grad_(False)
+    reference = Reference(policy, cfg.precision)
     cfg, note = follow_train_precision(cfg, requested, policy, reference)
     if note:
         print(f"agro generate: {note}", flush=True)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
     if cfg.precision == "bf16":      # stored as the training run stores it (agro.trainer)
-        reference.store_bf16()
+        reference.store_bf16()       # (without ref_model: the sampler's weights too)
     own = grader is None
     grader = build_grader(cfg, grader)
     try:
