@@ -10,7 +10,7 @@ Departures from the paper (all forced by scale, and said in docs/PAPER.md): Smol
 instead of Llama-3 8B; two-operand arithmetic over 0..20 with + - * instead of MATH; 20 steps of
 8 prompts x 4 samples per arm instead of epochs over the MATH train set; 3 seeds instead of 2;
 held-out accuracy from one temperature-1 sample of each of the 275 held-out prompts (standard error
-<= 0.03) at steps 0, 10 and 20 (offline: after every epoch).
+at most 0.0302, at p = 0.5) at steps 0, 10 and 20 (offline: after every epoch).
 """
 from __future__ import annotations
 
