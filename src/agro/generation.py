@@ -87,6 +87,10 @@ class Generator(Protocol):
         """Make the sampler use ``model``'s current weights (a no-op when it shares them)."""
         ...
 
+    # Optional attributes (read with getattr, default in brackets): ``lag`` [0], the policy
+    # versions its weights are behind the model last passed to sync_weights; ``exact`` [True],
+    # whether its samples count as draws from pi for the on-policy-only terms.
+
 
 class _BehaviourRecorder:
     """Logits processor placed last: records ``log softmax(processed scores)`` (fp32) and, one
@@ -390,7 +394,14 @@ class CachedGenerator(HFGenerator):
         return comps, lps
 
 
-_GENERATORS: dict[str, Callable[..., Generator]] = {"hf": HFGenerator, "cached": CachedGenerator}
+def _vllm_generator(model, tokenizer, **kw) -> Generator:
+    from .vllm_generator import VLLMGenerator   # optional dependency: imported only when asked
+
+    return VLLMGenerator(model, tokenizer, **kw)
+
+
+_GENERATORS: dict[str, Callable[..., Generator]] = {"hf": HFGenerator, "cached": CachedGenerator,
+                                                    "vllm": _vllm_generator}
 
 
 def available_generators() -> list[str]:
@@ -398,7 +409,8 @@ def available_generators() -> list[str]:
 
 
 def make_generator(name: str, model, tokenizer, **kw) -> Generator:
-    """Build a registered generator by name ('cached': agro's KV-cache loop; 'hf': generate())."""
+    """Build a registered generator by name ('cached': agro's KV-cache loop; 'hf': generate();
+    'vllm': agro.vllm_generator, an optional dependency)."""
     if name not in _GENERATORS:
         raise ValueError(f"unknown generator {name!r}; valid: {', '.join(available_generators())}")
     return _GENERATORS[name](model, tokenizer, **kw)

@@ -322,15 +322,17 @@ TINY_LLAMA = dict(
 )
 
 
-def save_tiny_llama(out_dir: str | Path, tokenizer=None, seed: int = 1234) -> Path:
+def save_tiny_llama(out_dir: str | Path, tokenizer=None, seed: int = 1234, **overrides) -> Path:
     """Save a tiny random Llama (``TINY_LLAMA``: 2 layers, width 64, GQA 4/2 heads, tied
-    embeddings) with the real default tokenizer's vocabulary and that tokenizer, for plumbing
-    runs that need no download (tests, ``agro repro --quick``). The global RNG is left as it was."""
+    embeddings; ``overrides`` replace its fields) with the real default tokenizer's vocabulary and
+    that tokenizer, for plumbing runs that need no download (tests, ``agro repro --quick``). The
+    global RNG is left as it was."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(DEFAULT_MODEL)
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY_LLAMA)
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **{**TINY_LLAMA, **overrides})
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -63,8 +63,11 @@ class Group:
 
     @property
     def samples_from_pi(self) -> bool:
-        """True if the sampling settings draw from pi itself (temperature 1, no truncation)."""
-        return samples_from_pi(self.temperature, self.top_p, self.top_k)
+        """True if the sampling settings draw from pi itself (temperature 1, no truncation) and
+        the sampler's numerics were accepted as pi's (``meta["pi_exact"]``, set False for vLLM
+        samples when the run's measured mismatch is above its tolerance)."""
+        return (samples_from_pi(self.temperature, self.top_p, self.top_k)
+                and self.meta.get("pi_exact", True) is not False)
 
     def is_on_policy(self, current_version: int) -> bool:
         """Whether on-policy-only loss terms are valid for this group at `current_version`.

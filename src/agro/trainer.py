@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from . import losses
-from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
+from .builders import (build_collector, build_generator, build_grader, build_models,
+                       sampling_params, setup_runtime)
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .collect import CollectStats
 from .config import TrainConfig, dump_yaml, parse_source, to_dict
@@ -170,6 +171,7 @@ class Trainer:
         self.before: dict | None = None
         if self.ckpt_path is not None:
             self._resume()
+        self.sampler_notes = self._check_sampler()
         self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
                                     resume_step=self.step if self.ckpt_path else None) \
@@ -244,6 +246,22 @@ class Trainer:
             raise ValueError(f"offline groups have a group size other than group_size="
                              f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
         return groups
+
+    def _check_sampler(self) -> list[str]:
+        """A sampler that is only close to pi (generator=vllm) measures how close on a few
+        held-out prompts and applies the run's rule (``vllm_on_policy``); the global RNG is left
+        as it was, so the run's own samples do not depend on this check."""
+        check = getattr(self.generator, "check_against", None)
+        if check is None:
+            return []
+        cfg = self.cfg
+        prompts = [self.collector.encode(ex) for ex in self.task.eval_examples(8)]
+        with torch.random.fork_rng(devices=[]):
+            lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
+                          sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol)
+        for line in lines:
+            self.note(line)
+        return lines
 
     def note(self, msg: str) -> None:
         if self.dist.is_main:
@@ -466,6 +484,9 @@ class Trainer:
         examples = self.task.eval_examples(cfg.eval_prompts)[self.dist.rank::self.dist.world]
         self.note(f"held-out evaluation ({when}): {cfg.eval_prompts} prompts x {cfg.eval_samples} "
                   "samples at temperature 1")
+        force_sync = getattr(self.generator, "force_sync", None)
+        if force_sync is not None:   # a sampler that may lag (vllm_sync_every > 1): current weights
+            force_sync(self.learner)
         res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                        examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
                        greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference,

@@ -1,0 +1,234 @@
+"""generator=vllm (agro.vllm_generator).
+
+Two layers:
+* without vLLM (the main suite): the clear error when it is missing, and the weights agro pushes
+  into an engine (names and values, LoRA merged by computation) against transformers' own merge;
+* with vLLM (marker ``vllm``; ``make test-vllm`` runs them in .venv-vllm, skipped elsewhere):
+  greedy tokens equal agro's cached generator on the default model, sampled per-token log-probs
+  equal a forward of the policy within a stated tolerance, pushed weights change the samples,
+  stop-token handling, and the trainer for a few steps (with a lagging engine, dated stale).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from agro.generation import CachedGenerator, SamplingParams, make_generator
+from agro.vllm_generator import _weights_for_engine, vllm_available
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="needs vLLM (make vllm-setup; make test-vllm)")
+
+
+# ----------------------------------------------------------------------------- without vLLM
+@pytest.mark.skipif(vllm_available(), reason="vLLM is installed here")
+def test_missing_vllm_is_a_clear_error(tiny_model_dir):
+    from agro.models import load_model, load_tokenizer
+
+    with pytest.raises(RuntimeError, match="make vllm-setup"):
+        make_generator("vllm", load_model(tiny_model_dir), load_tokenizer(tiny_model_dir))
+
+
+def test_weights_pushed_full_finetune_are_the_parameters(tiny_model_dir):
+    from agro.models import load_model
+
+    model = load_model(tiny_model_dir)
+    got = dict(_weights_for_engine(model))
+    want = dict(model.named_parameters())
+    # the tiny Llama ties its head to the embedding: the shared tensor is also pushed as the head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    want["lm_head.weight"] = model.lm_head.weight
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k].detach())
+
+
+def test_weights_pushed_for_lora_are_the_merged_model(tiny_model_dir):
+    from agro.models import apply_lora, load_model
+
+    model = apply_lora(load_model(tiny_model_dir), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():   # make the adapters non-zero (B starts at 0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = dict(_weights_for_engine(model))
+    merged = copy.deepcopy(model).merge_and_unload()
+    want = {**dict(merged.named_parameters()), "lm_head.weight": merged.lm_head.weight}
+    assert got.keys() == want.keys()
+    base = dict(load_model(tiny_model_dir).named_parameters())
+    for k in want:
+        assert torch.allclose(got[k].float(), want[k].detach().float(), atol=1e-6), k
+    q = [k for k in want if k.endswith("q_proj.weight")]
+    assert q and all(not torch.allclose(got[k], base[k]) for k in q)   # the delta is pushed
+    after = model.state_dict()               # and the model itself was not merged in place
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- with vLLM
+
+@pytest.fixture(scope="module")
+def default_policy():
+    from agro.models import DEFAULT_MODEL, default_gguf_path, load_model, load_tokenizer
+
+    try:
+        default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the embedded default model: {e}")
+    return load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def engine(default_policy):
+    model, tok = default_policy
+    if not vllm_available():
+        pytest.skip("needs vLLM")
+    gen = make_generator("vllm", model, tok, precision="fp32", max_model_len=256)
+    yield gen
+    gen.close()
+
+
+def _prompts(tok, k=6):
+    qs = ["What is 7 + 5?", "What is 12 * 3?", "Name a prime number.", "What is 20 - 9?",
+          "Say hello.", "What is 6 * 7?"][:k]
+    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False) for q in qs]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_greedy_tokens_equal_cached_generator(default_policy, engine):
+    model, tok = default_policy
+    prompts = _prompts(tok)
+    params = SamplingParams(24, greedy=True)
+    ours = CachedGenerator(model, tok).generate(prompts, 1, params)
+    theirs = engine.generate(prompts, 1, params)
+    for a, b in zip(ours, theirs):
+        assert a.completion_ids == b.completion_ids
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_sampled_logprobs_match_policy_forward(default_policy, engine):
+    """Behaviour log-probs of vLLM's samples vs the policy's fp32 forward on the same tokens.
+    Tolerance (fp32, CPU): mean per-token |diff| <= 1e-3 nats, max <= 5e-2."""
+    from agro.vllm_generator import measure_mismatch
+
+    model, tok = default_policy
+    torch.manual_seed(0)
+    m = measure_mismatch(engine, model, tok, _prompts(tok), 4, SamplingParams(24), "fp32")
+    assert m.tokens > 100
+    assert m.mean_abs <= 1e-3, m.line()
+    assert m.max_abs <= 5e-2, m.line()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_seeded_sampling_is_reproducible_and_stops_at_eos(default_policy, engine):
+    model, tok = default_policy
+    prompts = _prompts(tok, 3)
+    torch.manual_seed(5)
+    a = engine.generate(prompts, 4, SamplingParams(48))
+    torch.manual_seed(5)
+    b = engine.generate(prompts, 4, SamplingParams(48))
+    assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+    ended = 0
+    for g in a:
+        assert len(g.completion_ids) == 4
+        for c, lp in zip(g.completion_ids, g.logprobs):
+            assert len(c) == len(lp) and all(x <= 0 for x in lp)
+            stops = [i for i, t in enumerate(c) if t in engine.stop_ids]
+            assert stops in ([], [len(c) - 1])      # a stop token only as the last token
+            ended += bool(stops)
+    assert ended > 0
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_pushed_weights_change_samples(default_policy):
+    model, tok = default_policy
+    model = copy.deepcopy(model)
+    gen = make_generator("vllm", model, tok, precision="fp32", max_model_len=256)
+    try:
+        prompts = _prompts(tok, 3)
+        params = SamplingParams(16, greedy=True)
+        before = [g.completion_ids for g in gen.generate(prompts, 1, params)]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "layers.0.mlp.down_proj" in n:
+                    p.mul_(-3.0)
+                if "embed_tokens" in n:   # tied with the LM head: both must follow
+                    p.add_(0.02 * torch.randn_like(p))
+        gen.sync_weights(model)
+        after = gen.generate(prompts, 1, params)
+        assert [g.completion_ids for g in after] != before
+        ours = CachedGenerator(model, tok).generate(prompts, 1, params)
+        assert [g.completion_ids for g in after] == [g.completion_ids for g in ours]
+    finally:
+        gen.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm_model_dir(tokenizer_dir, tmp_path_factory):
+    """The tiny Llama with head_dim 64 (vLLM's CPU attention has no kernel for the usual 16)."""
+    from transformers import AutoTokenizer
+
+    from agro.models import save_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama64"), tok, seed=1234,
+                           hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_trainer_runs_with_vllm_and_dates_lagging_groups(tiny_vllm_model_dir, tmp_path):
+    from agro.config import TrainConfig, load_config
+    from agro.trainer import Trainer
+    from fakes import HashGrader
+
+    cfg = load_config(TrainConfig, None, [
+        f"model={tiny_vllm_model_dir}", "generator=vllm", "vllm_sync_every=2", "steps=4",
+        "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=4",
+        "eval_samples=2", "tensorboard=false", "progress=false", "plot=false", "lr=1e-3",
+        "warmup_steps=0", "save_every=2", "precision=fp32", f"output_dir={tmp_path / 'run'}"])
+    res = Trainer(cfg, grader=HashGrader()).train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "staleness_mean" in r]
+    assert len(steps) == 4
+    # pushes after steps 2 and 4 only: steps 1 and 3 learn at the engine's version, 2 and 4 one behind
+    assert [r["staleness_mean"] for r in steps] == [0.0, 1.0, 0.0, 1.0]
+    assert res.after is not None
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_lora_policy_pushes_merged_weights(default_policy):
+    """LoRA: the engine samples from base + the adapters' delta, before and after an update."""
+    from agro.models import apply_lora
+    from agro.vllm_generator import measure_mismatch
+
+    model, tok = default_policy
+    peft = apply_lora(copy.deepcopy(model), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+
+    def perturb():
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+
+    perturb()
+    gen = make_generator("vllm", peft, tok, precision="fp32", max_model_len=256)
+    try:
+        prompts = _prompts(tok, 3)
+        m0 = measure_mismatch(gen, peft, tok, prompts, 2, SamplingParams(16), "fp32")
+        perturb()
+        stale = measure_mismatch(gen, peft, tok, prompts, 2, SamplingParams(16), "fp32")
+        gen.sync_weights(peft)
+        m1 = measure_mismatch(gen, peft, tok, prompts, 2, SamplingParams(16), "fp32")
+    finally:
+        gen.close()
+    assert m0.mean_abs <= 1e-3 and m1.mean_abs <= 1e-3, (m0.line(), m1.line())
+    assert stale.mean_abs > 10 * max(m0.mean_abs, m1.mean_abs)   # the push is what matched them
