@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VPY) -m pytest tests -q
 
+# overwrite=true: running the demo job again replaces its earlier run in runs/agro
 train: setup
-	$(VENV)/bin/agro train
+	$(VENV)/bin/agro train overwrite=true
 
 lab: setup
 	$(VENV)/bin/agro lab figure1 out=runs/figure1

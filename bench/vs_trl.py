@@ -8,7 +8,8 @@ directory so both load it the same way), on the same arithmetic prompts in the s
 the same settings: ``prompts`` x ``group_size`` samples per optimizer step, ``max_new_tokens``,
 temperature 1 / top_k 0 / top_p 1, beta, lr, the same precision (``--precision fp32``, or
 ``bf16``: agro ``precision=bf16``, TRL ``bf16=True``), micro-batches of ``micro_batch`` sequences,
-each arm's default sampler (agro's KV-cache loop, TRL's ``generate``), a frozen reference model,
+each arm's default sampler (agro's KV-cache loop, TRL's ``generate``; arm ``agro-vllm``: agro
+with ``generator=vllm``, run by ``--vllm-python``), a frozen reference model,
 one process, all cores. Each arm runs in
 its own process, one after the other (never concurrently: two torch processes on 2 cores slow
 each other down 10-20x), alternating agro, TRL, agro, TRL ... for ``rounds`` rounds.
@@ -44,24 +45,32 @@ def model_dir(cache: Path) -> Path:
     return d
 
 
-def run_agro(a, model: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "agro.cli", "train", f"model={model}", f"output_dir={out}",
+def run_agro(a, model: Path, out: Path, python: str = sys.executable, extra=(),
+             arm: str = "agro") -> dict:
+    cmd = [python, "-m", "agro.cli", "train", f"model={model}", f"output_dir={out}",
            f"steps={a.steps}", f"prompts_per_step={a.prompts}", f"group_size={a.group_size}",
            f"micro_batch_groups={a.micro_batch // a.group_size}",
            f"max_new_tokens={a.max_new_tokens}", f"beta={a.beta}", f"lr={a.lr}",
            "warmup_steps=0", f"precision={a.precision}", "temperature=1.0", "top_p=1.0", "top_k=0",
            "eval_prompts=0", "save_every=0", "plot=false", "tensorboard=false", "progress=false",
-           f"seed={a.seed}", f"num_threads={a.threads}"]
+           f"seed={a.seed}", f"num_threads={a.threads}", *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if a.quiet else None)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r and "step" in r]
     times = [r["time"] for r in rows]
     # step 1 has no previous step end: its in-loop time stands in (dropped by --warmup anyway)
     steps = [rows[0]["step_seconds"]] + [t1 - t0 for t0, t1 in zip(times, times[1:])]
-    return {"arm": "agro", "step_seconds": steps,
+    return {"arm": arm, "step_seconds": steps,
             "reward": [r.get("reward_mean") for r in rows],
             "completion_len": [r.get("completion_len_mean") for r in rows],
             "inner_step_seconds": [r["step_seconds"] for r in rows]}
+
+
+def run_agro_vllm(a, model: Path, out: Path) -> dict:
+    """agro with generator=vllm, run by the vLLM venv's python (make vllm-setup)."""
+    if not Path(a.vllm_python).exists():
+        raise SystemExit(f"arm agro-vllm needs {a.vllm_python}: run `make vllm-setup` first")
+    return run_agro(a, model, out, python=a.vllm_python, extra=["generator=vllm"], arm="agro-vllm")
 
 
 def run_trl(a, model: Path, out: Path) -> dict:
@@ -90,7 +99,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--arms", default="agro,trl")
+    ap.add_argument("--arms", default="agro,trl",
+                    help="comma list of agro, agro-vllm (generator=vllm, in --vllm-python), trl")
+    ap.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="agro precision=...; TRL with bf16=True for bf16 (fp32 master weights in "
                          "both, loaded from the same fp32 directory)")
@@ -111,7 +122,7 @@ def main() -> None:
             for arm in arms:
                 out = Path(tmp) / f"{arm}-{r}"
                 t = time.time()
-                res = (run_agro if arm == "agro" else run_trl)(a, model, out)
+                res = {"agro": run_agro, "agro-vllm": run_agro_vllm, "trl": run_trl}[arm](a, model, out)
                 res.update(round=r, wall_seconds=time.time() - t)
                 runs.append(res)
                 kept = res["step_seconds"][a.warmup:]
@@ -128,10 +139,13 @@ def main() -> None:
           f"{a.warmup} dropped")
     for arm in arms:
         lens = [v for x in runs if x["arm"] == arm for v in x["completion_len"] if v is not None]
-        print(f"  {arm:5s} median {med[arm]:6.2f} s/step   mean completion length "
+        print(f"  {arm:9s} median {med[arm]:6.2f} s/step   mean completion length "
               f"{statistics.mean(lens) if lens else float('nan'):.1f} tokens")
-    if "agro" in med and "trl" in med:
-        print(f"  speed-up (TRL s/step / agro s/step): {med['trl'] / med['agro']:.2f}x")
+    for arm in ("agro", "agro-vllm"):
+        if arm in med and "trl" in med:
+            print(f"  speed-up (TRL s/step / {arm} s/step): {med['trl'] / med[arm]:.2f}x")
+    if "agro" in med and "agro-vllm" in med:
+        print(f"  agro-vllm vs agro (agro s/step / agro-vllm s/step): {med['agro'] / med['agro-vllm']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "median": med},
                                            indent=1))

@@ -232,3 +232,30 @@ def test_lora_policy_pushes_merged_weights(default_policy):
         gen.close()
     assert m0.mean_abs <= 1e-3 and m1.mean_abs <= 1e-3, (m0.line(), m1.line())
     assert stale.mean_abs > 10 * max(m0.mean_abs, m1.mean_abs)   # the push is what matched them
+
+
+def test_collector_dates_groups_by_the_samplers_version_and_honours_exact(tiny_model_dir, tmp_path):
+    """What a lagging, only-close-to-pi sampler (vLLM) changes, checked with agro's own sampler
+    given the same attributes: groups are dated by the version the sampler held, and marked not
+    drawn from pi when the run's rule says so (then no on-policy-only terms, §4.2)."""
+    from agro.config import TrainConfig, load_config
+    from agro.trainer import Trainer
+    from fakes import HashGrader
+
+    cfg = load_config(TrainConfig, None, [
+        f"model={tiny_model_dir}", "steps=1", "prompts_per_step=2", "group_size=3",
+        "max_new_tokens=4", "eval_prompts=0", "tensorboard=false", "progress=false",
+        "plot=false", "precision=fp32", f"output_dir={tmp_path / 'run'}"])
+    tr = Trainer(cfg, grader=HashGrader())
+    fresh = tr.collector(2, 5)
+    assert all(g.policy_version == 5 and g.is_on_policy(5) for g in fresh)
+    assert all(g.meta["sampler"] == "cached" and "pi_exact" not in g.meta for g in fresh)
+    tr.generator.lag, tr.generator.exact = 2, True
+    lagging = tr.collector(2, 5)
+    assert all(g.policy_version == 3 and not g.is_on_policy(5) for g in lagging)
+    tr.generator.lag, tr.generator.exact = 0, False
+    close = tr.collector(2, 5)
+    assert all(g.policy_version == 5 and g.meta["pi_exact"] is False for g in close)
+    assert not any(g.is_on_policy(5) or g.samples_from_pi for g in close)
+    if tr.grader is not None and hasattr(tr.grader, "close"):
+        tr.grader.close()

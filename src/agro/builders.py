@@ -124,7 +124,8 @@ def build_generator(cfg, policy, tokenizer):
     kw = {}
     if cfg.generator == "vllm":
         kw = dict(sync_every=cfg.vllm_sync_every, kv_cache_gib=cfg.vllm_kv_cache_gib,
-                  max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed)
+                  max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed,
+                  gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     return make_generator(cfg.generator, policy, tokenizer, precision=cfg.precision,
                           batch_size=cfg.generation_batch_size, **kw)
 

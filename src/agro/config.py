@@ -102,6 +102,9 @@ class SamplingFields:
                                   "log-prob mismatch (nats) up to which vLLM samples count as "
                                   "on-policy (docs/RESULTS.md has the measured figures).")
     vllm_kv_cache_gib: int = _f(2, "generator=vllm on CPU: KV-cache memory (GiB) of the engine.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "generator=vllm on a GPU: the fraction of its "
+                                            "memory the engine may take (the learner shares the "
+                                            "device). Never run by the project (no GPU here).")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -163,6 +166,9 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     eval_before: bool = _f(True, "Evaluate the base model before the first step (`agro repro` "
                            "evaluates it once per seed instead of once per run).")
     save_final: bool = _f(True, "Write output_dir/final (the model in transformers format) at the end.")
+    overwrite: bool = _f(False, "A new run (not --resume) in an output_dir that holds an earlier "
+                         "run: replace that run's files. Without it the run stops and says so "
+                         "(its metrics would be mixed with the earlier run's).")
     max_consecutive_skips: int = _f(3, "Stop after this many consecutive non-finite steps.")
     tensorboard: bool = _f(True, "Write TensorBoard events to output_dir/tb.")
     wandb: bool = _f(False, "Log to Weights & Biases (if installed).")
@@ -508,6 +514,7 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.vllm_sync_every >= 1, "vllm_sync_every", w, "must be >= 1")
         c(cfg.vllm_mismatch_tol >= 0, "vllm_mismatch_tol", w, "must be >= 0")
         c(cfg.vllm_kv_cache_gib >= 1, "vllm_kv_cache_gib", w, "must be >= 1")
+        c(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", w, "must be in (0, 1]")
     if isinstance(cfg, TrainConfig):
         from . import losses
 

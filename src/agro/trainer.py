@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ class Trainer:
         if self.dist.world > 1:
             self.note(f"data parallel: {self.dist.world} processes x {self.local_prompts} prompt "
                       f"groups each = {cfg.prompts_per_step} per step ({self.device})")
+        if self.ckpt_path is None:
+            self._claim_output_dir(cfg.overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         self.counters = RunCounters()
         self.task = build_task(cfg)
@@ -246,6 +249,28 @@ class Trainer:
             raise ValueError(f"offline groups have a group size other than group_size="
                              f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
         return groups
+
+    RUN_FILES = ("metrics.jsonl", "events.jsonl", "config.yaml", "curves.png", "tb",
+                 "checkpoints", "final")
+
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        """A new run must not append to an earlier run's files (metrics.jsonl would then hold
+        two runs, and a later --resume could pick the earlier run's checkpoint)."""
+        found = [n for n in self.RUN_FILES if (self.out / n).exists()]
+        if not found:
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"output_dir {self.out} holds an earlier run ({', '.join(found)}): continue it "
+                f"with `agro train --resume {self.out}`, start over with overwrite=true, or choose "
+                "another output_dir")
+        self.dist.barrier()          # every process has looked before the main one deletes
+        if self.dist.is_main:
+            for n in found:
+                p = self.out / n
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.note(f"overwrite=true: replaced the earlier run in {self.out} ({', '.join(found)})")
+        self.dist.barrier()
 
     def _check_sampler(self) -> list[str]:
         """A sampler that is only close to pi (generator=vllm) measures how close on a few

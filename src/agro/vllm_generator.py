@@ -32,6 +32,7 @@ sampler is to pi matters only for the on-policy-only terms, §4.2 of agro_math.m
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -133,13 +134,15 @@ class VLLMGenerator:
         max_model_len: prompt + completion tokens the engine must hold (its KV-cache rows).
         kv_cache_gib: CPU KV-cache size (``VLLM_CPU_KVCACHE_SPACE``) when not already set.
         seed: engine seed (request seeds come from torch's global RNG).
+        gpu_memory_utilization: on a GPU, the share of its memory the engine takes (the learner
+            shares the device; never run by the project).
     """
 
     name = "vllm"
 
     def __init__(self, model, tokenizer, precision: str = "fp32", batch_size: int = 64,
                  sync_every: int = 1, max_model_len: int = 2048, kv_cache_gib: int = 2,
-                 seed: int = 0):
+                 seed: int = 0, gpu_memory_utilization: float = 0.3):
         if not vllm_available():
             raise RuntimeError(INSTALL_HINT)
         if sync_every < 1:
@@ -171,6 +174,7 @@ class VLLMGenerator:
         # vLLM seeds python, numpy and torch's global generators in-process: keep the run's own
         # random stream as it was (its samples draw request seeds from it)
         state = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        self.gpu_memory_utilization = float(gpu_memory_utilization)
         try:
             self.llm = self._engine(model, max_model_len, kv_cache_gib, seed)
         finally:
@@ -185,7 +189,13 @@ class VLLMGenerator:
         # The engine core in this process: weights are pushed as tensors, never pickled.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")   # not two INFO lines per push
         from vllm import LLM
+
+        # each push warns that RoPE's cos/sin cache "failed to load": it has no checkpoint
+        # weights and is kept as it was, which is right
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda r: not r.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
 
         threads = torch.get_num_threads()
         set_threads = torch.set_num_threads   # vLLM's CPU worker replaces it with a no-op
@@ -194,7 +204,9 @@ class VLLMGenerator:
             "bfloat16" if self.precision == "bf16" else "float32"),
             max_model_len=int(max_model_len), seed=int(seed), generation_config="vllm",
             logprobs_mode="processed_logprobs", max_logprobs=1, enforce_eager=True,
-            load_format="safetensors", disable_log_stats=True)
+            load_format="safetensors", disable_log_stats=True,
+            **({"gpu_memory_utilization": self.gpu_memory_utilization}
+               if torch.cuda.is_available() else {}))
         torch.set_num_threads = set_threads   # the learner in this process keeps its threads
         torch.set_num_threads(threads)
         self.start_seconds = time.perf_counter() - t0
