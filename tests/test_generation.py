@@ -197,9 +197,9 @@ def test_bf16_and_lora_generation(name, llama, tok):
 
 
 def test_registry_and_params_validation(llama, tok):
-    assert available_generators() == ["cached", "hf"]
-    with pytest.raises(ValueError, match="valid: cached, hf"):
-        make_generator("vllm", llama, tok)
+    assert available_generators() == ["cached", "hf", "vllm"]
+    with pytest.raises(ValueError, match="valid: cached, hf, vllm"):
+        make_generator("sglang", llama, tok)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(4, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):

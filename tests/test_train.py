@@ -5,6 +5,7 @@ resume equivalence, the LoRA path, and config validation through the trainer.
 """
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -303,3 +304,50 @@ def test_offline_file_from_another_reference_is_refused_before_training(
     tr, before, res = run_steps(cfg)       # the user said they know: a warning, then training
     assert res.steps_done == 1
     assert "reference" in capsys.readouterr().out
+
+
+def test_a_new_run_refuses_a_directory_holding_an_earlier_run(tiny_model_dir, tmp_path):
+    """metrics.jsonl is appended to, so a second run in the same output_dir would mix two runs'
+    steps (and --resume could later pick the first run's checkpoint)."""
+    cfg = make_cfg(tiny_model_dir, tmp_path, "save_every=1")
+    run_steps(cfg)
+    with pytest.raises(FileExistsError, match=r"holds an earlier run.*--resume"):
+        Trainer(cfg, grader=HashGrader())
+    # overwrite=true replaces it: one run's rows only
+    run_steps(make_cfg(tiny_model_dir, tmp_path, "save_every=1", "steps=2", "overwrite=true"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_a_failed_start_does_not_block_the_next_one(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("# a start that failed in set-up wrote only this\n")
+    run_steps(make_cfg(tiny_model_dir, tmp_path))      # no error, no overwrite needed
+
+
+def test_overwrite_never_deletes_the_runs_own_input(tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, out / "final" / f.name)
+    cfg = load_config(TrainConfig, None, FAST + [f"model={out / 'final'}", f"output_dir={out}",
+                                                 "overwrite=true"])
+    with pytest.raises(FileExistsError, match="would delete this run's own input"):
+        Trainer(cfg, grader=HashGrader())
+    assert (out / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("extra", [["precision=bf16"], ["lora=true"], []],
+                         ids=["bf16", "lora", "fp32"])
+def test_held_out_kl_is_zero_before_training(tiny_model_dir, tmp_path, extra):
+    """At step 0 pi == pi_ref, so the k1 estimate must be 0: log pi and log pi_ref come from one
+    scoring pass (the sampler's own bf16 log-probs used to put ~0.08 nats into it)."""
+    cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3", *extra)
+    tr = Trainer(cfg, grader=HashGrader())
+    res = tr.run_eval("before")
+    assert res["kl_pi_ref"] == 0.0
+    if tr._own_grader:
+        tr.grader.close()

@@ -259,3 +259,72 @@ def test_collector_dates_groups_by_the_samplers_version_and_honours_exact(tiny_m
     assert not any(g.is_on_policy(5) or g.samples_from_pi for g in close)
     if tr.grader is not None and hasattr(tr.grader, "close"):
         tr.grader.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_engine_follows_its_push_schedule_and_drops_stale_prefix_cache(default_policy):
+    """vllm_sync_every=2: the first sync call leaves the engine on the old weights (lag 1), the
+    second pushes. The prompts share a prefix of > 200 tokens, so vLLM's prefix cache (128-token
+    blocks on CPU) holds KV computed with the old weights unless the push resets it."""
+    model, tok = default_policy
+    model = copy.deepcopy(model)
+    gen = make_generator("vllm", model, tok, precision="fp32", max_model_len=512, sync_every=2)
+    try:
+        prefix = "Read the following carefully. " * 40
+        prompts = [tok.apply_chat_template([{"role": "user", "content": prefix + q}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+                   for q in ("What is 7 + 5?", "What is 12 * 3?")]
+        assert min(len(p) for p in prompts) > 200
+        greedy = SamplingParams(12, greedy=True)
+        v0 = CachedGenerator(copy.deepcopy(model), tok).generate(prompts, 1, greedy)
+        assert [g.completion_ids for g in gen.generate(prompts, 1, greedy)] == \
+            [g.completion_ids for g in v0]                       # the prefix is now cached
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "layers.0." in n and n.endswith("proj.weight"):
+                    p.mul_(-2.0)
+        gen.sync_weights(model)                                  # 1st call: no push
+        assert gen.lag == 1
+        assert [g.completion_ids for g in gen.generate(prompts, 1, greedy)] == \
+            [g.completion_ids for g in v0]
+        gen.sync_weights(model)                                  # 2nd call: push
+        assert gen.lag == 0
+        now = CachedGenerator(model, tok).generate(prompts, 1, greedy)
+        assert [g.completion_ids for g in now] != [g.completion_ids for g in v0]
+        assert [g.completion_ids for g in gen.generate(prompts, 1, greedy)] == \
+            [g.completion_ids for g in now]
+        with pytest.raises(ValueError, match="max_model_len"):
+            gen.generate(prompts, 1, SamplingParams(400))
+    finally:
+        gen.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_vllm_model_dir, tmp_path):
+    """vllm_sync_every=2 with a checkpoint after step 2: weights are pushed at every checkpoint,
+    and the run's on-policy decision is kept in it, so the resumed run samples what the
+    uninterrupted one did."""
+    from agro.config import TrainConfig, load_config
+    from agro.trainer import Trainer
+    from fakes import HashGrader
+
+    def cfg(out, steps):
+        return load_config(TrainConfig, None, [
+            f"model={tiny_vllm_model_dir}", "generator=vllm", "vllm_sync_every=2", f"steps={steps}",
+            "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
+            "tensorboard=false", "progress=false", "plot=false", "lr=1e-3", "warmup_steps=0",
+            "save_every=2", "precision=fp32", "save_final=false", f"output_dir={out}"])
+
+    def rows(out):
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in x]
+
+    Trainer(cfg(tmp_path / "a", 4), grader=HashGrader()).train()
+    Trainer(cfg(tmp_path / "b", 2), grader=HashGrader()).train()
+    Trainer(cfg(tmp_path / "b", 4), resume=True, grader=HashGrader()).train()
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    keys = ("loss", "reward_mean", "completion_len_mean", "staleness_mean")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert [r["staleness_mean"] for r in a] == [0.0, 1.0, 0.0, 1.0]

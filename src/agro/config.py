@@ -92,15 +92,17 @@ class SamplingFields:
                         "All sample from the same distribution, vLLM up to its numerics "
                         "(vllm_on_policy).", ("cached", "hf", "vllm"))
     vllm_sync_every: int = _f(1, "generator=vllm: push the policy's weights into the engine every "
-                              "k optimizer steps; in between its groups are dated k-1.. versions "
-                              "old (stale: on-policy-only terms off, no importance weights).")
+                              "k optimizer steps (and at every checkpoint and evaluation); its "
+                              "groups are dated by the version it holds, 0..k-1 versions old "
+                              "(stale ones: on-policy-only terms off, no importance weights).")
     vllm_on_policy: str = _f("auto", "generator=vllm: do its samples count as draws from pi for "
                              "the on-policy-only loss terms? 'auto': yes when the measured mean "
-                             "per-token |log pi_vllm - log pi_learner| is <= vllm_mismatch_tol.",
+                             "per-completion |log pi_vllm(y) - log pi_learner(y)| is <= "
+                             "vllm_mismatch_tol. Measured once at the start; kept on --resume.",
                              ("auto", "yes", "no"))
-    vllm_mismatch_tol: float = _f(1e-3, "generator=vllm, vllm_on_policy=auto: the per-token "
-                                  "log-prob mismatch (nats) up to which vLLM samples count as "
-                                  "on-policy (docs/RESULTS.md has the measured figures).")
+    vllm_mismatch_tol: float = _f(1e-2, "generator=vllm, vllm_on_policy=auto: the mean "
+                                  "per-completion log-prob mismatch (nats) up to which vLLM samples "
+                                  "count as on-policy (docs/RESULTS.md has the measured figures).")
     vllm_kv_cache_gib: int = _f(2, "generator=vllm on CPU: KV-cache memory (GiB) of the engine.")
     vllm_gpu_memory_utilization: float = _f(0.3, "generator=vllm on a GPU: the fraction of its "
                                             "memory the engine may take (the learner shares the "

@@ -113,6 +113,11 @@ class Trainer:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the "
                              f"number of processes ({self.dist.world}): it is the global batch")
         self.local_prompts = cfg.prompts_per_step // self.dist.world
+        if cfg.generator == "vllm" and self.dist.world > 1:
+            raise ValueError("generator=vllm runs one in-process engine, for one process: with "
+                             f"{self.dist.world} processes every engine would take the first "
+                             "device and its process group. Not supported yet (use "
+                             "generator=cached with data parallel)")
         self.device = self.dist.device
         self.out = Path(cfg.output_dir)
         self.ckpt_path = latest_checkpoint(self.out) if resume else None
@@ -172,6 +177,7 @@ class Trainer:
         self.step = self.version = 0
         self.consecutive_skips = self.total_skipped_steps = 0
         self.before: dict | None = None
+        self._resumed_sampler_check = None
         if self.ckpt_path is not None:
             self._resume()
         self.sampler_notes = self._check_sampler()
@@ -250,27 +256,42 @@ class Trainer:
                              f"{cfg.group_size} (e.g. {bad_n[0]!r}); set group_size to match")
         return groups
 
-    RUN_FILES = ("metrics.jsonl", "events.jsonl", "config.yaml", "curves.png", "tb",
-                 "checkpoints", "final")
+    # what marks a directory as holding an earlier run, and what a run writes there
+    RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
+    RUN_FILES = RUN_MARKERS + ("events.jsonl", "config.yaml", "curves.png", "tb",
+                               "wandb_run_id.txt", "wandb")
 
     def _claim_output_dir(self, overwrite: bool) -> None:
         """A new run must not append to an earlier run's files (metrics.jsonl would then hold
-        two runs, and a later --resume could pick the earlier run's checkpoint)."""
-        found = [n for n in self.RUN_FILES if (self.out / n).exists()]
-        if not found:
-            return
-        if not overwrite:
-            raise FileExistsError(
-                f"output_dir {self.out} holds an earlier run ({', '.join(found)}): continue it "
-                f"with `agro train --resume {self.out}`, start over with overwrite=true, or choose "
-                "another output_dir")
-        self.dist.barrier()          # every process has looked before the main one deletes
+        two runs, and a later --resume could pick the earlier run's checkpoint). A directory
+        with only a config.yaml is a start that failed in set-up: it is simply reused. Rank 0
+        decides for every process."""
+        cfg = self.cfg
+        verdict = None
         if self.dist.is_main:
-            for n in found:
-                p = self.out / n
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            self.note(f"overwrite=true: replaced the earlier run in {self.out} ({', '.join(found)})")
-        self.dist.barrier()
+            found = [n for n in self.RUN_MARKERS if (self.out / n).exists()]
+            present = [n for n in self.RUN_FILES if (self.out / n).exists()]
+            inputs = [Path(x.strip()) for x in [cfg.model, *cfg.offline_path.split(",")] if x.strip()]
+            inside = [str(i) for i in inputs for n in present
+                      if i.exists() and i.resolve().is_relative_to((self.out / n).resolve())]
+            if found and not overwrite:
+                how = (f"continue it with `agro train --resume {self.out}`, "
+                       if latest_checkpoint(self.out) is not None else "")
+                verdict = (f"output_dir {self.out} holds an earlier run ({', '.join(found)}): "
+                           f"{how}start over with overwrite=true, or choose another output_dir")
+            elif found and inside:
+                verdict = (f"overwrite=true would delete this run's own input ({', '.join(inside)} "
+                           f"is inside {self.out}): copy it elsewhere or choose another output_dir")
+            elif present:
+                for n in present:
+                    p = self.out / n
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if found:
+                    self.note(f"overwrite=true: replaced the earlier run in {self.out} "
+                              f"({', '.join(present)})")
+        verdict = self.dist.all_gather(verdict)[0]
+        if verdict is not None:
+            raise FileExistsError(verdict)
 
     def _check_sampler(self) -> list[str]:
         """A sampler that is only close to pi (generator=vllm) measures how close on a few
@@ -280,10 +301,17 @@ class Trainer:
         if check is None:
             return []
         cfg = self.cfg
-        prompts = [self.collector.encode(ex) for ex in self.task.eval_examples(8)]
+        prompts = [p for p in (self.collector.encode(ex) for ex in self.task.eval_examples(8))
+                   if len(p) <= cfg.max_prompt_tokens]
         with torch.random.fork_rng(devices=[]):
             lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
-                          sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol)
+                          sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol,
+                          previous=self._resumed_sampler_check)
+        if (getattr(self.generator, "exact", True) is False and self.loss.accepts_on_policy
+                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)):
+            lines.append(f"warning: loss {cfg.loss} has on-policy-only terms and they are off for "
+                         "every vLLM group of this run (precision=fp32 passes the vLLM check "
+                         "on this model; or vllm_on_policy=yes)")
         for line in lines:
             self.note(line)
         return lines
@@ -295,6 +323,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         cfg = self.cfg
+        record = getattr(self.generator, "record", None)
+        if self.logger and record is not None and self.ckpt_path is None:
+            self.logger.log_event("sampler_check", step=0, generator=cfg.generator, **record)
         if self.step == 0 and cfg.eval_prompts > 0 and cfg.eval_before and self.before is None:
             self.before = self.run_eval("before")
             if self.logger:
@@ -331,6 +362,9 @@ class Trainer:
             plot_path = self.make_plot()
         if self._own_grader:
             self.grader.close()
+        close = getattr(self.generator, "close", None)
+        if close is not None:   # an engine with its own memory (vLLM): freed with the run
+            close()
         return TrainResult(self.out, self.step, self.before, after, final_dir, plot_path)
 
     def learn(self, groups: list[Group]) -> dict:
@@ -541,9 +575,15 @@ class Trainer:
             "counters": {"collect": dict(self.counters.collect),
                          "empty_steps": self.counters.empty_steps},
             "world": self.dist.world,
+            "sampler_check": getattr(self.generator, "record", None),
         }
 
     def save(self) -> Path | None:
+        # a sampler that lags (vllm_sync_every > 1) gets the current weights at every checkpoint,
+        # so a resumed run's engine holds what the uninterrupted run's held
+        force_sync = getattr(self.generator, "force_sync", None)
+        if force_sync is not None:
+            force_sync(self.learner)
         path = None
         if self.dist.world > 1:   # each rank keeps its own sampler/source/RNG state
             st = {"rank_states": self.dist.all_gather(self.state())}
@@ -576,7 +616,8 @@ class Trainer:
         set_rng_state(st["rng"])
         if self.mixed:
             self.mixed.refresh()
-        self.generator.sync_weights(self.learner)
+        getattr(self.generator, "force_sync", self.generator.sync_weights)(self.learner)
+        self._resumed_sampler_check = st.get("sampler_check")
         self.note(f"resumed from {self.ckpt_path} at step {self.step}")
 
     def export_final(self) -> Path | None:

@@ -62,18 +62,23 @@ def vllm_available() -> bool:
 
 @dataclass
 class Mismatch:
-    """Per-token ``|log pi_vllm(y_t) - log pi_learner(y_t)|`` over sampled tokens."""
+    """``log pi_vllm - log pi_learner`` on sampled completions: per token and per completion
+    (the sequence-level log-ratio is what §4.2's on-policy terms depend on)."""
 
     tokens: int
-    mean_abs: float
-    max_abs: float
-    mean_signed: float     # mean of (vllm - learner): a systematic offset shows here
+    mean_abs: float        # per token: mean |diff|
+    max_abs: float         # per token: max |diff|
+    mean_signed: float     # per token: mean of (vllm - learner): a systematic offset shows here
+    sequences: int
+    seq_mean_abs: float    # per completion: mean |sum_t diff|
+    seq_max_abs: float     # per completion: max |sum_t diff|
     seconds: float
 
     def line(self) -> str:
-        return (f"vLLM vs learner log-probs over {self.tokens} sampled tokens: mean |diff| "
-                f"{self.mean_abs:.2e}, max {self.max_abs:.2e}, mean diff {self.mean_signed:+.2e} "
-                f"nats/token ({self.seconds:.1f} s)")
+        return (f"vLLM vs learner log-probs on {self.sequences} completions ({self.tokens} tokens): "
+                f"per completion mean |diff| {self.seq_mean_abs:.2e}, max {self.seq_max_abs:.2e}; "
+                f"per token mean |diff| {self.mean_abs:.2e}, max {self.max_abs:.2e}, mean diff "
+                f"{self.mean_signed:+.2e} nats ({self.seconds:.1f} s)")
 
 
 def _weights_for_engine(model):
@@ -84,7 +89,14 @@ def _weights_for_engine(model):
     weight, with ``W + delta`` for the adapted ones (peft's ``get_delta_weight``), computed here so
     the model is never merged in place (merge/unmerge would drift the fp32 base by round-off)."""
     base = hf_model(model)   # for LoRA: the LoraModel's wrapped transformers model
-    yield from _tied_head(base)
+    embed, head = _tied_names(base)
+    for name, t in _engine_tensors(model, base):
+        yield name, t
+        if name == embed:    # the tied head gets the very tensor the embedding got
+            yield head, t
+
+
+def _engine_tensors(model, base):
     if not is_peft(model):
         for name, p in base.named_parameters():
             yield name, p.detach()
@@ -109,17 +121,19 @@ def _weights_for_engine(model):
         yield clean, t
 
 
-def _tied_head(hf):
-    """A tied output head under its own name (``lm_head.weight``). transformers lists the shared
-    tensor once, under the embedding; vLLM 0.32's in-place reload restores the previous tensor of
-    any layer it is given nothing for, which would untie the head from the new embedding."""
+def _tied_names(hf) -> tuple[str | None, str | None]:
+    """(embedding weight name, head weight name) when the output head is tied to the input
+    embedding, else (None, None). transformers lists the shared tensor once, under the
+    embedding; vLLM 0.32's in-place reload restores the previous tensor of any layer it is given
+    nothing for, which would untie its head from the new embedding: so the head is pushed too."""
     out, inp = hf.get_output_embeddings(), hf.get_input_embeddings()
     if out is None or inp is None or getattr(out, "weight", None) is not getattr(inp, "weight", 0):
-        return
-    name = next((n for n, m in hf.named_modules() if m is out), None)
-    if name:
-        name = name.replace(".base_layer", "")
-        yield f"{name}.weight", out.weight.detach()
+        return None, None
+    names = {id(m): n for n, m in hf.named_modules()}
+    e, h = names.get(id(inp)), names.get(id(out))
+    if e is None or h is None:
+        return None, None
+    return (f"{e}.weight".replace(".base_layer.", "."), f"{h}.weight".replace(".base_layer.", "."))
 
 
 class VLLMGenerator:
@@ -156,6 +170,7 @@ class VLLMGenerator:
         self.lag = 0                 # versions the engine's weights are behind the policy
         self.exact = False           # do its samples count as draws from pi? (set by the trainer)
         self.mismatch: Mismatch | None = None
+        self.record: dict | None = None   # the run's decision and its figures (checkpointed)
         self.decode_steps = 0
         self.sync_seconds = 0.0
         self.syncs = 0
@@ -174,21 +189,25 @@ class VLLMGenerator:
         # vLLM seeds python, numpy and torch's global generators in-process: keep the run's own
         # random stream as it was (its samples draw request seeds from it)
         state = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.gpu_memory_utilization = float(gpu_memory_utilization)
+        self.max_model_len = int(max_model_len)
         try:
             self.llm = self._engine(model, max_model_len, kv_cache_gib, seed)
         finally:
             random.setstate(state[0])
             np.random.set_state(state[1])
             torch.random.set_rng_state(state[2])
+            if cuda_state is not None:
+                torch.cuda.set_rng_state_all(cuda_state)
 
     # -- engine ---------------------------------------------------------------------------
     def _engine(self, model, max_model_len: int, kv_cache_gib: int, seed: int):
         t0 = time.perf_counter()
-        save_for_transformers(model, self.tokenizer, self._dir)   # float32 safetensors
-        # The engine core in this process: weights are pushed as tensors, never pickled.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+        # The engine core in this process: weights are pushed as tensors, never pickled (with
+        # multiprocessing the pushed generator would have to be pickled, and cannot be).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")   # not two INFO lines per push
         from vllm import LLM
 
@@ -200,18 +219,24 @@ class VLLMGenerator:
         threads = torch.get_num_threads()
         set_threads = torch.set_num_threads   # vLLM's CPU worker replaces it with a no-op
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))   # else it drops torch to 1 thread
-        llm = LLM(model=str(self._dir), tokenizer=str(self._dir), dtype=(
+        try:
+            save_for_transformers(model, self.tokenizer, self._dir)   # float32 safetensors
+            llm = self._start(LLM, max_model_len, seed)
+        finally:
+            torch.set_num_threads = set_threads   # the learner in this process keeps its threads
+            shutil.rmtree(self._dir, ignore_errors=True)   # the engine holds the weights now
+        torch.set_num_threads(threads)
+        self.start_seconds = time.perf_counter() - t0
+        return llm
+
+    def _start(self, LLM, max_model_len: int, seed: int):
+        return LLM(model=str(self._dir), tokenizer=str(self._dir), dtype=(
             "bfloat16" if self.precision == "bf16" else "float32"),
             max_model_len=int(max_model_len), seed=int(seed), generation_config="vllm",
             logprobs_mode="processed_logprobs", max_logprobs=1, enforce_eager=True,
             load_format="safetensors", disable_log_stats=True,
             **({"gpu_memory_utilization": self.gpu_memory_utilization}
                if torch.cuda.is_available() else {}))
-        torch.set_num_threads = set_threads   # the learner in this process keeps its threads
-        torch.set_num_threads(threads)
-        self.start_seconds = time.perf_counter() - t0
-        shutil.rmtree(self._dir, ignore_errors=True)   # the engine holds the weights now
-        return llm
 
     def sync_weights(self, model) -> None:
         """Push ``model``'s weights into the engine (every ``sync_every``-th call; otherwise the
@@ -226,6 +251,11 @@ class VLLMGenerator:
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights",
                                     kwargs={"weights_iterator": _weights_for_engine(model)})
+        # reload_weights leaves the prefix cache alone: its KV blocks were computed with the old
+        # weights and would be reused for every prompt that shares a cached prefix
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight push: its "
+                               "samples would mix the old weights into the new policy's")
         self.sync_seconds += time.perf_counter() - t0
         self.syncs += 1
         self.lag = 0
@@ -250,6 +280,13 @@ class VLLMGenerator:
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
         _check_request(prompt_ids, n)
+        longest_prompt = max(len(p) for p in prompt_ids)
+        if longest_prompt + params.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"a prompt of {longest_prompt} tokens + max_new_tokens={params.max_new_tokens} "
+                f"exceeds the vLLM engine's max_model_len={self.max_model_len} (max_prompt_tokens "
+                "+ max_new_tokens, at most the model's max_position_embeddings): vLLM would cut "
+                "the completion short; lower max_prompt_tokens or max_new_tokens")
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
         reqs = [self._request(params, n, int(s)) for s in seeds]
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
@@ -274,21 +311,32 @@ class VLLMGenerator:
         return result
 
     def check_against(self, model, precision: str, prompt_ids: list[list[int]], n: int,
-                      params: SamplingParams, rule: str, tol: float) -> list[str]:
+                      params: SamplingParams, rule: str, tol: float,
+                      previous: dict | None = None) -> list[str]:
         """Measure the engine against the learner (:func:`measure_mismatch`) and decide whether
-        its samples count as draws from pi: ``rule`` 'yes' / 'no', or 'auto' (mean per-token
-        |diff| <= ``tol``). Sampling settings that do not draw from pi make the question moot
-        (the groups are off-policy anyway). Returns the lines for the run log."""
-        pi = SamplingParams(params.max_new_tokens)          # temperature 1, no truncation
+        its samples count as draws from pi: ``rule`` 'yes' / 'no', or 'auto' (mean per-completion
+        |log pi_vllm(y) - log pi_learner(y)| <= ``tol``: §4.2's terms depend on the sequence
+        ratio). A resumed run passes the decision it recorded (``previous``, :attr:`record`), so
+        the rule is not re-applied to trained weights mid-run. Returns the lines for the run log."""
         self.force_sync(model)
+        if previous is not None:
+            self.exact = bool(previous["exact"])
+            self.record = dict(previous)
+            return [f"vLLM engine started in {self.start_seconds:.1f} s; the run's decision is "
+                    f"kept from its checkpoint: vLLM samples "
+                    f"{'count' if self.exact else 'do not count'} as draws from pi"]
+        pi = SamplingParams(params.max_new_tokens)          # temperature 1, no truncation
         self.mismatch = measure_mismatch(self, model, self.tokenizer, prompt_ids, n, pi, precision)
         m = self.mismatch
         if rule == "auto":
-            self.exact = bool(m.tokens > 0 and m.mean_abs <= tol)
-            why = f"mean |diff| {m.mean_abs:.2e} {'<=' if self.exact else '>'} vllm_mismatch_tol {tol:.0e}"
+            self.exact = bool(m.sequences > 0 and m.seq_mean_abs <= tol)
+            why = (f"per-completion mean |diff| {m.seq_mean_abs:.2e} "
+                   f"{'<=' if self.exact else '>'} vllm_mismatch_tol {tol:.0e}")
         else:
             self.exact = rule == "yes"
             why = f"vllm_on_policy={rule}"
+        self.record = {"exact": self.exact, "rule": rule, "tol": tol, "precision": precision,
+                       **{k: v for k, v in vars(m).items()}}
         verdict = ("count as draws from pi (on-policy-only terms apply to fresh groups)" if self.exact
                    else "do not count as draws from pi (on-policy-only terms off; AGRO's "
                    "off-policy loss is unaffected)")
@@ -296,8 +344,13 @@ class VLLMGenerator:
                 f"{self.sync_every} step(s)", m.line(), f"vLLM samples {verdict}: {why}"]
 
     def close(self) -> None:
+        """Shut the engine down (its KV cache and weights are freed)."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:   # already shut down, or another vLLM layout: freed with the object
+                pass
             del llm
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -328,8 +381,10 @@ def measure_mismatch(generator, model, tokenizer, prompt_ids: list[list[int]], n
                 if beh:
                     diffs.append(torch.tensor(beh) - lp[b, :len(beh)])
                 b += 1
-    d = torch.cat(diffs) if diffs else torch.zeros(0)
-    if d.numel() == 0:
-        return Mismatch(0, math.nan, math.nan, math.nan, time.perf_counter() - t0)
+    if not diffs:
+        nan = math.nan
+        return Mismatch(0, nan, nan, nan, 0, nan, nan, time.perf_counter() - t0)
+    d = torch.cat(diffs)
+    seq = torch.stack([x.sum() for x in diffs]).abs()
     return Mismatch(int(d.numel()), float(d.abs().mean()), float(d.abs().max()), float(d.mean()),
-                    time.perf_counter() - t0)
+                    int(seq.numel()), float(seq.mean()), float(seq.max()), time.perf_counter() - t0)
