@@ -326,6 +326,15 @@ def test_a_failed_start_does_not_block_the_next_one(tiny_model_dir, tmp_path):
     run_steps(make_cfg(tiny_model_dir, tmp_path))      # no error, no overwrite needed
 
 
+def test_files_of_another_kind_are_never_deleted_without_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "mine").write_text("a user's TensorBoard file")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        Trainer(make_cfg(tiny_model_dir, tmp_path), grader=HashGrader())
+    assert (out / "tb" / "mine").exists()
+
+
 def test_overwrite_never_deletes_the_runs_own_input(tiny_model_dir, tmp_path):
     import shutil
 

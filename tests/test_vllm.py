@@ -302,10 +302,13 @@ def test_engine_follows_its_push_schedule_and_drops_stale_prefix_cache(default_p
 
 @pytest.mark.vllm
 @needs_vllm
-def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_vllm_model_dir, tmp_path):
-    """vllm_sync_every=2 with a checkpoint after step 2: weights are pushed at every checkpoint,
-    and the run's on-policy decision is kept in it, so the resumed run samples what the
-    uninterrupted one did."""
+def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_vllm_model_dir, tmp_path,
+                                                                        monkeypatch):
+    """vllm_sync_every=2 with a checkpoint after step 3, between two scheduled pushes: weights are
+    also pushed at every checkpoint (else the uninterrupted run's step 4 would sample version 2
+    and the resumed run's version 3), and the run's on-policy decision is kept in the
+    checkpoint (the resumed run does not measure again)."""
+    from agro import vllm_generator
     from agro.config import TrainConfig, load_config
     from agro.trainer import Trainer
     from fakes import HashGrader
@@ -315,16 +318,46 @@ def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_v
             f"model={tiny_vllm_model_dir}", "generator=vllm", "vllm_sync_every=2", f"steps={steps}",
             "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
             "tensorboard=false", "progress=false", "plot=false", "lr=1e-3", "warmup_steps=0",
-            "save_every=2", "precision=fp32", "save_final=false", f"output_dir={out}"])
+            "save_every=3", "precision=fp32", "save_final=false", f"output_dir={out}"])
 
     def rows(out):
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in x]
 
-    Trainer(cfg(tmp_path / "a", 4), grader=HashGrader()).train()
-    Trainer(cfg(tmp_path / "b", 2), grader=HashGrader()).train()
-    Trainer(cfg(tmp_path / "b", 4), resume=True, grader=HashGrader()).train()
+    Trainer(cfg(tmp_path / "a", 5), grader=HashGrader()).train()
+    first = Trainer(cfg(tmp_path / "b", 3), grader=HashGrader())
+    record = dict(first.generator.record)
+    first.train()
+
+    def no_second_measure(*a, **k):
+        raise AssertionError("the resumed run measured the mismatch again")
+
+    monkeypatch.setattr(vllm_generator, "measure_mismatch", no_second_measure)
+    resumed = Trainer(cfg(tmp_path / "b", 5), resume=True, grader=HashGrader())
+    assert resumed.generator.record == record
+    resumed.train()
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
     keys = ("loss", "reward_mean", "completion_len_mean", "staleness_mean")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
-    assert [r["staleness_mean"] for r in a] == [0.0, 1.0, 0.0, 1.0]
+    # pushes after steps 2 and 4 (schedule) and 3 (checkpoint)
+    assert [r["staleness_mean"] for r in a] == [0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_evaluation_skips_and_counts_prompts_a_fixed_context_sampler_cannot_hold(tiny_model_dir):
+    """A sampler with a fixed context (vLLM's max_model_len) must not crash the held-out
+    evaluation on a long prompt: it is skipped and counted (checked with agro's own sampler
+    given that attribute)."""
+    from agro.evaluation import evaluate
+    from agro.models import load_model, load_tokenizer
+    from agro.tasks import Example
+    from fakes import HashGrader
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    gen = CachedGenerator(model, tok)
+    exs = [Example(id="short", question="1+1?", answer="2"),
+           Example(id="long", question="word " * 300 + "1+1?", answer="2")]
+    gen.max_model_len = 200
+    res = evaluate(tokenizer=tok, generator=gen, grader=HashGrader(), examples=exs,
+                   template="number", samples=2, greedy=False, max_new_tokens=4)
+    assert res["eval_prompts"] == 1 and res["eval_prompts_too_long"] == 1
+    assert res["sampled_samples"] == 2

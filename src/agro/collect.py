@@ -75,7 +75,8 @@ class Collector:
             tries += 1
             for ex in self.sampler.sample(k - len(examples)):
                 p = self.encode(ex)
-                if len(p) > self.max_prompt_tokens:
+                if len(p) > self.max_prompt_tokens or len(p) + self.params.max_new_tokens > \
+                        getattr(self.generator, "max_model_len", float("inf")):
                     self.stats.prompts_too_long += 1
                     continue
                 examples.append(ex)

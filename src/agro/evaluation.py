@@ -29,7 +29,15 @@ def evaluate(*, tokenizer, generator, grader, examples: list[Example], template:
     t0 = time.perf_counter()
     prompt_ids = [tokenizer(render_prompt(tokenizer, ex, template), add_special_tokens=False)
                   ["input_ids"] for ex in examples]
+    limit = getattr(generator, "max_model_len", None)   # a sampler with a fixed context (vLLM)
+    skipped = 0
+    if limit is not None:
+        keep = [i for i, p in enumerate(prompt_ids) if len(p) + max_new_tokens <= limit]
+        skipped = len(examples) - len(keep)
+        examples, prompt_ids = [examples[i] for i in keep], [prompt_ids[i] for i in keep]
     out: dict = {"eval_prompts": len(examples)}
+    if skipped:
+        out["eval_prompts_too_long"] = skipped
     modes = []
     if samples > 0:
         modes.append(("sampled", samples, SamplingParams(max_new_tokens, temperature=temperature)))

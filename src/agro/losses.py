@@ -321,6 +321,9 @@ class LossSpec:
     token_kl:       whether it needs the full-vocabulary token KL (``token_kl`` option): a bool,
                     or a function of the options (the local regularization estimators need it).
     checks:         static checks of (group_size, options) that need no tensors; raise ValueError.
+    on_policy_terms: whether these options give it terms that are valid only on samples of the
+                    current pi (§4.2; what the ``on_policy`` flags switch off): a bool or a
+                    function of the options. A loss may take ``on_policy`` only for its metrics.
     """
 
     name: str
@@ -329,6 +332,12 @@ class LossSpec:
     beta_positive: bool = False
     token_kl: bool | Callable[[dict], bool] = False
     checks: Callable[[int, dict], None] = _static_checks_none
+    on_policy_terms: bool | Callable[[dict], bool] = False
+
+    def has_on_policy_terms(self, options: dict) -> bool:
+        """Whether a call with these options has on-policy-only terms."""
+        rule = self.on_policy_terms
+        return bool(rule(self.resolved(options)) if callable(rule) else rule)
 
     @property
     def accepts_on_policy(self) -> bool:
@@ -362,7 +371,8 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(name: str, *, beta_positive: bool = False,
                   token_kl: bool | Callable[[dict], bool] = False,
-                  checks: Callable[[int, dict], None] = _static_checks_none):
+                  checks: Callable[[int, dict], None] = _static_checks_none,
+                  on_policy_terms: bool | Callable[[dict], bool] = False):
     """Register `fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, *, <options>) -> LossOutput`
     with what callers must know of it (:class:`LossSpec`).
 
@@ -374,7 +384,7 @@ def register_loss(name: str, *, beta_positive: bool = False,
             raise ValueError(f"loss {name!r} is already registered")
         params = inspect.signature(fn).parameters.values()
         options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks)
+        LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks, on_policy_terms)
         return fn
 
     return decorator
@@ -444,7 +454,13 @@ def _grpo_checks(group_size: int, o: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-@register_loss("agro", token_kl=_reg_needs_token_kl, checks=_reg_checks("agro"))
+def _non_vanilla_estimator(o: dict) -> bool:
+    """The §5 token-level estimators g2 / g3 / g3+ are on-policy-only corrections."""
+    return o.get("reg_estimator", "vanilla") != "vanilla"
+
+
+@register_loss("agro", token_kl=_reg_needs_token_kl, checks=_reg_checks("agro"),
+               on_policy_terms=_non_vanilla_estimator)
 def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
               beta: float, *, reg_estimator: str = "vanilla", on_policy=None, logprob_reduction: str = "sum",
               token_kl: Tensor | None = None) -> LossOutput:
@@ -468,7 +484,8 @@ def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
                       {"loss_reward": loss_reward.detach(), "loss_reg": loss_reg.detach()})
 
 
-@register_loss("agro_on", beta_positive=True, token_kl=_reg_needs_token_kl, checks=_agro_on_checks)
+@register_loss("agro_on", beta_positive=True, token_kl=_reg_needs_token_kl, checks=_agro_on_checks,
+               on_policy_terms=True)
 def agro_on_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                  beta: float, *, lr_coef: float = 1.0, lr_baseline: str = "none", reg_estimator: str = "vanilla",
                  on_policy=None, logprob_reduction: str = "sum", token_kl: Tensor | None = None) -> LossOutput:
@@ -498,7 +515,8 @@ def agro_on_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: 
     return LossOutput(pd.loss + loss_lr, A - lr_weight, pd.reg_rewards, terms)
 
 
-@register_loss("kl_pg", token_kl=_reg_needs_token_kl, checks=_reg_checks("kl_pg"))
+@register_loss("kl_pg", token_kl=_reg_needs_token_kl, checks=_reg_checks("kl_pg"),
+               on_policy_terms=_non_vanilla_estimator)
 def kl_pg_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                beta: float, *, reg_estimator: str = "vanilla", on_policy=None, logprob_reduction: str = "sum",
                token_kl: Tensor | None = None) -> LossOutput:

@@ -269,29 +269,43 @@ class Trainer:
         cfg = self.cfg
         verdict = None
         if self.dist.is_main:
-            found = [n for n in self.RUN_MARKERS if (self.out / n).exists()]
-            present = [n for n in self.RUN_FILES if (self.out / n).exists()]
-            inputs = [Path(x.strip()) for x in [cfg.model, *cfg.offline_path.split(",")] if x.strip()]
-            inside = [str(i) for i in inputs for n in present
-                      if i.exists() and i.resolve().is_relative_to((self.out / n).resolve())]
-            if found and not overwrite:
-                how = (f"continue it with `agro train --resume {self.out}`, "
-                       if latest_checkpoint(self.out) is not None else "")
-                verdict = (f"output_dir {self.out} holds an earlier run ({', '.join(found)}): "
-                           f"{how}start over with overwrite=true, or choose another output_dir")
-            elif found and inside:
-                verdict = (f"overwrite=true would delete this run's own input ({', '.join(inside)} "
-                           f"is inside {self.out}): copy it elsewhere or choose another output_dir")
-            elif present:
-                for n in present:
-                    p = self.out / n
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-                if found:
-                    self.note(f"overwrite=true: replaced the earlier run in {self.out} "
-                              f"({', '.join(present)})")
+            try:
+                verdict = self._clear_output_dir(cfg, overwrite)
+            except OSError as e:   # every process must hear of it, not wait for rank 0
+                verdict = f"output_dir {self.out}: could not replace the earlier run: {e}"
         verdict = self.dist.all_gather(verdict)[0]
         if verdict is not None:
             raise FileExistsError(verdict)
+
+    def close_generator(self) -> None:
+        """Free a sampler that holds its own memory (vLLM: weights and KV cache)."""
+        close = getattr(self.generator, "close", None)
+        if close is not None:
+            close()
+
+    def _clear_output_dir(self, cfg, overwrite: bool) -> str | None:
+        """Rank 0's part of :meth:`_claim_output_dir`: the refusal message, or None once the
+        directory is free (files deleted only with ``overwrite``, or a lone config.yaml)."""
+        present = [n for n in self.RUN_FILES if (self.out / n).exists()]
+        if not present:
+            return None
+        if present != ["config.yaml"] and not overwrite:
+            how = (f"continue it with `agro train --resume {self.out}`, "
+                   if latest_checkpoint(self.out) is not None else "")
+            return (f"output_dir {self.out} holds an earlier run ({', '.join(present)}): "
+                    f"{how}start over with overwrite=true, or choose another output_dir")
+        inputs = [Path(x.strip()) for x in [cfg.model, *cfg.offline_path.split(",")] if x.strip()]
+        inside = [str(i) for i in inputs for n in present
+                  if i.exists() and i.resolve().is_relative_to((self.out / n).resolve())]
+        if inside:
+            return (f"overwrite=true would delete this run's own input ({', '.join(inside)} "
+                    f"is inside {self.out}): copy it elsewhere or choose another output_dir")
+        for n in present:
+            p = self.out / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if present != ["config.yaml"]:
+            self.note(f"overwrite=true: replaced the earlier run in {self.out} ({', '.join(present)})")
+        return None
 
     def _check_sampler(self) -> list[str]:
         """A sampler that is only close to pi (generator=vllm) measures how close on a few
@@ -307,11 +321,17 @@ class Trainer:
             lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
                           sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol,
                           previous=self._resumed_sampler_check)
-        if (getattr(self.generator, "exact", True) is False and self.loss.accepts_on_policy
+        if (getattr(self.generator, "exact", True) is False
+                and self.loss.has_on_policy_terms(cfg.loss_options)
                 and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)):
             lines.append(f"warning: loss {cfg.loss} has on-policy-only terms and they are off for "
                          "every vLLM group of this run (precision=fp32 passes the vLLM check "
                          "on this model; or vllm_on_policy=yes)")
+        k = cfg.vllm_sync_every
+        if k > 1 and any(e and e % k for e in (cfg.save_every, cfg.eval_every)):
+            lines.append(f"note: weights are also pushed at every checkpoint and evaluation, so "
+                         f"save_every={cfg.save_every} / eval_every={cfg.eval_every} (not multiples "
+                         f"of vllm_sync_every={k}) shorten some lags")
         for line in lines:
             self.note(line)
         return lines
@@ -349,6 +369,9 @@ class Trainer:
                 progress.update(self.step, metrics)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                     self.save()
+        except BaseException:   # TrainingAborted, a crash, ^C: the checkpoint stays; free the engine
+            self.close_generator()
+            raise
         finally:
             progress.close()
         after = self.run_eval("after") if cfg.eval_prompts > 0 else None
@@ -362,9 +385,7 @@ class Trainer:
             plot_path = self.make_plot()
         if self._own_grader:
             self.grader.close()
-        close = getattr(self.generator, "close", None)
-        if close is not None:   # an engine with its own memory (vLLM): freed with the run
-            close()
+        self.close_generator()
         return TrainResult(self.out, self.step, self.before, after, final_dir, plot_path)
 
     def learn(self, groups: list[Group]) -> dict:
@@ -551,7 +572,8 @@ class Trainer:
                        greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference,
                        batch_size=cfg.generation_batch_size)
         counts = {k: float(v) for k, v in res.items()
-                  if k in ("eval_prompts", "sampled_samples", "sampled_grade_timeouts")}
+                  if k in ("eval_prompts", "eval_prompts_too_long", "sampled_samples",
+                           "sampled_grade_timeouts")}
         w = counts.get("sampled_samples", 0.0)
         rates = {k: float(v) * w for k, v in res.items() if k not in counts and k != "eval_seconds"}
         res = {**self.dist.weighted_mean(rates, w), **self.dist.sum_dict(counts),

@@ -146,7 +146,7 @@ class VLLMGenerator:
         batch_size: unused by vLLM's own scheduler; kept for the common constructor.
         sync_every: push weights every k-th :meth:`sync_weights` call (1: every optimizer step).
         max_model_len: prompt + completion tokens the engine must hold (its KV-cache rows).
-        kv_cache_gib: CPU KV-cache size (``VLLM_CPU_KVCACHE_SPACE``) when not already set.
+        kv_cache_gib: CPU KV-cache size (sets ``VLLM_CPU_KVCACHE_SPACE``, process-wide).
         seed: engine seed (request seeds come from torch's global RNG).
         gpu_memory_utilization: on a GPU, the share of its memory the engine takes (the learner
             shares the device; never run by the project).
@@ -280,6 +280,8 @@ class VLLMGenerator:
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
         _check_request(prompt_ids, n)
+        if not prompt_ids:
+            return []
         longest_prompt = max(len(p) for p in prompt_ids)
         if longest_prompt + params.max_new_tokens > self.max_model_len:
             raise ValueError(
@@ -319,7 +321,7 @@ class VLLMGenerator:
         ratio). A resumed run passes the decision it recorded (``previous``, :attr:`record`), so
         the rule is not re-applied to trained weights mid-run. Returns the lines for the run log."""
         self.force_sync(model)
-        if previous is not None:
+        if previous is not None and (previous.get("rule"), previous.get("tol")) == (rule, tol):
             self.exact = bool(previous["exact"])
             self.record = dict(previous)
             return [f"vLLM engine started in {self.start_seconds:.1f} s; the run's decision is "
