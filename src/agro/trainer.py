@@ -566,7 +566,7 @@ class Trainer:
                   "samples at temperature 1")
         force_sync = getattr(self.generator, "force_sync", None)
         if force_sync is not None:   # a sampler that may lag (vllm_sync_every > 1): current weights
-            force_sync(self.learner)
+            force_sync(self.learner, only_if_behind=True)
         res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                        examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
                        greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference,
@@ -605,7 +605,7 @@ class Trainer:
         # so a resumed run's engine holds what the uninterrupted run's held
         force_sync = getattr(self.generator, "force_sync", None)
         if force_sync is not None:
-            force_sync(self.learner)
+            force_sync(self.learner, only_if_behind=True)
         path = None
         if self.dist.world > 1:   # each rank keeps its own sampler/source/RNG state
             st = {"rank_states": self.dist.all_gather(self.state())}

@@ -260,8 +260,14 @@ class VLLMGenerator:
         self.syncs += 1
         self.lag = 0
 
-    def force_sync(self, model) -> None:
-        """Push now, whatever ``sync_every`` says (resume, evaluation)."""
+    def force_sync(self, model, only_if_behind: bool = False) -> None:
+        """Push now, whatever ``sync_every`` says. ``only_if_behind``: only when the engine lags
+        (checkpoints, evaluations: right after a step's own push the engine is current);
+        without it always (resume: the weights were loaded into the model after the engine
+        was built)."""
+        if only_if_behind and self.lag == 0:
+            self.model = model
+            return
         self.lag = self.sync_every
         self.sync_weights(model)
 
@@ -320,7 +326,7 @@ class VLLMGenerator:
         |log pi_vllm(y) - log pi_learner(y)| <= ``tol``: §4.2's terms depend on the sequence
         ratio). A resumed run passes the decision it recorded (``previous``, :attr:`record`), so
         the rule is not re-applied to trained weights mid-run. Returns the lines for the run log."""
-        self.force_sync(model)
+        self.force_sync(model, only_if_behind=True)   # a resumed run has pushed already
         if previous is not None and (previous.get("rule"), previous.get("tol")) == (rule, tol):
             self.exact = bool(previous["exact"])
             self.record = dict(previous)
