@@ -31,6 +31,14 @@ def test_missing_vllm_is_a_clear_error(tiny_model_dir):
         make_generator("vllm", load_model(tiny_model_dir), load_tokenizer(tiny_model_dir))
 
 
+@pytest.mark.skipif(vllm_available(), reason="vLLM is installed here")
+def test_missing_vllm_is_a_config_error_before_any_model_loads():
+    from agro.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="generator.*make vllm-setup"):
+        load_config(TrainConfig, None, ["generator=vllm"])
+
+
 def test_weights_pushed_full_finetune_are_the_parameters(tiny_model_dir):
     from agro.models import load_model
 

@@ -513,6 +513,12 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.top_k >= 0, "top_k", w, "must be >= 0")
         c(cfg.generation_batch_size >= 1, "generation_batch_size", w, "must be >= 1")
         c(cfg.group_size >= 1, "group_size", w, "must be >= 1")
+        if cfg.generator == "vllm":   # before any model loads; find_spec does not import vLLM
+            import importlib.util
+
+            c(importlib.util.find_spec("vllm") is not None, "generator", w,
+              "is 'vllm' but vLLM is not installed in this Python: `make vllm-setup` and run "
+              ".venv-vllm/bin/agro (CPU), or `pip install 'agro[vllm]'` (GPU)")
         c(cfg.vllm_sync_every >= 1, "vllm_sync_every", w, "must be >= 1")
         c(cfg.vllm_mismatch_tol >= 0, "vllm_mismatch_tol", w, "must be >= 0")
         c(cfg.vllm_kv_cache_gib >= 1, "vllm_kv_cache_gib", w, "must be >= 1")
