@@ -369,3 +369,21 @@ def test_evaluation_skips_and_counts_prompts_a_fixed_context_sampler_cannot_hold
                    template="number", samples=2, greedy=False, max_new_tokens=4)
     assert res["eval_prompts"] == 1 and res["eval_prompts_too_long"] == 1
     assert res["sampled_samples"] == 2
+
+
+def test_measure_mismatch_of_agros_own_fp32_sampler_is_round_off(tiny_model_dir):
+    """measure_mismatch is generic: agro's own fp32 sampler against its model's scoring pass
+    differs only by float round-off (incremental KV-cache decoding vs one packed pass)."""
+    from agro.models import load_model, load_tokenizer
+    from agro.vllm_generator import measure_mismatch
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompts = [tok("What is 2 + 2?")["input_ids"], tok("Name a colour.")["input_ids"]]
+    m = measure_mismatch(CachedGenerator(model, tok), model, tok, prompts, 3, SamplingParams(8), "fp32")
+    assert m.tokens > 6 and m.sequences == 6
+    assert m.mean_abs < 1e-4 and m.seq_max_abs < 1e-3, m.line()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)          # a different model must show up
+    m2 = measure_mismatch(CachedGenerator(model, tok), other, tok, prompts, 3, SamplingParams(8), "fp32")
+    assert m2.mean_abs > 100 * max(m.mean_abs, 1e-7)

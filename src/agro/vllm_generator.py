@@ -369,26 +369,19 @@ def measure_mismatch(generator, model, tokenizer, prompt_ids: list[list[int]], n
     """Sample ``n`` completions per prompt with ``generator`` and compare its per-token behaviour
     log-probs with ``model``'s log-probs of the same tokens at the learner's ``precision`` (the
     numbers the loss would use). ``params`` should sample from pi (temperature 1, no truncation)."""
+    from .collect import attach_ref_logprobs
     from .logprobs import Reference
-    from .rollouts import Group, collate, split_groups
+    from .rollouts import Group
 
     t0 = time.perf_counter()
     gens = generator.generate(prompt_ids, n, params)
     groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
                     rewards=[0.0] * n, behavior_logprobs=g.logprobs) for i, g in enumerate(gens)]
-    scorer = Reference(model, precision)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    diffs = []
-    for mb in split_groups(groups, max(1, 16 // n)):
-        batch = collate(mb, pad, current_version=-1, require_ref=False).to(scorer.device)
-        lp = scorer.token_logprobs(batch.input_ids, batch.attention_mask, batch.completion_ids,
-                                   batch.prompt_len, batch.group_size).float().cpu()
-        b = 0
-        for g in mb:
-            for beh in g.behavior_logprobs:
-                if beh:
-                    diffs.append(torch.tensor(beh) - lp[b, :len(beh)])
-                b += 1
+    # the learner's per-token log-probs, by the collector's own scoring path (into ref_logprobs)
+    attach_ref_logprobs(groups, Reference(model, precision), pad, max(1, 16 // n))
+    diffs = [torch.tensor(beh) - torch.tensor(lp) for g in groups
+             for beh, lp in zip(g.behavior_logprobs, g.ref_logprobs) if beh]
     if not diffs:
         nan = math.nan
         return Mismatch(0, nan, nan, nan, 0, nan, nan, time.perf_counter() - t0)
