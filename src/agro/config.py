@@ -150,6 +150,24 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     offline_path: str = _f("", "offline: file(s) written by `agro generate` (.jsonl or .parquet; "
                            "comma-separated).")
     stale_lag: int = _f(2, "stale: generation lags the learner by this many policy versions.")
+    async_generation: bool = _f(False, "Generate in Ray actor processes, ahead of the learner by "
+                                "max_staleness policy versions (source=fresh only; `pip install "
+                                "'agro[async]'`). Stale groups train with no importance weights.")
+    max_staleness: int = _f(1, "async_generation: the groups learned at version v were sampled at "
+                            "version >= v - max_staleness (0 = generate and learn in turn).")
+    async_actors: int = _f(1, "async_generation: rollout actors; each step's prompts are split "
+                           "between them.")
+    async_actor_cpus: int = _f(1, "async_generation: CPU cores (Ray num_cpus and torch threads) "
+                               "per actor. On a local instance the learner keeps the remaining "
+                               "cores (when num_threads=0).")
+    async_actor_gpus: float = _f(0.0, "async_generation: GPUs per actor (Ray num_gpus). Never run "
+                                 "by the project (no GPU here).")
+    async_timeout: float = _f(900.0, "async_generation: seconds to wait for an actor's groups "
+                              "before the run stops with an error (never a hang).")
+    async_max_restarts: int = _f(2, "async_generation: times Ray restarts a dead actor (its "
+                                 "lost requests are sent again); then the run stops with an error.")
+    ray_address: str = _f("", "async_generation: '' starts a local Ray instance; 'auto' or "
+                          "'HOST:PORT' joins a running cluster.")
     offline_check_rows: int = _f(4, "offline: rows per file whose reference log-probs are recomputed "
                                  "at load and compared with the stored ones (0 = only the recorded "
                                  "reference identity is checked).")
@@ -559,6 +577,20 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(0 <= cfg.replay_prob <= 1, "replay_prob", w, f"must be in [0, 1], got {cfg.replay_prob}")
         c(cfg.replay_capacity >= 1, "replay_capacity", w, "must be >= 1")
         c(cfg.stale_lag >= 0, "stale_lag", w, "must be >= 0")
+        c(cfg.max_staleness >= 0, "max_staleness", w, "must be >= 0")
+        c(cfg.async_actors >= 1, "async_actors", w, "must be >= 1")
+        c(cfg.async_actor_cpus >= 1, "async_actor_cpus", w, "must be >= 1")
+        c(cfg.async_actor_gpus >= 0, "async_actor_gpus", w, "must be >= 0")
+        c(cfg.async_timeout > 0, "async_timeout", w, "must be > 0")
+        c(cfg.async_max_restarts >= 0, "async_max_restarts", w, "must be >= 0")
+        if cfg.async_generation:   # before any model loads; find_spec does not import Ray
+            import importlib.util
+
+            c(importlib.util.find_spec("ray") is not None, "async_generation", w,
+              "is true but Ray is not installed in this Python: `pip install 'agro[async]'`")
+            c(cfg.source == "fresh", "source", w,
+              f"must be 'fresh' with async_generation=true (the actors make the fresh groups; "
+              f"their lag is max_staleness), got {cfg.source!r}")
         c(cfg.save_every >= 0, "save_every", w, "must be >= 0")
         c(cfg.keep_checkpoints >= 1, "keep_checkpoints", w, "must be >= 1")
         c(cfg.eval_prompts >= 0 and cfg.eval_samples >= 1, "eval_prompts", w,

@@ -125,6 +125,14 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
         requested_precision = cfg.precision
         self.cfg = cfg = setup_runtime(cfg, rank=self.dist.rank, device=self.device)
+        if cfg.async_generation:
+            from .async_actors import learner_threads
+
+            threads = learner_threads(cfg)
+            if threads is not None:
+                torch.set_num_threads(threads)
+                self.note(f"async_generation: the learner keeps {threads} torch thread(s), the "
+                          f"{cfg.async_actors} actor(s) {cfg.async_actor_cpus} each")
         if self.dist.world > 1:
             self.note(f"data parallel: {self.dist.world} processes x {self.local_prompts} prompt "
                       f"groups each = {cfg.prompts_per_step} per step ({self.device})")
@@ -165,6 +173,7 @@ class Trainer:
                                  replay_capacity=cfg.replay_capacity, replay_prob=cfg.replay_prob,
                                  stale_lag=cfg.stale_lag, seed=cfg.seed,
                                  rank=self.dist.rank, world=self.dist.world)
+        self.async_source = self._async_source() if cfg.async_generation else None
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -181,10 +190,34 @@ class Trainer:
         if self.ckpt_path is not None:
             self._resume()
         self.sampler_notes = self._check_sampler()
+        if self.async_source is not None and hasattr(self.generator, "exact"):
+            self.async_source.set_exact(self.generator.exact)   # the actors' engines are the same build
         self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
                                     resume_step=self.step if self.ckpt_path else None) \
             if self.dist.is_main else None
+
+    def _async_source(self):
+        """async_generation: Ray rollout actors ahead of the learner by max_staleness versions
+        (:mod:`agro.async_actors`). Rank 0 owns the actors and hands every process its slice;
+        the actors get this run's config with the precision it chose. Replaces the mixer."""
+        from .async_actors import ActorPool, AsyncSource, FollowerSource, LeaderSource
+        from .sources import Mixer
+
+        cfg = self.cfg
+        if self.dist.is_main:
+            pool = ActorPool(cfg, to_dict(cfg), None if self._own_grader else self.grader)
+            who = ", ".join(f"pid {i['pid']}: {i['threads']} thread(s)" for i in pool.info)
+            self.note(f"async_generation: {len(pool)} rollout actor(s) ({who}), "
+                      f"max_staleness={cfg.max_staleness}")
+            src = AsyncSource(pool, self.collector, self.policy, cfg.max_staleness, cfg.seed,
+                              note=self.note)
+            if self.dist.world > 1:
+                src = LeaderSource(src, self.dist)
+        else:
+            src = FollowerSource(self.dist)
+        self.mixer = Mixer({"fresh": src}, {"fresh": 1.0}, cfg.seed)
+        return src
 
     def _auto_precision(self, requested: str) -> list[str]:
         """precision=auto: where bf16 is native on this CPU, time this model's learner, reference
@@ -282,6 +315,8 @@ class Trainer:
         close = getattr(self.generator, "close", None)
         if close is not None:
             close()
+        if getattr(self, "async_source", None) is not None:
+            self.async_source.close()
 
     def _clear_output_dir(self, cfg, overwrite: bool) -> str | None:
         """Rank 0's part of :meth:`_claim_output_dir`: the refusal message, or None once the
@@ -490,6 +525,9 @@ class Trainer:
         tokens = sum(len(c) for g in groups for c in g.completion_ids)
         correct = [c for g in groups for c in (g.correct if g.correct is not None else g.rewards)]
         dated = [version - g.policy_version for g in groups if g.policy_version >= 0]
+        hist: dict[int, int] = {}   # staleness histogram of this step's groups
+        for d in dated:
+            hist[d] = hist.get(d, 0) + 1
         by_source: dict[str, int] = {}
         for g in groups:
             by_source[g.source] = by_source.get(g.source, 0) + 1
@@ -498,6 +536,7 @@ class Trainer:
             "groups": float(len(groups)), "dated_groups": float(len(dated)),
             "staleness_sum": float(sum(dated)),
             **{f"{s}_groups": float(c) for s, c in by_source.items()},
+            **{f"staleness_{d}_groups": float(c) for d, c in hist.items()},
             **{k: float(getattr(st, k)) for k in COUNTERS},
             "gen_seconds": st.gen_seconds, "grade_seconds": st.grade_seconds,
             "ref_seconds": st.ref_seconds, "decode_steps": float(st.decode_steps),
@@ -521,6 +560,11 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             **{k: tot[k] for k in COUNTERS},
         }
+        m.update({k: v for k, v in tot.items() if k.startswith("staleness_") and k.endswith("_groups")})
+        if self.async_source is not None:   # the histogram's every bar, also the empty ones
+            for d in range(self.cfg.max_staleness + 1):
+                m.setdefault(f"staleness_{d}_groups", 0.0)
+            m.update(self.async_metrics(t2 - t0, t2 - t1, tot["tokens"]))
         for s in ("fresh", "replay", "offline", "stale"):
             m[f"{s}_fraction"] = tot.get(f"{s}_groups", 0.0) / g_all
         w = self.dist.world   # per-process rates: each process runs its share in the same seconds
@@ -533,6 +577,22 @@ class Trainer:
                                               for p in self.generator.model.parameters()),
                              peak=self.peak))
         return m
+
+    def async_metrics(self, step_seconds: float, learn_seconds: float, tokens: float) -> dict:
+        """async_generation: how the two sides spent the step. Actor time is counted when its
+        groups arrive, so one step's actor figures are noisy; their means over steps are exact."""
+        st = self.async_source.pop_stats()
+        actors = max(1, self.cfg.async_actors)
+        return {
+            "async_learner_idle_fraction": st.wait_seconds / max(1e-9, step_seconds),
+            "async_actor_idle_fraction": max(0.0, 1.0 - st.actor_busy_seconds
+                                             / max(1e-9, actors * step_seconds)),
+            "async_actor_tokens_per_second": st.actor_tokens / max(1e-9, st.actor_gen_seconds),
+            "async_learner_tokens_per_second": tokens / max(1e-9, learn_seconds),
+            "async_push_seconds": st.push_seconds,
+            "async_actor_restarts": float(st.restarts),
+            "async_requests_resent": float(st.resent),
+        }
 
     def report(self) -> None:
         """End-of-run report: bad data rows skipped (per file and reason) and the run's counters."""

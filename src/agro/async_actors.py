@@ -1,0 +1,468 @@
+"""Asynchronous generation: Ray rollout actors that run ahead of the learner by a bounded number of
+policy versions (``async_generation=true``, ``max_staleness=k``).
+
+Data flow (one learner, ``A`` actors, each a separate process with its own copy of the policy, the
+reference, the sampler and the grader)::
+
+    learner step v:  push weights v (ray.put once, every actor's set_weights)
+                     draw the prompts of step v+k, split them over the actors (collect requests)
+                     wait for the groups of step v (sampled at version v-k, or newer after a restart)
+                     learn on them -> weights v+1
+
+A Ray actor runs its calls one at a time in the order one caller sent them, so a request sent
+after the push of version v is sampled with exactly version v: the groups learned at version v are
+``min(v, k)`` versions old. The prompts are drawn by the learner (its sampler's state is in the
+checkpoint) and every request carries its own seed, so a run is reproducible whatever the timing,
+and a resumed run is bit-identical to an uninterrupted one: a checkpoint waits for the requests in
+flight and stores their groups (:meth:`AsyncSource.state_dict`).
+
+Why Ray (docs/DESIGN.md): the engine verl, OpenRLHF, SkyRL and NeMo-RL build on; one code path
+from a laptop (a local instance) to a cluster (``ray_address``); actor restart on failure
+(``max_restarts``); weights through the shared-memory object store (one ``ray.put`` per push,
+zero-copy reads by the actors of one node). A vLLM server with torch.distributed weight transfer
+(TRL's route) would not cover agro's own cached/HF samplers.
+
+Departures from the paper: none in the loss. Groups keep the version that sampled them
+(``policy_version``); the learner's existing rule switches on-policy-only terms off for stale ones
+(:meth:`agro.rollouts.Group.is_on_policy`), and no loss gets importance weights from this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .collect import CollectStats
+from .faults import maybe_crash
+from .rollouts import Group
+from .sources import _rng_state, _set_rng_state
+from .tasks import Example
+
+__all__ = ["RolloutWorker", "AsyncSource", "ActorPool", "init_ray", "learner_threads"]
+
+
+# ------------------------------------------------------------------------------- actor side
+class RolloutWorker:
+    """What runs inside one actor process: the learner's parts, built from the learner's config
+    (the concrete precision it chose), minus the optimizer. Plain Python, so tests can run it
+    without Ray; :class:`ActorPool` wraps it in ``ray.remote``."""
+
+    def __init__(self, cfg_dict: dict, index: int, threads: int, grader=None):
+        from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
+        from .config import TrainConfig, config_from_dict
+        from .models import MasterWeights, is_peft
+
+        torch.set_num_threads(max(1, threads))
+        cfg = config_from_dict(TrainConfig, {**cfg_dict, "num_threads": max(1, threads)},
+                               where=f"rollout actor {index}")
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.cfg = cfg = setup_runtime(cfg, device=device)
+        self.index = index
+        self.policy, self.tok, self.reference = build_models(cfg, device=device)
+        if cfg.precision == "bf16":
+            self.reference.store_bf16(keep_digest=False)
+        self.mixed = (MasterWeights(self.policy)
+                      if cfg.precision == "bf16" and not is_peft(self.policy) else None)
+        self.sampler_model = self.mixed.work if self.mixed else self.policy
+        self.params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        self.generator = build_generator(cfg, self.sampler_model, self.tok)
+        self.grader = build_grader(cfg, grader)
+        self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
+                                         grader=self.grader, reference=self.reference, sampler=None)
+        self.version = -1          # no weights pushed yet: the initial model's
+        self.busy = 0.0            # seconds spent in set_weights and collect since the last collect
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "index": self.index, "threads": torch.get_num_threads(),
+                "precision": self.cfg.precision}
+
+    def set_exact(self, exact: bool) -> None:
+        """Whether this actor's samples count as draws from pi (the learner's vLLM check)."""
+        if hasattr(self.generator, "exact"):
+            self.generator.exact = bool(exact)
+
+    @torch.no_grad()
+    def set_weights(self, version: int, weights: dict) -> None:
+        """Copy the learner's trainable tensors (fp32 masters / LoRA adapters) into this copy."""
+        t0 = time.perf_counter()
+        missing = set(self.params) - set(weights)
+        if missing:
+            raise KeyError(f"rollout actor {self.index}: pushed weights lack {sorted(missing)[:3]}")
+        with warnings.catch_warnings():   # the object store's arrays are read-only; we only read
+            warnings.simplefilter("ignore", UserWarning)
+            for name, p in self.params.items():
+                p.copy_(torch.as_tensor(np.asarray(weights[name])).to(p.device))
+        if self.mixed:
+            self.mixed.refresh()
+        sync = getattr(self.generator, "force_sync", None)
+        (sync or self.generator.sync_weights)(self.sampler_model)
+        self.version = int(version)
+        self.busy += time.perf_counter() - t0
+
+    def collect(self, request: dict) -> dict:
+        """Sample, grade and score one request's prompts with the weights held now."""
+        t0 = time.perf_counter()
+        maybe_crash("actor")
+        from .builders import seed_everything
+
+        seed_everything(int(request["seed"]))
+        examples = [Example(**e) for e in request["examples"]]
+        groups = self.collector.collect(examples, request["prompt_ids"], self.version,
+                                        source="fresh")
+        for g in groups:
+            g.meta["actor"] = self.index
+        stats = dataclasses.asdict(self.collector.pop_stats())
+        self.busy += time.perf_counter() - t0
+        busy, self.busy = self.busy, 0.0
+        return {"groups": [g.to_dict() for g in groups], "version": self.version,
+                "stats": stats, "busy_seconds": busy, "actor": self.index,
+                "request": request["id"]}
+
+    def close(self) -> None:
+        for obj in (self.generator, self.grader):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()
+
+
+# ------------------------------------------------------------------------------- Ray plumbing
+def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Start a local Ray instance (``address=''``) or join a cluster; quiet and dashboard-less."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
+
+
+def learner_threads(cfg) -> int | None:
+    """On a local Ray instance with num_threads=0, the learner keeps the cores the actors do not
+    take (two torch processes on the same cores slow each other 10-20x). None: leave torch's
+    setting alone (a cluster, or num_threads set explicitly)."""
+    if cfg.ray_address or cfg.num_threads:
+        return None
+    return max(1, (os.cpu_count() or 1) - cfg.async_actors * cfg.async_actor_cpus)
+
+
+class ActorError(RuntimeError):
+    """An actor died more often than async_max_restarts, or did not answer in async_timeout."""
+
+
+class ActorPool:
+    """``cfg.async_actors`` Ray actors running :class:`RolloutWorker`; Ray restarts a dead one up
+    to ``async_max_restarts`` times (its lost requests are sent again by :class:`AsyncSource`)."""
+
+    def __init__(self, cfg, cfg_dict: dict, grader=None):
+        """``grader``: None builds the real sandboxed grader in each actor; an object (it must
+        pickle) is sent to every actor instead (tests use a deterministic fake)."""
+        import ray
+
+        init_ray(cfg.ray_address, None)
+        self.ray = ray
+        self.timeout = float(cfg.async_timeout)
+        self.max_restarts = int(cfg.async_max_restarts)
+        env = {"OMP_NUM_THREADS": str(cfg.async_actor_cpus)}
+        if os.environ.get("AGRO_FAULT"):   # fault injection (agro.faults) reaches the actors too
+            env["AGRO_FAULT"] = os.environ["AGRO_FAULT"]
+        remote = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.async_actor_cpus, num_gpus=cfg.async_actor_gpus,
+            max_restarts=self.max_restarts, max_task_retries=0, runtime_env={"env_vars": env})
+        self.actors = [remote.remote(cfg_dict, i, cfg.async_actor_cpus, grader)
+                       for i in range(cfg.async_actors)]
+        self.info = self.get([a.ping.remote() for a in self.actors], what="actor start-up")
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def get(self, refs, what: str):
+        try:
+            return self.ray.get(refs, timeout=self.timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            raise ActorError(f"async_generation: no answer from the rollout actors in "
+                             f"async_timeout={self.timeout:.0f} s ({what}); stopped. The last "
+                             "checkpoint is intact: --resume continues.") from None
+
+    def revive(self, i: int) -> None:
+        """Wait until Ray has restarted actor ``i`` (it answers a ping), at most async_timeout."""
+        ray = self.ray
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.get(self.actors[i].ping.remote(), what=f"restart of actor {i}")
+                return
+            except ray.exceptions.ActorUnavailableError:   # restarting: its calls fail for now
+                if time.monotonic() > deadline:
+                    raise ActorError(f"async_generation: rollout actor {i} did not come back "
+                                     f"in async_timeout={self.timeout:.0f} s; stopped. The last "
+                                     "checkpoint is intact: --resume continues.") from None
+                time.sleep(0.5)
+            except ray.exceptions.RayActorError as e:     # dead for good (restarts used up)
+                raise ActorError(f"async_generation: rollout actor {i} is dead and Ray will not "
+                                 f"restart it (async_max_restarts={self.max_restarts}): {e}. The "
+                                 "last checkpoint is intact: --resume continues.") from None
+
+    def push(self, version: int, weights_ref) -> None:
+        for a in self.actors:
+            a.set_weights.remote(version, weights_ref)
+
+    def submit(self, i: int, request: dict):
+        return self.actors[i].collect.remote(request)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+
+
+# ------------------------------------------------------------------------------- learner side
+@dataclass
+class _Part:
+    actor: int
+    request: dict                 # {"id", "seed", "examples", "prompt_ids"}: enough to send again
+    ref: object = None            # Ray ObjectRef while in flight
+    result: dict | None = None    # the actor's answer once received
+    life: int = 0                 # which life of its actor it was sent to (restarts so far)
+
+
+@dataclass
+class AsyncStats:
+    """Counters of the async pipeline since the last :meth:`AsyncSource.pop_stats`."""
+
+    wait_seconds: float = 0.0      # learner blocked on the actors' groups
+    push_seconds: float = 0.0      # learner putting weights into the object store
+    actor_busy_seconds: float = 0.0
+    actor_gen_seconds: float = 0.0
+    actor_tokens: int = 0
+    resent: int = 0                # requests sent again after an actor died
+    restarts: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class AsyncSource:
+    """The ``fresh`` source with generation in actors, ``max_staleness`` versions ahead.
+
+    ``take(k, v)`` pushes weights ``v`` if not yet pushed, tops the pipeline up to the steps
+    ``v .. v + max_staleness`` (new requests are sampled with weights ``v``), and returns the
+    groups of step ``v`` (waiting for them if the actors are behind). The groups are labelled
+    ``fresh`` with the version that sampled them, so the trainer's rule (on-policy-only terms
+    need ``policy_version == v``) decides per group.
+    """
+
+    name = "fresh"
+
+    def __init__(self, pool: ActorPool, collector, policy, max_staleness: int, seed: int,
+                 note=print):
+        self.pool = pool
+        self.collector = collector         # the learner's: draws prompts, receives the counters
+        self.policy = policy
+        self.k = int(max_staleness)
+        self.rng = random.Random(seed + 2_147_483)
+        self.queue: list[list[_Part]] = []   # oldest first; one entry per future step
+        self.pushed = None                   # version the actors were last sent
+        self.next_request = 0
+        self.stats = AsyncStats()
+        self.lives = [0] * len(pool)         # deaths seen per actor
+        self.note = note
+        self._last_take = None
+
+    # -- weights ----------------------------------------------------------------------
+    def _trainable(self) -> dict:
+        return {n: p.detach().float().cpu().numpy() for n, p in self.policy.named_parameters()
+                if p.requires_grad}
+
+    def push(self, version: int) -> None:
+        t0 = time.perf_counter()
+        ref = self.pool.ray.put(self._trainable())
+        self.pool.push(version, ref)
+        self.pushed = version
+        self.stats.push_seconds += time.perf_counter() - t0
+
+    # -- requests ---------------------------------------------------------------------
+    def _submit_step(self, k: int) -> list[_Part]:
+        examples, prompt_ids = self.collector.prompts(k)
+        parts = []
+        a = len(self.pool)
+        for i in range(a):
+            ex, ids = examples[i::a], prompt_ids[i::a]
+            if not ex:
+                continue
+            req = {"id": self.next_request, "seed": self.rng.randrange(2**31),
+                   "examples": [dataclasses.asdict(e) for e in ex], "prompt_ids": ids}
+            self.next_request += 1
+            parts.append(self._send(i, req))
+        return parts
+
+    def _send(self, actor: int, request: dict) -> _Part:
+        return _Part(actor, request, self.pool.submit(actor, request), None, self.lives[actor])
+
+    def _wait(self, part: _Part) -> dict:
+        ray = self.pool.ray
+        while part.result is None:
+            t0 = time.perf_counter()
+            try:
+                part.result = self.pool.get(part.ref, what=f"request {part.request['id']} "
+                                                            f"on actor {part.actor}")
+            except ray.exceptions.RayActorError as e:
+                a = part.actor
+                if part.life == self.lives[a]:   # a death not seen before (not a later request
+                    self.lives[a] += 1           # of the same life failing with it)
+                    self.stats.restarts += 1
+                    if self.lives[a] > self.pool.max_restarts:
+                        raise ActorError(
+                            f"async_generation: rollout actor {a} died {self.lives[a]} times "
+                            f"(async_max_restarts={self.pool.max_restarts}): {e}. The last "
+                            "checkpoint is intact: --resume continues.") from None
+                    self.note(f"rollout actor {a} died; Ray restarts it, and its lost requests "
+                              f"are sent again with the current weights (version {self.pushed})")
+                self.pool.revive(a)
+                # the new life holds the initial weights: the current ones go first
+                self.pool.actors[a].set_weights.remote(self.pushed, ray.put(self._trainable()))
+                fresh = self._send(a, part.request)
+                part.ref, part.life = fresh.ref, fresh.life
+                self.stats.resent += 1
+            finally:
+                self.stats.wait_seconds += time.perf_counter() - t0
+        return part.result
+
+    def take(self, k: int, version: int) -> list[Group]:
+        if k <= 0:
+            return []
+        if self._last_take is not None and k != self._last_take:
+            raise ValueError(f"async source: asked for {k} groups after {self._last_take}; the "
+                             "pipeline holds whole steps (source=fresh only)")
+        self._last_take = k
+        if self.pushed != version:
+            self.push(version)
+        while len(self.queue) < self.k + 1:
+            self.queue.append(self._submit_step(k))
+        parts = self.queue.pop(0)
+        groups: list[Group] = []
+        for part in parts:
+            res = self._wait(part)
+            groups += [Group.from_dict(g) for g in res["groups"]]
+            self._account(res)
+        return groups
+
+    def _account(self, res: dict) -> None:
+        """Actor counters -> the learner collector's (so the trainer's per-step metrics and
+        run counters include them) and this source's pipeline statistics."""
+        st = self.collector.stats
+        for f in dataclasses.fields(CollectStats):
+            if f.name != "extra":
+                setattr(st, f.name, getattr(st, f.name) + res["stats"][f.name])
+        self.stats.actor_busy_seconds += res["busy_seconds"]
+        self.stats.actor_gen_seconds += res["stats"]["gen_seconds"]
+        self.stats.actor_tokens += res["stats"]["completion_tokens"]
+
+    def pop_stats(self) -> AsyncStats:
+        s, self.stats = self.stats, AsyncStats()
+        return s
+
+    def set_exact(self, exact: bool) -> None:
+        """Pass on the learner's vLLM check: do the actors' samples count as draws from pi."""
+        self.pool.get([a.set_exact.remote(exact) for a in self.pool.actors], what="set_exact")
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Waits for the requests in flight and stores their groups: a resumed run then learns
+        on exactly the groups the uninterrupted run would have."""
+        queue = []
+        for parts in self.queue:
+            step = []
+            for part in parts:
+                res = self._wait(part)
+                step.append({"actor": part.actor, "request": part.request, "result": res})
+            queue.append(step)
+        return {"rng": _rng_state(self.rng), "queue": queue,
+                "next_request": self.next_request, "last_take": self._last_take}
+
+    def load_state_dict(self, d: dict) -> None:
+        _set_rng_state(self.rng, d["rng"])
+        self.queue = [[_Part(p["actor"] % len(self.pool), p["request"], None, p["result"])
+                       for p in step] for step in d["queue"]]   # all answered before the save
+        self.next_request = int(d["next_request"])
+        self._last_take = d.get("last_take")
+        self.pushed = None
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class FollowerSource:
+    """Data-parallel ranks > 0: rank 0 owns the actors and hands every rank its slice."""
+
+    name = "fresh"
+
+    def __init__(self, dist):
+        self.dist = dist
+
+    def take(self, k: int, version: int) -> list[Group]:
+        return scatter_groups(self.dist, None, k)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+    def pop_stats(self) -> AsyncStats:
+        return AsyncStats()
+
+    def set_exact(self, exact: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LeaderSource:
+    """Data-parallel rank 0: takes every rank's groups from the actors, keeps its own slice."""
+
+    name = "fresh"
+
+    def __init__(self, inner: AsyncSource, dist):
+        self.inner, self.dist = inner, dist
+
+    def take(self, k: int, version: int) -> list[Group]:
+        groups = self.inner.take(k * self.dist.world, version)
+        return scatter_groups(self.dist, groups, k)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.inner.load_state_dict(d)
+
+    def pop_stats(self) -> AsyncStats:
+        return self.inner.pop_stats()
+
+    def set_exact(self, exact: bool) -> None:
+        self.inner.set_exact(exact)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def scatter_groups(dist, groups: list[Group] | None, k: int) -> list[Group]:
+    """Rank 0's ``k * world`` groups -> each rank's contiguous slice of ``k`` (fewer if rank 0
+    got fewer, e.g. prompts skipped as too long)."""
+    payload = [g.to_dict() for g in groups] if groups is not None else None
+    everything = dist.all_gather(payload)[0]
+    mine = everything[dist.rank * k:(dist.rank + 1) * k]
+    return [Group.from_dict(g) for g in mine]
+

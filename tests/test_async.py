@@ -1,0 +1,307 @@
+"""async_generation: the pipeline's rules with a fake actor pool (no Ray), then the real thing —
+Ray actors on a tiny Llama: staleness, metrics, resume equivalence, a dead actor.
+
+The unit layer checks what the module promises exactly: a request sent after the push of version
+v is sampled with v, so the groups learned at v are min(v, k) versions old; a checkpoint waits for
+the requests in flight and a resumed source hands out the same groups; a dead actor's requests are
+sent again with the current weights, and too many deaths stop the run with an error.
+"""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from agro.async_actors import ActorError, AsyncSource
+from agro.collect import CollectStats
+from agro.config import ConfigError, TrainConfig, load_config
+from agro.tasks import Example
+
+
+# ----------------------------------------------------------------------------- fakes (no Ray)
+class Died(Exception):
+    pass
+
+
+class FakeRay:
+    class exceptions:
+        RayActorError = Died
+        GetTimeoutError = TimeoutError
+
+    @staticmethod
+    def put(x):
+        return dict(x)
+
+
+class FakeActor:
+    """Runs calls in the order sent, like a Ray actor; ``die_at``: the call index that dies."""
+
+    def __init__(self, pool, i):
+        self.pool, self.i = pool, i
+        self.version = -1
+        self.set_weights = types.SimpleNamespace(remote=self._set)
+        self.set_exact = types.SimpleNamespace(remote=lambda e: None)
+
+    def _set(self, version, weights):
+        self.pool.log.append(("push", self.i, version))
+        self.version = version
+
+
+class FakePool:
+    """Executes each request at submission (the actor's queue is in order, so the version it
+    sees is the last one pushed before it); ``deaths``: request ids whose first try dies."""
+
+    ray = FakeRay
+    max_restarts = 1
+
+    def __init__(self, actors=1, deaths=()):
+        self.log = []
+        self.actors = [FakeActor(self, i) for i in range(actors)]
+        self.deaths = set(deaths)
+
+    def __len__(self):
+        return len(self.actors)
+
+    def push(self, version, ref):
+        for a in self.actors:
+            a.set_weights.remote(version, ref)
+
+    def submit(self, i, request):
+        if request["id"] in self.deaths:
+            self.deaths.discard(request["id"])
+            self.actors[i].version = -1    # the restarted actor holds the initial weights
+            return Died(f"actor {i} died")
+        v = self.actors[i].version
+        self.log.append(("collect", i, request["id"], v))
+        groups = [{"prompt_id": e["id"], "prompt_ids": [1], "completion_ids": [[2], [3]],
+                   "rewards": [0.0, 1.0], "policy_version": v, "meta": {"seed": request["seed"]}}
+                  for e in request["examples"]]
+        return {"groups": groups, "version": v, "busy_seconds": 0.5, "actor": i,
+                "request": request["id"],
+                "stats": {**{f: 0 for f in CollectStats.__dataclass_fields__ if f != "extra"},
+                          "gen_seconds": 0.25, "completion_tokens": 2 * len(groups)}}
+
+    def revive(self, i):
+        self.log.append(("revive", i))
+
+    def get(self, ref, what):
+        if isinstance(ref, Died):
+            raise ref
+        return ref
+
+
+class FakeCollector:
+    def __init__(self):
+        self.stats = CollectStats()
+        self.drawn = 0
+
+    def prompts(self, k):
+        exs = [Example(f"p{self.drawn + j}", "q", "1") for j in range(k)]
+        self.drawn += k
+        return exs, [[1]] * k
+
+
+def make_source(k, actors=1, deaths=(), seed=0):
+    pool = FakePool(actors, deaths)
+    policy = torch.nn.Linear(2, 2)
+    return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None), pool
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 4])
+def test_groups_learned_at_v_are_min_v_k_versions_old(k):
+    src, pool = make_source(k, actors=2)
+    for v in range(7):
+        groups = src.take(4, v)
+        assert len(groups) == 4
+        assert {v - g.policy_version for g in groups} == {min(v, k)}, (v, k)
+    # bounded: never more than k + 1 steps requested ahead of the learner
+    assert len(src.queue) == k
+    # every step's prompts are split between the two actors
+    assert {e[1] for e in pool.log if e[0] == "collect"} == {0, 1}
+
+
+def test_counters_reach_the_learner_collector_and_pipeline_stats():
+    src, _ = make_source(1)
+    src.take(3, 0)
+    st = src.pop_stats()
+    assert src.collector.stats.completion_tokens == 6 and src.collector.stats.groups == 0
+    assert st.actor_busy_seconds == 0.5 and st.actor_gen_seconds == 0.25 and st.actor_tokens == 6
+    assert src.pop_stats().actor_tokens == 0
+
+
+def test_checkpoint_then_resume_hands_out_the_same_groups():
+    a, _ = make_source(2, seed=5)
+    b, _ = make_source(2, seed=5)
+    for v in range(3):
+        a.take(2, v)
+        b.take(2, v)
+    state = json.loads(json.dumps(b.state_dict()))      # what a checkpoint stores
+    c, pool_c = make_source(2, seed=123)                 # a new process: different seed, no queue
+    c.collector.drawn = b.collector.drawn                # (the sampler's state is restored too)
+    c.load_state_dict(state)
+    for v in range(3, 7):
+        ga, gc = a.take(2, v), c.take(2, v)
+        assert [g.to_dict() for g in ga] == [g.to_dict() for g in gc], v
+    assert pool_c.log[0] == ("push", 0, 3)               # the resumed actors get weights first
+
+
+def test_a_dead_actor_is_restarted_with_current_weights_and_its_request_sent_again():
+    src, pool = make_source(1, deaths={2})
+    for v in range(5):
+        groups = src.take(2, v)
+        assert all(0 <= v - g.policy_version <= 1 for g in groups)
+    st = src.stats
+    assert st.restarts == 1 and st.resent == 1
+    # the request that died was sent again after a push of the current version
+    i = next(j for j, e in enumerate(pool.log) if e[0] == "collect" and e[2] == 2)
+    assert pool.log[i - 2] == ("revive", 0)
+    assert pool.log[i - 1][0] == "push" and pool.log[i][3] == pool.log[i - 1][2] >= 0
+
+
+def test_more_deaths_than_max_restarts_stop_with_an_error():
+    src, pool = make_source(0, deaths={0, 1})
+    pool.max_restarts = 1
+    src.take(2, 0)                     # the first death: restarted
+    with pytest.raises(ActorError, match="died 2 times"):
+        src.take(2, 1)
+
+
+def test_a_step_size_change_is_refused():
+    src, _ = make_source(1)
+    src.take(2, 0)
+    with pytest.raises(ValueError, match="whole steps"):
+        src.take(3, 1)
+
+
+# ----------------------------------------------------------------------------- config
+def test_async_needs_source_fresh(tmp_path):
+    with pytest.raises(ConfigError, match="source"):
+        load_config(TrainConfig, None, ["async_generation=true", "source=replay"])
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config(TrainConfig, None, ["async_generation=true", "max_staleness=-1"])
+
+
+def test_async_without_ray_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match="agro\\[async\\]"):
+        load_config(TrainConfig, None, ["async_generation=true"])
+
+
+# ----------------------------------------------------------------------------- real Ray actors
+ray = pytest.importorskip("ray")
+
+FAST = ["prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
+        "precision=fp32", "tensorboard=false", "progress=false", "plot=false", "lr=1e-3",
+        "warmup_steps=0", "async_generation=true", "async_timeout=120"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_with_test_doubles():
+    """One local Ray instance for the module; the test grader (tests/fakes.py) travels to the
+    actors by value, since the actor processes cannot import the tests directory."""
+    import fakes
+    from agro.async_actors import init_ray
+
+    ray.cloudpickle.register_pickle_by_value(fakes)
+    init_ray("", 2)
+    yield
+    ray.shutdown()
+
+
+def train(tiny_model_dir, out, *extra, resume=False):
+    from agro.trainer import Trainer
+    from fakes import HashGrader
+
+    cfg = load_config(TrainConfig, None, FAST + [f"model={tiny_model_dir}", f"output_dir={out}",
+                                                 *extra])
+    tr = Trainer(cfg, resume=resume, grader=HashGrader())
+    res = tr.train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return tr, res, rows
+
+
+def weights(tr):
+    return {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+
+
+def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_path):
+    tr, res, rows = train(tiny_model_dir, tmp_path / "a", "steps=4", "max_staleness=2")
+    assert res.steps_done == 4
+    assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 2.0, 2.0]
+    assert [(r["staleness_0_groups"], r["staleness_1_groups"], r["staleness_2_groups"])
+            for r in rows] == [(4, 0, 0), (0, 4, 0), (0, 0, 4), (0, 0, 4)]
+    for key in ("async_learner_idle_fraction", "async_actor_idle_fraction",
+                "async_actor_tokens_per_second", "async_learner_tokens_per_second"):
+        assert all(r[key] >= 0 for r in rows), key
+    assert all(0 <= r["async_learner_idle_fraction"] <= 1 for r in rows)
+    assert any(abs(r["loss"]) > 0 for r in rows), "no learning signal: the test proves nothing"
+
+
+def test_resume_learns_on_the_same_groups_bit_identically(tiny_model_dir, tmp_path):
+    common = ["max_staleness=2", "save_every=2", "keep_checkpoints=3"]
+    full, _, rows_full = train(tiny_model_dir, tmp_path / "full", "steps=5", *common)
+    train(tiny_model_dir, tmp_path / "half", "steps=2", *common)
+    res_tr, res, rows = train(tiny_model_dir, tmp_path / "half", "steps=5", *common, resume=True)
+    assert res.steps_done == 5
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_full]
+    a, b = weights(full), weights(res_tr)
+    assert all(torch.equal(a[n], b[n]) for n in a), "resumed weights differ"
+    from agro.models import load_model
+
+    base = dict(load_model(str(tiny_model_dir), dtype=torch.float32).named_parameters())
+    assert any(not torch.equal(a[n], base[n]) for n in a), "nothing learned: proves nothing"
+
+
+def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGRO_FAULT", "actor:2")    # every actor life dies at its 2nd request
+    tr, res, rows = train(tiny_model_dir, tmp_path / "d", "steps=2", "max_staleness=0",
+                          "async_max_restarts=1")
+    assert res.steps_done == 2
+    assert sum(r["async_actor_restarts"] for r in rows) == 1
+    assert sum(r["async_requests_resent"] for r in rows) == 1
+
+
+def test_an_actor_that_keeps_dying_stops_the_run_with_an_error(tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("AGRO_FAULT", "actor:1")    # every life dies at its first request
+    with pytest.raises(ActorError, match="async_max_restarts=1"):
+        train(tiny_model_dir, tmp_path / "e", "steps=2", "max_staleness=0", "async_max_restarts=1")
+
+
+def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_path):
+    """The CLI as a user runs it: the learner dies by SIGKILL after its 3rd backward pass (its
+    actors die with it), `agro train --resume` continues from the last checkpoint with new
+    actors. (The real grader gives a random tiny model no reward, so the weights barely move:
+    bit-identity after resume is tested above, with a grader that gives signal.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "agro.cli", "train", *FAST, f"model={tiny_model_dir}",
+            f"output_dir={out}", "steps=4", "max_staleness=2", "save_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "AGRO_FAULT"}
+    killed = subprocess.run(args, env={**env, "AGRO_FAULT": "backward:3"}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    pids = [int(x.split("pid ")[1].split(":")[0]) for x in killed.stdout.splitlines()
+            if "rollout actor(s) (pid" in x]
+    assert pids
+    time.sleep(5)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the actor outlived its learner"
+    resumed = subprocess.run([sys.executable, "-m", "agro.cli", "train", "--resume", str(out)],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 2.0, 2.0]
+    assert (out / "final" / "model.safetensors").exists()
