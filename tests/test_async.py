@@ -74,6 +74,7 @@ class FakePool:
             self.actors[i].version = -1    # the restarted actor holds the initial weights
             return Died(f"actor {i} died")
         v = self.actors[i].version
+        assert v == request["version"], "the real actor refuses a request for other weights"
         self.log.append(("collect", i, request["id"], v))
         groups = [{"prompt_id": e["id"], "prompt_ids": [1], "completion_ids": [[2], [3]],
                    "rewards": [0.0, 1.0], "policy_version": v, "meta": {"seed": request["seed"]}}
@@ -194,23 +195,23 @@ def test_async_without_ray_is_a_config_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real Ray actors
-ray = pytest.importorskip("ray")
 
 FAST = ["prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
         "precision=fp32", "tensorboard=false", "progress=false", "plot=false", "lr=1e-3",
         "warmup_steps=0", "async_generation=true", "async_timeout=120"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_with_test_doubles():
-    """One local Ray instance for the module; the test grader (tests/fakes.py) travels to the
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for the Ray tests; the test grader (tests/fakes.py) travels to the
     actors by value, since the actor processes cannot import the tests directory."""
+    ray = pytest.importorskip("ray")
     import fakes
     from agro.async_actors import init_ray
 
     ray.cloudpickle.register_pickle_by_value(fakes)
     init_ray("", 2)
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -230,20 +231,25 @@ def weights(tr):
     return {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
 
 
-def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_path):
+def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_path, ray_local):
     tr, res, rows = train(tiny_model_dir, tmp_path / "a", "steps=4", "max_staleness=2")
     assert res.steps_done == 4
     assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 2.0, 2.0]
     assert [(r["staleness_0_groups"], r["staleness_1_groups"], r["staleness_2_groups"])
             for r in rows] == [(4, 0, 0), (0, 4, 0), (0, 0, 4), (0, 0, 4)]
-    for key in ("async_learner_idle_fraction", "async_actor_idle_fraction",
-                "async_actor_tokens_per_second", "async_learner_tokens_per_second"):
-        assert all(r[key] >= 0 for r in rows), key
-    assert all(0 <= r["async_learner_idle_fraction"] <= 1 for r in rows)
+    for key in ("async_actor_tokens_per_second", "async_learner_tokens_per_second",
+                "async_actor_busy_seconds", "async_wall_seconds", "async_push_seconds"):
+        assert all(r[key] > 0 for r in rows), key
+    for key in ("async_learner_idle_fraction", "async_actor_idle_fraction"):
+        assert all(0 <= r[key] <= 1 for r in rows), key
+    # step 1 waits for the whole first batch; later steps find it (mostly) made in advance
+    assert rows[0]["async_learner_idle_fraction"] > 0.3
+    busy = sum(r["async_actor_busy_seconds"] for r in rows)
+    assert busy < 1.05 * sum(r["async_wall_seconds"] for r in rows)
     assert any(abs(r["loss"]) > 0 for r in rows), "no learning signal: the test proves nothing"
 
 
-def test_resume_learns_on_the_same_groups_bit_identically(tiny_model_dir, tmp_path):
+def test_resume_learns_on_the_same_groups_bit_identically(tiny_model_dir, tmp_path, ray_local):
     common = ["max_staleness=2", "save_every=2", "keep_checkpoints=3"]
     full, _, rows_full = train(tiny_model_dir, tmp_path / "full", "steps=5", *common)
     train(tiny_model_dir, tmp_path / "half", "steps=2", *common)
@@ -258,7 +264,8 @@ def test_resume_learns_on_the_same_groups_bit_identically(tiny_model_dir, tmp_pa
     assert any(not torch.equal(a[n], base[n]) for n in a), "nothing learned: proves nothing"
 
 
-def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_path, monkeypatch,
+                                                         ray_local):
     monkeypatch.setenv("AGRO_FAULT", "actor:2")    # every actor life dies at its 2nd request
     tr, res, rows = train(tiny_model_dir, tmp_path / "d", "steps=2", "max_staleness=0",
                           "async_max_restarts=1")
@@ -268,13 +275,13 @@ def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_pa
 
 
 def test_an_actor_that_keeps_dying_stops_the_run_with_an_error(tiny_model_dir, tmp_path,
-                                                               monkeypatch):
+                                                               monkeypatch, ray_local):
     monkeypatch.setenv("AGRO_FAULT", "actor:1")    # every life dies at its first request
     with pytest.raises(ActorError, match="async_max_restarts=1"):
         train(tiny_model_dir, tmp_path / "e", "steps=2", "max_staleness=0", "async_max_restarts=1")
 
 
-def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_path):
+def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_path, ray_local):
     """The CLI as a user runs it: the learner dies by SIGKILL after its 3rd backward pass (its
     actors die with it), `agro train --resume` continues from the last checkpoint with new
     actors. (The real grader gives a random tiny model no reward, so the weights barely move:
@@ -305,3 +312,35 @@ def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 2.0, 2.0]
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["precision=bf16"],
+                                   ["lora=true", "lora_r=4", "lora_alpha=8", "lr=5e-2"]],
+                         ids=["fp32", "bf16", "lora"])
+def test_pushed_weights_reach_the_actors_sampler(tiny_model_dir, tmp_path, ray_local, extra):
+    """k = 0: every group is sampled by the actor with the learner's current weights, so the
+    learner's log-probs equal the actor's behaviour log-probs (grpo's importance weight ~ 1 at
+    every step). A push that did not reach the sampler (e.g. bf16 working weights not refreshed,
+    LoRA adapters not copied) gives weights far from 1 once the policy has moved (lr 1e-2)."""
+    tr, res, rows = train(tiny_model_dir, tmp_path / "w", "steps=3", "max_staleness=0",
+                          "lr=1e-2", "loss=grpo", "loss_options.is_mode=token_truncate",
+                          "loss_options.is_cap=100.0", *extra)
+    assert [r["staleness_mean"] for r in rows] == [0.0, 0.0, 0.0]
+    # measured: |is_weight_mean - 1| <= 1e-7 in fp32 and LoRA, <= 1e-4 in bf16 (2026-12-01)
+    tol = 1e-3
+    assert all(abs(r["is_weight_mean"] - 1) < tol for r in rows), \
+        [r["is_weight_mean"] for r in rows]
+    # had the weights not arrived, the actor would sample from the start policy: its per-token
+    # log-ratio to the learner would be the policy's own drift, far above tol
+    drift = max(abs(r["kl_k1"]) / r["completion_len_mean"] for r in rows)
+    assert drift > 5 * tol, f"the policy did not move ({drift:.2e}/token): the test would be vacuous"
+
+
+def test_resume_with_another_async_setting_is_refused(tiny_model_dir, tmp_path, ray_local):
+    train(tiny_model_dir, tmp_path / "r", "steps=1", "max_staleness=1", "save_every=1")
+    from agro.trainer import Trainer
+
+    cfg = load_config(TrainConfig, None, FAST[:-2] + [f"model={tiny_model_dir}",
+                                                      f"output_dir={tmp_path / 'r'}", "steps=2"])
+    with pytest.raises(ValueError, match="async_generation=true"):
+        Trainer(cfg, resume=True)

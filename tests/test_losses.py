@@ -282,6 +282,65 @@ def test_grpo_two_samples_explicit_numbers():
     assert_close(g, [[-math.sqrt(0.5) / 2], [math.sqrt(0.5) / 2]])
 
 
+# behaviour log-probs of a sampler that is not the current policy (some ratios above the cap)
+BEH = [[-0.9, -0.2, PAD], [-0.8, -1.9, -PAD], [-0.1, PAD, PAD],
+       [-1.5, -0.9, -0.1], [-0.7, -0.6, PAD], [-2.5, -0.3, -0.4]]
+
+
+def grpo_adv(eps=1e-6):
+    adv = []
+    for b in range(B):
+        grp = REW[(b // N) * N:(b // N) * N + N]
+        mean = sum(grp) / N
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (N - 1))
+        adv.append((REW[b] - mean) / (std + eps))
+    return adv
+
+
+def is_weight_by_hand(b, t, mode, cap):
+    """rho of TRL's vllm_importance_sampling_mode, from plain Python."""
+    if mode.startswith("token"):
+        rho = math.exp(LP[b][t] - BEH[b][t])
+    else:
+        rho = math.exp(sum(LP[b][u] - BEH[b][u] for u in range(T) if MASK[b][u]))
+    if mode.endswith("truncate"):
+        return min(rho, cap)
+    return rho if rho <= cap else 0.0
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("cap", [1.5, 3.0])
+def test_grpo_importance_weights_by_hand(mode, cap):
+    adv = grpo_adv()
+    rho = [[is_weight_by_hand(b, t, mode, cap) if MASK[b][t] else 0.0 for t in range(T)]
+           for b in range(B)]
+    assert any(0 < r < cap for row in rho for r in row) and \
+        any(r in (0.0, cap) for b, row in enumerate(rho) for t, r in enumerate(row) if MASK[b][t]), \
+        "the case must exercise both kept and capped/masked ratios"
+    expected = [[MASK[b][t] / (B * sum(MASK[b])) * (-adv[b] * rho[b][t]
+                                                   + BETA * (1 - math.exp(REF[b][t] - LP[b][t])))
+                 if MASK[b][t] else 0.0 for t in range(T)] for b in range(B)]
+    _, metrics, g, _ = run("grpo", is_mode=mode, is_cap=cap,
+                           behavior_logprobs=torch.tensor(BEH, dtype=F64))
+    assert_close(g, expected)
+    toks = sum(map(sum, MASK))
+    assert abs(metrics["is_weight_mean"] - sum(map(sum, rho)) / toks) < TOL
+
+
+def test_grpo_importance_weights_are_one_on_policy_and_required_when_on():
+    _, m0, g0, _ = run("grpo")
+    for mode in ("token_mask", "sequence_truncate"):
+        _, m1, g1, _ = run("grpo", is_mode=mode, behavior_logprobs=torch.tensor(LP, dtype=F64))
+        assert_close(g1, g0)
+        assert m1["is_weight_mean"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs behavior_logprobs"):
+        run("grpo", is_mode="token_truncate")
+    with pytest.raises(ValueError, match="is_mode"):
+        run("grpo", is_mode="token", behavior_logprobs=torch.tensor(LP, dtype=F64))
+    with pytest.raises(ValueError, match="is_cap"):
+        run("grpo", is_mode="token_mask", is_cap=0.0, behavior_logprobs=torch.tensor(LP, dtype=F64))
+
+
 # ---- on_policy gating ----------------------------------------------------------------------------
 @pytest.mark.parametrize("flags", [[True, False], [True, True, True, False, False, False]])
 def test_off_policy_groups_get_exactly_the_agro_gradient_under_agro_on(flags):
@@ -421,7 +480,7 @@ def test_unknown_loss_lists_valid_names():
 def test_unknown_or_unaccepted_option_names_loss_and_valid_options():
     with pytest.raises(ValueError, match=r"loss 'agro' does not accept option\(s\) \['lr_coef'\]; valid options:.*reg_estimator"):
         run("agro", lr_coef=0.5)
-    with pytest.raises(ValueError, match=r"loss 'grpo' does not accept option\(s\) \['temperature'\]; valid options: \['eps', 'on_policy'\]"):
+    with pytest.raises(ValueError, match=r"loss 'grpo' does not accept option\(s\) \['temperature'\]; valid options: \['behavior_logprobs', 'eps', 'is_cap', 'is_mode', 'on_policy'\]"):
         run("grpo", temperature=1.0)
     with pytest.raises(ValueError, match="lr_baseline='var' is not one of"):
         run("agro_on", lr_baseline="var")

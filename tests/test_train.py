@@ -56,6 +56,7 @@ def moved(tr, before):
     ("kl_pg", []),
     ("kl_pg_token", []),
     ("grpo", []),
+    ("grpo", ["loss_options.is_mode=token_truncate", "loss_options.is_cap=2.0"]),
     ("agro", ["loss_options.reg_estimator=local"]),
 ])
 def test_one_step_per_loss(tiny_model_dir, tmp_path, loss, opts):
@@ -69,6 +70,8 @@ def test_one_step_per_loss(tiny_model_dir, tmp_path, loss, opts):
     for k in ("step", "reward_mean", "accuracy", "kl_k1", "kl_k3", "loss", "step_seconds",
               "tokens_per_second", "fresh_fraction"):
         assert k in m, k
+    if any("is_mode" in o for o in opts):   # fresh fp32 groups: the sampler is the learner
+        assert m["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
     assert (tmp_path / "run" / "final" / "config.json").exists()
 
 

@@ -6,7 +6,8 @@ Two layers:
 * with vLLM (marker ``vllm``; ``make test-vllm`` runs them in .venv-vllm, skipped elsewhere):
   greedy tokens equal agro's cached generator on the default model, sampled per-token log-probs
   equal a forward of the policy within a stated tolerance, pushed weights change the samples,
-  stop-token handling, and the trainer for a few steps (with a lagging engine, dated stale).
+  stop-token handling, the trainer for a few steps (with a lagging engine, dated stale), and a
+  Ray rollout actor with its own engine (async_generation).
 """
 from __future__ import annotations
 
@@ -387,3 +388,34 @@ def test_measure_mismatch_of_agros_own_fp32_sampler_is_round_off(tiny_model_dir)
         other.lm_head.weight.mul_(1.5)          # a different model must show up
     m2 = measure_mismatch(CachedGenerator(model, tok), other, tok, prompts, 3, SamplingParams(8), "fp32")
     assert m2.mean_abs > 100 * max(m.mean_abs, 1e-7)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_async_actor_samples_with_its_own_vllm_engine(tiny_vllm_model_dir, tmp_path):
+    """async_generation with generator=vllm: the Ray actor holds its own engine, loads the pushed
+    weights into it, and its groups are dated by the version it sampled with (k = 1)."""
+    ray = pytest.importorskip("ray")
+    import fakes
+    from agro.async_actors import init_ray
+    from agro.config import TrainConfig, load_config
+    from agro.trainer import Trainer
+
+    ray.cloudpickle.register_pickle_by_value(fakes)
+    init_ray("", 2)
+    try:
+        cfg = load_config(TrainConfig, None, [
+            f"model={tiny_vllm_model_dir}", "generator=vllm", "async_generation=true",
+            "max_staleness=1", "steps=3", "prompts_per_step=4", "group_size=3",
+            "max_new_tokens=6", "eval_prompts=0", "tensorboard=false", "progress=false",
+            "plot=false", "lr=1e-3", "warmup_steps=0", "save_every=0", "precision=fp32",
+            "async_timeout=300", f"output_dir={tmp_path / 'run'}"])
+        tr = Trainer(cfg, grader=fakes.HashGrader())
+        res = tr.train()
+    finally:
+        ray.shutdown()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert res.steps_done == 3
+    assert [r["staleness_mean"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(r["async_actor_tokens_per_second"] > 0 for r in rows)
+    assert any(abs(r["loss"]) > 0 for r in rows)

@@ -10,11 +10,14 @@ reference, the sampler and the grader)::
                      learn on them -> weights v+1
 
 A Ray actor runs its calls one at a time in the order one caller sent them, so a request sent
-after the push of version v is sampled with exactly version v: the groups learned at version v are
-``min(v, k)`` versions old. The prompts are drawn by the learner (its sampler's state is in the
+after the push of version v is sampled with exactly version v (each request names the version it
+expects and the actor refuses any other): the groups learned at version v are ``min(v, k)``
+versions old, fewer only for a request sent again after its actor died (it samples with the
+weights of that moment). The prompts are drawn by the learner (its sampler's state is in the
 checkpoint) and every request carries its own seed, so a run is reproducible whatever the timing,
 and a resumed run is bit-identical to an uninterrupted one: a checkpoint waits for the requests in
-flight and stores their groups (:meth:`AsyncSource.state_dict`).
+flight and stores their groups (:meth:`AsyncSource.state_dict`); that wait is the price of the
+bit-identical resume (reported as ``async_checkpoint_wait_seconds``).
 
 Why Ray (docs/DESIGN.md): the engine verl, OpenRLHF, SkyRL and NeMo-RL build on; one code path
 from a laptop (a local instance) to a cluster (``ray_address``); actor restart on failure
@@ -82,10 +85,22 @@ class RolloutWorker:
         return {"pid": os.getpid(), "index": self.index, "threads": torch.get_num_threads(),
                 "precision": self.cfg.precision}
 
-    def set_exact(self, exact: bool) -> None:
-        """Whether this actor's samples count as draws from pi (the learner's vLLM check)."""
-        if hasattr(self.generator, "exact"):
-            self.generator.exact = bool(exact)
+    def check_sampler(self, prompts: list[list[int]], rule: str, tol: float, previous) -> dict:
+        """generator=vllm: measure this actor's engine against its own copy of the policy (the
+        learner's weights at this point) and apply the run's rule (``vllm_on_policy``); the same
+        check the learner runs when it samples itself. ``previous``: the decision a resumed run
+        recorded, kept as it was."""
+        check = getattr(self.generator, "check_against", None)
+        if check is None:
+            return {"lines": [], "record": None}
+        from .builders import sampling_params
+
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            lines = check(self.sampler_model, cfg.precision, prompts, cfg.group_size,
+                          sampling_params(cfg), rule, tol, previous=previous)
+        return {"lines": lines, "record": getattr(self.generator, "record", None),
+                "exact": getattr(self.generator, "exact", True)}
 
     @torch.no_grad()
     def set_weights(self, version: int, weights: dict) -> None:
@@ -109,6 +124,10 @@ class RolloutWorker:
         """Sample, grade and score one request's prompts with the weights held now."""
         t0 = time.perf_counter()
         maybe_crash("actor")
+        if self.version != request["version"]:   # a push failed, or a new life got none yet
+            raise RuntimeError(f"rollout actor {self.index} holds weights of version "
+                               f"{self.version}, request {request['id']} expects version "
+                               f"{request['version']}")
         from .builders import seed_everything
 
         seed_everything(int(request["seed"]))
@@ -191,8 +210,8 @@ class ActorPool:
             return self.ray.get(refs, timeout=self.timeout)
         except self.ray.exceptions.GetTimeoutError:
             raise ActorError(f"async_generation: no answer from the rollout actors in "
-                             f"async_timeout={self.timeout:.0f} s ({what}); stopped. The last "
-                             "checkpoint is intact: --resume continues.") from None
+                             f"async_timeout={self.timeout:.0f} s ({what}); stopped. Checkpoints "
+                             "already written are intact (--resume continues from the last).") from None
 
     def revive(self, i: int) -> None:
         """Wait until Ray has restarted actor ``i`` (it answers a ping), at most async_timeout."""
@@ -243,7 +262,9 @@ class _Part:
 class AsyncStats:
     """Counters of the async pipeline since the last :meth:`AsyncSource.pop_stats`."""
 
-    wait_seconds: float = 0.0      # learner blocked on the actors' groups
+    wall_seconds: float = 0.0      # since the previous pop_stats (the learner's wall clock)
+    wait_seconds: float = 0.0      # learner blocked on the actors' groups for a step
+    checkpoint_wait_seconds: float = 0.0   # learner waiting for in-flight groups to checkpoint
     push_seconds: float = 0.0      # learner putting weights into the object store
     actor_busy_seconds: float = 0.0
     actor_gen_seconds: float = 0.0
@@ -279,6 +300,9 @@ class AsyncSource:
         self.lives = [0] * len(pool)         # deaths seen per actor
         self.note = note
         self._last_take = None
+        self._weights = None                 # object-store ref of the last push (version pushed)
+        self._exact = None                   # the vLLM check's decision, re-sent after a restart
+        self._t_pop = time.perf_counter()
 
     # -- weights ----------------------------------------------------------------------
     def _trainable(self) -> dict:
@@ -287,8 +311,8 @@ class AsyncSource:
 
     def push(self, version: int) -> None:
         t0 = time.perf_counter()
-        ref = self.pool.ray.put(self._trainable())
-        self.pool.push(version, ref)
+        self._weights = self.pool.ray.put(self._trainable())
+        self.pool.push(version, self._weights)
         self.pushed = version
         self.stats.push_seconds += time.perf_counter() - t0
 
@@ -302,6 +326,7 @@ class AsyncSource:
             if not ex:
                 continue
             req = {"id": self.next_request, "seed": self.rng.randrange(2**31),
+                   "version": self.pushed,
                    "examples": [dataclasses.asdict(e) for e in ex], "prompt_ids": ids}
             self.next_request += 1
             parts.append(self._send(i, req))
@@ -310,7 +335,7 @@ class AsyncSource:
     def _send(self, actor: int, request: dict) -> _Part:
         return _Part(actor, request, self.pool.submit(actor, request), None, self.lives[actor])
 
-    def _wait(self, part: _Part) -> dict:
+    def _wait(self, part: _Part, during_checkpoint: bool = False) -> dict:
         ray = self.pool.ray
         while part.result is None:
             t0 = time.perf_counter()
@@ -325,18 +350,29 @@ class AsyncSource:
                     if self.lives[a] > self.pool.max_restarts:
                         raise ActorError(
                             f"async_generation: rollout actor {a} died {self.lives[a]} times "
-                            f"(async_max_restarts={self.pool.max_restarts}): {e}. The last "
-                            "checkpoint is intact: --resume continues.") from None
+                            f"(async_max_restarts={self.pool.max_restarts}): {e}. Checkpoints "
+                            "already written are intact (--resume continues from the "
+                            "last).") from None
                     self.note(f"rollout actor {a} died; Ray restarts it, and its lost requests "
-                              f"are sent again with the current weights (version {self.pushed})")
+                              f"are sent again with the weights last pushed (version "
+                              f"{self.pushed})")
                 self.pool.revive(a)
-                # the new life holds the initial weights: the current ones go first
-                self.pool.actors[a].set_weights.remote(self.pushed, ray.put(self._trainable()))
+                # the new life holds the initial weights: the last pushed ones go first (the
+                # same object as that push, so the version label stays true mid-checkpoint)
+                actor = self.pool.actors[a]
+                actor.set_weights.remote(self.pushed, self._weights)
+                if self._exact is not None:
+                    actor.set_exact.remote(self._exact)
+                part.request = {**part.request, "version": self.pushed}
                 fresh = self._send(a, part.request)
                 part.ref, part.life = fresh.ref, fresh.life
                 self.stats.resent += 1
             finally:
-                self.stats.wait_seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                if during_checkpoint:
+                    self.stats.checkpoint_wait_seconds += dt
+                else:
+                    self.stats.wait_seconds += dt
         return part.result
 
     def take(self, k: int, version: int) -> list[Group]:
@@ -370,12 +406,18 @@ class AsyncSource:
         self.stats.actor_tokens += res["stats"]["completion_tokens"]
 
     def pop_stats(self) -> AsyncStats:
+        now = time.perf_counter()
         s, self.stats = self.stats, AsyncStats()
+        s.wall_seconds, self._t_pop = now - self._t_pop, now
         return s
 
-    def set_exact(self, exact: bool) -> None:
-        """Pass on the learner's vLLM check: do the actors' samples count as draws from pi."""
-        self.pool.get([a.set_exact.remote(exact) for a in self.pool.actors], what="set_exact")
+    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
+        """Every actor checks its own sampler (generator=vllm); returns actor 0's report, and the
+        run's decision is every actor's (they are the same build on the same weights)."""
+        reports = self.pool.get([a.check_sampler.remote(prompts, rule, tol, previous)
+                                 for a in self.pool.actors], what="sampler check")
+        self._exact = reports[0].get("exact")
+        return reports[0]
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -385,13 +427,16 @@ class AsyncSource:
         for parts in self.queue:
             step = []
             for part in parts:
-                res = self._wait(part)
+                res = self._wait(part, during_checkpoint=True)
                 step.append({"actor": part.actor, "request": part.request, "result": res})
             queue.append(step)
-        return {"rng": _rng_state(self.rng), "queue": queue,
+        return {"kind": "async", "rng": _rng_state(self.rng), "queue": queue,
                 "next_request": self.next_request, "last_take": self._last_take}
 
     def load_state_dict(self, d: dict) -> None:
+        if d.get("kind") != "async":
+            raise ValueError("--resume: the checkpoint was written without async_generation; "
+                             "resume with async_generation=false (the setting the run began with)")
         _set_rng_state(self.rng, d["rng"])
         self.queue = [[_Part(p["actor"] % len(self.pool), p["request"], None, p["result"])
                        for p in step] for step in d["queue"]]   # all answered before the save
@@ -415,16 +460,18 @@ class FollowerSource:
         return scatter_groups(self.dist, None, k)
 
     def state_dict(self) -> dict:
-        return {}
+        return {"kind": "async"}
 
     def load_state_dict(self, d: dict) -> None:
-        pass
+        if d.get("kind") != "async":
+            raise ValueError("--resume: the checkpoint was written without async_generation; "
+                             "resume with async_generation=false (the setting the run began with)")
 
     def pop_stats(self) -> AsyncStats:
         return AsyncStats()
 
-    def set_exact(self, exact: bool) -> None:
-        pass
+    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
+        return {"lines": [], "record": None}
 
     def close(self) -> None:
         pass
@@ -451,8 +498,8 @@ class LeaderSource:
     def pop_stats(self) -> AsyncStats:
         return self.inner.pop_stats()
 
-    def set_exact(self, exact: bool) -> None:
-        self.inner.set_exact(exact)
+    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
+        return self.inner.check_sampler(prompts, rule, tol, previous)
 
     def close(self) -> None:
         self.inner.close()
@@ -462,7 +509,7 @@ def scatter_groups(dist, groups: list[Group] | None, k: int) -> list[Group]:
     """Rank 0's ``k * world`` groups -> each rank's contiguous slice of ``k`` (fewer if rank 0
     got fewer, e.g. prompts skipped as too long)."""
     payload = [g.to_dict() for g in groups] if groups is not None else None
-    everything = dist.all_gather(payload)[0]
+    everything = dist.broadcast(payload)
     mine = everything[dist.rank * k:(dist.rank + 1) * k]
     return [Group.from_dict(g) for g in mine]
 

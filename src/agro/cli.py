@@ -22,7 +22,7 @@ commands:
   lab       exact tabular experiments (Figure 1 of the paper; the on-policy pitfall)
             agro lab figure1|pitfall [CONFIG.yaml] [key=value ...]   (out=DIR)
   repro     the paper's LLM claims with verdicts, resumable sweeps of the real trainer
-            agro repro --list | agro repro c1..c6 --out DIR [--quick] [key=value ...]
+            agro repro --list | agro repro c1..c7 --out DIR [--quick] [key=value ...]
 
 `agro COMMAND --help` lists every field of that command's config.
 """
@@ -231,7 +231,7 @@ def cmd_lab(argv: list[str]) -> int:
 def cmd_repro(argv: list[str]) -> int:
     from .config import ConfigError, ReproConfig, load_config
 
-    usage = "agro repro --list | agro repro c1..c6 --out DIR [--quick] [CONFIG.yaml] [key=value ...]"
+    usage = "agro repro --list | agro repro c1..c7 --out DIR [--quick] [CONFIG.yaml] [key=value ...]"
     if _help(argv, usage, ReproConfig):
         return 0
     if "--list" in argv:

@@ -230,10 +230,11 @@ class PlotConfig:
 
 @dataclass
 class ReproConfig:
-    """`agro repro`: the paper's LLM claims (c1 ... c6) reproduced with the real trainer, resumably."""
+    """`agro repro`: the paper's LLM claims (c1 ... c6) and ours (c7, asynchronous actors),
+    reproduced with the real trainer, resumably."""
 
     claim: str = _f("", "Claim, also accepted as the first positional (agro repro c1 --out DIR); "
-                    "`agro repro --list` names them.", ("c1", "c2", "c3", "c4", "c5", "c6"))
+                    "`agro repro --list` names them.", ("c1", "c2", "c3", "c4", "c5", "c6", "c7"))
     out: str = _f("", "Output directory (required): runs.csv, arms.yaml, the plots, verdict.md.")
     quick: bool = _f(False, "The same pipeline on a tiny random model, a couple of steps per arm "
                      "(plumbing only; also the flag --quick).")

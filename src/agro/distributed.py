@@ -100,6 +100,14 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (what the others pass is ignored)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

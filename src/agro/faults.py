@@ -3,7 +3,9 @@ execution reaches ``point`` (1-based). Unset (the normal case) it costs one dict
 
 Points: ``collect`` (after generation, before grading and reference log-probs), ``backward``
 (after a micro-batch's backward, before the optimizer step), ``checkpoint`` (inside
-``save_checkpoint``, after the weights are written and before the checkpoint is complete).
+``save_checkpoint``, after the weights are written and before the checkpoint is complete),
+``actor`` (a Ray rollout actor, at the start of each request; async_generation passes
+AGRO_FAULT on to its actors).
 The kill -9 tests in tests/test_kill_resume.py use it to die at exact places; no code path
 depends on it otherwise.
 """

@@ -57,7 +57,10 @@ Departures from the paper (Tang et al. 2025, arXiv:2503.19612):
   "sum": the 1/|y| factor depends on later tokens, so the dropped terms would no longer have zero
   mean.
 * `kl_pg_token` takes Omega as a SUM of token KLs (§3.4; the paper leaves this open). `grpo` is not in
-  the paper; it is here as a familiar baseline.
+  the paper; it is here as a familiar baseline. Its `is_mode` option gives it the peers' correction
+  for samples that are not from the current policy (truncated or masked importance sampling on the
+  recorded behaviour log-probs, as TRL's `vllm_importance_sampling_mode`; default off). AGRO's losses
+  never take importance weights.
 """
 
 from __future__ import annotations
@@ -324,6 +327,8 @@ class LossSpec:
     on_policy_terms: whether these options give it terms that are valid only on samples of the
                     current pi (§4.2; what the ``on_policy`` flags switch off): a bool or a
                     function of the options. A loss may take ``on_policy`` only for its metrics.
+    behavior:       whether these options need the behaviour log-probs (``behavior_logprobs``
+                    [B, T], what the sampler recorded): a bool or a function of the options.
     """
 
     name: str
@@ -333,6 +338,12 @@ class LossSpec:
     token_kl: bool | Callable[[dict], bool] = False
     checks: Callable[[int, dict], None] = _static_checks_none
     on_policy_terms: bool | Callable[[dict], bool] = False
+    behavior: bool | Callable[[dict], bool] = False
+
+    def needs_behavior(self, options: dict) -> bool:
+        """Whether a call with these options needs ``behavior_logprobs`` ([B, T], detached)."""
+        rule = self.behavior
+        return bool(rule(self.resolved(options)) if callable(rule) else rule)
 
     def has_on_policy_terms(self, options: dict) -> bool:
         """Whether a call with these options has on-policy-only terms."""
@@ -372,7 +383,8 @@ LOSSES: dict[str, LossSpec] = {}
 def register_loss(name: str, *, beta_positive: bool = False,
                   token_kl: bool | Callable[[dict], bool] = False,
                   checks: Callable[[int, dict], None] = _static_checks_none,
-                  on_policy_terms: bool | Callable[[dict], bool] = False):
+                  on_policy_terms: bool | Callable[[dict], bool] = False,
+                  behavior: bool | Callable[[dict], bool] = False):
     """Register `fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, *, <options>) -> LossOutput`
     with what callers must know of it (:class:`LossSpec`).
 
@@ -384,7 +396,8 @@ def register_loss(name: str, *, beta_positive: bool = False,
             raise ValueError(f"loss {name!r} is already registered")
         params = inspect.signature(fn).parameters.values()
         options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks, on_policy_terms)
+        LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks, on_policy_terms,
+                                behavior)
         return fn
 
     return decorator
@@ -445,10 +458,51 @@ def _kl_pg_token_checks(group_size: int, o: dict) -> None:
     _check_choice("kl_pg_token", "logprob_reduction", o["logprob_reduction"], REDUCTIONS)
 
 
+IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
 def _grpo_checks(group_size: int, o: dict) -> None:
     eps = o["eps"]
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"grpo: eps must be a float > 0, got {eps!r}")
+    _check_choice("grpo", "is_mode", o["is_mode"], IS_MODES)
+    c = o["is_cap"]
+    if not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+        raise ValueError(f"grpo: is_cap must be a float > 0, got {c!r}")
+
+
+def _grpo_needs_behavior(o: dict) -> bool:
+    return o.get("is_mode", "none") != "none"
+
+
+def behavior_log_ratio(logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor,
+                       mode: str) -> Tensor:
+    """log rho = log pi_theta - log mu, detached: [B, T]; per token (``token_*``) or, for
+    ``sequence_*``, the sequence's summed log-ratio at every token. 0 on padding."""
+    with torch.no_grad():
+        d = _masked(logprobs.detach() - behavior_logprobs.to(logprobs.dtype), mask)   # [B, T]
+        if mode.startswith("sequence"):
+            d = _masked(d.sum(-1, keepdim=True).expand_as(d), mask)
+        return d
+
+
+def behavior_is_weights(logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor, mode: str,
+                        cap: float) -> Tensor:
+    """The peers' correction for samples not drawn from the current policy, detached: [B, T].
+
+    rho = pi_theta(y) / mu(y) from the learner's log-probs and the sampler's recorded ones, per
+    token (``token_*``) or per sequence (``sequence_*``: exp of the summed log-ratio, the same for
+    every token); ``*_truncate``: min(rho, cap); ``*_mask``: rho where rho <= cap, else 0. The same
+    rule as TRL's ``vllm_importance_sampling_mode`` / ``_clip_max`` (TRL 1.16 defaults:
+    sequence_mask, 3.0). Shapes: logprobs, behavior_logprobs, mask [B, T].
+    """
+    with torch.no_grad():
+        rho = torch.exp(behavior_log_ratio(logprobs, behavior_logprobs, mask, mode))
+        if mode.endswith("truncate"):
+            rho = rho.clamp(max=cap)
+        else:
+            rho = torch.where(rho <= cap, rho, torch.zeros_like(rho))
+        return _masked(rho, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,17 +614,20 @@ def kl_pg_token_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewar
                       {"loss_reward": loss_reward.detach(), "loss_reg": loss_reg.detach()})
 
 
-@register_loss("grpo", checks=_grpo_checks)
+@register_loss("grpo", checks=_grpo_checks, behavior=_grpo_needs_behavior)
 def grpo_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
-              beta: float, *, eps: float = 1e-6, on_policy=None) -> LossOutput:
+              beta: float, *, eps: float = 1e-6, is_mode: str = "none", is_cap: float = 3.0,
+              behavior_logprobs: Tensor | None = None, on_policy=None) -> LossOutput:
     """GRPO (Shao et al. 2024) with one update per batch (ratio = exp(lp - sg(lp)) = 1, so no clipping).
 
-    Shapes: logprobs, ref_logprobs, mask [B, T]; rewards, on_policy [B]. Not in the AGRO paper.
-    Advantage A_b = (r_b - mean_g r) / (std_g r + eps), where std is the unbiased (n-1) group std, as in
-    TRL/verl. Per token: -A_b * ratio_t + beta * k3_t, with k3_t = exp(ref-lp) - (ref-lp) - 1.
-    Aggregation: token mean per sequence, then mean over sequences (seq_mean_token_mean). So
-    d loss/d lp[b,t] = mask/(B*|y_b|) * (-A_b + beta*(1 - exp(ref - lp))).
-    on_policy only feeds the metric.
+    Shapes: logprobs, ref_logprobs, mask, behavior_logprobs [B, T]; rewards, on_policy [B]. Not in
+    the AGRO paper. Advantage A_b = (r_b - mean_g r) / (std_g r + eps), where std is the unbiased
+    (n-1) group std, as in TRL/verl. Per token: -A_b * ratio_t * rho_bt + beta * k3_t, with
+    k3_t = exp(ref-lp) - (ref-lp) - 1 and rho the detached importance weight of
+    :func:`behavior_is_weights` (``is_mode``, ``is_cap``; 1 when is_mode='none'), applied to the
+    policy-gradient term only, as TRL does. Aggregation: token mean per sequence, then mean over
+    sequences (seq_mean_token_mean). So d loss/d lp[b,t] = mask/(B*|y_b|) * (-A_b*rho_bt +
+    beta*(1 - exp(ref - lp))). on_policy only feeds the metric.
     """
     n = group_size
     lp = _masked(logprobs, mask)  # [B, T]
@@ -578,11 +635,24 @@ def grpo_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
     adv = ((rg - rg.mean(-1, keepdim=True)) / (rg.std(-1, keepdim=True) + eps)).reshape(-1)  # [B]
     d = _masked(ref_logprobs - lp, mask)  # [B, T]
     k3 = torch.exp(d) - d - 1  # [B, T]
-    loss_pg = seq_mean_token_mean(-adv[:, None] * ratio_one(lp), mask)
+    pg = -adv[:, None] * ratio_one(lp)  # [B, T]
+    terms = {}
+    if is_mode != "none":
+        if behavior_logprobs is None:
+            raise ValueError(f"grpo: is_mode={is_mode!r} needs behavior_logprobs [B, T] (the "
+                             "sampler's recorded log-probs)")
+        rho = behavior_is_weights(lp, behavior_logprobs, mask, is_mode, is_cap)  # [B, T]
+        pg = pg * rho
+        tokens = mask.sum().clamp(min=1)
+        above = (behavior_log_ratio(lp, behavior_logprobs, mask, is_mode) > math.log(is_cap)) \
+            & (mask > 0)   # [B, T]: truncated or masked
+        terms = {"is_weight_mean": (rho * mask).sum() / tokens,
+                 "is_weight_above_cap_fraction": above.sum() / tokens}
+    loss_pg = seq_mean_token_mean(pg, mask)
     loss_kl = beta * seq_mean_token_mean(k3, mask)
     l = sequence_sum(logprobs - ref_logprobs, mask).detach()  # [B]
     return LossOutput(loss_pg + loss_kl, adv, rewards - beta * l,
-                      {"loss_pg": loss_pg.detach(), "loss_kl": loss_kl.detach()})
+                      {"loss_pg": loss_pg.detach(), "loss_kl": loss_kl.detach(), **terms})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,12 +746,18 @@ def compute_loss(name: str, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor
     """
     spec = loss_spec(name)
     _check_devices(logprobs, ref_logprobs=ref_logprobs, mask=mask, rewards=rewards,
-                   on_policy=options.get("on_policy"), token_kl=options.get("token_kl"))
+                   on_policy=options.get("on_policy"), token_kl=options.get("token_kl"),
+                   behavior_logprobs=options.get("behavior_logprobs"))
     group_size, beta = _check_scalars(group_size, beta)
     spec.validate(beta, group_size, options)
     if spec.needs_token_kl(options) and options.get("token_kl") is None:
         raise ValueError(f"{name}: needs the option token_kl with options {options} ([B, T] "
                          "full-vocabulary KL(pi||pi_ref) per position, differentiable)")
+    if spec.needs_behavior(options):
+        b = options.get("behavior_logprobs")
+        if not isinstance(b, Tensor) or b.shape != logprobs.shape:
+            raise ValueError(f"{name}: is_mode={options.get('is_mode')!r} needs behavior_logprobs, a "
+                             f"tensor of shape {tuple(logprobs.shape)} (the sampler's log-probs)")
     logprobs, ref_logprobs, mask, rewards = _prepare_inputs(logprobs, ref_logprobs, mask, rewards, group_size)
     on = on_policy_mask(options.get("on_policy"), rewards.numel(), group_size, rewards.device)
     if "on_policy" in options:

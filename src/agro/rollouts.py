@@ -110,6 +110,8 @@ class Batch:
     on_policy: torch.Tensor        # [B] bool
     group_size: int
     prompt_len: int                # P
+    behavior_logprobs: torch.Tensor | None = None   # [B, T] float32 log mu (0 on padding); None
+                                                    # unless every group recorded them
 
     @property
     def num_samples(self) -> int:
@@ -121,7 +123,9 @@ class Batch:
         tensors = {f: getattr(self, f).to(device) for f in
                    ("input_ids", "attention_mask", "completion_mask", "completion_ids",
                     "ref_logprobs", "rewards", "on_policy")}
-        return Batch(**tensors, group_size=self.group_size, prompt_len=self.prompt_len)
+        beh = None if self.behavior_logprobs is None else self.behavior_logprobs.to(device)
+        return Batch(**tensors, group_size=self.group_size, prompt_len=self.prompt_len,
+                     behavior_logprobs=beh)
 
 
 def collate(
@@ -147,6 +151,8 @@ def collate(
     cmask = torch.zeros((B, T), dtype=torch.float32)
     cids = torch.full((B, T), pad_token_id, dtype=torch.long)
     ref = torch.zeros((B, T), dtype=torch.float32)
+    has_beh = all(g.behavior_logprobs is not None for g in groups)
+    beh = torch.zeros((B, T), dtype=torch.float32) if has_beh else None
     rewards = torch.zeros(B, dtype=torch.float32)
     on_policy = torch.zeros(B, dtype=torch.bool)
     b = 0
@@ -165,6 +171,8 @@ def collate(
                 cmask[b, :len(c)] = 1.0
                 if g.ref_logprobs is not None:
                     ref[b, :len(c)] = torch.tensor(g.ref_logprobs[i], dtype=torch.float32)
+                if beh is not None:
+                    beh[b, :len(c)] = torch.tensor(g.behavior_logprobs[i], dtype=torch.float32)
             rewards[b] = float(g.rewards[i])
             on_policy[b] = onp
             b += 1
@@ -178,6 +186,7 @@ def collate(
         on_policy=on_policy,
         group_size=n,
         prompt_len=P,
+        behavior_logprobs=beh,
     )
 
 

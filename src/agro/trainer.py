@@ -113,11 +113,12 @@ class Trainer:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the "
                              f"number of processes ({self.dist.world}): it is the global batch")
         self.local_prompts = cfg.prompts_per_step // self.dist.world
-        if cfg.generator == "vllm" and self.dist.world > 1:
+        if cfg.generator == "vllm" and self.dist.world > 1 and not cfg.async_generation:
             raise ValueError("generator=vllm runs one in-process engine, for one process: with "
                              f"{self.dist.world} processes every engine would take the first "
-                             "device and its process group. Not supported yet (use "
-                             "generator=cached with data parallel)")
+                             "device and its process group. Use async_generation=true (each "
+                             "actor holds its own engine), or generator=cached with data "
+                             "parallel")
         self.device = self.dist.device
         self.out = Path(cfg.output_dir)
         self.ckpt_path = latest_checkpoint(self.out) if resume else None
@@ -162,7 +163,11 @@ class Trainer:
                                 else torch.float32, self.device)
         self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
                   f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)})")
-        self.generator = build_generator(cfg, self.learner, self.tok)
+        # async: the actors sample; the learner's own sampler only evaluates, and is agro's own
+        # (no second vLLM engine per learner process; every rank may hold one)
+        self.generator = build_generator(
+            dataclasses.replace(cfg, generator="cached") if cfg.async_generation
+            and cfg.generator == "vllm" else cfg, self.learner, self.tok)
         self._own_grader = grader is None      # a grader passed in is the caller's to close
         self.grader = build_grader(cfg, grader)
         self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
@@ -173,7 +178,17 @@ class Trainer:
                                  replay_capacity=cfg.replay_capacity, replay_prob=cfg.replay_prob,
                                  stale_lag=cfg.stale_lag, seed=cfg.seed,
                                  rank=self.dist.rank, world=self.dist.world)
-        self.async_source = self._async_source() if cfg.async_generation else None
+        self.async_source = None
+        if cfg.async_generation:
+            self.async_source = self._async_source()
+        try:   # from here on the actors exist: a failure must not leave them running
+            self._init_rest(cfg)
+        except BaseException:
+            self.close_generator()
+            raise
+
+    def _init_rest(self, cfg: TrainConfig) -> None:
+        """The rest of :meth:`__init__`: optimizer, loss, resume, sampler check, logger."""
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -189,9 +204,8 @@ class Trainer:
         self._resumed_sampler_check = None
         if self.ckpt_path is not None:
             self._resume()
+        self.sampler_record = None
         self.sampler_notes = self._check_sampler()
-        if self.async_source is not None and hasattr(self.generator, "exact"):
-            self.async_source.set_exact(self.generator.exact)   # the actors' engines are the same build
         self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
                                     resume_step=self.step if self.ckpt_path else None) \
@@ -206,7 +220,12 @@ class Trainer:
 
         cfg = self.cfg
         if self.dist.is_main:
-            pool = ActorPool(cfg, to_dict(cfg), None if self._own_grader else self.grader)
+            from .grading import Grader
+
+            # a grader passed in goes to the actors (it must pickle), except agro's own sandboxed
+            # one, shared across runs by `agro repro`: each actor starts its own, the same
+            portable = not (self._own_grader or isinstance(self.grader, Grader))
+            pool = ActorPool(cfg, to_dict(cfg), self.grader if portable else None)
             who = ", ".join(f"pid {i['pid']}: {i['threads']} thread(s)" for i in pool.info)
             self.note(f"async_generation: {len(pool)} rollout actor(s) ({who}), "
                       f"max_staleness={cfg.max_staleness}")
@@ -346,17 +365,28 @@ class Trainer:
         """A sampler that is only close to pi (generator=vllm) measures how close on a few
         held-out prompts and applies the run's rule (``vllm_on_policy``); the global RNG is left
         as it was, so the run's own samples do not depend on this check."""
+        cfg = self.cfg
         check = getattr(self.generator, "check_against", None)
+        if self.async_source is not None and cfg.generator == "vllm":
+            check = "actors"       # the actors sample: each checks its own engine
         if check is None:
             return []
-        cfg = self.cfg
         prompts = [p for p in (self.collector.encode(ex) for ex in self.task.eval_examples(8))
                    if len(p) <= cfg.max_prompt_tokens]
-        with torch.random.fork_rng(devices=[]):
-            lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
-                          sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol,
-                          previous=self._resumed_sampler_check)
-        if (getattr(self.generator, "exact", True) is False
+        if check == "actors":
+            report = self.async_source.check_sampler(prompts, cfg.vllm_on_policy,
+                                                     cfg.vllm_mismatch_tol,
+                                                     self._resumed_sampler_check)
+            lines = [f"rollout actors: {x}" for x in report["lines"]]
+            self.sampler_record, exact = report["record"], report.get("exact", True)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
+                              sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol,
+                              previous=self._resumed_sampler_check)
+            self.sampler_record = getattr(self.generator, "record", None)
+            exact = getattr(self.generator, "exact", True)
+        if (exact is False
                 and self.loss.has_on_policy_terms(cfg.loss_options)
                 and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)):
             lines.append(f"warning: loss {cfg.loss} has on-policy-only terms and they are off for "
@@ -378,7 +408,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         cfg = self.cfg
-        record = getattr(self.generator, "record", None)
+        record = self.sampler_record
         if self.logger and record is not None and self.ckpt_path is None:
             self.logger.log_event("sampler_check", step=0, generator=cfg.generator, **record)
         if self.step == 0 and cfg.eval_prompts > 0 and cfg.eval_before and self.before is None:
@@ -481,6 +511,12 @@ class Trainer:
         opts = dict(self.cfg.loss_options)
         if self.loss.accepts_on_policy:
             opts["on_policy"] = batch.on_policy
+        if self.loss.needs_behavior(opts):
+            if batch.behavior_logprobs is None:
+                raise ValueError(f"loss {self.cfg.loss} with {opts} needs the behaviour log-probs "
+                                 "the sampler recorded, and some groups of this step have none "
+                                 "(e.g. an offline file written without them)")
+            opts["behavior_logprobs"] = batch.behavior_logprobs
         if self.needs_token_kl:
             lp, logits = batch_logprobs(self.learner, batch, self.cfg.precision, with_logits=True)
             with torch.no_grad():
@@ -564,7 +600,7 @@ class Trainer:
         if self.async_source is not None:   # the histogram's every bar, also the empty ones
             for d in range(self.cfg.max_staleness + 1):
                 m.setdefault(f"staleness_{d}_groups", 0.0)
-            m.update(self.async_metrics(t2 - t0, t2 - t1, tot["tokens"]))
+            m.update(self.async_metrics(tot["tokens"]))
         for s in ("fresh", "replay", "offline", "stale"):
             m[f"{s}_fraction"] = tot.get(f"{s}_groups", 0.0) / g_all
         w = self.dist.world   # per-process rates: each process runs its share in the same seconds
@@ -578,17 +614,25 @@ class Trainer:
                              peak=self.peak))
         return m
 
-    def async_metrics(self, step_seconds: float, learn_seconds: float, tokens: float) -> dict:
-        """async_generation: how the two sides spent the step. Actor time is counted when its
-        groups arrive, so one step's actor figures are noisy; their means over steps are exact."""
+    def async_metrics(self, tokens: float) -> dict:
+        """async_generation: how the two sides spent the time since the previous step's metrics
+        (``wall``). Actor work is counted when its groups arrive, so one step's actor figures are
+        noisy (clamped to [0, 1]); over a run, the summed busy seconds against the summed wall
+        time are exact. ``async_actor_tokens_per_second``: completion tokens the actors produced
+        per wall second (all actors); ``async_learner_tokens_per_second``: tokens the learner
+        learned per wall second."""
         st = self.async_source.pop_stats()
+        wall = max(1e-9, st.wall_seconds)
         actors = max(1, self.cfg.async_actors)
         return {
-            "async_learner_idle_fraction": st.wait_seconds / max(1e-9, step_seconds),
-            "async_actor_idle_fraction": max(0.0, 1.0 - st.actor_busy_seconds
-                                             / max(1e-9, actors * step_seconds)),
-            "async_actor_tokens_per_second": st.actor_tokens / max(1e-9, st.actor_gen_seconds),
-            "async_learner_tokens_per_second": tokens / max(1e-9, learn_seconds),
+            "async_learner_idle_fraction": min(1.0, st.wait_seconds / wall),
+            "async_actor_idle_fraction": min(1.0, max(0.0, 1.0 - st.actor_busy_seconds
+                                                      / (actors * wall))),
+            "async_actor_tokens_per_second": st.actor_tokens / wall,
+            "async_learner_tokens_per_second": tokens / wall,
+            "async_actor_busy_seconds": st.actor_busy_seconds,
+            "async_wall_seconds": st.wall_seconds,
+            "async_checkpoint_wait_seconds": st.checkpoint_wait_seconds,
             "async_push_seconds": st.push_seconds,
             "async_actor_restarts": float(st.restarts),
             "async_requests_resent": float(st.resent),
@@ -657,7 +701,8 @@ class Trainer:
             "counters": {"collect": dict(self.counters.collect),
                          "empty_steps": self.counters.empty_steps},
             "world": self.dist.world,
-            "sampler_check": getattr(self.generator, "record", None),
+            "sampler_check": self.sampler_record,
+            "async_generation": bool(self.cfg.async_generation),
         }
 
     def save(self) -> Path | None:
@@ -685,6 +730,10 @@ class Trainer:
                 raise ValueError(f"checkpoint was written by {len(st['rank_states'])} processes; "
                                  f"resume with the same number (now {self.dist.world})")
             st = st["rank_states"][self.dist.rank]
+        if bool(st.get("async_generation", False)) != bool(self.cfg.async_generation):
+            raise ValueError(f"--resume: the checkpoint was written with async_generation="
+                             f"{str(bool(st.get('async_generation', False))).lower()}; resume "
+                             "with the setting the run began with")
         self.step = int(st["step"])
         self.version = int(st["version"])
         self.consecutive_skips = int(st["consecutive_skips"])

@@ -47,6 +47,14 @@ QUICK_OFFLINE = dict(prompts=4, epochs=2, seed=1234)
 EQ6 = {"lr_coef": 1.0, "lr_baseline": "none", "reg_estimator": "vanilla", "logprob_reduction": "sum"}
 
 
+# c7: the staleness bounds and the three learners: agro and kl_pg with no importance weights, and
+# grpo with the peers' correction (TRL 1.16's defaults: sequence-level ratio, masked above 3).
+ASYNC_K = (0, 1, 4)
+GRPO_IS = {"is_mode": "sequence_mask", "is_cap": 3.0}
+ASYNC_LOSSES = (("agro", "agro", {}), ("kl_pg", "kl_pg", {"loss": "kl_pg"}),
+                ("grpo_is", "grpo + IS", {"loss": "grpo", "loss_options": GRPO_IS}))
+
+
 @dataclass(frozen=True)
 class Arm:
     """One arm: `TrainConfig` overrides on the base. ``offline``: trains on the shared file."""
@@ -81,6 +89,10 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     _arm("offline-kl_pg_token", "kl_pg_token (beta=0.02), offline", offline=True,
          loss="kl_pg_token"),
     _arm("offline-pg", "PG, beta=0, offline", offline=True, loss="kl_pg", beta=0.0),
+    # c7: Ray rollout actors ahead of the learner by max_staleness = k versions (issue 10)
+    *[_arm(f"async{k}-{name}", f"{label}, async k={k}", async_generation=True, max_staleness=k,
+           **over)
+      for k in ASYNC_K for name, label, over in ASYNC_LOSSES],
 ]}
 
 
@@ -124,6 +136,12 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "importance weights, agro keeps its lag-0 accuracy and does at least as well as "
           "kl_pg at equal staleness.",
           ("agro", "stale2-agro", "stale8-agro", "kl_pg", "stale2-kl_pg", "stale8-kl_pg")),
+    Claim("c7", "Asynchronous actors at bounded staleness, no importance weights (ours, issue 10)",
+          "With generation in Ray actors running ahead of the learner by max_staleness k in "
+          "{0, 1, 4} policy versions, agro with no importance weights keeps its k = 0 accuracy "
+          "and does at least as well as kl_pg (no importance weights) and as grpo with the "
+          "peers' truncated/masked importance sampling at equal staleness.",
+          tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES)),
 ]}
 
 

@@ -256,11 +256,29 @@ def _c6(recs):
     return parts
 
 
+def _c7(recs):
+    parts = []
+    for k in (1, 4):
+        for other in ("kl_pg", "grpo_is"):
+            parts.append(_part(f"agro does at least as well as {other} at k = {k}",
+                               f"final held-out accuracy, async{k}-agro - async{k}-{other}",
+                               stats.paired(per_seed(recs, f"async{k}-agro", final_acc),
+                                            per_seed(recs, f"async{k}-{other}", final_acc),
+                                            level=0.90),
+                               _at_least))
+    parts.append(_part("agro keeps its k = 0 accuracy at k = 4",
+                       "final held-out accuracy, async4-agro - async0-agro",
+                       stats.paired(per_seed(recs, "async4-agro", final_acc),
+                                    per_seed(recs, "async0-agro", final_acc), level=0.90),
+                       _at_least))
+    return parts
+
+
 def decide(claim: Claim, recs, seeds) -> dict:
     missing = _missing(claim, recs, seeds)
     extra: list[dict] = []
     info: list[dict] = []
-    fn = {"c1": _c1, "c3": _c3, "c4": _c4, "c5": _c5, "c6": _c6}.get(claim.name)
+    fn = {"c1": _c1, "c3": _c3, "c4": _c4, "c5": _c5, "c6": _c6, "c7": _c7}.get(claim.name)
     if claim.name == "c2":
         parts, extra, info = _c2(recs)
     else:
