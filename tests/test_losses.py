@@ -260,14 +260,19 @@ def test_kl_pg_token_gradient_by_hand():
     assert abs(metrics["kl_token"] - sum(seq(TOKKL, b) for b in range(B)) / B) < TOL
 
 
-def test_grpo_gradient_by_hand():
-    eps = 1e-6
+def grpo_adv(eps=1e-6):
+    """GRPO's advantage from plain Python: (r - group mean) / (unbiased group std + eps)."""
     adv = []
     for b in range(B):
         grp = REW[(b // N) * N:(b // N) * N + N]
         mean = sum(grp) / N
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (N - 1))
         adv.append((REW[b] - mean) / (std + eps))
+    return adv
+
+
+def test_grpo_gradient_by_hand():
+    adv = grpo_adv()
     expected = [[MASK[b][t] / (B * sum(MASK[b])) * (-adv[b] + BETA * (1 - math.exp(REF[b][t] - LP[b][t])))
                  if MASK[b][t] else 0.0 for t in range(T)] for b in range(B)]
     _, metrics, g, _ = run("grpo")
@@ -285,16 +290,6 @@ def test_grpo_two_samples_explicit_numbers():
 # behaviour log-probs of a sampler that is not the current policy (some ratios above the cap)
 BEH = [[-0.9, -0.2, PAD], [-0.8, -1.9, -PAD], [-0.1, PAD, PAD],
        [-1.5, -0.9, -0.1], [-0.7, -0.6, PAD], [-2.5, -0.3, -0.4]]
-
-
-def grpo_adv(eps=1e-6):
-    adv = []
-    for b in range(B):
-        grp = REW[(b // N) * N:(b // N) * N + N]
-        mean = sum(grp) / N
-        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (N - 1))
-        adv.append((REW[b] - mean) / (std + eps))
-    return adv
 
 
 def is_weight_by_hand(b, t, mode, cap):

@@ -152,6 +152,19 @@ def test_c6_noninferiority_both_ways():
     assert parts["agro keeps its lag-0 accuracy at lag 8"] == stats.NOT_REPRODUCED
 
 
+def test_c7_noninferiority_both_ways():
+    good = {f"async{k}-{n}": ([0.1, 0.3, acc], None) for k in (0, 1, 4)
+            for n, acc in (("agro", 0.4), ("kl_pg", 0.35), ("grpo_is", 0.3))}
+    ok = _recs(good)
+    v = verdicts.decide(CLAIMS["c7"], ok, [0, 1, 2])
+    assert v["verdict"] == stats.REPRODUCED and len(v["parts"]) == 5
+    bad = dict(ok, **_recs({"async4-agro": ([0.1, 0.2, 0.2], None)}))
+    parts = _parts(verdicts.decide(CLAIMS["c7"], bad, [0, 1, 2]))
+    assert parts["agro does at least as well as grpo_is at k = 4"] == stats.NOT_REPRODUCED
+    assert parts["agro keeps its k = 0 accuracy at k = 4"] == stats.NOT_REPRODUCED
+    assert parts["agro does at least as well as kl_pg at k = 1"] == stats.REPRODUCED
+
+
 def test_matched_kl_below_the_floor_is_inconclusive_not_a_free_verdict():
     tiny = [0.0, 0.001, 0.002]
     recs = _recs({"agro": ([0.1, 0.3, 0.5], tiny), "replay-p0.5": ([0.1, 0.2, 0.3], tiny),
