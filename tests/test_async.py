@@ -161,6 +161,20 @@ def test_a_dead_actor_is_restarted_with_current_weights_and_its_request_sent_aga
     assert pool.log[i - 1][0] == "push" and pool.log[i][3] == pool.log[i - 1][2] >= 0
 
 
+def test_a_death_met_while_checkpointing_is_resent_with_the_pushed_weights_and_dated_so():
+    """k = 2: request 3 (step 3, sent at version 1) dies; the checkpoint taken at version 2 waits
+    for it, revives the actor, re-pushes the last pushed weights (version 2) and re-sends the
+    request naming version 2: the stored group is dated 2, the version it was sampled with."""
+    src, pool = make_source(2, deaths={3})
+    for v in range(3):
+        src.take(1, v)
+    state = src.state_dict()           # the learner is at version 3 now; the actors hold 2
+    dates = [p["result"]["groups"][0]["policy_version"] for step in state["queue"] for p in step]
+    assert dates == [2, 2]             # step 3 (re-sent, sampled with 2) and step 4 (sent at 2)
+    assert src.stats.resent == 1 and src.stats.checkpoint_wait_seconds >= 0
+    assert src.stats.wait_seconds >= 0
+
+
 def test_more_deaths_than_max_restarts_stop_with_an_error():
     src, pool = make_source(0, deaths={0, 1})
     pool.max_restarts = 1

@@ -581,6 +581,7 @@ class Trainer:
         }
         tot = self.dist.sum_dict(sums)
         g_all = max(1.0, tot["groups"])
+        gen_div = 1 if self.async_source is not None else self.dist.world
         m = {
             "accuracy": tot["correct"] / max(1.0, tot["samples"]),
             "completion_len_mean": tot["tokens"] / max(1.0, tot["samples"]),
@@ -589,9 +590,11 @@ class Trainer:
             "step_seconds": t2 - t0,
             "collect_seconds": t1 - t0,
             "learn_seconds": t2 - t1,
-            "gen_seconds": tot["gen_seconds"] / self.dist.world,
-            "grade_seconds": tot["grade_seconds"] / self.dist.world,
-            "ref_seconds": tot["ref_seconds"] / self.dist.world,
+            # per process (each ran its share at the same time); async: rank 0 alone reports the
+            # actors' summed seconds
+            "gen_seconds": tot["gen_seconds"] / gen_div,
+            "grade_seconds": tot["grade_seconds"] / gen_div,
+            "ref_seconds": tot["ref_seconds"] / gen_div,
             "tokens_per_second": tot["tokens"] / max(1e-9, t2 - t0),
             "lr": self.scheduler.get_last_lr()[0],
             **{k: tot[k] for k in COUNTERS},
