@@ -22,6 +22,7 @@ TITLES = {
     "c4": "C4 replay as KL-efficient as on-policy (Fig. 4)",
     "c5": "C5 β: slower but more KL-efficient (Fig. 6)",
     "c6": "C6 stale data, no importance weights (ours)",
+    "c7": "C7 async actors, max_staleness k, no importance weights (ours)",
 }
 
 
