@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from agro.async_actors import ActorError, AsyncSource
+from agro.async_actors import ActorError, AsyncSource, RolloutWorker, WrongWeights
 from agro.collect import CollectStats
 from agro.config import ConfigError, TrainConfig, load_config
 from agro.tasks import Example
@@ -45,6 +45,9 @@ class FakeActor:
         self.set_exact = types.SimpleNamespace(remote=lambda e: None)
 
     def _set(self, version, weights):
+        if self.pool.lose_push == version:   # a push that never arrives
+            self.pool.lose_push = None
+            return
         self.pool.log.append(("push", self.i, version))
         self.version = version
 
@@ -56,8 +59,9 @@ class FakePool:
     ray = FakeRay
     max_restarts = 1
 
-    def __init__(self, actors=1, deaths=()):
+    def __init__(self, actors=1, deaths=(), lose_push=None):
         self.log = []
+        self.lose_push = lose_push
         self.actors = [FakeActor(self, i) for i in range(actors)]
         self.deaths = set(deaths)
 
@@ -74,7 +78,9 @@ class FakePool:
             self.actors[i].version = -1    # the restarted actor holds the initial weights
             return Died(f"actor {i} died")
         v = self.actors[i].version
-        assert v == request["version"], "the real actor refuses a request for other weights"
+        if v != request["version"]:        # what RolloutWorker.collect does
+            self.log.append(("refused", i, request["id"], v))
+            return WrongWeights(f"actor {i} holds {v}, request wants {request['version']}")
         self.log.append(("collect", i, request["id"], v))
         groups = [{"prompt_id": e["id"], "prompt_ids": [1], "completion_ids": [[2], [3]],
                    "rewards": [0.0, 1.0], "policy_version": v, "meta": {"seed": request["seed"]}}
@@ -88,7 +94,7 @@ class FakePool:
         self.log.append(("revive", i))
 
     def get(self, ref, what):
-        if isinstance(ref, Died):
+        if isinstance(ref, (Died, WrongWeights)):
             raise ref
         return ref
 
@@ -104,8 +110,8 @@ class FakeCollector:
         return exs, [[1]] * k
 
 
-def make_source(k, actors=1, deaths=(), seed=0):
-    pool = FakePool(actors, deaths)
+def make_source(k, actors=1, deaths=(), seed=0, lose_push=None):
+    pool = FakePool(actors, deaths, lose_push)
     policy = torch.nn.Linear(2, 2)
     return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None), pool
 
@@ -173,6 +179,31 @@ def test_a_death_met_while_checkpointing_is_resent_with_the_pushed_weights_and_d
     assert dates == [2, 2]             # step 3 (re-sent, sampled with 2) and step 4 (sent at 2)
     assert src.stats.resent == 1 and src.stats.checkpoint_wait_seconds >= 0
     assert src.stats.wait_seconds >= 0
+
+
+def test_a_lost_push_is_pushed_again_and_the_refused_request_re_sent():
+    src, pool = make_source(1, lose_push=2)
+    dates = []
+    for v in range(5):
+        dates.append([v - g.policy_version for g in src.take(2, v)])
+    assert ("refused", 0, 3, 1) in pool.log        # request 3 wanted version 2, the actor had 1
+    # step 3's request is re-sent after the push of version 3: sampled with 3, 0 versions old
+    assert dates == [[0, 0], [1, 1], [1, 1], [0, 0], [1, 1]]
+    assert src.stats.resent == 1 and src.stats.restarts == 0
+
+
+def test_the_worker_has_every_method_the_learner_calls():
+    """The fakes above stand in for RolloutWorker: every actor method the learner side calls
+    must exist on the real class (a missing one fails only at run time, inside Ray)."""
+    import inspect
+    import re
+
+    import agro.async_actors as m
+
+    called = set(re.findall(r"\.(\w+)\.remote\(", inspect.getsource(m)))
+    assert {"set_weights", "collect", "ping", "check_sampler", "set_exact", "close"} <= called
+    missing = [name for name in called if not callable(getattr(RolloutWorker, name, None))]
+    assert not missing, missing
 
 
 def test_more_deaths_than_max_restarts_stop_with_an_error():

@@ -51,6 +51,11 @@ __all__ = ["RolloutWorker", "AsyncSource", "ActorPool", "init_ray", "learner_thr
 
 
 # ------------------------------------------------------------------------------- actor side
+class WrongWeights(RuntimeError):
+    """An actor got a request for another version than the weights it holds (a push was lost,
+    e.g. around a restart): the learner pushes again and re-sends."""
+
+
 class RolloutWorker:
     """What runs inside one actor process: the learner's parts, built from the learner's config
     (the concrete precision it chose), minus the optimizer. Plain Python, so tests can run it
@@ -76,8 +81,11 @@ class RolloutWorker:
         self.params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
         self.generator = build_generator(cfg, self.sampler_model, self.tok)
         self.grader = build_grader(cfg, grader)
+        from .perf import FlopModel
+
         self.collector = build_collector(cfg, tokenizer=self.tok, generator=self.generator,
-                                         grader=self.grader, reference=self.reference, sampler=None)
+                                         grader=self.grader, reference=self.reference, sampler=None,
+                                         flop_model=FlopModel.of(self.policy))
         self.version = -1          # no weights pushed yet: the initial model's
         self.busy = 0.0            # seconds spent in set_weights and collect since the last collect
 
@@ -102,6 +110,11 @@ class RolloutWorker:
         return {"lines": lines, "record": getattr(self.generator, "record", None),
                 "exact": getattr(self.generator, "exact", True)}
 
+    def set_exact(self, exact: bool) -> None:
+        """The run's decision on whether this sampler's groups count as draws from pi."""
+        if hasattr(self.generator, "exact"):
+            self.generator.exact = bool(exact)
+
     @torch.no_grad()
     def set_weights(self, version: int, weights: dict) -> None:
         """Copy the learner's trainable tensors (fp32 masters / LoRA adapters) into this copy."""
@@ -124,8 +137,8 @@ class RolloutWorker:
         """Sample, grade and score one request's prompts with the weights held now."""
         t0 = time.perf_counter()
         maybe_crash("actor")
-        if self.version != request["version"]:   # a push failed, or a new life got none yet
-            raise RuntimeError(f"rollout actor {self.index} holds weights of version "
+        if self.version != request["version"]:   # a push was lost, or a new life got none yet
+            raise WrongWeights(f"rollout actor {self.index} holds weights of version "
                                f"{self.version}, request {request['id']} expects version "
                                f"{request['version']}")
         from .builders import seed_everything
@@ -200,7 +213,11 @@ class ActorPool:
             max_restarts=self.max_restarts, max_task_retries=0, runtime_env={"env_vars": env})
         self.actors = [remote.remote(cfg_dict, i, cfg.async_actor_cpus, grader)
                        for i in range(cfg.async_actors)]
-        self.info = self.get([a.ping.remote() for a in self.actors], what="actor start-up")
+        try:
+            self.info = self.get([a.ping.remote() for a in self.actors], what="actor start-up")
+        except BaseException:
+            self.close()
+            raise
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -240,6 +257,12 @@ class ActorPool:
         return self.actors[i].collect.remote(request)
 
     def close(self) -> None:
+        """Let each actor close its sampler and grader (a vLLM engine, the grading sandbox), for
+        at most 10 s, then kill it."""
+        try:
+            self.ray.get([a.close.remote() for a in self.actors], timeout=10)
+        except Exception:
+            pass
         for a in self.actors:
             try:
                 self.ray.kill(a, no_restart=True)
@@ -256,6 +279,7 @@ class _Part:
     ref: object = None            # Ray ObjectRef while in flight
     result: dict | None = None    # the actor's answer once received
     life: int = 0                 # which life of its actor it was sent to (restarts so far)
+    refused: int = 0              # times the actor refused it (it held other weights)
 
 
 @dataclass
@@ -342,6 +366,15 @@ class AsyncSource:
             try:
                 part.result = self.pool.get(part.ref, what=f"request {part.request['id']} "
                                                             f"on actor {part.actor}")
+            except WrongWeights as e:   # a lost push: push the same object again, re-send
+                part.refused += 1
+                if part.refused > 3:
+                    raise ActorError(f"async_generation: {e}, still after 3 pushes") from None
+                self.pool.actors[part.actor].set_weights.remote(self.pushed, self._weights)
+                part.request = {**part.request, "version": self.pushed}
+                fresh = self._send(part.actor, part.request)
+                part.ref, part.life = fresh.ref, fresh.life
+                self.stats.resent += 1
             except ray.exceptions.RayActorError as e:
                 a = part.actor
                 if part.life == self.lives[a]:   # a death not seen before (not a later request
@@ -411,13 +444,20 @@ class AsyncSource:
         s.wall_seconds, self._t_pop = now - self._t_pop, now
         return s
 
-    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
-        """Every actor checks its own sampler (generator=vllm); returns actor 0's report, and the
-        run's decision is every actor's (they are the same build on the same weights)."""
+    def check_sampler(self, prompts, rule: str, tol: float, previous, version: int) -> dict:
+        """Every actor checks its own sampler (generator=vllm) on the learner's current weights
+        (pushed first); their groups count as draws from pi only if every actor passes, and every
+        actor is told the run's decision. Returns actor 0's report with that decision."""
+        self.push(version)
         reports = self.pool.get([a.check_sampler.remote(prompts, rule, tol, previous)
                                  for a in self.pool.actors], what="sampler check")
-        self._exact = reports[0].get("exact")
-        return reports[0]
+        exact = all(r.get("exact", True) for r in reports)
+        self._exact = exact
+        self.pool.get([a.set_exact.remote(exact) for a in self.pool.actors], what="set_exact")
+        report = dict(reports[0], exact=exact)
+        if isinstance(report.get("record"), dict):
+            report["record"] = dict(report["record"], exact=exact)
+        return report
 
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -470,7 +510,7 @@ class FollowerSource:
     def pop_stats(self) -> AsyncStats:
         return AsyncStats()
 
-    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
+    def check_sampler(self, prompts, rule: str, tol: float, previous, version: int) -> dict:
         return {"lines": [], "record": None}
 
     def close(self) -> None:
@@ -498,8 +538,8 @@ class LeaderSource:
     def pop_stats(self) -> AsyncStats:
         return self.inner.pop_stats()
 
-    def check_sampler(self, prompts, rule: str, tol: float, previous) -> dict:
-        return self.inner.check_sampler(prompts, rule, tol, previous)
+    def check_sampler(self, prompts, rule: str, tol: float, previous, version: int) -> dict:
+        return self.inner.check_sampler(prompts, rule, tol, previous, version)
 
     def close(self) -> None:
         self.inner.close()

@@ -179,9 +179,9 @@ class Trainer:
                                  stale_lag=cfg.stale_lag, seed=cfg.seed,
                                  rank=self.dist.rank, world=self.dist.world)
         self.async_source = None
-        if cfg.async_generation:
-            self.async_source = self._async_source()
         try:   # from here on the actors exist: a failure must not leave them running
+            if cfg.async_generation:
+                self.async_source = self._async_source()
             self._init_rest(cfg)
         except BaseException:
             self.close_generator()
@@ -376,7 +376,7 @@ class Trainer:
         if check == "actors":
             report = self.async_source.check_sampler(prompts, cfg.vllm_on_policy,
                                                      cfg.vllm_mismatch_tol,
-                                                     self._resumed_sampler_check)
+                                                     self._resumed_sampler_check, self.version)
             lines = [f"rollout actors: {x}" for x in report["lines"]]
             self.sampler_record, exact = report["record"], report.get("exact", True)
         else:
@@ -608,9 +608,9 @@ class Trainer:
             m[f"{s}_fraction"] = tot.get(f"{s}_groups", 0.0) / g_all
         w = self.dist.world   # per-process rates: each process runs its share in the same seconds
         m.update(phase_rates(learn_flops=tot["learn_flops"] / w, learn_seconds=t2 - t1,
-                             ref_flops=tot["ref_flops"] / w, ref_seconds=m["ref_seconds"],
-                             gen_tokens=int(tot["gen_tokens"] / w),
-                             decode_steps=int(tot["decode_steps"] / w),
+                             ref_flops=tot["ref_flops"] / gen_div, ref_seconds=m["ref_seconds"],
+                             gen_tokens=int(tot["gen_tokens"] / gen_div),
+                             decode_steps=int(tot["decode_steps"] / gen_div),
                              gen_seconds=m["gen_seconds"],
                              weight_bytes=sum(p.numel() * p.element_size()
                                               for p in self.generator.model.parameters()),
