@@ -36,7 +36,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -295,7 +295,6 @@ class AsyncStats:
     actor_tokens: int = 0
     resent: int = 0                # requests sent again after an actor died
     restarts: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class AsyncSource:
