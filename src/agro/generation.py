@@ -27,6 +27,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from . import fast_decode
 from .logprobs import accepts_logits_to_keep, position_ids_from_mask
 from .models import autocast_ctx, bf16_copy, hf_model, is_bf16, is_peft, neutral_generation_config
 from .rollouts import samples_from_pi
@@ -311,7 +312,11 @@ class CachedGenerator(HFGenerator):
     * rows that emitted EOS leave the batch (their cache rows are dropped), so the cost of a
       step follows the number of unfinished samples, not the longest one;
     * one uniform per row and an inverse-CDF draw (:func:`sample_from_logprobs`) instead of
-      ``torch.multinomial``'s exponential variate per vocabulary entry.
+      ``torch.multinomial``'s exponential variate per vocabulary entry;
+    * for Llama-family models (:func:`agro.fast_decode.supports`), the decode steps run on a
+      preallocated KV cache with the attention in fp32 (:class:`agro.fast_decode.StaticDecoder`);
+      other models, and LoRA, keep transformers' forward and cache (``static_cache = False``
+      forces that path).
 
     Temperature / top-k / top-p use the same transformers warpers as :class:`HFGenerator`; the
     recorded behaviour log-probs are the fp32 log-softmax of the warped scores, of the token drawn.
@@ -320,6 +325,7 @@ class CachedGenerator(HFGenerator):
     """
 
     name = "cached"
+    static_cache = True
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
         _check_request(prompt_ids, n)
@@ -364,6 +370,11 @@ class CachedGenerator(HFGenerator):
             am = am.repeat_interleave(n, dim=0)                          # [B, P]
             pos = am.sum(-1)                                             # [B] next position
             rows = torch.arange(B)                                       # output row of each live row
+            static = None
+            if self.static_cache and fast_decode.supports(model) and \
+                    (self.precision != "bf16" or is_bf16(model)):
+                static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T)
+                del cache
             for t in range(T):
                 scores = logits
                 for w in warpers:
@@ -378,15 +389,21 @@ class CachedGenerator(HFGenerator):
                     break
                 if not bool(live.all()):
                     idx = live.nonzero().squeeze(-1)
-                    cache.batch_select_indices(idx)
+                    if static is not None:
+                        static.select(idx)
+                    else:
+                        cache.batch_select_indices(idx)
                     am, pos, tok, rows = am[idx], pos[idx], tok[idx], rows[idx.cpu()]
-                am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-                with autocast_ctx(self.precision, dev):
-                    out = model(input_ids=tok[:, None], attention_mask=am, position_ids=pos[:, None],
-                                past_key_values=cache, use_cache=True, **keep1)
+                if static is not None:
+                    logits = static.step(tok, pos).float()               # [b, V]
+                else:
+                    am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+                    with autocast_ctx(self.precision, dev):
+                        out = model(input_ids=tok[:, None], attention_mask=am, position_ids=pos[:, None],
+                                    past_key_values=cache, use_cache=True, **keep1)
+                    logits = out.logits[:, -1].float()                   # [b, V]
                 self.decode_steps += 1
                 pos = pos + 1
-                logits = out.logits[:, -1].float()                       # [b, V]
         finally:
             model.train(was_training)
         comps = [tokens[r, :length[r]].tolist() for r in range(B)]

@@ -1,0 +1,119 @@
+"""A default-job step's phases, each timed with and without one kernel choice, side by side.
+
+    .venv/bin/python bench/phases.py --precision bf16 --reps 5 --json docs/bench/phases-bf16.json
+
+Builds the default job's trainer (SmolLM2-135M from the embedded GGUF, 8 prompts x 4 samples,
+at most 32 new tokens; ``--precision`` fp32 or bf16), draws one batch of prompts, and then, in
+``--reps`` interleaved rounds, times on that same work:
+
+* sampling (``CachedGenerator``): transformers' forward on its ``DynamicCache`` for every decode
+  step (``static_cache=False``) against agro's static-cache decode (``agro.fast_decode``); both
+  from the same seed, so both sample the same prompts' groups;
+* the reference pass and the learner step (forward, backward, optimizer) on one fixed set of
+  groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend
+  (``agro.logprobs.attention_backend``, the CPU default).
+
+The learner's optimizer steps change the weights between rounds; the sampling rounds draw from
+the weights of that moment, so their completion lengths move a little: tokens per second is
+printed next to the seconds. Medians over the rounds; the CPU and its flags are printed. Run it
+alone on the machine: a second torch process on the same cores slows both 10-20x.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import agro.logprobs as lp
+from agro.config import TrainConfig, load_config
+from agro.perf import machine_key as cpu_description
+from agro.trainer import Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None, help="write every timing here")
+    a = ap.parse_args()
+
+    cfg = load_config(TrainConfig, None, [
+        f"precision={a.precision}", "eval_prompts=0", "output_dir=runs/bench-phases",
+        "overwrite=true", "progress=false", "plot=false", "tensorboard=false", "save_every=0",
+        "save_final=false"])
+    tr = Trainer(cfg)
+    col = tr.collector
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"precision {a.precision}")
+    examples, prompt_ids = col.prompts(cfg.prompts_per_step)
+    groups = col.collect(examples, prompt_ids, tr.version)   # warm-up; fixed groups for learner/ref
+    flash = contextlib.nullcontext
+    real_backend = lp.attention_backend
+
+    def sample(static: bool) -> tuple[float, int]:
+        tr.generator.static_cache = static
+        torch.manual_seed(1234)
+        t0 = time.perf_counter()
+        gens = tr.generator.generate(prompt_ids, cfg.group_size, col.params)
+        dt = time.perf_counter() - t0
+        return dt, sum(len(c) for g in gens for c in g.completion_ids)
+
+    def ref(math_backend: bool) -> float:
+        lp.attention_backend = real_backend if math_backend else (lambda dev: flash())
+        try:
+            t0 = time.perf_counter()
+            col.attach_ref_logprobs(groups)
+            return time.perf_counter() - t0
+        finally:
+            lp.attention_backend = real_backend
+
+    def learn(math_backend: bool) -> float:
+        lp.attention_backend = real_backend if math_backend else (lambda dev: flash())
+        try:
+            t0 = time.perf_counter()
+            tr.learn(groups)
+            return time.perf_counter() - t0
+        finally:
+            lp.attention_backend = real_backend
+
+    rows: dict[str, list] = {k: [] for k in ("sample_hf_cache", "sample_static", "tokens_hf_cache",
+                                             "tokens_static", "ref_flash", "ref_math",
+                                             "learn_flash", "learn_math")}
+    sample(True), sample(False), ref(True), learn(True)                 # warm-up of every path
+    for r in range(a.reps):
+        for static in (False, True) if r % 2 == 0 else (True, False):
+            dt, n = sample(static)
+            rows["sample_static" if static else "sample_hf_cache"].append(dt)
+            rows["tokens_static" if static else "tokens_hf_cache"].append(n)
+        for m in (False, True) if r % 2 == 0 else (True, False):
+            rows["ref_math" if m else "ref_flash"].append(ref(m))
+        for m in (False, True) if r % 2 == 0 else (True, False):
+            rows["learn_math" if m else "learn_flash"].append(learn(m))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    tok_hf = med["tokens_hf_cache"] / med["sample_hf_cache"]
+    tok_st = med["tokens_static"] / med["sample_static"]
+    print(f"\nmedians over {a.reps} rounds ({a.precision}):")
+    print(f"  sampling {cfg.prompts_per_step} x {cfg.group_size}: transformers cache "
+          f"{med['sample_hf_cache']:.2f} s ({tok_hf:.0f} tok/s), static cache "
+          f"{med['sample_static']:.2f} s ({tok_st:.0f} tok/s): {tok_st / tok_hf:.2f}x per token")
+    print(f"  reference pass: flash {med['ref_flash']:.2f} s, math {med['ref_math']:.2f} s: "
+          f"{med['ref_flash'] / med['ref_math']:.2f}x")
+    print(f"  learner step: flash {med['learn_flash']:.2f} s, math {med['learn_math']:.2f} s: "
+          f"{med['learn_flash'] / med['learn_math']:.2f}x")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"cpu": cpu_description(), "precision": a.precision,
+                                            "torch": torch.__version__, "rounds": rows,
+                                            "medians": med}, indent=1))
+    tr.close_generator()
+
+
+if __name__ == "__main__":
+    main()

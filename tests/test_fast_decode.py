@@ -1,0 +1,162 @@
+"""agro.fast_decode: decode steps on a preallocated cache give the model's own next-token logits.
+
+Each step's logits are checked against transformers' forward over the whole sequence so far
+(left-padded prompts, rows leaving the batch midway), for a Llama and a Qwen2 (biased q/k/v
+projections), in fp32 to float rounding and in bf16 against the fp32 model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agro import fast_decode
+from agro.generation import CachedGenerator, SamplingParams, left_pad
+from agro.logprobs import position_ids_from_mask
+from agro.models import apply_lora, bf16_copy, load_model, load_tokenizer
+
+PROMPTS = [[1, 520, 3310, 77, 9001], [1, 4040, 12], [1, 300, 301, 302, 303, 304, 305]]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def tiny_qwen2(vocab: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    g = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    m = Qwen2ForCausalLM(cfg).eval()
+    torch.random.set_rng_state(g)
+    with torch.no_grad():     # random biases, so a dropped bias shows
+        for layer in m.model.layers:
+            for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
+                p.normal_(0, 0.5)
+    return m
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def model(request, tiny_model_dir, tok):
+    if request.param == "llama":
+        return load_model(tiny_model_dir).eval()
+    return tiny_qwen2(len(tok))
+
+
+def decode_both(model, n: int, steps: int, keep_after: int | None = None):
+    """Prefill PROMPTS (left-padded), repeat each n times, feed the same random tokens to the
+    static decoder and to the model's full forward; returns both per-step logits lists. After
+    step ``keep_after`` only every other row stays."""
+    g = torch.Generator().manual_seed(0)
+    ids, am = left_pad(PROMPTS, 0)
+    B = len(PROMPTS) * n
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                    use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        am_r = am.repeat_interleave(n, 0)
+        dec = fast_decode.StaticDecoder.from_prefill(model, cache, am_r, steps)
+        seq = ids.repeat_interleave(n, 0)                                # [B, P]
+        mask = am_r.clone()
+        pos = am_r.sum(-1)
+        rows = torch.arange(B)
+        got, ref = [], []
+        for t in range(steps):
+            if keep_after is not None and t == keep_after:
+                idx = torch.arange(0, rows.shape[0], 2)
+                dec.select(idx)
+                rows, pos = rows[idx], pos[idx]
+            tok = torch.randint(100, 5000, (B,), generator=g)[rows]
+            got.append(dec.step(tok, pos).float())
+            seq = torch.cat([seq, torch.randint(0, 1, (B, 1))], 1)
+            seq[rows, -1] = tok
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            full = model(input_ids=seq[rows], attention_mask=mask[rows],
+                         position_ids=position_ids_from_mask(mask[rows])).logits[:, -1]
+            ref.append(full.float())
+            pos = pos + 1
+    return got, ref
+
+
+def test_static_decode_equals_the_full_forward_fp32(model):
+    got, ref = decode_both(model, n=3, steps=6, keep_after=3)
+    for t, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {t}")
+
+
+def test_static_decode_in_bf16_is_close_to_the_fp32_model(model):
+    """The bf16 copy decoded on the static (fp32) cache: its logits are within bf16 rounding of
+    the fp32 model's full forward, relative to their spread (measured 0.005-0.006 on both tiny
+    models; the prompts' padding left unmasked gives 0.09-0.54). The tiny random models attend
+    almost uniformly, so rotary errors are the fp32 test's job."""
+    _, ref = decode_both(model, n=2, steps=5)
+    got, _ = decode_both(bf16_copy(model), n=2, steps=5)
+    for a, b in zip(got, ref):
+        rel = float((a - b).norm() / (b - b.mean(-1, keepdim=True)).norm())
+        assert rel < 0.02, rel
+
+
+def test_supports_only_plain_llama_family(tiny_model_dir, tiny_gpt2_dir, tok):
+    llama = load_model(tiny_model_dir)
+    assert fast_decode.supports(llama)
+    assert fast_decode.supports(tiny_qwen2(len(tok)))
+    assert not fast_decode.supports(load_model(tiny_gpt2_dir))
+    assert not fast_decode.supports(apply_lora(load_model(tiny_model_dir), r=4))
+
+
+def test_more_steps_than_allocated_is_an_error(tiny_model_dir):
+    model = load_model(tiny_model_dir).eval()
+    ids, am = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                    use_cache=True)
+        dec = fast_decode.StaticDecoder.from_prefill(model, out.past_key_values, am, 1)
+        pos = am.sum(-1)
+        dec.step(torch.tensor([5, 6, 7]), pos)
+        with pytest.raises(RuntimeError, match="max_new_tokens"):
+            dec.step(torch.tensor([5, 6, 7]), pos + 1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_generator_samples_the_same_with_and_without_the_static_cache(precision, tiny_model_dir, tok):
+    """Same seed, same model: the static-cache loop draws the transformers-cache loop's tokens
+    (fp32) and records the same behaviour log-probs up to float rounding."""
+    model = load_model(tiny_model_dir)
+    stops = list(range(1000, 3000))           # rows finish at many lengths: rows leave the batch
+    model.generation_config.eos_token_id = [tok.eos_token_id, *stops]
+    outs = []
+    for static in (False, True):
+        gen = CachedGenerator(model, tok, precision=precision, batch_size=64)
+        gen.static_cache = static
+        torch.manual_seed(11)
+        outs.append(gen.generate(PROMPTS, 4, SamplingParams(10)))
+    a, b = outs
+    lengths = [len(c) for g in a for c in g.completion_ids]
+    assert len(set(lengths)) >= 3, lengths
+    if precision == "fp32":
+        assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+        for x, y in zip(a, b):
+            for la, lb in zip(x.logprobs, y.logprobs):
+                torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)
+    else:   # bf16 rounding differs between the two attentions: most first tokens agree
+        firsts = [(c[0], d[0]) for x, y in zip(a, b) for c, d in zip(x.completion_ids, y.completion_ids)]
+        assert sum(p == q for p, q in firsts) >= 0.8 * len(firsts)
+
+
+def test_scoring_passes_use_the_math_attention_kernel_on_cpu():
+    """On a CPU the log-prob passes run SDPA's math backend (the flash kernel with a mask was
+    1.17x slower on the default job's learner step: docs/RESULTS.md); other devices keep
+    PyTorch's own choice."""
+    from agro.logprobs import attention_backend
+
+    before = torch.backends.cuda.flash_sdp_enabled()
+    with attention_backend("cpu"):
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() == before
+    with attention_backend("meta"):
+        assert torch.backends.cuda.flash_sdp_enabled() == before
