@@ -374,7 +374,7 @@ class CachedGenerator(HFGenerator):
             if self.static_cache and fast_decode.supports(model) and \
                     (self.precision != "bf16" or is_bf16(model)):
                 static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T)
-                del cache
+                out = cache = None          # the prefill's cache now lives in the static one
             for t in range(T):
                 scores = logits
                 for w in warpers:

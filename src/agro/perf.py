@@ -203,6 +203,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     on random tokens, with the kernels agro uses, best of ``reps``."""
     from .logprobs import (accepts_logits_to_keep, completion_logprobs, position_ids_from_mask,
                            scoring_mode)
+    from . import fast_decode
     from .models import MasterWeights, autocast_ctx, bf16_copy, device_of, is_peft
 
     dev = device_of(model)
@@ -247,13 +248,22 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 
     sampler = work
 
+    static = fast_decode.supports(sampler) and (precision != "bf16" or mixed is not None)
+
     def sample():
+        """As CachedGenerator decodes: agro.fast_decode's static cache where it applies."""
         x = torch.randint(0, V, (decode_batch, P), generator=g).to(dev)
         m = torch.ones_like(x)
         with torch.no_grad(), autocast_ctx(precision, dev):
             out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
                           use_cache=True, **keep1)
             cache, pos = out.past_key_values, m.sum(-1)
+            if static:
+                dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps)
+                for _ in range(decode_steps):
+                    dec.step(x[:, -1], pos)
+                    pos = pos + 1
+                return
             for _ in range(decode_steps):
                 m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
                 out = sampler(input_ids=x[:, -1:], attention_mask=m, position_ids=pos[:, None],
@@ -274,8 +284,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 
 
 # Version of what precision=auto times: 2 = bf16 on a working copy over fp32 masters (entries of
-# version 1 timed autocast over fp32 weights and are ignored).
-CACHE_PREFIX = "precision/2:"
+# version 1 timed autocast over fp32 weights and are ignored); 3 = sampling on agro.fast_decode's
+# static cache and SDPA's math kernel for the scoring passes on a CPU.
+CACHE_PREFIX = "precision/3:"
 
 
 def cached_precision_choice(model) -> str | None:

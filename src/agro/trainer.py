@@ -493,6 +493,9 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", float("nan"))):
             self.optimizer.step()
+            # the fp32 gradients are spent: free them now, not at the next step's start, so
+            # sampling, evaluation and checkpoints run without them (~0.5 GB on SmolLM2-135M)
+            self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.version += 1
             if self.mixed:      # the one cast per step: masters -> bf16 working weights
