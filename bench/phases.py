@@ -10,8 +10,8 @@ at most 32 new tokens; ``--precision`` fp32 or bf16), draws one batch of prompts
   step (``static_cache=False``) against agro's static-cache decode (``agro.fast_decode``); both
   from the same seed, so both sample the same prompts' groups;
 * the reference pass and the learner step (forward, backward, optimizer) on one fixed set of
-  groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend
-  (``agro.logprobs.attention_backend``, the CPU default).
+  groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend, both forced
+  (``agro.logprobs.attention_backend`` picks math on a CPU for passes with a backward only).
 
 The learner's optimizer steps change the weights between rounds; the sampling rounds draw from
 the weights of that moment, so their completion lengths move a little: tokens per second is
@@ -52,8 +52,14 @@ def main() -> None:
           f"precision {a.precision}")
     examples, prompt_ids = col.prompts(cfg.prompts_per_step)
     groups = col.collect(examples, prompt_ids, tr.version)   # warm-up; fixed groups for learner/ref
-    flash = contextlib.nullcontext
     real_backend = lp.attention_backend
+
+    def forced(math_backend: bool):
+        """attention_backend replaced: SDPA's math backend, or PyTorch's own (flash) choice."""
+        if not math_backend:
+            return lambda dev: contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return lambda dev: sdpa_kernel(SDPBackend.MATH)
 
     def sample(static: bool) -> tuple[float, int]:
         tr.generator.static_cache = static
@@ -64,7 +70,7 @@ def main() -> None:
         return dt, sum(len(c) for g in gens for c in g.completion_ids)
 
     def ref(math_backend: bool) -> float:
-        lp.attention_backend = real_backend if math_backend else (lambda dev: flash())
+        lp.attention_backend = forced(math_backend)
         try:
             t0 = time.perf_counter()
             col.attach_ref_logprobs(groups)
@@ -73,7 +79,7 @@ def main() -> None:
             lp.attention_backend = real_backend
 
     def learn(math_backend: bool) -> float:
-        lp.attention_backend = real_backend if math_backend else (lambda dev: flash())
+        lp.attention_backend = forced(math_backend)
         try:
             t0 = time.perf_counter()
             tr.learn(groups)

@@ -121,16 +121,17 @@ def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.
 
 
 def attention_backend(dev):
-    """The scaled-dot-product-attention kernel for scoring passes on ``dev``: on a CPU, PyTorch's
-    math backend (plain matmuls and softmax); elsewhere PyTorch's own choice.
+    """The scaled-dot-product-attention kernel for a scoring pass on ``dev``: on a CPU, when the
+    pass will be backpropagated (grad enabled), PyTorch's math backend (plain matmuls and
+    softmax); otherwise PyTorch's own choice.
 
-    Why: on a CPU the fused flash kernel is slow with an explicit mask, which every pass here has
-    (left padding, the packed groups' block mask). Measured on SmolLM2-135M, bf16, the default
-    job's learner step (8 groups x 4, packed, 2 cores, AMD EPYC Zen 4): its forward and backward
-    took 1.13 s of a 5.7 s step (torch profiler), and the step 5.4-6.5 s with the flash kernel
-    against 4.8-5.1 s with the math backend (bench/attention.py re-runs the comparison).
+    Why: on a CPU the fused flash kernel's backward is slow with an explicit mask, which every
+    pass here has (left padding, the packed groups' block mask). Measured on SmolLM2-135M, the
+    default job's step (8 groups x 4, packed, 2 cores, AMD EPYC Zen 4; ``bench/phases.py``, 5
+    interleaved rounds): the learner step 1.15x faster in bf16 and 1.05x in fp32 with the math
+    backend, while the forward-only reference pass was 0.95-0.96x (so it keeps flash).
     """
-    if torch.device(dev).type != "cpu":
+    if torch.device(dev).type != "cpu" or not torch.is_grad_enabled():
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
