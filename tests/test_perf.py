@@ -75,6 +75,33 @@ def test_calibrate_precision_times_both_and_caches(tiny_model_dir):
     assert again["cached"] and again["choice"] == cal["choice"]
 
 
+@pytest.mark.parametrize("bf16_learner, timings", [(1.0, 2), (3.5, 4)], ids=["clear", "close"])
+def test_calibration_times_again_only_a_close_call(bf16_learner, timings, monkeypatch, tmp_path):
+    """One timed call per phase and precision; a second round (best of both kept) only when the
+    estimated steps are within 25 % of each other."""
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def fake(model, prec, *, reps, **kw):
+        calls.append((prec, reps))
+        base = {"learner": 4.0, "reference": 1.0, "sample": 1.0, "update": 0.0}
+        if prec == "bf16":
+            # the second round of a close call is faster: the best must be kept
+            base = dict(base, learner=bf16_learner - (0.5 if len(calls) > 2 else 0.0))
+        return base
+
+    monkeypatch.setattr(perf, "_time_precision", fake)
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(perf, "_model_key", lambda m: "fake")
+    cal = perf.calibrate_precision(model, prompts_per_step=2, group_size=2, max_new_tokens=8,
+                                   reps=2)
+    assert len(calls) == timings
+    assert [r for _, r in calls] == [1, 1] + [2, 2] * (timings > 2)
+    assert cal["choice"] == "bf16"
+    if timings > 2:
+        assert cal["bf16"]["learner"] == 3.0
+
+
 def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_path, monkeypatch):
     """Where bf16 is native, precision=auto calibrates and records why; the YAML still loads
     (comments), so --resume keeps the concrete choice."""

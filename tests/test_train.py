@@ -363,3 +363,22 @@ def test_held_out_kl_is_zero_before_training(tiny_model_dir, tmp_path, extra):
     assert res["kl_pi_ref"] == 0.0
     if tr._own_grader:
         tr.grader.close()
+
+
+def test_held_out_kl_skips_scoring_only_when_the_policy_is_the_reference(tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """Bit-identical weights (step 0): KL 0 without the two scoring passes. One weight moved:
+    both passes run and the estimate is no longer 0."""
+    import agro.evaluation as ev
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3", "precision=bf16")
+    tr = Trainer(cfg, grader=HashGrader())
+    calls = []
+    real = ev._seq_logprobs
+    monkeypatch.setattr(ev, "_seq_logprobs", lambda *a: calls.append(1) or real(*a))
+    assert tr.run_eval("before")["kl_pi_ref"] == 0.0 and calls == []
+    with torch.no_grad():
+        next(p for p in tr.generator.model.parameters() if p.dim() == 2).mul_(1.5)
+    assert tr.run_eval("during")["kl_pi_ref"] != 0.0 and len(calls) >= 2
+    if tr._own_grader:
+        tr.grader.close()

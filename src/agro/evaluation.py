@@ -86,6 +86,10 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
                     completion_ids=[list(c) for c in g.completion_ids],
                     rewards=[0.0] * len(g.completion_ids)) for i, g in enumerate(gens)]
     model = getattr(generator, "model", None)
+    if model is not None and _same_weights(model, reference):
+        # the policy *is* the reference (step 0 of a run): the KL is exactly 0 and both passes,
+        # ~10 s of the default job's first evaluation, would only measure rounding
+        return [0.0] * sum(len(g.completion_ids) for g in gens)
     if model is not None:
         from .logprobs import Reference
 
@@ -94,6 +98,19 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
         policy = [sum(lp) for g in gens for lp in g.logprobs]
     ref_sums = _seq_logprobs(reference, tokenizer, groups)
     return [lp - r for lp, r in zip(policy, ref_sums)]
+
+
+@torch.no_grad()
+def _same_weights(model, reference) -> bool:
+    """True if ``model`` scores exactly as ``reference`` would: a plain (non-LoRA) reference whose
+    parameters and buffers equal the model's bit for bit, in the same dtypes and order."""
+    ref = getattr(reference, "model", None)
+    if ref is None or getattr(reference, "disable_adapter", False) or type(ref) is not type(model):
+        return False
+    a, b = list(model.state_dict().values()), list(ref.state_dict().values())
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+        for x, y in zip(a, b))
 
 
 def _seq_logprobs(scorer, tokenizer, groups: list[Group]) -> list[float]:
