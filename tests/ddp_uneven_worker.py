@@ -2,7 +2,7 @@
 
 Run as one process (the union of all groups) or under ``accelerate launch --num_processes 2``
 (rank r takes the groups listed for it, possibly none). Writes the step's gradients (after the
-all-reduce, before clipping is applied: max_grad_norm=0) and metrics to OUT/rank{r}.pt.
+all-reduce, as the optimizer step sees them: max_grad_norm=0) and metrics to OUT/rank{r}.pt.
 """
 import json
 import sys
@@ -25,9 +25,17 @@ def main(model_dir: str, offline: str, out: str, split: str) -> None:
     per_rank = json.loads(split)                      # e.g. [[0, 1, 2], []]: group indices per rank
     mine = [groups[i] for i in (per_rank[tr.dist.rank] if tr.dist.world > 1
                                 else sorted(i for r in per_rank for i in r))]
+    grads = {}
+    step = tr.optimizer.step
+
+    def record_then_step(*a, **kw):   # the trainer frees the gradients right after the step
+        grads.update({n: p.grad.detach().clone() for n, p in tr.policy.named_parameters()
+                      if p.requires_grad and p.grad is not None})
+        return step(*a, **kw)
+
+    tr.optimizer.step = record_then_step
     metrics = tr.learn(mine)
-    grads = {n: p.grad.detach().clone() for n, p in tr.policy.named_parameters()
-             if p.requires_grad and p.grad is not None}
+    assert grads, "the optimizer step never ran"
     torch.save({"grads": grads, "metrics": metrics, "world": tr.dist.world},
                f"{out}/rank{tr.dist.rank}.pt")
     tr.grader.close()

@@ -106,6 +106,9 @@ def test_supports_only_plain_llama_family(tiny_model_dir, tiny_gpt2_dir, tok):
     assert fast_decode.supports(tiny_qwen2(len(tok)))
     assert not fast_decode.supports(load_model(tiny_gpt2_dir))
     assert not fast_decode.supports(apply_lora(load_model(tiny_model_dir), r=4))
+    windowed = tiny_qwen2(len(tok))
+    windowed.config.use_sliding_window, windowed.config.sliding_window = True, 4
+    assert not fast_decode.supports(windowed)
 
 
 def test_more_steps_than_allocated_is_an_error(tiny_model_dir):
@@ -123,8 +126,12 @@ def test_more_steps_than_allocated_is_an_error(tiny_model_dir):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cached_generator_samples_the_same_with_and_without_the_static_cache(precision, tiny_model_dir, tok):
-    """Same seed, same model: the static-cache loop draws the transformers-cache loop's tokens
-    (fp32) and records the same behaviour log-probs up to float rounding."""
+    """Same seed, same model: in fp32 the static-cache loop draws the transformers-cache loop's
+    tokens and records the same behaviour log-probs up to float rounding. In bf16 (the two
+    attentions round differently, so draws may part) every recorded log-prob after the first
+    token (which comes from the shared prefill) is within bf16 rounding of the fp32 model's
+    score of the same sample (mean 0.0007 measured here; the prompts' padding left unmasked gives
+    0.019; rotary errors are the fp32 tests' job: this tiny model attends almost uniformly)."""
     model = load_model(tiny_model_dir)
     stops = list(range(1000, 3000))           # rows finish at many lengths: rows leave the batch
     model.generation_config.eos_token_id = [tok.eos_token_id, *stops]
@@ -132,19 +139,28 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
     for static in (False, True):
         gen = CachedGenerator(model, tok, precision=precision, batch_size=64)
         gen.static_cache = static
+        assert not static or fast_decode.applies(gen.model, precision)
         torch.manual_seed(11)
         outs.append(gen.generate(PROMPTS, 4, SamplingParams(10)))
     a, b = outs
-    lengths = [len(c) for g in a for c in g.completion_ids]
-    assert len(set(lengths)) >= 3, lengths
+    lengths = [len(c) for g in b for c in g.completion_ids]
+    assert len(set(lengths)) >= 3 and max(lengths) >= 5, lengths
     if precision == "fp32":
         assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
         for x, y in zip(a, b):
             for la, lb in zip(x.logprobs, y.logprobs):
                 torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)
-    else:   # bf16 rounding differs between the two attentions: most first tokens agree
-        firsts = [(c[0], d[0]) for x, y in zip(a, b) for c, d in zip(x.completion_ids, y.completion_ids)]
-        assert sum(p == q for p, q in firsts) >= 0.8 * len(firsts)
+        return
+    diffs = []
+    with torch.no_grad():
+        for g in b:
+            for c, lp in zip(g.completion_ids, g.logprobs):
+                ids = torch.tensor([g.prompt_ids + c])
+                full = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # fp32 model
+                P = len(g.prompt_ids)
+                exact = full[P - 1:P - 1 + len(c)].gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+                diffs += (torch.tensor(lp[1:]) - exact[1:]).abs().tolist()
+    assert len(diffs) >= 20 and sum(diffs) / len(diffs) < 0.005, sum(diffs) / len(diffs)
 
 
 def test_scoring_passes_use_the_math_attention_kernel_on_cpu():

@@ -354,9 +354,13 @@ def test_overwrite_never_deletes_the_runs_own_input(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [["precision=bf16"], ["lora=true"], []],
                          ids=["bf16", "lora", "fp32"])
-def test_held_out_kl_is_zero_before_training(tiny_model_dir, tmp_path, extra):
+def test_held_out_kl_is_zero_before_training(tiny_model_dir, tmp_path, extra, monkeypatch):
     """At step 0 pi == pi_ref, so the k1 estimate must be 0: log pi and log pi_ref come from one
-    scoring pass (the sampler's own bf16 log-probs used to put ~0.08 nats into it)."""
+    scoring pass (the sampler's own bf16 log-probs used to put ~0.08 nats into it). The passes
+    are forced here (the bit-identical shortcut of agro.evaluation._same_weights is off)."""
+    import agro.evaluation as ev
+
+    monkeypatch.setattr(ev, "_same_weights", lambda model, reference: False)
     cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3", *extra)
     tr = Trainer(cfg, grader=HashGrader())
     res = tr.run_eval("before")

@@ -102,15 +102,25 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
 
 @torch.no_grad()
 def _same_weights(model, reference) -> bool:
-    """True if ``model`` scores exactly as ``reference`` would: a plain (non-LoRA) reference whose
-    parameters and buffers equal the model's bit for bit, in the same dtypes and order."""
+    """True if ``model`` scores exactly as ``reference`` would: a plain (non-LoRA) reference of
+    the same class and config whose parameters and buffers (non-persistent ones included, e.g.
+    RoPE's ``inv_freq``) equal the model's by name, bit for bit, in the same dtypes."""
     ref = getattr(reference, "model", None)
     if ref is None or getattr(reference, "disable_adapter", False) or type(ref) is not type(model):
         return False
-    a, b = list(model.state_dict().values()), list(ref.state_dict().values())
-    return len(a) == len(b) and all(
-        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
-        for x, y in zip(a, b))
+
+    def cfg(m) -> dict:
+        c = getattr(m, "config", None)
+        d = c.to_dict() if c is not None else {}
+        return {k: v for k, v in d.items() if k not in ("_name_or_path", "name_or_path")}
+
+    if cfg(model) != cfg(ref):
+        return False
+    a = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    b = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and a[k].device == b[k].device
+        and torch.equal(a[k], b[k]) for k in a)
 
 
 def _seq_logprobs(scorer, tokenizer, groups: list[Group]) -> list[float]:

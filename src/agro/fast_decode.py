@@ -4,22 +4,27 @@ Why: a decode step of ``model(...)`` with transformers' ``DynamicCache`` spends 
 outside the weight matmuls. Measured on SmolLM2-135M in bf16, 32 rows, ~70 cached tokens, 2 cores
 (AMD EPYC Zen 4): 130-140 ms per step, of which the linear layers are ~64 ms; SDPA's CPU flash
 kernel with a one-token query took ~37 ms, the cache's ``torch.cat`` and the mask and RoPE
-bookkeeping most of the rest (``bench/decode.py`` times both paths side by side).
+bookkeeping most of the rest (``bench/phases.py`` times both paths side by side: 1.35x per
+sampled token in bf16, 1.01x in fp32, docs/RESULTS.md).
 
 What this does instead, per step:
 
 * keys and values go into a cache allocated once per sampling call, ``[layers, rows, kv_heads,
   prompt + max_new_tokens, head_dim]``; a step writes one column, with no concatenation;
-* attention is two batched matmuls over the filled columns with the key/value heads' query
-  groups stacked (no ``repeat_kv`` copy), an additive mask for the prompts' left padding, and
-  the softmax in fp32, as transformers' eager attention computes it;
+* attention is two batched fp32 matmuls over all the cache's columns with the key/value heads'
+  query groups stacked (no ``repeat_kv`` copy) and an additive mask (the prompts' left padding
+  and the columns not written yet), then a softmax, all in fp32 (transformers' eager attention
+  takes only the softmax in fp32); the cache is fp32 too;
 * everything else calls the model's own modules (RMSNorm, rotary embedding, projections, MLP,
   final norm, LM head), so the numbers are the model's up to the attention's float rounding
-  (``tests/test_generation.py`` holds the logits against ``model(...)`` in fp32 and bf16).
+  (``tests/test_fast_decode.py`` holds the logits against ``model(...)`` in fp32 and bf16).
 
 Only plain decoder-only models of the Llama family are taken (:func:`supports`); anything else
-(LoRA-wrapped, sliding-window, QK-norm, other layouts) keeps the transformers path. The prompt's
-prefill is transformers' own forward; its cache is copied into the static one.
+(LoRA-wrapped, sliding-window, QK-norm, other layouts) keeps the transformers path, and so do
+GPUs (:func:`applies`; never measured there). The prompt's prefill is transformers' own forward;
+its cache is copied into the static one. Memory: the cache is fp32 and sized for the prompt plus
+``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 53 MB); dropping finished rows copies
+it once. Models split over devices (``device_map``) are not supported: agro never loads one.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ def supports(model) -> bool:
     att = layer.self_attn
     return all(hasattr(att, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")) and \
         not hasattr(att, "q_norm") and hasattr(layer, "input_layernorm") and hasattr(layer, "mlp")
+
+
+def applies(model, precision: str) -> bool:
+    """Whether agro's samplers decode ``model`` on the static cache: a supported model
+    (:func:`supports`) on a CPU, and, for bf16 sampling, with bf16 weights (the static path runs
+    without autocast). GPUs keep transformers' cache and fused attention: the static path was
+    measured on CPUs only."""
+    from .models import device_of, is_bf16
+
+    return supports(model) and device_of(model).type == "cpu" and \
+        (precision != "bf16" or is_bf16(model))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +140,6 @@ class StaticDecoder:
         inner = self.lm.model
         h = inner.embed_tokens(tok[:, None])                            # [b, 1, H]
         cos, sin = inner.rotary_emb(h, pos[:, None])                     # [b, 1, hd] each
-        cos, sin = cos[:, None], sin[:, None]                            # [b, 1, 1, hd]
         kvh, hd = self.kv_heads, self.head_dim
         self.mask[:, :, :, c] = 0
         mask = self.mask                                                 # [b, 1, 1, cap]
@@ -134,8 +149,8 @@ class StaticDecoder:
             q = att.q_proj(x).view(b, -1, hd)                            # [b, nh, hd]
             k = att.k_proj(x).view(b, kvh, hd)                           # [b, kvh, hd]
             v = att.v_proj(x).view(b, kvh, hd)
-            q = q * cos[:, 0] + _rotate_half(q) * sin[:, 0]
-            k = k * cos[:, 0] + _rotate_half(k) * sin[:, 0]
+            q = q * cos + _rotate_half(q) * sin                          # [b, nh, hd]
+            k = k * cos + _rotate_half(k) * sin
             self.k[i, :, :, :, c] = k
             self.v[i, :, :, c] = v
             qg = q.view(b, kvh, -1, hd).float()                          # [b, kvh, g, hd] fp32

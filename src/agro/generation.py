@@ -313,10 +313,10 @@ class CachedGenerator(HFGenerator):
       step follows the number of unfinished samples, not the longest one;
     * one uniform per row and an inverse-CDF draw (:func:`sample_from_logprobs`) instead of
       ``torch.multinomial``'s exponential variate per vocabulary entry;
-    * for Llama-family models (:func:`agro.fast_decode.supports`), the decode steps run on a
-      preallocated KV cache with the attention in fp32 (:class:`agro.fast_decode.StaticDecoder`);
-      other models, and LoRA, keep transformers' forward and cache (``static_cache = False``
-      forces that path).
+    * for Llama-family models on a CPU (:func:`agro.fast_decode.applies`), the decode steps run
+      on a preallocated KV cache with the attention in fp32
+      (:class:`agro.fast_decode.StaticDecoder`); other models, LoRA and GPUs keep transformers'
+      forward and cache (``static_cache = False`` forces that path).
 
     Temperature / top-k / top-p use the same transformers warpers as :class:`HFGenerator`; the
     recorded behaviour log-probs are the fp32 log-softmax of the warped scores, of the token drawn.
@@ -371,8 +371,7 @@ class CachedGenerator(HFGenerator):
             pos = am.sum(-1)                                             # [B] next position
             rows = torch.arange(B)                                       # output row of each live row
             static = None
-            if self.static_cache and fast_decode.supports(model) and \
-                    (self.precision != "bf16" or is_bf16(model)):
+            if self.static_cache and fast_decode.applies(model, self.precision):
                 static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T)
                 out = cache = None          # the prefill's cache now lives in the static one
             for t in range(T):

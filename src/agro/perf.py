@@ -248,7 +248,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 
     sampler = work
 
-    static = fast_decode.supports(sampler) and (precision != "bf16" or mixed is not None)
+    static = fast_decode.applies(sampler, precision)
 
     def sample():
         """As CachedGenerator decodes: agro.fast_decode's static cache where it applies."""
@@ -257,13 +257,15 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
         with torch.no_grad(), autocast_ctx(precision, dev):
             out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
                           use_cache=True, **keep1)
-            cache, pos = out.past_key_values, m.sum(-1)
-            if static:
-                dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps)
+        cache, pos = out.past_key_values, m.sum(-1)
+        if static:      # outside autocast, as CachedGenerator runs it (its attention is fp32)
+            dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps)
+            with torch.no_grad():
                 for _ in range(decode_steps):
                     dec.step(x[:, -1], pos)
                     pos = pos + 1
-                return
+            return
+        with torch.no_grad(), autocast_ctx(precision, dev):
             for _ in range(decode_steps):
                 m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
                 out = sampler(input_ids=x[:, -1:], attention_mask=m, position_ids=pos[:, None],

@@ -486,6 +486,7 @@ class Trainer:
         self.dist.all_reduce_sum_grads_(self.trainable)
         metrics = self.dist.weighted_mean(sums, local_b)
         if global_b == 0:   # nothing to learn from on any process (e.g. every prompt too long)
+            self.optimizer.zero_grad(set_to_none=True)
             self.counters.empty_steps += 1
             self.note(f"step {self.step + 1}: no group to learn from on any process; no update")
             return {"skipped_steps": float(self.total_skipped_steps), "grad_norm": float("nan")}
