@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None, help="write every timing here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the torch profiler's top operators of each arm, one call each")
     a = ap.parse_args()
 
     cfg = load_config(TrainConfig, None, [
@@ -101,6 +103,18 @@ def main() -> None:
         for m in (False, True) if r % 2 == 0 else (True, False):
             rows["learn_math" if m else "learn_flash"].append(learn(m))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for what, fn in (("sampling, transformers cache", lambda: sample(False)),
+                         ("sampling, static cache", lambda: sample(True)),
+                         ("learner step, flash attention", lambda: learn(False)),
+                         ("learner step, math attention", lambda: learn(True))):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n== {what}: top operators by self time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     tok_hf = med["tokens_hf_cache"] / med["sample_hf_cache"]

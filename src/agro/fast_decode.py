@@ -4,7 +4,7 @@ Why: a decode step of ``model(...)`` with transformers' ``DynamicCache`` spends 
 outside the weight matmuls. Measured on SmolLM2-135M in bf16, 32 rows, ~70 cached tokens, 2 cores
 (AMD EPYC Zen 4): 130-140 ms per step, of which the linear layers are ~64 ms; SDPA's CPU flash
 kernel with a one-token query took ~37 ms, the cache's ``torch.cat`` and the mask and RoPE
-bookkeeping most of the rest (``bench/phases.py`` times both paths side by side: 1.35x per
+bookkeeping most of the rest (``bench/phases.py`` times both paths side by side: 1.36x per
 sampled token in bf16, 1.01x in fp32, docs/RESULTS.md).
 
 What this does instead, per step:
