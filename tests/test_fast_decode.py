@@ -164,17 +164,17 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
 
 
 def test_scoring_passes_use_the_math_attention_kernel_on_cpu():
-    """On a CPU the log-prob passes that are backpropagated run SDPA's math backend (the flash
-    kernel's backward with a mask made the default job's learner step 1.15x slower in bf16:
-    docs/RESULTS.md); forward-only passes and other devices keep PyTorch's own choice."""
+    """On a CPU every log-prob pass (learner and reference: the same kernel, so log pi - log pi_ref
+    is exactly 0 where the weights are equal) runs SDPA's math backend (the flash kernel's backward
+    with a mask made the default job's learner step 1.15x slower in bf16: docs/RESULTS.md); other
+    devices keep PyTorch's own choice."""
     from agro.logprobs import attention_backend
 
     before = torch.backends.cuda.flash_sdp_enabled()
-    with attention_backend("cpu"):
-        assert torch.backends.cuda.math_sdp_enabled()
-        assert not torch.backends.cuda.flash_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled() == before
-    with torch.no_grad(), attention_backend("cpu"):
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), attention_backend("cpu"):
+            assert torch.backends.cuda.math_sdp_enabled()
+            assert not torch.backends.cuda.flash_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() == before
     with attention_backend("meta"):
         assert torch.backends.cuda.flash_sdp_enabled() == before

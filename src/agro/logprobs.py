@@ -121,17 +121,19 @@ def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.
 
 
 def attention_backend(dev):
-    """The scaled-dot-product-attention kernel for a scoring pass on ``dev``: on a CPU, when the
-    pass will be backpropagated (grad enabled), PyTorch's math backend (plain matmuls and
-    softmax); otherwise PyTorch's own choice.
+    """The scaled-dot-product-attention kernel for every scoring pass on ``dev`` (policy and
+    reference alike): on a CPU, PyTorch's math backend (plain matmuls and softmax); elsewhere
+    PyTorch's own choice.
 
     Why: on a CPU the fused flash kernel's backward is slow with an explicit mask, which every
     pass here has (left padding, the packed groups' block mask). Measured on SmolLM2-135M, the
     default job's step (8 groups x 4, packed, 2 cores, AMD EPYC Zen 4; ``bench/phases.py``, 5
     interleaved rounds): the learner step 1.15x faster in bf16 and 1.05x in fp32 with the math
-    backend, while the forward-only reference pass was 0.95-0.96x (so it keeps flash).
+    backend. The forward-only reference pass was 0.95-0.96x with it, yet it takes the same kernel:
+    with different kernels log pi - log pi_ref is not exactly 0 where the weights are equal
+    (5.5e-4 per sequence at step 0 of a bf16 run, 5e-7 in fp32), and every loss reads that ratio.
     """
-    if torch.device(dev).type != "cpu" or not torch.is_grad_enabled():
+    if torch.device(dev).type != "cpu":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
