@@ -11,7 +11,8 @@ at most 32 new tokens; ``--precision`` fp32 or bf16), draws one batch of prompts
   from the same seed, so both sample the same prompts' groups;
 * the reference pass and the learner step (forward, backward, optimizer) on one fixed set of
   groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend, both forced
-  (``agro.logprobs.attention_backend`` picks math on a CPU for passes with a backward only).
+  (``agro.logprobs.attention_backend`` itself picks math on a CPU for every scoring pass,
+  reference included).
 
 The learner's optimizer steps change the weights between rounds; the sampling rounds draw from
 the weights of that moment, so their completion lengths move a little: tokens per second is
@@ -92,7 +93,7 @@ def main() -> None:
     rows: dict[str, list] = {k: [] for k in ("sample_hf_cache", "sample_static", "tokens_hf_cache",
                                              "tokens_static", "ref_flash", "ref_math",
                                              "learn_flash", "learn_math")}
-    sample(True), sample(False), ref(True), learn(True)                 # warm-up of every path
+    sample(True), sample(False), ref(True), ref(False), learn(True), learn(False)  # warm-ups
     for r in range(a.reps):
         for static in (False, True) if r % 2 == 0 else (True, False):
             dt, n = sample(static)

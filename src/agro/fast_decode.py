@@ -9,8 +9,9 @@ sampled token in bf16, 1.01x in fp32, docs/RESULTS.md).
 
 What this does instead, per step:
 
-* keys and values go into a cache allocated once per sampling call, ``[layers, rows, kv_heads,
-  prompt + max_new_tokens, head_dim]``; a step writes one column, with no concatenation;
+* keys and values go into a cache allocated once per sampling call (values ``[layers, rows,
+  kv_heads, prompt + max_new_tokens, head_dim]``, keys stored transposed ``[..., head_dim,
+  prompt + max_new_tokens]``); a step writes one column, with no concatenation;
 * attention is two batched fp32 matmuls over all the cache's columns with the key/value heads'
   query groups stacked (no ``repeat_kv`` copy) and an additive mask (the prompts' left padding
   and the columns not written yet), then a softmax, all in fp32 (transformers' eager attention
@@ -23,8 +24,8 @@ Only plain decoder-only models of the Llama family are taken (:func:`supports`);
 (LoRA-wrapped, sliding-window, QK-norm, other layouts) keeps the transformers path, and so do
 GPUs (:func:`applies`; never measured there). The prompt's prefill is transformers' own forward;
 its cache is copied into the static one. Memory: the cache is fp32 and sized for the prompt plus
-``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 53 MB); dropping finished rows copies
-it once. Models split over devices (``device_map``) are not supported: agro never loads one.
+``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 106 MB, keys and values); every
+time rows finish, the kept rows are copied. Models split over devices (``device_map``) are not supported: agro never loads one.
 """
 
 from __future__ import annotations

@@ -131,7 +131,9 @@ def attention_backend(dev):
     interleaved rounds): the learner step 1.15x faster in bf16 and 1.05x in fp32 with the math
     backend. The forward-only reference pass was 0.95-0.96x with it, yet it takes the same kernel:
     with different kernels log pi - log pi_ref is not exactly 0 where the weights are equal
-    (5.5e-4 per sequence at step 0 of a bf16 run, 5e-7 in fp32), and every loss reads that ratio.
+    (at step 0: 5.5e-4 per sequence in a bf16 run, -4.8e-7 in fp32: tests
+    test_a_bf16_run_learns_on_bf16_weights_with_fp32_masters and
+    test_dropout_never_enters_the_scored_logprobs), and every loss reads that ratio.
     """
     if torch.device(dev).type != "cpu":
         return contextlib.nullcontext()
