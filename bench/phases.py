@@ -72,23 +72,21 @@ def main() -> None:
         dt = time.perf_counter() - t0
         return dt, sum(len(c) for g in gens for c in g.completion_ids)
 
-    def ref(math_backend: bool) -> float:
+    def timed_with_kernel(math_backend: bool, fn) -> float:
+        """Seconds of ``fn()`` with agro's attention_backend forced to one kernel."""
         lp.attention_backend = forced(math_backend)
         try:
             t0 = time.perf_counter()
-            col.attach_ref_logprobs(groups)
+            fn()
             return time.perf_counter() - t0
         finally:
             lp.attention_backend = real_backend
 
+    def ref(math_backend: bool) -> float:
+        return timed_with_kernel(math_backend, lambda: col.attach_ref_logprobs(groups))
+
     def learn(math_backend: bool) -> float:
-        lp.attention_backend = forced(math_backend)
-        try:
-            t0 = time.perf_counter()
-            tr.learn(groups)
-            return time.perf_counter() - t0
-        finally:
-            lp.attention_backend = real_backend
+        return timed_with_kernel(math_backend, lambda: tr.learn(groups))
 
     rows: dict[str, list] = {k: [] for k in ("sample_hf_cache", "sample_static", "tokens_hf_cache",
                                              "tokens_static", "ref_flash", "ref_math",
