@@ -375,6 +375,57 @@ def test_default_gguf_loads_generates_and_saves(tmp_path):
         torch.testing.assert_close(completion_logprobs(m2, *args), lp, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypatch):
+    """The default GGUF loads through a transformers-format copy in agro's cache: same tokenizer
+    (ids, chat template, special tokens) and bit-identical weights and logits as loading the GGUF
+    itself; the copy is made once and reused; an unwritable cache falls back to the GGUF file."""
+    try:
+        gguf = models.default_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
+    models._converted_gguf.cache_clear()
+    real = models.converted_gguf
+    monkeypatch.setattr(models, "converted_gguf", lambda p: None)      # the GGUF file itself
+    tk0, m0 = load_tokenizer("default"), load_model("default").eval()
+    monkeypatch.setattr(models, "converted_gguf", real)
+    tk1, m1 = load_tokenizer("default"), load_model("default").eval()
+    copies = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(copies) == 1 and (copies[0] / "agro-gguf.json").is_file()
+    assert copies[0].name.startswith(gguf.stem) and (copies[0] / "model.safetensors").is_file()
+    msgs = [{"role": "user", "content": "What is 17 * 3? Answer with a number."}]
+    for text in ["Hello, world!", "  spaces\tand\nnewlines 12345 ÷ π", "<|im_start|>x<|im_end|>"]:
+        assert tk1(text)["input_ids"] == tk0(text)["input_ids"]
+    assert tk1.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
+        tk0.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert (tk1.eos_token_id, tk1.pad_token_id, tk1.bos_token_id, len(tk1)) == \
+        (tk0.eos_token_id, tk0.pad_token_id, tk0.bos_token_id, len(tk0))
+    assert tk1.padding_side == tk0.padding_side == "left"
+    s0, s1 = m0.state_dict(), m1.state_dict()
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    skip = {"_name_or_path", "transformers_version", "architectures"}   # the copy records its class
+    assert {k: v for k, v in m1.config.to_dict().items() if k not in skip} == \
+        {k: v for k, v in m0.config.to_dict().items() if k not in skip}
+    ids = torch.tensor([tk0("The answer is 42.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(m0(input_ids=ids).logits, m1(input_ids=ids).logits)
+    # made once: a new process (cleared memo) finds the copy and never parses the GGUF again
+    models._converted_gguf.cache_clear()
+    from transformers import AutoModelForCausalLM
+
+    def no_gguf(*a, **kw):
+        raise AssertionError(f"parsed the GGUF again: {a} {kw}")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_gguf)
+    assert models.converted_gguf(gguf) == copies[0]
+    monkeypatch.undo()
+    # an unwritable cache (its root is a file): None, and loading falls back to the GGUF
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "file"))
+    assert models.converted_gguf(gguf) is None
+    assert models._resolve("default") == (str(gguf.parent), {"gguf_file": gguf.name})
+
+
 @pytest.mark.parametrize("flags,native", [
     ({"avx2", "fma"}, False),                                   # AVX2 EPYC
     ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, False),  # AVX512 Xeon, no bf16 units

@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 
+CACHE_ENV = "AGRO_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """agro's per-machine cache directory: ``$AGRO_CACHE_DIR``, else ``~/.cache/agro``. Holds the
+    precision calibration (:mod:`agro.perf`) and GGUF checkpoints converted once to transformers'
+    format (:func:`agro.models.converted_gguf`). Everything in it can be deleted at any time."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "agro")
+    return Path(root)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync a file or a directory (a directory fsync makes renames/creations inside it durable)."""
     fd = os.open(path, os.O_RDONLY)

@@ -17,7 +17,6 @@ padded shapes agro actually computes, not only useful tokens. Departure from the
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: tests and benches)
 from .models import cpu_flags, hf_model
-
-CACHE_ENV = "AGRO_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,7 @@ def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
 
 # --------------------------------------------------------------------------- measured peak
 def _cache_path() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "agro")
-    return Path(root) / "machine.json"
+    return cache_root() / "machine.json"
 
 
 def machine_key(device: torch.device | str = "cpu") -> str:
