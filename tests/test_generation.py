@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from agro.generation import (
     CachedGenerator, Generation, Generator, HFGenerator, SamplingParams, available_generators,
-    make_generator, sample_from_logprobs,
+    inverse_cdf, make_generator, sample_from_logprobs,
 )
 from agro.logprobs import completion_logprobs
 from agro.models import apply_lora, load_model, load_tokenizer
@@ -256,6 +256,26 @@ def test_sample_from_logprobs_draws_the_distribution():
         se = (p[r].double() * (1 - p[r].double()) / N).sqrt()
         assert ((freq - p[r]).abs() <= 5 * se + 1e-12).all(), (r, freq, p[r])
         assert (freq[p[r] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("V,block", [(1000, 64), (1024, 64), (49152, 1024), (7, 1024)])
+def test_inverse_cdf_two_levels_equal_one_float64_cumsum(V, block):
+    """The two-level search returns the index a single float64 cumulative sum over the whole row
+    returns, for random probabilities with zeros (whole zero blocks included) and random r."""
+    g = torch.Generator().manual_seed(V)
+    b = 64
+    p = torch.rand(b, V, generator=g) ** 4
+    p[torch.rand(b, V, generator=g) < 0.3] = 0                       # top-k/top-p style zeros
+    if V >= 4 * block:
+        p[:, block:3 * block] = 0                                    # whole blocks of zeros
+    r = torch.rand(b, 1, dtype=torch.float64, generator=g)
+    p[:4, :min(V - 1, block + 3)] = 0                                # rows that start with zeros,
+    r[:4] = 0                                                        # drawn at r = 0 exactly
+    cdf = p.double().cumsum(-1)
+    flat = torch.searchsorted(cdf, r * cdf[:, -1:], right=True).squeeze(-1).clamp(max=V - 1)
+    got = inverse_cdf(p, r, block=block)
+    assert torch.equal(got, flat), (got != flat).nonzero()
+    assert (p.gather(-1, got[:, None]) > 0).all()
 
 
 @pytest.mark.parametrize("cls", [HFGenerator, CachedGenerator])

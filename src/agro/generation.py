@@ -283,23 +283,49 @@ class HFGenerator:
         return out
 
 
+_CDF_BLOCK = 1024
+"""Vocabulary entries per block of :func:`inverse_cdf`'s two-level search."""
+
+
+def inverse_cdf(p: torch.Tensor, r: torch.Tensor, block: int = _CDF_BLOCK) -> torch.Tensor:
+    """Per row, the smallest index ``k`` with ``cumsum(p)[k] > u``, ``u = r * sum(p)``:
+    p [b, V] >= 0 (fp32 or fp64, unnormalised), r [b, 1] float64 in [0, 1) -> [b] long.
+
+    Two levels, both summed in float64: the sums of blocks of ``block`` entries, their cumulative
+    sum and a search for the block; then the cumulative sum of that one block. Same index as one
+    float64 cumulative sum over all V entries (up to the order of float64 additions), at a
+    fraction of its cost. Flat stretches (zero probabilities) are skipped (``right=True``).
+    """
+    b, V = p.shape
+    nb = -(-V // block)
+    if nb * block != V:
+        p = torch.nn.functional.pad(p, (0, nb * block - V))
+    pb = p.view(b, nb, block)                                           # [b, nb, block]
+    bcdf = pb.sum(-1, dtype=torch.float64).cumsum(-1)                   # [b, nb]
+    u = r * bcdf[:, -1:]                                                # [b, 1]
+    j = torch.searchsorted(bcdf, u, right=True).clamp_(max=nb - 1)      # [b, 1] block
+    before = torch.where(j > 0, bcdf.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = pb[torch.arange(b, device=p.device), j.squeeze(-1)].double().cumsum(-1)  # [b, block]
+    k = torch.searchsorted(inner, u - before, right=True).clamp_(max=block - 1)     # [b, 1]
+    return (j * block + k).squeeze(-1).clamp_(max=V - 1)
+
+
 def sample_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     """One draw per row from ``softmax = exp(logp)``: [b, V] fp32 log-probs -> [b] token ids.
 
-    Inverse CDF on a float64 cumulative sum, with one uniform per row (``torch.rand``, the
-    global generator). ``torch.multinomial`` draws an exponential variate per vocabulary entry
-    (measured 35 ms per step at b=32, V=49152 here, a fifth of all sampling time); this is
-    ~1 ms. A token of probability 0 (masked by top-k/top-p) is never drawn: ``searchsorted``
-    with ``right=True`` skips flat stretches of the CDF.
+    Inverse CDF (:func:`inverse_cdf`, float64 sums) with one uniform per row (``torch.rand``,
+    the global generator). ``torch.multinomial`` draws an exponential variate per vocabulary
+    entry (measured 35 ms per step at b=32, V=49152 here, a fifth of all sampling time); one
+    float64 cumulative sum over V took 13.6 ms, the two-level search 4.6 ms (2 cores, AMD EPYC
+    Zen 4). A token of probability 0 (masked by top-k/top-p) is never drawn: flat stretches of
+    the CDF are skipped, and a draw that rounding puts on one is redrawn by ``multinomial``.
     """
-    p = logp.double().exp()                                              # [b, V]
-    cdf = p.cumsum(-1)                                                   # [b, V] float64
-    u = torch.rand(p.shape[0], 1, dtype=torch.float64, device=p.device) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)             # [b]
-    tok.clamp_(max=p.shape[-1] - 1)
-    bad = p.gather(-1, tok[:, None]).squeeze(-1) <= 0                   # u rounded up to the total
+    p = logp.float().exp()                                              # [b, V]
+    r = torch.rand(p.shape[0], 1, dtype=torch.float64, device=p.device)  # [b, 1]
+    tok = inverse_cdf(p, r)                                             # [b]
+    bad = p.gather(-1, tok[:, None]).squeeze(-1) <= 0                   # rounding at the edge
     if bool(bad.any()):
-        tok[bad] = torch.multinomial(p[bad].float(), 1).squeeze(-1)
+        tok[bad] = torch.multinomial(p[bad], 1).squeeze(-1)
     return tok
 
 
