@@ -45,10 +45,11 @@ def model(request, tiny_model_dir, tok):
     return tiny_qwen2(len(tok))
 
 
-def decode_both(model, n: int, steps: int, keep_after: int | None = None):
+def decode_both(model, n: int, steps: int, keep_after: int | None = None, lazy: bool = False):
     """Prefill PROMPTS (left-padded), repeat each n times, feed the same random tokens to the
     static decoder and to the model's full forward; returns both per-step logits lists. After
-    step ``keep_after`` only every other row stays."""
+    step ``keep_after`` only every other row stays: dropped from the cache (``select``), or,
+    ``lazy``, left in it and skipped (``step_rows``)."""
     g = torch.Generator().manual_seed(0)
     ids, am = left_pad(PROMPTS, 0)
     B = len(PROMPTS) * n
@@ -63,14 +64,18 @@ def decode_both(model, n: int, steps: int, keep_after: int | None = None):
         mask = am_r.clone()
         pos = am_r.sum(-1)
         rows = torch.arange(B)
+        slot = None
         got, ref = [], []
         for t in range(steps):
             if keep_after is not None and t == keep_after:
                 idx = torch.arange(0, rows.shape[0], 2)
-                dec.select(idx)
+                if lazy:
+                    slot = idx
+                else:
+                    dec.select(idx)
                 rows, pos = rows[idx], pos[idx]
             tok = torch.randint(100, 5000, (B,), generator=g)[rows]
-            got.append(dec.step(tok, pos).float())
+            got.append((dec.step(tok, pos) if slot is None else dec.step_rows(slot, tok, pos)).float())
             seq = torch.cat([seq, torch.randint(0, 1, (B, 1))], 1)
             seq[rows, -1] = tok
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
@@ -81,8 +86,9 @@ def decode_both(model, n: int, steps: int, keep_after: int | None = None):
     return got, ref
 
 
-def test_static_decode_equals_the_full_forward_fp32(model):
-    got, ref = decode_both(model, n=3, steps=6, keep_after=3)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_static_decode_equals_the_full_forward_fp32(model, lazy):
+    got, ref = decode_both(model, n=3, steps=6, keep_after=3, lazy=lazy)
     for t, (a, b) in enumerate(zip(got, ref)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {t}")

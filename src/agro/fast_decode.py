@@ -124,11 +124,29 @@ class StaticDecoder:
         layers = cache.layers
         return cls(model, [c.keys for c in layers], [c.values for c in layers], prompt_mask, max_new)
 
+    @property
+    def rows(self) -> int:
+        return int(self.v.shape[1])
+
     def select(self, idx: torch.Tensor) -> None:
-        """Keep rows ``idx`` (long [b']) in this order."""
+        """Keep rows ``idx`` (long [b']) in this order (copies the kept rows' cache)."""
         self.k = self.k[:, idx]
         self.v = self.v[:, idx]
         self.mask = self.mask[idx]
+
+    def step_rows(self, slot: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` for the live rows ``slot`` (long [b], distinct rows of this cache) only:
+        tok, pos [b] -> logits [b, V]. The other rows (finished samples not dropped yet: dropping
+        copies the whole cache, so the sampler does it only once a quarter of the rows are done)
+        decode a dummy token whose keys, values and logits nobody reads."""
+        if len(slot) == self.rows:
+            if bool((slot == torch.arange(self.rows, device=slot.device)).all()):
+                return self.step(tok, pos)
+        full_tok = tok.new_zeros(self.rows)
+        full_pos = pos.new_zeros(self.rows)
+        full_tok[slot] = tok
+        full_pos[slot] = pos
+        return self.step(full_tok, full_pos)[slot]
 
     @torch.no_grad()
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

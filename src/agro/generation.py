@@ -396,10 +396,11 @@ class CachedGenerator(HFGenerator):
             am = am.repeat_interleave(n, dim=0)                          # [B, P]
             pos = am.sum(-1)                                             # [B] next position
             rows = torch.arange(B)                                       # output row of each live row
-            static = None
+            static = slot = None
             if self.static_cache and fast_decode.applies(model, self.precision):
                 static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T)
                 out = cache = None          # the prefill's cache now lives in the static one
+                slot = torch.arange(B, device=dev)                       # static row of each live row
             for t in range(T):
                 scores = logits
                 for w in warpers:
@@ -415,12 +416,15 @@ class CachedGenerator(HFGenerator):
                 if not bool(live.all()):
                     idx = live.nonzero().squeeze(-1)
                     if static is not None:
-                        static.select(idx)
+                        slot = slot[idx]
+                        if 4 * len(slot) <= 3 * static.rows:   # compact once a quarter is done
+                            static.select(slot)
+                            slot = torch.arange(len(slot), device=dev)
                     else:
                         cache.batch_select_indices(idx)
                     am, pos, tok, rows = am[idx], pos[idx], tok[idx], rows[idx.cpu()]
                 if static is not None:
-                    logits = static.step(tok, pos).float()               # [b, V]
+                    logits = static.step_rows(slot, tok, pos).float()    # [b, V]
                 else:
                     am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
                     with autocast_ctx(self.precision, dev):
