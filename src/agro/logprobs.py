@@ -45,7 +45,11 @@ PACKED_MAX_LEN = 4096
 square of it (n times the attention of the two-pass path), so longer groups take the two-pass
 path (a prompt pass, then its KV cache repeated n times)."""
 
-_ROW_CHUNK_ELEMS = 1 << 24  # ~64 MB of fp32 per chunk in the log-prob kernel
+_ROW_CHUNK_ELEMS = 1 << 19
+"""fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
+vocabulary). Small enough to stay in cache between the cast and the (log-)softmax: on
+[1250, 49152] bf16 logits the forward + backward took 357 ms with 64 MB chunks, 107 ms with
+2 MB ones (2 cores, AMD EPYC Zen 4; 4 MB: 123 ms, 1 MB: 130 ms)."""
 
 
 class _ChosenLogProb(torch.autograd.Function):
