@@ -31,17 +31,23 @@ def setup(tiny_model_dir, tmp_path_factory):
             "max_new_tokens=6", "eval_prompts=0", "precision=fp32", "tensorboard=false",
             "progress=false", "plot=false", "lr=1e-3", "warmup_steps=0", "save_every=1",
             "keep_checkpoints=2", "source=fresh:1,offline:1", f"offline_path={off}",
-            "micro_batch_groups=1"]
+            "micro_batch_groups=1", "save_async=false"]
     ref = run(base + [f"output_dir={d / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     return d, base, load_file(str(d / "ref" / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("fault", ["collect:3", "backward:5", "checkpoint:2"])
-def test_kill9_then_resume_is_bit_identical(setup, fault):
+@pytest.mark.parametrize("fault,saving", [("collect:3", "blocking"), ("backward:5", "blocking"),
+                                          ("checkpoint:2", "blocking"),
+                                          ("checkpoint:2", "background")])
+def test_kill9_then_resume_is_bit_identical(setup, fault, saving):
+    """Blocking saves, so that each kill point is exact (with save_async, a kill soon after a
+    save can come before its write finished: the run then resumes from the checkpoint before);
+    and a kill inside a background write (the writer thread dies with the process)."""
     d, base, ref = setup
-    out = d / f"run-{fault.replace(':', '-')}"
-    killed = run(base + [f"output_dir={out}"], {"AGRO_FAULT": fault})
+    out = d / f"run-{fault.replace(':', '-')}-{saving}"
+    extra = ["save_async=true"] if saving == "background" else []
+    killed = run(base + [f"output_dir={out}", *extra], {"AGRO_FAULT": fault})
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert not (out / "final").exists()
     if fault.startswith("checkpoint"):   # a half-written checkpoint was left behind

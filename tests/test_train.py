@@ -386,3 +386,60 @@ def test_held_out_kl_skips_scoring_only_when_the_policy_is_the_reference(tiny_mo
     assert tr.run_eval("during")["kl_pi_ref"] != 0.0 and len(calls) >= 2
     if tr._own_grader:
         tr.grader.close()
+
+
+def test_background_checkpoints_equal_blocking_ones_and_wait_for_their_write(tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    """save_async writes each step's checkpoint on a thread: the files hold that step's state
+    (the same tensors as save_async=false writes), because the next optimizer step waits for
+    the write: a write that takes 0.3 s sees the weights it was given unchanged at its end."""
+    from safetensors.torch import load_file
+
+    from agro import checkpoint
+
+    real = checkpoint.save_checkpoint
+    seen = []
+
+    def slow(out, step, model, *a, **k):
+        at_start = params_of(model)
+        import time
+        time.sleep(0.3)
+        seen.append(all(torch.equal(at_start[n], p) for n, p in params_of(model).items()))
+        return real(out, step, model, *a, **k)
+
+    import agro.trainer
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)         # BackgroundSaver's
+    monkeypatch.setattr(agro.trainer, "save_checkpoint", slow)       # the blocking path's
+    runs = {}
+    for mode in ("true", "false"):
+        cfg = make_cfg(tiny_model_dir, tmp_path / mode, "steps=3", "save_every=1",
+                       "keep_checkpoints=3", f"save_async={mode}")
+        tr, _, _ = run_steps(cfg)
+        assert (tr.saver is None) and tr.cfg.save_async == (mode == "true")
+        runs[mode] = tmp_path / mode / "run" / "checkpoints"
+    assert seen == [True] * 6
+    for step in (1, 2, 3):
+        a, b = (runs[m] / f"step-{step:08d}" for m in ("true", "false"))
+        assert checkpoint.verify_checkpoint(a, verify=True) is None
+        ma, mb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+        oa = torch.load(a / "optimizer.pt", weights_only=True)["state"]
+        ob = torch.load(b / "optimizer.pt", weights_only=True)["state"]
+        assert oa.keys() == ob.keys() and all(
+            torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+
+
+def test_a_failed_background_checkpoint_stops_training_with_its_error(tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    from agro import checkpoint
+
+    def broken(*a, **k):
+        raise OSError("No space left on device (test)")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", broken)
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=3", "save_every=1")
+    tr = Trainer(cfg, grader=HashGrader())
+    with pytest.raises(OSError, match="No space left"):
+        tr.train()
+    assert tr.step == 1     # raised before the second optimizer step, not at the end

@@ -179,6 +179,10 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                          "checkpoints/, final/, plots.")
     save_every: int = _f(10, "Checkpoint every k steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many complete checkpoints to keep.")
+    save_async: bool = _f(True, "Write checkpoints on a background thread while the next step "
+                          "samples and scores (its optimizer step waits for the write; "
+                          "single-process runs only). A crash before the write finished resumes "
+                          "from the checkpoint before it. false: every save blocks until written.")
     eval_prompts: int = _f(45, "Held-out prompts for the before/after evaluation (0 = skip; the "
                            "level-1 arithmetic held-out pool has 45).")
     eval_samples: int = _f(4, "Sampled completions per held-out prompt (temperature 1).")

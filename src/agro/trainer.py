@@ -33,7 +33,9 @@ import torch
 from . import losses
 from .builders import (build_collector, build_generator, build_grader, build_models,
                        sampling_params, setup_runtime)
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    BackgroundSaver, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from .collect import CollectStats
 from .config import TrainConfig, dump_yaml, parse_source, to_dict
 from .datafiles import read_groups
@@ -193,6 +195,9 @@ class Trainer:
         self.optimizer = make_adamw(self.trainable, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.loss = losses.loss_spec(cfg.loss)
+        # checkpoints written while the next step samples and scores (one process: with several,
+        # every rank's state is gathered at the save and rank 0 writes it synchronously)
+        self.saver = BackgroundSaver() if cfg.save_async and self.dist.world == 1 else None
         self.needs_token_kl = self.loss.needs_token_kl(cfg.loss_options)
         if not samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
             self.note(f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, "
@@ -436,10 +441,16 @@ class Trainer:
                     self.save()
         except BaseException:   # TrainingAborted, a crash, ^C: the checkpoint stays; free the engine
             self.close_generator()
+            self.finish_saving(raise_errors=False)
             raise
         finally:
             progress.close()
-        after = self.run_eval("after") if cfg.eval_prompts > 0 else None
+        try:
+            after = self.run_eval("after") if cfg.eval_prompts > 0 else None  # overlaps the last save
+        except BaseException:
+            self.finish_saving(raise_errors=False)
+            raise
+        self.finish_saving()
         self.report()
         final_dir = self.export_final() if cfg.save_final else None
         plot_path = None
@@ -493,6 +504,7 @@ class Trainer:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if math.isfinite(grad_norm) and math.isfinite(metrics.get("loss", float("nan"))):
+            self.checkpoint_written()   # a background save reads the weights the step changes
             self.optimizer.step()
             # the fp32 gradients are spent: free them now, not at the next step's start, so
             # sampling, evaluation and checkpoints run without them (~0.5 GB on SmolLM2-135M)
@@ -548,6 +560,7 @@ class Trainer:
                                   loss=str(loss))
         if self.consecutive_skips >= cfg.max_consecutive_skips:
             self.save()
+            self.checkpoint_written()
             raise TrainingAborted(
                 f"{self.consecutive_skips} consecutive non-finite steps (max_consecutive_skips="
                 f"{cfg.max_consecutive_skips}); stopped. The last good state is checkpointed "
@@ -724,11 +737,33 @@ class Trainer:
         else:
             st = self.state()
         if self.dist.is_main:
-            path = save_checkpoint(self.out, self.step, self.policy, self.optimizer,
-                                   self.scheduler, st, to_dict(self.cfg),
-                                   keep=self.cfg.keep_checkpoints)
+            args = (self.out, self.step, self.policy, self.optimizer, self.scheduler, st,
+                    to_dict(self.cfg))
+            if self.saver is not None:   # written on its thread; see checkpoint_written()
+                path = self.saver.submit(*args, keep=self.cfg.keep_checkpoints)
+            else:
+                path = save_checkpoint(*args, keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
         return path
+
+    def checkpoint_written(self) -> None:
+        """Wait for a checkpoint being written in the background (``save_async``); re-raises its
+        error. Called before anything changes what it writes (the optimizer step)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def finish_saving(self, raise_errors: bool = True) -> None:
+        """End of :meth:`train`: the last checkpoint is complete and the writer thread gone. With
+        ``raise_errors=False`` (already unwinding from another error) a failed write is logged."""
+        saver, self.saver = self.saver, None      # later saves (if any) are synchronous
+        if saver is None:
+            return
+        try:
+            saver.close()
+        except Exception as e:
+            if raise_errors:
+                raise
+            self.note(f"the checkpoint being written when training stopped failed: {e!r}")
 
     def _resume(self) -> None:
         st = load_checkpoint(self.ckpt_path, self.policy, self.optimizer, self.scheduler)
