@@ -64,7 +64,8 @@ def main() -> None:
     label(C.Collector, "collect", "collect")
     label(T, "build_models", "build_models")
     cfg = load_config(TrainConfig, None, sys.argv[1:] + [
-        "output_dir=runs/bench-memory", "overwrite=true", "progress=false", "plot=false"])
+        "output_dir=runs/bench-memory", "overwrite=true", "progress=false", "plot=false",
+        "save_async=false"])   # a background save would land in the next phase's peak
     t0 = time.time()
     phase.append("init")
     tr = T.Trainer(cfg)

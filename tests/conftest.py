@@ -21,7 +21,12 @@ torch.set_num_threads(THREADS)
 if "AGRO_CACHE_DIR" not in os.environ:
     import tempfile
 
+    import atexit
+    import shutil
+
     os.environ["AGRO_CACHE_DIR"] = tempfile.mkdtemp(prefix="agro-test-cache-")
+    # it holds the default model's converted copy (~0.5 GB): gone with the session
+    atexit.register(shutil.rmtree, os.environ["AGRO_CACHE_DIR"], True)
 
 from agro.models import TINY_LLAMA  # noqa: E402,F401  (tests build variants of it)
 

@@ -169,6 +169,28 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
     assert len(diffs) >= 20 and sum(diffs) / len(diffs) < 0.005, sum(diffs) / len(diffs)
 
 
+def test_when_finished_rows_leave_the_static_cache_does_not_change_the_samples(tiny_model_dir, tok):
+    """fp32, same seed: dropping finished rows at every finish (compact_at=1), once a quarter are
+    done (the default) or never (compact_at=0) draws the same tokens and records the same
+    behaviour log-probs up to float rounding (a decode matmul over more rows may round
+    differently)."""
+    model = load_model(tiny_model_dir)
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(1000, 3000)]
+    outs = []
+    for at in (1.0, CachedGenerator.compact_at, 0.0):
+        gen = CachedGenerator(model, tok, precision="fp32", batch_size=64)
+        gen.compact_at = at
+        torch.manual_seed(5)
+        outs.append(gen.generate(PROMPTS, 4, SamplingParams(10)))
+    lengths = [len(c) for g in outs[0] for c in g.completion_ids]
+    assert len(set(lengths)) >= 3, lengths        # rows finish at several steps
+    for other in outs[1:]:
+        assert [g.completion_ids for g in other] == [g.completion_ids for g in outs[0]]
+        for x, y in zip(outs[0], other):
+            for la, lb in zip(x.logprobs, y.logprobs):
+                torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
+
+
 def test_scoring_passes_use_the_math_attention_kernel_on_cpu():
     """On a CPU every log-prob pass (learner and reference: the same kernel, so log pi - log pi_ref
     is exactly 0 where the weights are equal) runs SDPA's math backend (the flash kernel's backward

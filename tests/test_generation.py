@@ -269,8 +269,13 @@ def test_inverse_cdf_two_levels_equal_one_float64_cumsum(V, block):
     if V >= 4 * block:
         p[:, block:3 * block] = 0                                    # whole blocks of zeros
     r = torch.rand(b, 1, dtype=torch.float64, generator=g)
+    p[:, V // 2] += 0.5                                              # no row is all zeros
     p[:4, :min(V - 1, block + 3)] = 0                                # rows that start with zeros,
+    p[:4, -1] = 0.5
     r[:4] = 0                                                        # drawn at r = 0 exactly
+    r[4:8] = 1 - 2 ** -53                                            # and at the top edge
+    p[6:8, -min(V - 1, block + 3):] = 0                              # (trailing zeros too)
+    p[6:8, 0] = 0.5
     cdf = p.double().cumsum(-1)
     flat = torch.searchsorted(cdf, r * cdf[:, -1:], right=True).squeeze(-1).clamp(max=V - 1)
     got = inverse_cdf(p, r, block=block)

@@ -384,8 +384,9 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
         gguf = models.default_gguf_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    from agro.provenance import tokenizer_sha256
+
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
-    models._converted_gguf.cache_clear()
     real = models.converted_gguf
     monkeypatch.setattr(models, "converted_gguf", lambda p: None)      # the GGUF file itself
     tk0, m0 = load_tokenizer("default"), load_model("default").eval()
@@ -402,6 +403,9 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
     assert (tk1.eos_token_id, tk1.pad_token_id, tk1.bos_token_id, len(tk1)) == \
         (tk0.eos_token_id, tk0.pad_token_id, tk0.bos_token_id, len(tk0))
     assert tk1.padding_side == tk0.padding_side == "left"
+    assert tokenizer_sha256(tk1) == tokenizer_sha256(tk0)      # offline files stay compatible
+    assert tk1.decode(list(range(0, 49152, 97))) == tk0.decode(list(range(0, 49152, 97)))
+    assert m1.generation_config.eos_token_id == m0.generation_config.eos_token_id
     s0, s1 = m0.state_dict(), m1.state_dict()
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
     skip = {"_name_or_path", "transformers_version", "architectures"}   # the copy records its class
@@ -411,7 +415,7 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
     with torch.no_grad():
         assert torch.equal(m0(input_ids=ids).logits, m1(input_ids=ids).logits)
     # made once: a new process (cleared memo) finds the copy and never parses the GGUF again
-    models._converted_gguf.cache_clear()
+    models._gguf_key.cache_clear()
     from transformers import AutoModelForCausalLM
 
     def no_gguf(*a, **kw):
@@ -419,6 +423,14 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_gguf)
     assert models.converted_gguf(gguf) == copies[0]
     monkeypatch.undo()
+    # a copy whose files do not match its marker is not used (it would be converted again)
+    assert models._copy_complete(copies[0])
+    tj = copies[0] / "tokenizer.json"
+    tj.write_bytes(tj.read_bytes()[:-10])
+    assert not models._copy_complete(copies[0])
+    monkeypatch.setenv("AGRO_GGUF_CACHE", "0")                          # the opt-out
+    assert models.converted_gguf(gguf) is None
+    monkeypatch.delenv("AGRO_GGUF_CACHE")
     # an unwritable cache (its root is a file): None, and loading falls back to the GGUF
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "file"))

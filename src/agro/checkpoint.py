@@ -246,8 +246,9 @@ def _write_json(path: Path, obj: Any) -> None:
 def _write_model(path: Path, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Write the trainable parameters to ``path``; return {name: {shape, dtype}}.
 
-    ``named_parameters()`` yields a tied parameter once (under its first name); each tensor is
-    cloned into its own contiguous CPU storage because safetensors refuses shared storage.
+    ``named_parameters()`` yields a tied parameter once (under its first name). A CPU tensor that
+    is exactly its own storage is written as it is; any other (a view, a GPU tensor) is copied
+    into its own contiguous CPU storage, because safetensors refuses shared storage.
     """
     tensors: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
@@ -332,6 +333,16 @@ def verify_checkpoint(path: Path | str, verify: bool = False) -> str | None:
 
 
 # --------------------------------------------------------------------------- save
+def _state_dict(obj: Any, what: str) -> dict | None:
+    """``obj.state_dict()``, or ``obj`` itself if it is already a captured state dict."""
+    if obj is None or isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    raise TypeError(f"{what}: expected an object with state_dict() or a dict, got "
+                    f"{type(obj).__name__}")
+
+
 def save_checkpoint(
     output_dir: Path | str,
     step: int,
@@ -369,8 +380,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
-    sched_state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
+    opt_state, sched_state = _state_dict(optimizer, "optimizer"), _state_dict(scheduler, "scheduler")
     plain_state = to_plain(state)          # fail on unstorable values before touching the disk
     plain_config = json.loads(json.dumps(to_plain(config, "config")))
     tmp.mkdir()
@@ -455,8 +465,14 @@ class BackgroundSaver:
 
     def wait(self) -> Path | None:
         """Block until the pending write is finished; its path, or None if none was pending."""
-        fut, self._pending = self._pending, None
-        return fut.result() if fut is not None else None
+        fut = self._pending
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        finally:
+            if fut.done():          # an interrupt while waiting keeps the write pending
+                self._pending = None
 
     def close(self) -> None:
         try:

@@ -24,8 +24,10 @@ Only plain decoder-only models of the Llama family are taken (:func:`supports`);
 (LoRA-wrapped, sliding-window, QK-norm, other layouts) keeps the transformers path, and so do
 GPUs (:func:`applies`; never measured there). The prompt's prefill is transformers' own forward;
 its cache is copied into the static one. Memory: the cache is fp32 and sized for the prompt plus
-``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 106 MB, keys and values); every
-time rows finish, the kept rows are copied. Models split over devices (``device_map``) are not supported: agro never loads one.
+``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 106 MB, keys and values). Finished
+rows stay in the cache and decode a dummy token (:meth:`StaticDecoder.step_rows`) until the
+sampler drops them (:meth:`StaticDecoder.select` copies the kept rows; ``CachedGenerator`` does
+it once a quarter of the rows are done). Models split over devices (``device_map``) are not supported: agro never loads one.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ class StaticDecoder:
     """Decode state for one sampling call: ``rows`` sequences, each a left-padded prompt of
     ``P`` columns plus at most ``max_new`` generated tokens.
 
-    Build it from transformers' prefill cache (:meth:`from_prefill`), then call :meth:`step` once
-    per generated token; :meth:`select` keeps a subset of rows (finished samples leave).
+    Build it from transformers' prefill cache (:meth:`from_prefill`), then call :meth:`step` (all
+    rows) or :meth:`step_rows` (the live rows only) once per generated token; :meth:`select`
+    keeps a subset of rows (finished samples leave).
     """
 
     def __init__(self, model, keys: list[torch.Tensor], values: list[torch.Tensor],

@@ -10,9 +10,9 @@ with sampling and cheap:
 * positions come from the attention mask (``cumsum - 1``), exactly as ``generate`` computes
   them, so a left-padded prompt sees the same rotary positions when scored as when sampled;
 * the LM head runs only on the ``T`` completion positions (``logits_to_keep``);
-* the log-softmax is never materialised: the chosen token's logit minus a ``logsumexp`` taken in
-  fp32 (a custom autograd function, chunked over rows, saves only the logits and one float per
-  token), also when the matmuls run in bf16 under autocast.
+* the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
+  entry kept (a custom autograd function that saves only the logits; its backward recomputes
+  the chunk's softmax), also when the matmuls run in bf16.
 
 Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
 same ``precision``; :class:`Reference` uses the precision it was built with. Measured on

@@ -76,6 +76,11 @@ def _resolve(spec: str | Path) -> tuple[str, dict[str, Any]]:
 
 GGUF_CACHE_FORMAT = 1
 """Bump when what :func:`converted_gguf` writes changes: older copies are then left unused."""
+GGUF_CACHE_ENV = "AGRO_GGUF_CACHE"
+"""``AGRO_GGUF_CACHE=0``: never convert; load GGUF files directly."""
+GGUF_CACHE_MAX_BYTES = 1 << 30
+"""GGUF files larger than this are loaded directly: their fp32 copy would be ~4-8x the file."""
+_GGUF_MARKER = "agro-gguf.json"
 
 
 def _gguf_source(path: Path) -> tuple[str, dict[str, Any]]:
@@ -83,18 +88,50 @@ def _gguf_source(path: Path) -> tuple[str, dict[str, Any]]:
     return (str(d), {}) if d is not None else (str(path.parent), {"gguf_file": path.name})
 
 
-def _file_digest(path: Path) -> str:
+@functools.lru_cache(maxsize=None)
+def _gguf_key(path: str, size: int, mtime_ns: int) -> str:
+    """The copy's name for one version of one file: sha256 prefix, transformers version, format."""
     import hashlib
+
+    import transformers
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return h.hexdigest()
+    return f"{Path(path).stem}-{h.hexdigest()[:20]}-tf{transformers.__version__}-v{GGUF_CACHE_FORMAT}"
 
 
-@functools.lru_cache(maxsize=None)
-def _converted_gguf(path: str, size: int, mtime_ns: int, cache: str) -> Path | None:
+def _copy_complete(out: Path) -> bool:
+    """The copy's marker exists and every file it lists is there with its recorded size."""
+    import json
+
+    try:
+        files = json.loads((out / _GGUF_MARKER).read_text())["files"]
+        return bool(files) and all((out / n).stat().st_size == int(b) for n, b in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove_stale(root: Path) -> None:
+    """Delete ``.tmp-*`` / ``.del-*`` leftovers of conversions whose process is gone."""
+    import os
+    import shutil
+
+    for d in root.iterdir():
+        if not d.name.startswith((".tmp-", ".del-")):
+            continue
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)    # still running: leave it
+            continue
+        except (ValueError, IndexError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _convert_gguf(p: Path, out: Path) -> Path | None:
     import json
     import os
     import shutil
@@ -104,61 +141,73 @@ def _converted_gguf(path: str, size: int, mtime_ns: int, cache: str) -> Path | N
 
     from .fileio import fsync_path
 
-    p = Path(path)
-    key = f"{_file_digest(p)[:20]}-tf{transformers.__version__}-v{GGUF_CACHE_FORMAT}"
-    root = Path(cache) / "gguf"
-    out = root / f"{p.stem}-{key}"
-    marker = out / "agro-gguf.json"
-    if marker.is_file():
-        return out
+    root = out.parent
     tmp = root / f".tmp-{out.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()                                # an unwritable cache fails here, before parsing
         log.info("converting %s to transformers' format once (cached in %s)", p, out)
         kw = {"gguf_file": p.name}
         tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=torch.float32, **kw)
         drop_quantization(model)
-        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))            # dequantised weights: exact in fp32
         tok.save_pretrained(str(tmp))
-        (tmp / marker.name).write_text(json.dumps(
-            {"source": str(p), "bytes": size, "sha256_prefix": key.split("-")[0],
-             "transformers": transformers.__version__, "format": GGUF_CACHE_FORMAT}, indent=1))
+        del model
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        (tmp / _GGUF_MARKER).write_text(json.dumps(
+            {"source": str(p), "transformers": transformers.__version__,
+             "format": GGUF_CACHE_FORMAT, "files": files}, indent=1))
         for f in tmp.iterdir():
             fsync_path(f)
+        fsync_path(tmp)
+        if out.exists() and not _copy_complete(out):   # a damaged copy: move it aside first
+            trash = root / f".del-{out.name}-{os.getpid()}"
+            os.rename(out, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         try:
             os.rename(tmp, out)                    # published whole, or not at all
         except OSError:
-            if not marker.is_file():               # not another process that won the race
+            if not _copy_complete(out):            # not another process that won the race
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
         fsync_path(root)
         return out
-    except OSError as e:                           # e.g. a read-only cache: load the GGUF itself
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("could not cache a converted copy of %s (%s); loading the GGUF file itself "
-                    "(slower: transformers parses it again for the tokenizer and the model)", p, e)
+    except Exception as e:    # unwritable or full cache, a conversion error: use the GGUF itself
+        log.warning("could not cache a converted copy of %s (%s: %s); loading the GGUF file "
+                    "itself", p, type(e).__name__, e)
         return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)     # (gone already when it was published)
 
 
 def converted_gguf(path: str | Path) -> Path | None:
     """A transformers-format copy (config, fp32 safetensors, tokenizer files) of a GGUF
     checkpoint, made once per file and transformers version in agro's cache
-    (:func:`agro.fileio.cache_root`, ``gguf/<stem>-<sha256 prefix>-tf<version>-v<format>``);
-    None if it cannot be written (then callers load the GGUF file itself).
+    (:func:`agro.fileio.cache_root`: ``gguf/<stem>-<sha256 prefix>-tf<version>-v<format>``);
+    None (callers then load the GGUF file itself) if it cannot be written, if the file is larger
+    than ``GGUF_CACHE_MAX_BYTES``, or with ``AGRO_GGUF_CACHE=0``.
 
     Why: transformers parses a GGUF file's metadata in Python once for the tokenizer and twice
     for the model (config, then weights): ~27 s of every start-up for SmolLM2-135M on 2 cores
     (AMD EPYC Zen 4), against ~2 s for the converted copy. The first load pays the conversion
     (the same parses, plus ~2 s of writing). The copy holds what transformers dequantised, so a
-    model loaded from it equals one loaded from the GGUF (``tests/test_models.py``).
+    model loaded from it equals one loaded from the GGUF (``tests/test_models.py``). A copy whose
+    files do not match its marker is replaced; copies can be deleted at any time.
     """
+    import os
+
     from .fileio import cache_root
 
+    if os.environ.get(GGUF_CACHE_ENV, "1").strip() == "0":
+        return None
     p = Path(path).resolve()
     st = p.stat()
-    return _converted_gguf(str(p), st.st_size, st.st_mtime_ns, str(cache_root()))
+    if st.st_size > GGUF_CACHE_MAX_BYTES:
+        return None
+    out = cache_root() / "gguf" / _gguf_key(str(p), st.st_size, st.st_mtime_ns)
+    return out if _copy_complete(out) else _convert_gguf(p, out)
 
 
 def _from_pretrained(loader, spec: str | Path, what: str, **kw):

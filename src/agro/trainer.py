@@ -198,6 +198,8 @@ class Trainer:
         # checkpoints written while the next step samples and scores (one process: with several,
         # every rank's state is gathered at the save and rank 0 writes it synchronously)
         self.saver = BackgroundSaver() if cfg.save_async and self.dist.world == 1 else None
+        if cfg.save_async and self.dist.world > 1 and self.dist.is_main:
+            self.note("save_async: checkpoints are written synchronously with several processes")
         self.needs_token_kl = self.loss.needs_token_kl(cfg.loss_options)
         if not samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
             self.note(f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, "
@@ -440,28 +442,30 @@ class Trainer:
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                     self.save()
         except BaseException:   # TrainingAborted, a crash, ^C: the checkpoint stays; free the engine
-            self.close_generator()
             self.finish_saving(raise_errors=False)
+            self.close_generator()
             raise
         finally:
             progress.close()
         try:
-            after = self.run_eval("after") if cfg.eval_prompts > 0 else None  # overlaps the last save
-        except BaseException:
-            self.finish_saving(raise_errors=False)
-            raise
-        self.finish_saving()
-        self.report()
-        final_dir = self.export_final() if cfg.save_final else None
-        plot_path = None
-        if self.logger:
-            if after:
-                self.logger.log_event("eval", when="after", step=self.step, **after)
-            self.logger.close()
-            plot_path = self.make_plot()
-        if self._own_grader:
-            self.grader.close()
-        self.close_generator()
+            try:
+                after = self.run_eval("after") if cfg.eval_prompts > 0 else None  # overlaps the last save
+            except BaseException:
+                self.finish_saving(raise_errors=False)
+                raise
+            self.finish_saving()
+            self.report()
+            final_dir = self.export_final() if cfg.save_final else None
+            plot_path = None
+            if self.logger:
+                if after:
+                    self.logger.log_event("eval", when="after", step=self.step, **after)
+                self.logger.close()
+                plot_path = self.make_plot()
+        finally:   # a failed last save or evaluation still frees the grader and the engine
+            if self._own_grader:
+                self.grader.close()
+            self.close_generator()
         return TrainResult(self.out, self.step, self.before, after, final_dir, plot_path)
 
     def learn(self, groups: list[Group]) -> dict:

@@ -46,7 +46,7 @@ CSV_COLUMNS = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1"
 # Wall times are not in runs.csv (they differ between re-runs); they are in arms.yaml.
 # Settings that never change what a run computes (only where it writes or what it shows).
 _NOT_HASHED = {"output_dir", "progress", "tensorboard", "wandb", "wandb_project", "plot",
-               "save_every", "keep_checkpoints", "num_threads"}
+               "save_every", "keep_checkpoints", "num_threads", "save_async"}
 
 
 class SweepError(ValueError):
