@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
+from abrounds import medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
 
 import agro.logprobs as lp
 from agro.config import TrainConfig, load_config
@@ -93,13 +91,13 @@ def main() -> None:
                                              "learn_flash", "learn_math")}
     sample(True), sample(False), ref(True), ref(False), learn(True), learn(False)  # warm-ups
     for r in range(a.reps):
-        for static in (False, True) if r % 2 == 0 else (True, False):
+        for static in order(r, False, True):
             dt, n = sample(static)
             rows["sample_static" if static else "sample_hf_cache"].append(dt)
             rows["tokens_static" if static else "tokens_hf_cache"].append(n)
-        for m in (False, True) if r % 2 == 0 else (True, False):
+        for m in order(r, False, True):
             rows["ref_math" if m else "ref_flash"].append(ref(m))
-        for m in (False, True) if r % 2 == 0 else (True, False):
+        for m in order(r, False, True):
             rows["learn_math" if m else "learn_flash"].append(learn(m))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
 
@@ -115,7 +113,7 @@ def main() -> None:
             print(f"\n== {what}: top operators by self time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    med = medians(rows)
     tok_hf = med["tokens_hf_cache"] / med["sample_hf_cache"]
     tok_st = med["tokens_static"] / med["sample_static"]
     print(f"\nmedians over {a.reps} rounds ({a.precision}):")
@@ -126,11 +124,7 @@ def main() -> None:
           f"{med['ref_flash'] / med['ref_math']:.2f}x")
     print(f"  learner step: flash {med['learn_flash']:.2f} s, math {med['learn_math']:.2f} s: "
           f"{med['learn_flash'] / med['learn_math']:.2f}x")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"cpu": cpu_description(), "precision": a.precision,
-                                            "torch": torch.__version__, "rounds": rows,
-                                            "medians": med}, indent=1))
+    write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
     tr.close_generator()
 
 

@@ -20,12 +20,10 @@ Medians over the rounds; the CPU and its flags are printed. Run it alone on the 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
+from abrounds import medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
 
 import agro.generation as gen_mod
 import agro.logprobs as lp
@@ -140,16 +138,16 @@ def main() -> None:
     for old in (True, False):      # warm-ups
         sample(old), kernel(old), learn(old)
     for r in range(a.reps):
-        for old in (True, False) if r % 2 == 0 else (False, True):
+        for old in order(r, True, False):
             s, n = sample(old)
             rows["sample_old" if old else "sample_new"].append(s)
             rows["tokens_old" if old else "tokens_new"].append(n)
-        for old in (True, False) if r % 2 == 0 else (False, True):
+        for old in order(r, True, False):
             rows["kernel_old" if old else "kernel_new"].append(kernel(old))
-        for old in (True, False) if r % 2 == 0 else (False, True):
+        for old in order(r, True, False):
             rows["learn_old" if old else "learn_new"].append(learn(old))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    med = medians(rows)
     to, tn = med["tokens_old"] / med["sample_old"], med["tokens_new"] / med["sample_new"]
     print(f"\nmedians over {a.reps} rounds ({a.precision}, {N} completion tokens):")
     print(f"  sampling 8 x 4: old {med['sample_old']:.2f} s ({to:.0f} tok/s), new "
@@ -158,11 +156,7 @@ def main() -> None:
           f"{med['kernel_new']:.3f} s: {med['kernel_old'] / med['kernel_new']:.2f}x")
     print(f"  learner step: old kernel {med['learn_old']:.2f} s, new {med['learn_new']:.2f} s: "
           f"{med['learn_old'] / med['learn_new']:.2f}x")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"cpu": cpu_description(), "precision": a.precision,
-                                            "torch": torch.__version__, "rounds": rows,
-                                            "medians": med}, indent=1))
+    write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
     tr.close_generator()
 
 
