@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compaction-only", action="store_true",
+                    help="time sampling only, both arms with the new draw: rows dropped at every "
+                         "finish (compact_at=1) against once a quarter are done (the default)")
     a = ap.parse_args()
     cfg = load_config(TrainConfig, None, [
         f"precision={a.precision}", "eval_prompts=0", "output_dir=runs/bench-ab", "overwrite=true",
@@ -98,7 +101,8 @@ def main() -> None:
     new_draw, new_kernel = gen_mod.sample_from_logprobs, lp.chosen_logprobs
 
     def sample(old: bool) -> tuple[float, int]:
-        gen_mod.sample_from_logprobs = old_sample_from_logprobs if old else new_draw
+        gen_mod.sample_from_logprobs = old_sample_from_logprobs if old and not a.compaction_only \
+            else new_draw
         tr.generator.compact_at = 1.0 if old else type(tr.generator).compact_at
         try:
             torch.manual_seed(1234)
@@ -135,6 +139,10 @@ def main() -> None:
 
     rows: dict[str, list] = {k: [] for k in ("sample_old", "sample_new", "tokens_old", "tokens_new",
                                              "kernel_old", "kernel_new", "learn_old", "learn_new")}
+    if a.compaction_only:
+        for k in ("kernel_old", "kernel_new", "learn_old", "learn_new"):
+            del rows[k]
+        kernel = learn = lambda old: None  # noqa: E731
     for old in (True, False):      # warm-ups
         sample(old), kernel(old), learn(old)
     for r in range(a.reps):
@@ -142,20 +150,22 @@ def main() -> None:
             s, n = sample(old)
             rows["sample_old" if old else "sample_new"].append(s)
             rows["tokens_old" if old else "tokens_new"].append(n)
-        for old in order(r, True, False):
+        for old in order(r, True, False) if not a.compaction_only else ():
             rows["kernel_old" if old else "kernel_new"].append(kernel(old))
-        for old in order(r, True, False):
+        for old in order(r, True, False) if not a.compaction_only else ():
             rows["learn_old" if old else "learn_new"].append(learn(old))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     med = medians(rows)
     to, tn = med["tokens_old"] / med["sample_old"], med["tokens_new"] / med["sample_new"]
     print(f"\nmedians over {a.reps} rounds ({a.precision}, {N} completion tokens):")
-    print(f"  sampling 8 x 4: old {med['sample_old']:.2f} s ({to:.0f} tok/s), new "
+    what = "drop at every finish / at a quarter" if a.compaction_only else "old / new"
+    print(f"  sampling 8 x 4 ({what}): old {med['sample_old']:.2f} s ({to:.0f} tok/s), new "
           f"{med['sample_new']:.2f} s ({tn:.0f} tok/s): {tn / to:.2f}x per token")
-    print(f"  log-prob kernel fwd+bwd [{N}, {V}]: old {med['kernel_old']:.3f} s, new "
-          f"{med['kernel_new']:.3f} s: {med['kernel_old'] / med['kernel_new']:.2f}x")
-    print(f"  learner step: old kernel {med['learn_old']:.2f} s, new {med['learn_new']:.2f} s: "
-          f"{med['learn_old'] / med['learn_new']:.2f}x")
+    if not a.compaction_only:
+        print(f"  log-prob kernel fwd+bwd [{N}, {V}]: old {med['kernel_old']:.3f} s, new "
+              f"{med['kernel_new']:.3f} s: {med['kernel_old'] / med['kernel_new']:.2f}x")
+        print(f"  learner step: old kernel {med['learn_old']:.2f} s, new {med['learn_new']:.2f} s: "
+              f"{med['learn_old'] / med['learn_new']:.2f}x")
     write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
     tr.close_generator()
 
