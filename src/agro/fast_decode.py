@@ -142,9 +142,8 @@ class StaticDecoder:
         tok, pos [b] -> logits [b, V]. The other rows (finished samples not dropped yet: dropping
         copies the whole cache, so the sampler does it only once a quarter of the rows are done)
         decode a dummy token whose keys, values and logits nobody reads."""
-        if len(slot) == self.rows:
-            if bool((slot == torch.arange(self.rows, device=slot.device)).all()):
-                return self.step(tok, pos)
+        if len(slot) == self.rows and bool((slot == torch.arange(self.rows, device=slot.device)).all()):
+            return self.step(tok, pos)              # every row live, in order: nothing to scatter
         full_tok = tok.new_zeros(self.rows)
         full_pos = pos.new_zeros(self.rows)
         full_tok[slot] = tok
