@@ -270,12 +270,14 @@ def _rows(out: Path, arm: str, seed: str = "0") -> list[dict]:
 
 
 def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, store):
-    """One arm, killed (SIGKILL) in its second step (2 micro-batches a step), then re-run: it resumes from its checkpoint,
-    finished runs are skipped, and its rows equal those of the same arm run uninterrupted (the
+    """One arm, killed (SIGKILL) while writing its second checkpoint (the background writer
+    starts it only after the first is complete, so a complete one is always there; a kill in
+    step 2's backward could find the first still being written), then re-run: it resumes from
+    its checkpoint, finished runs are skipped, and its rows equal those of the same arm run uninterrupted (the
     module's shared store ran it without a kill)."""
     st = tmp_path / "store"
     args = ["c1", "--out", str(tmp_path / "a"), "--quick", f"store={st}", "arms=agro", "seeds=0"]
-    r = _repro(args, {"AGRO_FAULT": "backward:3"})
+    r = _repro(args, {"AGRO_FAULT": "checkpoint:2"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert not list(st.glob("agro-*/seed0/done.json"))
     r = _repro(args)
