@@ -548,9 +548,9 @@ def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, mo
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     used = []
-    real = logprobs._packed_group_logits
-    monkeypatch.setattr(logprobs, "_packed_group_logits",
-                        lambda *a, **k: used.append(k.get("precision", a[-1])) or real(*a, **k))
+    real = logprobs._packed_group_hidden
+    monkeypatch.setattr(logprobs, "_packed_group_hidden",
+                        lambda *a, **k: used.append(a[6]) or real(*a, **k))
     mask = batch.completion_mask > 0
     llama.zero_grad(set_to_none=True)
     lp16 = completion_logprobs(llama, *args, precision="bf16", group_size=batch.group_size)
@@ -565,6 +565,50 @@ def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, mo
     assert (lp16 - lp16_unshared)[mask].abs().max() < 0.1
 
 
+def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradients(llama, tok,
+                                                                                 monkeypatch):
+    """The padding-free packed pass: the decoder sees exactly p_g + sum_i (l_i - 1) positions
+    for the longest group (no left-padded prompt, no padded completion position), the LM head
+    runs on the real completion tokens only, and log-probs and every weight's gradient equal
+    those of one [prompt | completion] pass per row (fp32)."""
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    longest = max(len(p) + sum(max(len(c) - 1, 0) for c in cs)
+                  for p, cs in zip(PROMPTS, COMPLETIONS))
+    assert longest < batch.prompt_len + 2 * (batch.completion_ids.shape[1] - 1)  # padding exists
+    seen, head_rows = [], []
+    dec, _, head = logprobs._decoder_parts(llama)
+    h1 = dec.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[:2]),
+                                       with_kwargs=True)
+    h2 = head.register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[0]))
+    w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+    llama.zero_grad(set_to_none=True)
+    lp = completion_logprobs(llama, *args, group_size=batch.group_size)
+    (lp * w).sum().backward()
+    h1.remove(), h2.remove()
+    g_packed = {k: p.grad.clone() for k, p in llama.named_parameters()}
+    assert seen == [(len(PROMPTS), longest)]
+    assert head_rows == [int(batch.completion_mask.sum())]
+    mask = batch.completion_mask > 0
+    assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
+    assert (lp[~mask] == 0).all()
+    llama.zero_grad(set_to_none=True)
+    (completion_logprobs(llama, *args) * w).sum().backward()             # one pass per row
+    for k, p in llama.named_parameters():
+        assert torch.allclose(g_packed[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+def test_packed_lengths_refuse_a_completion_mask_with_holes(tok):
+    batch = make_batch(tok.pad_token_id)
+    P, T, n = batch.prompt_len, batch.completion_ids.shape[1], batch.group_size
+    plen, clen = logprobs.packed_group_lengths(batch.attention_mask, P, T, n)
+    assert plen.tolist() == [len(p) for p in PROMPTS]
+    assert clen.tolist() == [len(c) for cs in COMPLETIONS for c in cs]
+    am = batch.attention_mask.clone()
+    am[1, P + 2] = 0                    # a hole inside row 1's completion (6 tokens)
+    assert logprobs.packed_group_lengths(am, P, T, n) is None
+
+
 def test_long_groups_take_the_two_pass_path(llama, tok, monkeypatch):
     """A packed group's attention grows with (P + n(T-1))^2: past PACKED_MAX_LEN the two-pass
     path runs instead, with the same log-probs."""
@@ -573,7 +617,7 @@ def test_long_groups_take_the_two_pass_path(llama, tok, monkeypatch):
     with torch.no_grad():
         packed = completion_logprobs(llama, *args, group_size=batch.group_size)
         monkeypatch.setattr(logprobs, "PACKED_MAX_LEN", 4)
-        monkeypatch.setattr(logprobs, "_packed_group_logits",
+        monkeypatch.setattr(logprobs, "_packed_group_hidden",
                             lambda *a, **k: pytest.fail("packed path taken for a long group"))
         two = completion_logprobs(llama, *args, group_size=batch.group_size)
     assert torch.allclose(packed, two, atol=1e-5)

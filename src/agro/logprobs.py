@@ -9,7 +9,9 @@ with sampling and cheap:
 
 * positions come from the attention mask (``cumsum - 1``), exactly as ``generate`` computes
   them, so a left-padded prompt sees the same rotary positions when scored as when sampled;
-* the LM head runs only on the ``T`` completion positions (``logits_to_keep``);
+* the LM head runs only on the completion positions (``logits_to_keep``), and in the packed
+  path (:func:`_packed_group_hidden`, every group of rows sharing a prompt) only on real tokens:
+  each prompt runs once and no padded completion position is computed;
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
   the chunk's softmax), also when the matmuls run in bf16.
@@ -41,9 +43,10 @@ from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load
 
 # --------------------------------------------------------------------------- log-prob kernel
 PACKED_MAX_LEN = 4096
-"""Longest packed group sequence P + n(T-1): its dense block mask and attention grow with the
-square of it (n times the attention of the two-pass path), so longer groups take the two-pass
-path (a prompt pass, then its KV cache repeated n times)."""
+"""Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`): its
+dense block mask and attention grow with the square of it (n times the attention of the
+two-pass path), so longer groups take the two-pass path (a prompt pass, then its KV cache
+repeated n times)."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -164,7 +167,8 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     ``group_size`` n > 1 with each group's n rows sharing their prompt (the
     :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group, in one
-    packed pass per group (fp32, :func:`_packed_group_logits`) or by repeating its KV cache n
+    padding-free packed pass per group (:func:`_packed_group_hidden`) or, for groups longer
+    than PACKED_MAX_LEN and heads that are not a plain linear map, by repeating its KV cache n
     times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
     on the default job the prompt is more than half of every sequence, so this removes ~40 % of
     the tokens of every pass.
@@ -175,10 +179,11 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                          f"the last prompt token), got {P}")
     if input_ids.shape[1] < P + T - 1:
         raise ValueError(f"input_ids has {input_ids.shape[1]} columns; need prompt_len + T - 1 = {P + T - 1}")
+    lengths = _packed_lengths_if_usable(model, input_ids, attention_mask, T, P, group_size)
+    if lengths is not None:
+        return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size,
+                                    precision, lengths)
     if group_size > 1 and prompts_shared_within_groups(input_ids, attention_mask, P, group_size):
-        if 1 < T and P + group_size * (T - 1) <= PACKED_MAX_LEN and _decoder_parts(model) is not None:
-            return _packed_group_logits(model, input_ids, attention_mask, T, P, group_size,
-                                        precision)
         return _shared_prompt_logits(model, input_ids, attention_mask, T, P, precision, group_size)
     dev = device_of(model)
     ids = input_ids[:, :P + T - 1].to(dev)                               # [B, P+T-1]
@@ -243,44 +248,79 @@ def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, prec
     return torch.cat([first, out2.logits[:, -(T - 1):]], dim=1)         # [B, T, V]
 
 
-def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
-                         precision: str = "fp32") -> torch.Tensor:
-    """:func:`completion_logits` with one packed sequence per group (plain LM head; fp32 or bf16
-    autocast: the mask is in the dtype attention computes in).
+def packed_group_lengths(attention_mask: torch.Tensor, P: int, T: int, n: int):
+    """Real lengths of a group-shared batch: ``(prompt [G], completion [B])`` long tensors on
+    the CPU, or None if a completion's mask is not one run of ones from column ``P`` (then the
+    padding-free layout does not apply). ``attention_mask`` [B, >= P + T]."""
+    am = attention_mask[:, :P + T].to("cpu") > 0
+    comp = am[:, P:P + T]                                                # [B, T]
+    if T > 1 and bool((comp[:, 1:] & ~comp[:, :-1]).any()):              # a 0 before a 1
+        return None
+    return am[::n, :P].sum(-1), comp.sum(-1)                             # [G], [B]
 
-    Group g becomes ``[prompt | c_1[:T-1] | ... | c_n[:T-1]]`` (length L = P + n(T-1)) under a
-    block attention mask: prompt tokens attend causally to the prompt, completion i's tokens to
-    the whole prompt and causally to completion i only, and no query attends to padding (a pad
-    query sees itself, so no row is empty). Positions continue from each prompt's length inside
-    every completion block, as in the ``[prompt | completion]`` layout. The completion logits are
-    read off the hidden states (token 0 of every block from the last prompt position) and the LM
-    head runs once on [B, T, H].
 
-    Same tokens as :func:`_shared_prompt_logits` but one pass: every weight gets a single
-    gradient per micro-batch instead of one per pass plus their sum.
+def packed_group_len(prompt_lens: torch.Tensor, comp_lens: torch.Tensor, n: int) -> torch.Tensor:
+    """[G] length of each group's packed sequence ``p_g + sum_i max(l_i - 1, 0)``."""
+    return prompt_lens + (comp_lens - 1).clamp(min=0).reshape(-1, n).sum(-1)
+
+
+def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: int,
+                         precision: str = "fp32", lengths=None):
+    """The final hidden state before each completion token, one padding-free packed sequence
+    per group (plain LM head; fp32 or bf16 autocast: the mask is in the dtype attention computes
+    in). Returns ``hs`` [B, T, H]: ``hs[b, t]`` predicts completion token t of row b (rows'
+    padding positions hold the group's last prompt state; their log-probs are masked later).
+
+    Group g of rows ``g*n .. g*n+n-1`` (sharing their prompt, checked by the caller) becomes
+    ``[prompt | c_1[:l_1-1] | ... | c_n[:l_n-1]]`` with only real tokens: the prompt's ``p_g``
+    tokens without its left padding and each completion's ``l_i`` tokens but its last (which is
+    predicted, never an input), so its length is ``L_g = p_g + sum_i (l_i - 1)``; the groups of a
+    micro-batch are right-padded to the longest ``L_g``. Under the block attention mask prompt
+    tokens attend causally to the prompt, completion i's tokens to the whole prompt and causally
+    to completion i only, and no real query attends to padding (a pad query sees itself, so no
+    row is empty). Positions: ``0 .. p_g-1`` in the prompt, ``p_g + t`` at token t of every
+    completion, as in the ``[prompt | completion]`` layout (``cumsum(mask) - 1``). Token 0 of
+    every completion is predicted from the last prompt position.
+
+    Same numbers as one ``[prompt | completion]`` pass per row (up to float rounding, gradients
+    included), with each prompt run once and no padded completion position computed: completion
+    lengths vary within a group (on the default job, late steps' samples are ~9 tokens while
+    their group's longest is often 32), and padding every block to the longest costs as much as
+    the real tokens.
     """
     dec, emb, head = _decoder_parts(model)
     dev = device_of(model)
     B = input_ids.shape[0]
-    G, Tc = B // n, T - 1
-    L = P + n * Tc
-    pid = input_ids[::n, :P].to(dev)                                     # [G, P]
-    pam = attention_mask[::n, :P].to(dev) > 0                            # [G, P]
-    cid = input_ids[:, P:P + Tc].to(dev).reshape(G, n * Tc)              # [G, n*Tc]
-    cam = attention_mask[:, P:P + Tc].to(dev).reshape(G, n * Tc) > 0     # [G, n*Tc]
-    ids = torch.cat([pid, cid], dim=1)                                   # [G, L]
-    real = torch.cat([pam, cam], dim=1)                                  # [G, L]
-    plen = pam.sum(-1, keepdim=True)                                     # [G, 1]
-    t_in = torch.arange(Tc, device=dev).repeat(n)                        # [n*Tc]
-    pos = torch.cat([(pam.long().cumsum(-1) - 1).clamp(min=0), plen + t_in], dim=1)  # [G, L]
-    blk = torch.cat([torch.full((P,), -1, device=dev),
-                     torch.arange(n, device=dev).repeat_interleave(Tc)])   # [L]
+    G = B // n
+    plen, clen = lengths if lengths is not None else packed_group_lengths(attention_mask, P, T, n)
+    glen = packed_group_len(plen, clen, n)                               # [G]
+    L = int(glen.max())
+    ids_cpu, am_cpu = input_ids.to("cpu"), attention_mask.to("cpu") > 0
+    ids = torch.zeros(G, L, dtype=torch.long)                            # pad id 0 (masked)
+    pos = torch.zeros(G, L, dtype=torch.long)
+    blk = torch.full((G, L), -2, dtype=torch.long)                       # -2 pad, -1 prompt
+    src = torch.empty(B, T, dtype=torch.long)                            # index into [G*L]
+    for g in range(G):
+        r0, pg = g * n, int(plen[g])
+        ids[g, :pg] = ids_cpu[r0, :P][am_cpu[r0, :P]]
+        pos[g, :pg] = torch.arange(pg)
+        blk[g, :pg] = -1
+        src[r0:r0 + n] = g * L + pg - 1
+        o = pg
+        for i in range(n):
+            k = max(int(clen[r0 + i]) - 1, 0)                            # inputs of completion i
+            ids[g, o:o + k] = ids_cpu[r0 + i, P:P + k]
+            pos[g, o:o + k] = pg + torch.arange(k)
+            blk[g, o:o + k] = i
+            src[r0 + i, 1:1 + k] = g * L + o + torch.arange(k)
+            o += k
+    ids, pos, blk = ids.to(dev), pos.to(dev), blk.to(dev)
     q = torch.arange(L, device=dev)
-    causal = q[None, :] <= q[:, None]                                    # [Lq, Lk]
-    to_prompt = (blk[None, :] == -1) & ((blk[:, None] != -1) | causal)
-    same_blk = (blk[:, None] == blk[None, :]) & (blk[:, None] != -1) & causal
-    allowed = (to_prompt | same_blk)[None] & real[:, None, :]            # [G, Lq, Lk]
-    allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
+    causal = (q[None, :] <= q[:, None])[None]                            # [1, Lq, Lk]
+    bq, bk = blk[:, :, None], blk[:, None, :]                            # [G, L, 1], [G, 1, L]
+    to_prompt = (bk == -1) & ((bq >= 0) | causal)
+    same_blk = (bq == bk) & (bk >= 0) & causal
+    allowed = to_prompt | same_blk | torch.eye(L, dtype=torch.bool, device=dev)[None]  # [G, L, L]
     # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
     dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
     mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
@@ -288,12 +328,30 @@ def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: in
     with autocast_ctx(precision, dev), attention_backend(dev):
         h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
                 use_cache=False).last_hidden_state                       # [G, L, H]
-    src = torch.empty(n, T, dtype=torch.long, device=dev)                # hidden state per token
-    src[:, 0] = P - 1
-    src[:, 1:] = P + torch.arange(n, device=dev)[:, None] * Tc + torch.arange(Tc, device=dev)[None]
-    hs = h[:, src.reshape(-1)].reshape(B, T, h.shape[-1])                # [B, T, H]
-    with autocast_ctx(precision, dev):
-        return head(hs)                                                  # [B, T, V]
+    return h.reshape(G * L, -1)[src.to(dev).reshape(-1)].reshape(B, T, -1)  # [B, T, H]
+
+
+def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
+                         precision: str = "fp32", lengths=None) -> torch.Tensor:
+    """:func:`completion_logits` through :func:`_packed_group_hidden`: the LM head on [B, T, H]
+    (padding positions included; :func:`completion_logprobs` runs it on real positions only)."""
+    hs = _packed_group_hidden(model, input_ids, attention_mask, T, P, n, precision, lengths)
+    with autocast_ctx(precision, device_of(model)):
+        return _decoder_parts(model)[2](hs)                              # [B, T, V]
+
+
+def _packed_lengths_if_usable(model, input_ids, attention_mask, T: int, P: int, n: int):
+    """The real lengths when the padding-free packed path applies to this batch, else None:
+    rows grouped by n sharing their prompt, a plain LM head, completions of > 1 token laid out
+    as one run from column P, and no group longer than PACKED_MAX_LEN."""
+    if n <= 1 or T <= 1 or not prompts_shared_within_groups(input_ids, attention_mask, P, n):
+        return None
+    if _decoder_parts(model) is None:
+        return None
+    lengths = packed_group_lengths(attention_mask, P, T, n)
+    if lengths is None or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN:
+        return None
+    return lengths
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -320,13 +378,27 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         differentiable when grad is enabled; or ``(logprobs, logits)`` if ``with_logits``.
     """
     B, T = completion_ids.shape
+    real = attention_mask[:, prompt_len:prompt_len + T] > 0               # [B, T]
+    lengths = None
+    if not with_logits and prompt_len >= 1:
+        lengths = _packed_lengths_if_usable(model, input_ids, attention_mask, T, prompt_len,
+                                            group_size)
+    if lengths is not None:     # padding-free: the LM head and log-softmax on real tokens only
+        hs = _packed_group_hidden(model, input_ids, attention_mask, T, prompt_len, group_size,
+                                  precision, lengths)                     # [B, T, H]
+        real = real.to(hs.device)
+        with autocast_ctx(precision, hs.device):
+            logits = _decoder_parts(model)[2](hs[real])                   # [N, V]
+        lp_real = chosen_logprobs(logits, completion_ids.to(hs.device)[real])  # [N] fp32
+        return torch.zeros(B, T, dtype=lp_real.dtype, device=hs.device).masked_scatter(
+            real, lp_real)                                                # [B, T]
     logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision,
                                group_size)                                # [B, T, V]
     if with_logits:
         logits = logits.float()                                          # [B, T, V] fp32
     tgt = completion_ids.to(logits.device)
     lp = chosen_logprobs(logits, tgt)                                    # [B, T] fp32
-    real = attention_mask[:, prompt_len:prompt_len + T].to(logits.device) > 0  # [B, T]
+    real = real.to(logits.device)
     lp = torch.where(real, lp, torch.zeros_like(lp))
     return (lp, logits) if with_logits else lp
 

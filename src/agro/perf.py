@@ -4,7 +4,7 @@
   and the LM head's, which agro runs only where logits are needed) plus attention scores.
   Forward = 2 FLOPs per weight per token; backward = 2x forward.
 * :func:`batch_flops`: the FLOPs of one log-prob pass over a collated batch as agro runs it
-  (each group's prompt once, then its n completions; the head on completion positions only).
+  (each group's prompt once, then its n completions' real tokens; the head on them only).
 * :func:`matmul_peak`: this machine's measured GEMM rate per dtype on the model's own layer
   shapes (a short timing at each run's start), the yardstick for "fraction of peak".
 * :func:`phase_rates`: per-step rates for metrics.jsonl: learner and reference in TFLOP/s and as
@@ -77,14 +77,23 @@ class FlopModel:
 
 def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
     """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it:
-    each group's prompt once plus its n completions (the packed ``[P + n(T-1)]`` sequence), the
-    LM head on the B x T completion positions; with the backward pass x3 (x2 when only adapters
-    train: no weight gradients for the frozen base)."""
+    the padding-free packed pass (:func:`agro.logprobs._packed_group_hidden`: each group's real
+    prompt tokens once plus its completions' real tokens, groups padded to the longest; the LM
+    head on real completion tokens), or, for batches it does not apply to, the padded
+    ``[P + n(T-1)]`` layout with the head on all B x T positions; with the backward pass x3 (x2
+    when only adapters train: no weight gradients for the frozen base)."""
+    from .logprobs import packed_group_len, packed_group_lengths
+
     B, T = batch.completion_ids.shape
     n = max(1, batch.group_size)
     G, P = B // n, batch.prompt_len
-    L = P + n * max(0, T - 1)
-    fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
+    lengths = packed_group_lengths(batch.attention_mask, P, T, n) if n > 1 and T > 1 else None
+    if lengths is not None:
+        L = int(packed_group_len(*lengths, n).max())
+        fwd = fm.forward(tokens=G * L, head_tokens=int(lengths[1].sum()), attn_pairs=G * L * L)
+    else:
+        L = P + n * max(0, T - 1)
+        fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
     if not backward:
         return fwd
     return fwd * (2.0 if fm.frozen_base else 3.0)
