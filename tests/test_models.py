@@ -565,12 +565,16 @@ def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, mo
     assert (lp16 - lp16_unshared)[mask].abs().max() < 0.1
 
 
+@pytest.mark.parametrize("bucket", [1, 16])
 def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradients(llama, tok,
-                                                                                 monkeypatch):
-    """The padding-free packed pass: the decoder sees exactly p_g + sum_i (l_i - 1) positions
-    for the longest group (no left-padded prompt, no padded completion position), the LM head
-    runs on the real completion tokens only, and log-probs and every weight's gradient equal
-    those of one [prompt | completion] pass per row (fp32)."""
+                                                                                 monkeypatch,
+                                                                                 bucket):
+    """The padding-free packed pass: the decoder sees p_g + sum_i (l_i - 1) positions for the
+    longest group (no left-padded prompt, no padded completion position), rounded up to
+    SHAPE_BUCKET, the LM head runs on the real completion tokens only (their count rounded up
+    the same way), and log-probs and every weight's gradient equal those of one
+    [prompt | completion] pass per row (fp32). Bucket 1: the exact lengths."""
+    monkeypatch.setattr(logprobs, "SHAPE_BUCKET", bucket)
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     longest = max(len(p) + sum(max(len(c) - 1, 0) for c in cs)
@@ -587,8 +591,9 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     (lp * w).sum().backward()
     h1.remove(), h2.remove()
     g_packed = {k: p.grad.clone() for k, p in llama.named_parameters()}
-    assert seen == [(len(PROMPTS), longest)]
-    assert head_rows == [int(batch.completion_mask.sum())]
+    up = lambda x: -(-x // bucket) * bucket  # noqa: E731
+    assert seen == [(len(PROMPTS), up(longest))]
+    assert head_rows == [up(int(batch.completion_mask.sum()))]
     mask = batch.completion_mask > 0
     assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
     assert (lp[~mask] == 0).all()

@@ -78,19 +78,23 @@ class FlopModel:
 def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
     """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it:
     the padding-free packed pass (:func:`agro.logprobs._packed_group_hidden`: each group's real
-    prompt tokens once plus its completions' real tokens, groups padded to the longest; the LM
-    head on real completion tokens), or, for batches it does not apply to, the padded
+    prompt tokens once plus its completions' real tokens, groups padded to the longest rounded
+    up to SHAPE_BUCKET; the LM head on the real completion tokens, their count rounded up too), or, for batches it does not apply to, the padded
     ``[P + n(T-1)]`` layout with the head on all B x T positions; with the backward pass x3 (x2
     when only adapters train: no weight gradients for the frozen base)."""
-    from .logprobs import packed_group_len, packed_group_lengths
+    from .logprobs import SHAPE_BUCKET, packed_group_len, packed_group_lengths
+
+    def up(x: int) -> int:
+        return -(-x // SHAPE_BUCKET) * SHAPE_BUCKET
 
     B, T = batch.completion_ids.shape
     n = max(1, batch.group_size)
     G, P = B // n, batch.prompt_len
     lengths = packed_group_lengths(batch.attention_mask, P, T, n) if n > 1 and T > 1 else None
     if lengths is not None:
-        L = int(packed_group_len(*lengths, n).max())
-        fwd = fm.forward(tokens=G * L, head_tokens=int(lengths[1].sum()), attn_pairs=G * L * L)
+        L = up(int(packed_group_len(*lengths, n).max()))
+        fwd = fm.forward(tokens=G * L, head_tokens=up(int(lengths[1].sum())),
+                         attn_pairs=G * L * L)
     else:
         L = P + n * max(0, T - 1)
         fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
@@ -361,3 +365,4 @@ def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_ne
     if use_cache:
         _store_cache(key, sub, res)
     return dict(res, cached=False)
+
