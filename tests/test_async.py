@@ -329,10 +329,12 @@ def test_an_actor_that_keeps_dying_stops_the_run_with_an_error(tiny_model_dir, t
 def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_path, ray_local):
     """The CLI as a user runs it: the learner dies by SIGKILL after its 5th backward pass, in
     step 3 (two micro-batches a step; its actors die with it), `agro train --resume` continues
-    from the last complete checkpoint with new actors. (Checkpoints are written in the
-    background: step N's is complete only once step N+1's optimizer step has waited for it, so a
-    kill in step 2 may find none. CI once did: the kill was at backward:3.) (The real grader gives a random tiny model no reward, so the weights barely move:
-    bit-identity after resume is tested above, with a grader that gives signal.)"""
+    from the last complete checkpoint with new actors.
+
+    Checkpoints are written in the background: step N's is complete only once step N+1's
+    optimizer step has waited for it, so a kill in step 2 may find none (CI once did, with the
+    kill at backward:3). The real grader gives a random tiny model no reward, so the weights
+    barely move: bit-identity after resume is tested above, with a grader that gives signal."""
     import os
     import signal
     import subprocess

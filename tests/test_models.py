@@ -530,8 +530,9 @@ def test_shared_prompt_pass_without_decoder_split(monkeypatch, llama, tok):
 
 
 def test_packed_and_two_pass_group_paths_agree(llama, tok):
-    """fp32 uses one packed pass per group (block attention mask); bf16 / other heads use two
-    passes over a repeated KV cache. Both equal the naive per-row answer, gradients included."""
+    """The packed pass (one padding-free sequence per group, block attention mask) and the
+    two-pass one (a repeated KV cache: long groups, other heads) both equal the naive per-row
+    answer."""
     batch = make_batch(tok.pad_token_id)
     n, P, T = batch.group_size, batch.prompt_len, batch.completion_ids.shape[1]
     packed = logprobs._packed_group_logits(llama, batch.input_ids, batch.attention_mask, T, P, n)
@@ -601,6 +602,80 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     (completion_logprobs(llama, *args) * w).sum().backward()             # one pass per row
     for k, p in llama.named_parameters():
         assert torch.allclose(g_packed[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("completions", [
+    [[[88, 99, 2], [5]], [[4000], [41]], [[7, 2], [31000, 31001, 31002]]],  # a group of 1-token
+    [[[88, 99, 2], []], [[4000, 5], [41, 42, 43, 44]], [[7], [31000, 31001]]],  # an empty one
+], ids=["one-token-group", "empty-completion"])
+def test_packed_path_with_one_token_and_empty_completions(llama, tok, completions):
+    """Blocks of zero inputs (a 1-token completion is predicted from the prompt alone; an empty
+    one has nothing to score): values equal the naive pass, empty rows are 0, gradients flow."""
+    batch = make_batch(tok.pad_token_id, completions=completions)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, batch.attention_mask,
+                                              batch.completion_ids.shape[1], batch.prompt_len,
+                                              batch.group_size) is not None
+    llama.zero_grad(set_to_none=True)
+    lp = completion_logprobs(llama, *args, group_size=batch.group_size)
+    lp.sum().backward()
+    mask = batch.completion_mask > 0
+    assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
+    assert (lp[~mask] == 0).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in llama.parameters())
+
+
+def test_a_batch_the_packed_pass_cannot_take_gets_the_per_row_answer(llama, tok):
+    """A completion mask with a hole, a mask without the last completion column, an empty
+    prompt: the packed pass is refused and the result is still the per-row one."""
+    batch = make_batch(tok.pad_token_id)
+    P, T, n = batch.prompt_len, batch.completion_ids.shape[1], batch.group_size
+    am = batch.attention_mask.clone()
+    am[1, P + 2] = 0                    # a hole inside row 1's completion
+    assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, am, T, P, n) is None
+    with torch.no_grad():
+        lp_g = completion_logprobs(llama, batch.input_ids, am, batch.completion_ids, P,
+                                   group_size=n)
+        lp_1 = completion_logprobs(llama, batch.input_ids, am, batch.completion_ids, P)
+    assert torch.allclose(lp_g, lp_1, atol=1e-5)
+    short = batch.attention_mask[:, :P + T - 1]     # columns past P + T - 1 are optional
+    assert logprobs._packed_lengths_if_usable(llama, batch.input_ids[:, :P + T - 1], short,
+                                              T, P, n) is None
+    empty = batch.attention_mask.clone()
+    empty[:2, :P] = 0                   # group 0's prompt has no real token
+    assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, empty, T, P, n) is None
+
+
+def test_lora_takes_the_packed_pass_with_per_row_values_and_adapter_gradients(tiny_model_dir, tok):
+    """A peft model (adapters enabled and disabled, as the LoRA reference runs it) through the
+    packed pass: values and the adapters' gradients equal the per-row pass's."""
+    model = apply_lora(load_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():               # adapters away from their zero init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    assert logprobs._decoder_parts(model) is not None
+    grads = []
+    for n in (batch.group_size, 1):
+        model.zero_grad(set_to_none=True)
+        lp = completion_logprobs(model, *args, group_size=n)
+        lp.sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        if n > 1:
+            packed = lp.detach()
+        else:
+            assert torch.allclose(packed, lp.detach(), atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6), k
+    ref = Reference.adapters_disabled(model, "fp32")
+    with torch.no_grad():
+        r_packed = ref.token_logprobs(*args, group_size=batch.group_size)
+        r_row = ref.token_logprobs(*args)
+    assert torch.allclose(r_packed, r_row, atol=1e-5)
+    assert not torch.allclose(r_packed, packed, atol=1e-3), "adapters had no effect: proves nothing"
 
 
 def test_packed_lengths_refuse_a_completion_mask_with_holes(tok):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from agro import perf
+from agro import logprobs, perf
 from agro.rollouts import Group, collate
 
 
@@ -38,11 +38,23 @@ def test_batch_flops_by_hand():
     g2 = Group(prompt_id="b", prompt_ids=[7, 8], completion_ids=[[9, 10, 11, 13], [12]],
                rewards=[0, 1])
     b = collate([g1, g2], 0, current_version=0, require_ref=False)  # G=2, n=2, P=3, T=4
-    assert max(3 + 1 + 0, 2 + 3 + 0) <= 16 and 2 + 1 + 4 + 1 <= 16
     L = 16                      # the longest packed group (5), rounded up to SHAPE_BUCKET
     fwd = 2 * 1000 * (2 * L) + 2 * 50 * 16 + 4 * 2 * 8 * (2 * L * L)
     assert perf.batch_flops(fm, b, backward=False) == fwd
     assert perf.batch_flops(fm, b, backward=True) == 3 * fwd
+    # the head on every completion position when a loss needs the full logits
+    assert perf.batch_flops(fm, b, backward=False, head_all=True) == fwd + 2 * 50 * (4 * 4 - 16)
+    with pytest.MonkeyPatch.context() as mp:    # exact lengths: group 2 is 2 + 3 + 0 = 5 long
+        mp.setattr(logprobs, "SHAPE_BUCKET", 1)
+        L = 5
+        assert perf.batch_flops(fm, b, backward=False) == (2 * 1000 * (2 * L) + 2 * 50 * 8
+                                                           + 4 * 2 * 8 * (2 * L * L))
+    # a model whose head is not a plain linear map takes the padded pass
+    padded = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8,
+                            weight_bytes=0, packable=False)
+    L = 3 + 2 * 3
+    assert perf.batch_flops(padded, b, backward=False) == (2 * 1000 * (2 * L) + 2 * 50 * 16
+                                                           + 4 * 2 * 8 * (2 * L * L))
     one = Group(prompt_id="c", prompt_ids=[1, 2, 3], completion_ids=[[4, 5]], rewards=[0])
     b1 = collate([one, g1.__class__(prompt_id="d", prompt_ids=[7], completion_ids=[[9]],
                                     rewards=[1])], 0, current_version=0, require_ref=False)

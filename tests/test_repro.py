@@ -273,8 +273,8 @@ def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, 
     """One arm, killed (SIGKILL) while writing its second checkpoint (the background writer
     starts it only after the first is complete, so a complete one is always there; a kill in
     step 2's backward could find the first still being written), then re-run: it resumes from
-    its checkpoint, finished runs are skipped, and its rows equal those of the same arm run uninterrupted (the
-    module's shared store ran it without a kill)."""
+    its checkpoint, finished runs are skipped, and its rows equal those of the same arm run
+    uninterrupted (the module's shared store ran it without a kill)."""
     st = tmp_path / "store"
     args = ["c1", "--out", str(tmp_path / "a"), "--quick", f"store={st}", "arms=agro", "seeds=0"]
     r = _repro(args, {"AGRO_FAULT": "checkpoint:2"})

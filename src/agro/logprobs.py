@@ -53,7 +53,8 @@ SHAPE_BUCKET = 16
 to a multiple of this. Every distinct matmul shape gets its own oneDNN primitive, created (JIT)
 and cached per shape; without rounding nearly every micro-batch had new shapes and the default
 job's resident memory crept 0.3 GiB higher (4.1 GiB after 60 steps; SmolLM2-135M bf16, Zen 4
-EPYC). The extra positions are padding (masked, their log-probs discarded): <= 15 per group."""
+EPYC). The extra positions are padding (masked, their log-probs discarded): < 16 positions per
+group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per pass."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -174,9 +175,9 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     ``group_size`` n > 1 with each group's n rows sharing their prompt (the
     :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group, in one
-    padding-free packed pass per group (:func:`_packed_group_hidden`) or, for groups longer
-    than PACKED_MAX_LEN and heads that are not a plain linear map, by repeating its KV cache n
-    times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
+    padding-free packed pass per group (:func:`_packed_group_hidden`) or, when T == 1, a
+    completion mask has holes, a group is longer than PACKED_MAX_LEN or the head is not a plain
+    linear map, by repeating its KV cache n times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
     on the default job the prompt is more than half of every sequence, so this removes ~40 % of
     the tokens of every pass.
     """
@@ -226,8 +227,9 @@ def _decoder_parts(model):
 
 def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, precision: str,
                           n: int) -> torch.Tensor:
-    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used for
-    one-token completions and heads :func:`_packed_group_logits` cannot take).
+    """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used where the
+    padding-free packed pass does not apply: one-token completions, completion masks with holes,
+    groups longer than PACKED_MAX_LEN, heads that are not a plain linear map).
 
     Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
     logits (they predict completion token 0). The cache is repeated n times along the batch
@@ -272,11 +274,12 @@ def packed_group_len(prompt_lens: torch.Tensor, comp_lens: torch.Tensor, n: int)
 
 
 def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: int,
-                         precision: str = "fp32", lengths=None):
+                         precision: str = "fp32", lengths=None, rows=None):
     """The final hidden state before each completion token, one padding-free packed sequence
     per group (plain LM head; fp32 or bf16 autocast: the mask is in the dtype attention computes
     in). Returns ``hs`` [B, T, H]: ``hs[b, t]`` predicts completion token t of row b (rows'
-    padding positions hold the group's last prompt state; their log-probs are masked later).
+    padding positions hold the group's last prompt state; their log-probs are masked later);
+    with ``rows`` (a [K] long index into the flattened B x T positions) only those: [K, H].
 
     Group g of rows ``g*n .. g*n+n-1`` (sharing their prompt, checked by the caller) becomes
     ``[prompt | c_1[:l_1-1] | ... | c_n[:l_n-1]]`` with only real tokens: the prompt's ``p_g``
@@ -335,7 +338,10 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     with autocast_ctx(precision, dev), attention_backend(dev):
         h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
                 use_cache=False).last_hidden_state                       # [G, L, H]
-    return h.reshape(G * L, -1)[src.to(dev).reshape(-1)].reshape(B, T, -1)  # [B, T, H]
+    src = src.reshape(-1)                                                # [B*T]
+    if rows is not None:
+        return h.reshape(G * L, -1)[src[rows].to(dev)]                   # [K, H]
+    return h.reshape(G * L, -1)[src.to(dev)].reshape(B, T, -1)           # [B, T, H]
 
 
 def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
@@ -349,14 +355,18 @@ def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: in
 
 def _packed_lengths_if_usable(model, input_ids, attention_mask, T: int, P: int, n: int):
     """The real lengths when the padding-free packed path applies to this batch, else None:
-    rows grouped by n sharing their prompt, a plain LM head, completions of > 1 token laid out
-    as one run from column P, and no group longer than PACKED_MAX_LEN."""
-    if n <= 1 or T <= 1 or not prompts_shared_within_groups(input_ids, attention_mask, P, n):
+    rows grouped by n sharing a non-empty prompt, a plain LM head, T > 1 completion columns all
+    present in the mask (``P + T`` columns), each completion one run of ones from column P,
+    and no group longer than PACKED_MAX_LEN."""
+    if n <= 1 or T <= 1 or P < 1 or attention_mask.shape[1] < P + T:
+        return None
+    if not prompts_shared_within_groups(input_ids, attention_mask, P, n):
         return None
     if _decoder_parts(model) is None:
         return None
     lengths = packed_group_lengths(attention_mask, P, T, n)
-    if lengths is None or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN:
+    if lengths is None or int(lengths[0].min()) < 1 \
+            or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN:
         return None
     return lengths
 
@@ -391,19 +401,20 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         lengths = _packed_lengths_if_usable(model, input_ids, attention_mask, T, prompt_len,
                                             group_size)
     if lengths is not None:     # padding-free: the LM head and log-softmax on real tokens only
-        hs = _packed_group_hidden(model, input_ids, attention_mask, T, prompt_len, group_size,
-                                  precision, lengths)                     # [B, T, H]
-        real = real.to(hs.device)
+        real = real.to("cpu")
         idx = real.reshape(-1).nonzero().squeeze(-1)                      # [N] real positions
         N = idx.numel()
         pad = -(-N // SHAPE_BUCKET) * SHAPE_BUCKET - N                    # few distinct shapes
         idx = torch.cat([idx, idx[:1].expand(pad)]) if N and pad else idx
-        with autocast_ctx(precision, hs.device):
-            logits = _decoder_parts(model)[2](hs.reshape(B * T, -1)[idx])  # [N + pad, V]
-        tgt = completion_ids.to(hs.device).reshape(-1)[idx]
+        hs = _packed_group_hidden(model, input_ids, attention_mask, T, prompt_len, group_size,
+                                  precision, lengths, rows=idx)           # [N + pad, H]
+        dev = hs.device
+        with autocast_ctx(precision, dev):
+            logits = _decoder_parts(model)[2](hs)                         # [N + pad, V]
+        tgt = completion_ids.reshape(-1)[idx.to(completion_ids.device)].to(dev)  # [N + pad]
         lp_real = chosen_logprobs(logits, tgt)[:N]                        # [N] fp32
-        return torch.zeros(B, T, dtype=lp_real.dtype, device=hs.device).masked_scatter(
-            real, lp_real)                                                # [B, T]
+        return torch.zeros(B, T, dtype=lp_real.dtype, device=dev).masked_scatter(
+            real.to(dev), lp_real)                                        # [B, T]
     logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision,
                                group_size)                                # [B, T, V]
     if with_logits:

@@ -39,6 +39,8 @@ class FlopModel:
     frozen_base:    only adapters train (LoRA): the backward pass computes activation gradients
                     but no weight gradients for the base, so it costs ~1x the forward, not 2x.
     weight_bytes:   bytes of all parameters as stored (what a decode step reads).
+    packable:       the model takes the padding-free packed pass (a plain LM head:
+                    :func:`agro.logprobs._decoder_parts`); otherwise the padded two-pass one.
     """
 
     decoder_params: int
@@ -47,6 +49,7 @@ class FlopModel:
     hidden: int
     weight_bytes: int
     frozen_base: bool = False
+    packable: bool = True
 
     @classmethod
     def of(cls, model) -> "FlopModel":
@@ -66,7 +69,10 @@ class FlopModel:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = 0 < trainable < 0.5 * sum(p.numel() for p in model.parameters())
-        return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen)
+        from .logprobs import _decoder_parts
+
+        return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen,
+                   packable=_decoder_parts(model) is not None)
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
         """Forward FLOPs: ``tokens`` through the decoder, ``head_tokens`` through the LM head,
@@ -75,14 +81,17 @@ class FlopModel:
                 + 4.0 * self.layers * self.hidden * attn_pairs)
 
 
-def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
-    """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it:
-    the padding-free packed pass (:func:`agro.logprobs._packed_group_hidden`: each group's real
-    prompt tokens once plus its completions' real tokens, groups padded to the longest rounded
-    up to SHAPE_BUCKET; the LM head on the real completion tokens, their count rounded up too), or, for batches it does not apply to, the padded
-    ``[P + n(T-1)]`` layout with the head on all B x T positions; with the backward pass x3 (x2
-    when only adapters train: no weight gradients for the frozen base)."""
-    from .logprobs import SHAPE_BUCKET, packed_group_len, packed_group_lengths
+def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) -> float:
+    """FLOPs of one log-prob pass over a collated :class:`agro.rollouts.Batch` as agro runs it.
+
+    The padding-free packed pass (:func:`agro.logprobs._packed_group_hidden`) where it applies:
+    each group's real prompt tokens once plus its completions' real tokens, the groups padded to
+    the longest rounded up to SHAPE_BUCKET, the LM head on the real completion tokens (their
+    count rounded up too). Otherwise the padded ``[P + n(T-1)]`` layout. ``head_all``: the LM
+    head runs on all B x T completion positions (a loss that needs the full logits,
+    ``with_logits``). With the backward pass x3 (x2 when only adapters train: no weight
+    gradients for the frozen base)."""
+    from .logprobs import PACKED_MAX_LEN, SHAPE_BUCKET, packed_group_len, packed_group_lengths
 
     def up(x: int) -> int:
         return -(-x // SHAPE_BUCKET) * SHAPE_BUCKET
@@ -90,14 +99,17 @@ def batch_flops(fm: FlopModel, batch, backward: bool) -> float:
     B, T = batch.completion_ids.shape
     n = max(1, batch.group_size)
     G, P = B // n, batch.prompt_len
-    lengths = packed_group_lengths(batch.attention_mask, P, T, n) if n > 1 and T > 1 else None
+    lengths = packed_group_lengths(batch.attention_mask, P, T, n) \
+        if fm.packable and n > 1 and T > 1 and P >= 1 else None
+    if lengths is not None and (int(lengths[0].min()) < 1
+                                or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN):
+        lengths = None
     if lengths is not None:
         L = up(int(packed_group_len(*lengths, n).max()))
-        fwd = fm.forward(tokens=G * L, head_tokens=up(int(lengths[1].sum())),
-                         attn_pairs=G * L * L)
+        head = B * T if head_all else up(int(lengths[1].sum()))
     else:
-        L = P + n * max(0, T - 1)
-        fwd = fm.forward(tokens=G * L, head_tokens=B * T, attn_pairs=G * L * L)
+        L, head = P + n * max(0, T - 1), B * T
+    fwd = fm.forward(tokens=G * L, head_tokens=head, attn_pairs=G * L * L)
     if not backward:
         return fwd
     return fwd * (2.0 if fm.frozen_base else 3.0)
@@ -365,4 +377,3 @@ def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_ne
     if use_cache:
         _store_cache(key, sub, res)
     return dict(res, cached=False)
-

@@ -487,8 +487,9 @@ class Trainer:
         self.learn_flops = 0.0
         for mb in split_groups(groups, cfg.micro_batch_groups):
             batch = collate(mb, self.tok.pad_token_id, self.version).to(self.device)
-            self.learn_flops += batch_flops(self.flops, batch, backward=True) + \
-                (batch_flops(self.flops, batch, backward=False) if self.needs_token_kl else 0.0)
+            kl = self.needs_token_kl    # the full logits: the head on every position, twice
+            self.learn_flops += batch_flops(self.flops, batch, backward=True, head_all=kl) + \
+                (batch_flops(self.flops, batch, backward=False, head_all=True) if kl else 0.0)
             loss, m = self.micro_batch_loss(batch)
             (loss * (batch.num_samples / global_b)).backward()
             if self.mixed and self.accum_fp32:   # each micro-batch's bf16 grads -> fp32
