@@ -592,9 +592,10 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     (lp * w).sum().backward()
     h1.remove(), h2.remove()
     g_packed = {k: p.grad.clone() for k, p in llama.named_parameters()}
-    up = lambda x: -(-x // bucket) * bucket  # noqa: E731
-    assert seen == [(len(PROMPTS), up(longest))]
-    assert head_rows == [up(int(batch.completion_mask.sum()))]
+    B, T = batch.completion_ids.shape
+    up = lambda x, most: min(-(-x // bucket) * bucket, most)  # noqa: E731
+    assert seen == [(len(PROMPTS), up(longest, batch.prompt_len + 2 * (T - 1)))]
+    assert head_rows == [up(int(batch.completion_mask.sum()), B * T)]
     mask = batch.completion_mask > 0
     assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
     assert (lp[~mask] == 0).all()
@@ -676,6 +677,12 @@ def test_lora_takes_the_packed_pass_with_per_row_values_and_adapter_gradients(ti
         r_row = ref.token_logprobs(*args)
     assert torch.allclose(r_packed, r_row, atol=1e-5)
     assert not torch.allclose(r_packed, packed, atol=1e-3), "adapters had no effect: proves nothing"
+
+
+def test_packed_width_rounds_up_but_never_past_the_padded_layout():
+    w = logprobs.packed_width
+    assert [w(1, 100), w(16, 100), w(17, 100), w(90, 100), w(97, 100)] == [16, 16, 32, 96, 100]
+    assert w(5, 9) == 9 and w(0, 10) == 0
 
 
 def test_packed_lengths_refuse_a_completion_mask_with_holes(tok):

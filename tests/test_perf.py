@@ -31,14 +31,16 @@ def test_flop_model_counts_linear_weights_by_hand(tiny_model_dir):
 
 def test_batch_flops_by_hand():
     """The padding-free packed pass: per group p_g + sum_i (l_i - 1) positions (groups padded to
-    the longest, rounded up to 16), the head on the real completion tokens (their count rounded
-    up to 16); one-sample groups: the padded layout."""
+    the longest, rounded up to 16 but never past the padded layout), the head on the real
+    completion tokens (rounded the same way); one-sample groups: the padded layout."""
     fm = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0)
     g1 = Group(prompt_id="a", prompt_ids=[1, 2, 3], completion_ids=[[4, 5], [6]], rewards=[0, 1])
     g2 = Group(prompt_id="b", prompt_ids=[7, 8], completion_ids=[[9, 10, 11, 13], [12]],
                rewards=[0, 1])
     b = collate([g1, g2], 0, current_version=0, require_ref=False)  # G=2, n=2, P=3, T=4
-    L = 16                      # the longest packed group (5), rounded up to SHAPE_BUCKET
+    # the longest packed group (5) rounded up to SHAPE_BUCKET (16) is more than the padded
+    # layout's P + n(T-1) = 9: that then; 8 real head rows rounded up: 16 = B x T
+    L = 9
     fwd = 2 * 1000 * (2 * L) + 2 * 50 * 16 + 4 * 2 * 8 * (2 * L * L)
     assert perf.batch_flops(fm, b, backward=False) == fwd
     assert perf.batch_flops(fm, b, backward=True) == 3 * fwd

@@ -54,7 +54,8 @@ to a multiple of this. Every distinct matmul shape gets its own oneDNN primitive
 and cached per shape; without rounding nearly every micro-batch had new shapes and the default
 job's resident memory crept 0.3 GiB higher (4.1 GiB after 60 steps; SmolLM2-135M bf16, Zen 4
 EPYC). The extra positions are padding (masked, their log-probs discarded): < 16 positions per
-group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per pass."""
+group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per pass, and never
+more than the padded layout computes (:func:`packed_width`)."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -268,6 +269,14 @@ def packed_group_lengths(attention_mask: torch.Tensor, P: int, T: int, n: int):
     return am[::n, :P].sum(-1), comp.sum(-1)                             # [G], [B]
 
 
+def packed_width(real: int, padded: int) -> int:
+    """How many positions a packed pass computes for ``real`` real ones: ``real`` rounded up to
+    a multiple of SHAPE_BUCKET, but never more than ``padded``, the padded layout's count
+    (``P + n(T-1)`` per group, ``B x T`` LM-head rows), which it then equals: never more work
+    than the padded layout, and its shapes where rounding would not save any."""
+    return min(-(-real // SHAPE_BUCKET) * SHAPE_BUCKET, max(real, padded))
+
+
 def packed_group_len(prompt_lens: torch.Tensor, comp_lens: torch.Tensor, n: int) -> torch.Tensor:
     """[G] length of each group's packed sequence ``p_g + sum_i max(l_i - 1, 0)``."""
     return prompt_lens + (comp_lens - 1).clamp(min=0).reshape(-1, n).sum(-1)
@@ -304,7 +313,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     G = B // n
     plen, clen = lengths if lengths is not None else packed_group_lengths(attention_mask, P, T, n)
     glen = packed_group_len(plen, clen, n)                               # [G]
-    L = -(-int(glen.max()) // SHAPE_BUCKET) * SHAPE_BUCKET               # few distinct shapes
+    L = packed_width(int(glen.max()), P + n * (T - 1))                   # few distinct shapes
     ids_cpu, am_cpu = input_ids.to("cpu"), attention_mask.to("cpu") > 0
     ids = torch.zeros(G, L, dtype=torch.long)                            # pad id 0 (masked)
     pos = torch.zeros(G, L, dtype=torch.long)
@@ -404,7 +413,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         real = real.to("cpu")
         idx = real.reshape(-1).nonzero().squeeze(-1)                      # [N] real positions
         N = idx.numel()
-        pad = -(-N // SHAPE_BUCKET) * SHAPE_BUCKET - N                    # few distinct shapes
+        pad = packed_width(N, B * T) - N                                  # few distinct shapes
         idx = torch.cat([idx, idx[:1].expand(pad)]) if N and pad else idx
         hs = _packed_group_hidden(model, input_ids, attention_mask, T, prompt_len, group_size,
                                   precision, lengths, rows=idx)           # [N + pad, H]

@@ -87,14 +87,12 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
     The padding-free packed pass (:func:`agro.logprobs._packed_group_hidden`) where it applies:
     each group's real prompt tokens once plus its completions' real tokens, the groups padded to
     the longest rounded up to SHAPE_BUCKET, the LM head on the real completion tokens (their
-    count rounded up too). Otherwise the padded ``[P + n(T-1)]`` layout. ``head_all``: the LM
+    count rounded up too), never more than the padded layout (:func:`agro.logprobs.packed_width`).
+    Otherwise the padded ``[P + n(T-1)]`` layout. ``head_all``: the LM
     head runs on all B x T completion positions (a loss that needs the full logits,
     ``with_logits``). With the backward pass x3 (x2 when only adapters train: no weight
     gradients for the frozen base)."""
-    from .logprobs import PACKED_MAX_LEN, SHAPE_BUCKET, packed_group_len, packed_group_lengths
-
-    def up(x: int) -> int:
-        return -(-x // SHAPE_BUCKET) * SHAPE_BUCKET
+    from .logprobs import PACKED_MAX_LEN, packed_group_len, packed_group_lengths, packed_width
 
     B, T = batch.completion_ids.shape
     n = max(1, batch.group_size)
@@ -105,8 +103,8 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
                                 or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN):
         lengths = None
     if lengths is not None:
-        L = up(int(packed_group_len(*lengths, n).max()))
-        head = B * T if head_all else up(int(lengths[1].sum()))
+        L = packed_width(int(packed_group_len(*lengths, n).max()), P + n * (T - 1))
+        head = B * T if head_all else packed_width(int(lengths[1].sum()), B * T)
     else:
         L, head = P + n * max(0, T - 1), B * T
     fwd = fm.forward(tokens=G * L, head_tokens=head, attn_pairs=G * L * L)
