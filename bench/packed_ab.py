@@ -16,6 +16,10 @@ interleaved rounds, times on those same groups:
 
 The learner's optimizer steps change the weights between rounds (both arms alike). Medians over
 the rounds; the CPU and its flags are printed. Run it alone on the machine.
+
+``--micro '[[9,9,9,32],[10,8,10,10]]'`` instead times the forward and the forward + backward of
+one micro-batch of random tokens with those completion lengths per group (prompts of
+``--prompt-len`` tokens, 38 as in the default job's template), ``--reps`` interleaved rounds.
 """
 from __future__ import annotations
 
@@ -58,9 +62,13 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--old", default="1ea7a81", help="the commit whose log-prob pass is 'old'")
     ap.add_argument("--json", default=None, help="write every timing here")
+    ap.add_argument("--micro", default=None, help="JSON completion lengths per group")
+    ap.add_argument("--prompt-len", type=int, default=38)
     a = ap.parse_args()
 
     old = old_module(a.old)
+    if a.micro:
+        return micro(a, old)
     cfg = load_config(TrainConfig, None, [
         f"precision={a.precision}", f"model={a.model}", "eval_prompts=0",
         "output_dir=runs/bench-packed", "overwrite=true", "progress=false", "plot=false",
@@ -119,6 +127,51 @@ def main() -> None:
     rows["completion_lengths"] = lens
     write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
     tr.close_generator()
+
+
+def micro(a, old) -> None:
+    """One synthetic micro-batch, forward and forward + backward, old pass against new."""
+    import json
+
+    from agro.models import load_model
+    from agro.rollouts import Group, collate
+
+    lens = json.loads(a.micro)
+    model = load_model(a.model)
+    torch.manual_seed(0)
+    groups = [Group(prompt_id=str(i), rewards=[0.0] * len(ls),
+                    prompt_ids=torch.randint(100, 40000, (a.prompt_len,)).tolist(),
+                    completion_ids=[torch.randint(100, 40000, (n,)).tolist() for n in ls])
+              for i, ls in enumerate(lens)]
+    b = collate(groups, 0, current_version=0, require_ref=False)
+    args = (b.input_ids, b.attention_mask, b.completion_ids, b.prompt_len)
+    arms = {"old": old.completion_logprobs, "new": lp.completion_logprobs}
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; precision {a.precision}; "
+          f"lengths {lens}, prompts {a.prompt_len} tokens")
+
+    def run(fn, backward: bool) -> float:
+        t0 = time.perf_counter()
+        with lp.scoring_mode(model):
+            out = fn(model, *args, precision=a.precision, group_size=b.group_size)
+        if backward:
+            out.sum().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    rows: dict[str, list] = {}
+    for backward in (False, True):
+        what = "fwd_bwd" if backward else "fwd"
+        for k in arms:
+            run(arms[k], backward)                      # warm-up
+            rows[f"{what}_{k}"] = []
+        for r in range(a.reps):
+            for k in order(r, "old", "new"):
+                rows[f"{what}_{k}"].append(run(arms[k], backward))
+    med = medians(rows)
+    for what in ("fwd", "fwd_bwd"):
+        print(f"  {what}: padded {med[what + '_old'] * 1e3:.0f} ms, padding-free "
+              f"{med[what + '_new'] * 1e3:.0f} ms: {med[what + '_old'] / med[what + '_new']:.2f}x")
+    write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
 
 
 if __name__ == "__main__":
