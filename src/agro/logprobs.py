@@ -302,10 +302,10 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     every completion is predicted from the last prompt position.
 
     Same numbers as one ``[prompt | completion]`` pass per row (up to float rounding, gradients
-    included), with each prompt run once and no padded completion position computed: completion
-    lengths vary within a group (on the default job, late steps' samples are ~9 tokens while
-    their group's longest is often 32), and padding every block to the longest costs as much as
-    the real tokens.
+    included), with each prompt run once and no padded completion position computed. It pays
+    where lengths vary within a micro-batch: one 32-token sample among ~9-token ones made every
+    block 32 long (1.6x on such a micro-batch, forward and backward); with uniform lengths it
+    is about even with the padded layout (``bench/packed_ab.py``, docs/RESULTS.md).
     """
     dec, emb, head = _decoder_parts(model)
     dev = device_of(model)
