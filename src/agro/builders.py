@@ -133,7 +133,11 @@ def build_generator(cfg, policy, tokenizer):
 def build_collector(cfg, *, tokenizer, generator, grader, reference, sampler,
                     flop_model=None) -> Collector:
     """The :class:`Collector` that turns the sampler's prompts into scored groups."""
+    # the reference pass splits groups as the learner does (agro train); agro generate keeps the
+    # Collector's defaults (8 groups, 4096 tokens per pass)
+    split = dict(ref_micro_groups=cfg.micro_batch_groups, ref_micro_tokens=cfg.micro_batch_tokens) \
+        if hasattr(cfg, "micro_batch_tokens") else {}
     return Collector(tokenizer=tokenizer, generator=generator, grader=grader, reference=reference,
                      sampler=sampler, template=cfg.prompt_template, params=sampling_params(cfg),
                      group_size=cfg.group_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                     flop_model=flop_model)
+                     flop_model=flop_model, **split)

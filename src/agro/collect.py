@@ -43,7 +43,7 @@ class Collector:
 
     def __init__(self, *, tokenizer, generator, grader, reference, sampler, template: str,
                  params: SamplingParams, group_size: int, max_prompt_tokens: int,
-                 ref_micro_batch: int = 16, flop_model=None):
+                 ref_micro_groups: int = 8, ref_micro_tokens: int = 4096, flop_model=None):
         self.tok = tokenizer
         self.generator = generator
         self.grader = grader
@@ -53,7 +53,8 @@ class Collector:
         self.params = params
         self.n = group_size
         self.max_prompt_tokens = max_prompt_tokens
-        self.ref_micro_batch = ref_micro_batch
+        self.ref_micro_groups = ref_micro_groups    # the learner's micro-batch split (split_groups)
+        self.ref_micro_tokens = ref_micro_tokens
         self.flop_model = flop_model
         self.stats = CollectStats()
 
@@ -142,17 +143,18 @@ class Collector:
         """Fill `ref_logprobs` of each group (computed once, stored with the group); returns the
         estimated FLOPs spent (0 without a flop model)."""
         return attach_ref_logprobs(groups, self.reference, self.tok.pad_token_id,
-                                   max(1, self.ref_micro_batch // self.n), self.flop_model)
+                                   self.ref_micro_groups, self.flop_model, self.ref_micro_tokens)
 
 
 @torch.no_grad()
 def attach_ref_logprobs(groups: list[Group], reference, pad_token_id: int,
-                        groups_per_batch: int, flop_model=None) -> float:
-    """Set ``g.ref_logprobs`` ([n][T_i] floats) of every group from ``reference``, scoring
-    ``groups_per_batch`` whole groups per pass on the reference's device. Returns the passes'
-    estimated FLOPs (:func:`agro.perf.batch_flops`; 0 without ``flop_model``)."""
+                        groups_per_batch: int, flop_model=None, max_tokens: int = 0) -> float:
+    """Set ``g.ref_logprobs`` ([n][T_i] floats) of every group from ``reference``, scoring whole
+    groups on the reference's device, at most ``groups_per_batch`` and ``max_tokens`` tokens per
+    pass (:func:`agro.rollouts.split_groups`). Returns the passes' estimated FLOPs
+    (:func:`agro.perf.batch_flops`; 0 without ``flop_model``)."""
     flops = 0.0
-    for mb in split_groups(groups, groups_per_batch):
+    for mb in split_groups(groups, groups_per_batch, max_tokens):
         batch = collate(mb, pad_token_id, current_version=-1, require_ref=False).to(reference.device)
         if flop_model is not None:
             flops += batch_flops(flop_model, batch, backward=False)

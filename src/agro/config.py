@@ -121,7 +121,12 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
                             "loss_options.reg_estimator=causal, loss_options.logprob_reduction=mean.")
     steps: int = _f(60, "Optimizer steps.")
     prompts_per_step: int = _f(8, "Prompt groups per optimizer step.")
-    micro_batch_groups: int = _f(2, "Groups per micro-batch (gradient accumulation over the step).")
+    micro_batch_groups: int = _f(8, "At most this many groups per micro-batch (gradient "
+                                 "accumulation over the step's micro-batches).")
+    micro_batch_tokens: int = _f(4096, "At most this many tokens per micro-batch (each group's "
+                                 "prompt once plus its completions; a group above it is a "
+                                 "micro-batch alone; 0: no limit). Lower it if the learner runs "
+                                 "out of memory; the reference pass uses the same split.")
     lr: float = _f(2e-5, "AdamW learning rate.")
     lr_schedule: str = _f("constant", "After warm-up: 'constant' or 'cosine'.", ("constant", "cosine"))
     warmup_steps: int = _f(2, "Linear warm-up steps.")
@@ -569,6 +574,7 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.steps >= 1, "steps", w, "must be >= 1")
         c(cfg.prompts_per_step >= 1, "prompts_per_step", w, "must be >= 1")
         c(cfg.micro_batch_groups >= 1, "micro_batch_groups", w, "must be >= 1")
+        c(cfg.micro_batch_tokens >= 0, "micro_batch_tokens", w, "must be >= 0 (0: no limit)")
         c(cfg.lr > 0, "lr", w, "must be > 0")
         c(cfg.warmup_steps >= 0, "warmup_steps", w, "must be >= 0")
         c(cfg.weight_decay >= 0, "weight_decay", w, "must be >= 0")

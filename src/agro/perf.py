@@ -324,8 +324,12 @@ def cached_precision_choice(model) -> str | None:
     return choices.pop() if len(choices) == 1 and choices <= {"fp32", "bf16"} else None
 
 
+CALIBRATION_PROMPT_LEN = 32
+"""Prompt tokens of the groups :func:`calibrate_precision` times."""
+
+
 def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_new_tokens: int,
-                        prompt_len: int = 32, use_cache: bool = True, reps: int = 2,
+                        prompt_len: int = CALIBRATION_PROMPT_LEN, use_cache: bool = True, reps: int = 2,
                         micro_batches: int = 1, accum_fp32: bool = False) -> dict:
     """precision=auto on a machine with native bf16: time this model's learner pass, reference
     pass and sampling steps in fp32 and in bf16 (as the trainer runs bf16: a working copy over

@@ -45,8 +45,8 @@ from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
 from .models import MasterWeights, grad_accum_fp32, is_peft, save_for_transformers
-from .perf import (FlopModel, batch_flops, calibrate_precision, machine_key, matmul_peak,
-                   phase_rates)
+from .perf import (CALIBRATION_PROMPT_LEN, FlopModel, batch_flops, calibrate_precision, machine_key,
+                   matmul_peak, phase_rates)
 from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
 from .sources import build_mixer
@@ -267,9 +267,13 @@ class Trainer:
             why = (f"native bf16 on {self.device}" if rank0 == "bf16"
                    else f"no native bf16 matmuls on this {self.device.type}")
             return [f"precision: auto -> {rank0} ({why})"]
+        per_mb = cfg.micro_batch_groups   # groups per micro-batch, at worst (longest completions)
+        if cfg.micro_batch_tokens:
+            per_mb = max(1, min(per_mb, cfg.micro_batch_tokens //
+                                (CALIBRATION_PROMPT_LEN + cfg.group_size * cfg.max_new_tokens)))
         cal = calibrate_precision(self.policy, prompts_per_step=self.local_prompts,
                                   group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                  micro_batches=-(-self.local_prompts // cfg.micro_batch_groups),
+                                  micro_batches=-(-self.local_prompts // per_mb),
                                   accum_fp32=grad_accum_fp32(cfg.grad_accum, self.device)) \
             if self.dist.is_main else None
         cal = self.dist.all_gather(cal)[0]
@@ -485,7 +489,7 @@ class Trainer:
         global_b = self.dist.sum_int(local_b)
         sums: dict[str, float] = {}
         self.learn_flops = 0.0
-        for mb in split_groups(groups, cfg.micro_batch_groups):
+        for mb in split_groups(groups, cfg.micro_batch_groups, cfg.micro_batch_tokens):
             batch = collate(mb, self.tok.pad_token_id, self.version).to(self.device)
             kl = self.needs_token_kl    # the full logits: the head on every position, twice
             self.learn_flops += batch_flops(self.flops, batch, backward=True, head_all=kl) + \
