@@ -276,6 +276,9 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv`` None: this process's arguments, and the command may re-execute
+    itself on jemalloc, :mod:`agro.allocator`; a list: a call from Python, which never does)."""
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -283,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         return _die(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
+    if from_shell:
+        from .allocator import maybe_reexec
+
+        try:
+            maybe_reexec()
+        except (RuntimeError, ValueError) as e:
+            return _die(str(e))
     return COMMANDS[cmd](rest)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import losses
+from .allocator import in_use as allocator_in_use
 from .builders import (build_collector, build_generator, build_grader, build_models,
                        sampling_params, setup_runtime)
 from .checkpoint import (
@@ -164,7 +165,8 @@ class Trainer:
         self.peak = matmul_peak(self.flops, torch.bfloat16 if cfg.precision == "bf16"
                                 else torch.float32, self.device)
         self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
-                  f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)})")
+                  f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)}); "
+                  f"allocator {allocator_in_use()}")
         # async: the actors sample; the learner's own sampler only evaluates, and is agro's own
         # (no second vLLM engine per learner process; every rank may hold one)
         self.generator = build_generator(
