@@ -15,18 +15,21 @@ def test_reexec_env_rules():
     none = lambda: None                          # noqa: E731
     env = allocator.reexec_env({"PATH": "/bin"}, "linux", found)
     assert env["LD_PRELOAD"] == "/x/libjemalloc.so" and env["PATH"] == "/bin"
-    assert env[allocator._DONE] == "1"
+    assert env[allocator._DONE] == "1" and env[allocator._ORIG] == ""
     # an existing preload is kept, after jemalloc
     assert allocator.reexec_env({"LD_PRELOAD": "/y/a.so"}, "linux", found)["LD_PRELOAD"] == \
         "/x/libjemalloc.so /y/a.so"
     # never twice, never over a jemalloc already preloaded, never when told not to
     assert allocator.reexec_env({allocator._DONE: "1"}, "linux", found) is None
     assert allocator.reexec_env({"LD_PRELOAD": "/z/libjemalloc.so.2"}, "linux", found) is None
+    assert allocator.reexec_env({"LD_PRELOAD": "/z/libtcmalloc.so.4"}, "linux", found) is None
+    # a path LD_PRELOAD cannot hold is not used
+    assert allocator.reexec_env({}, "linux", lambda: "/a b/libjemalloc.so") is None
     assert allocator.reexec_env({allocator.ENV: "system"}, "linux", found) is None
     # auto: nothing found, or not Linux -> run as is; jemalloc required -> a clear error
     assert allocator.reexec_env({}, "linux", none) is None
     assert allocator.reexec_env({}, "darwin", found) is None
-    with pytest.raises(RuntimeError, match="no jemalloc library was found"):
+    with pytest.raises(RuntimeError, match="no usable jemalloc library was found"):
         allocator.reexec_env({allocator.ENV: "jemalloc"}, "linux", none)
     with pytest.raises(ValueError, match="valid values are auto, jemalloc, system"):
         allocator.reexec_env({allocator.ENV: "tcmalloc"}, "linux", found)
@@ -41,21 +44,38 @@ def test_find_jemalloc_honours_the_path_variable(tmp_path, monkeypatch):
     assert allocator.find_jemalloc() is None
 
 
+def test_only_the_command_itself_is_reexecuted():
+    assert allocator.started_as_command(["/v/bin/python", "/v/bin/agro", "train"])
+    assert allocator.started_as_command(["python", "-u", "-m", "agro.cli", "train"])
+    assert not allocator.started_as_command(["python", "-c", "..."])
+    assert not allocator.started_as_command(["python", "-m", "pytest"])
+    assert not allocator.started_as_command(["python", "myscript.py"])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.find_jemalloc() is None,
                     reason="no jemalloc library on this machine")
-def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not():
-    """The command line (run as ``agro.cli``'s ``__main__`` on this process's argv; ``plot`` of
-    a missing run fails fast) re-executes itself, and the process that runs the command has
-    jemalloc mapped; with AGRO_ALLOCATOR=system it does not. An exit hook reports it."""
-    probe = ("import runpy, sys, atexit\n"
-             "from agro import allocator\n"
-             "atexit.register(lambda: print('ALLOC', allocator.in_use(), flush=True))\n"
-             "sys.argv = ['agro', 'plot', '/nonexistent-run']\n"
-             "runpy.run_module('agro.cli', run_name='__main__')\n")
-    env = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, allocator._DONE, "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert "ALLOC jemalloc (" in out.stdout, out.stdout + out.stderr
-    out = subprocess.run([sys.executable, "-c", probe], env=dict(env, **{allocator.ENV: "system"}),
-                         capture_output=True, text=True, timeout=120)
-    assert "ALLOC system malloc" in out.stdout, out.stdout + out.stderr
+def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path):
+    """``python -m agro.cli plot <missing run>`` (fails fast) runs on jemalloc, with the user's
+    LD_PRELOAD (none) restored for its children; with AGRO_ALLOCATOR=system, or called from
+    Python, it does not. A sitecustomize exit hook reports the process's allocator."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "def _report():\n"
+        "    from agro import allocator\n"
+        "    print('ALLOC', allocator.in_use(), 'PRELOAD', os.environ.get('LD_PRELOAD'), flush=True)\n"
+        "atexit.register(_report)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in (allocator.ENV, allocator._DONE, allocator._ORIG, "LD_PRELOAD")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+
+    def run(args, **extra):
+        out = subprocess.run([sys.executable, *args], env=dict(env, **extra), capture_output=True,
+                             text=True, timeout=120)
+        return out.stdout + out.stderr
+
+    cmd = ["-m", "agro.cli", "plot", str(tmp_path / "missing-run")]
+    out = run(cmd)
+    assert "ALLOC jemalloc (" in out and "PRELOAD None" in out, out
+    assert "ALLOC system malloc" in run(cmd, AGRO_ALLOCATOR="system")
+    out = run(["-c", f"from agro.cli import main; main(['plot', {str(tmp_path / 'x')!r}])"])
+    assert "ALLOC system malloc" in out, out

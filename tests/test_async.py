@@ -343,7 +343,8 @@ def test_cli_sigkill_of_the_learner_then_resume_continues(tiny_model_dir, tmp_pa
 
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "agro.cli", "train", *FAST, f"model={tiny_model_dir}",
-            f"output_dir={out}", "steps=4", "max_staleness=2", "save_every=1"]
+            f"output_dir={out}", "steps=4", "max_staleness=2", "save_every=1",
+            "micro_batch_groups=2"]   # two micro-batches (backward passes) a step
     env = {k: v for k, v in os.environ.items() if k != "AGRO_FAULT"}
     killed = subprocess.run(args, env={**env, "AGRO_FAULT": "backward:5"}, capture_output=True,
                             text=True, timeout=300)

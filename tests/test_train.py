@@ -209,7 +209,7 @@ def test_one_micro_batch_step_logs_exactly_what_compute_loss_returned(tiny_model
         assert rows[1][k] == pytest.approx(m[k], rel=1e-12, abs=1e-15)
 
 
-def test_split_groups_caps_groups_and_tokens_in_order():
+def test_split_groups_caps_groups_and_padded_positions_in_order():
     from agro.rollouts import Group, group_tokens, split_groups
 
     def g(i, p, lens):
@@ -225,24 +225,28 @@ def test_split_groups_caps_groups_and_tokens_in_order():
     assert ids(split_groups(gs, 2)) == [["0", "1"], ["2", "3"], ["4"]]            # groups only
     assert ids(split_groups(gs, 8, 0)) == [["0", "1", "2", "3", "4"]]              # 0: no limit
     assert ids(split_groups(gs, 2, 1000)) == [["0", "1"], ["2", "3"], ["4"]]      # cap binds
-    # 20 + 50 = 70 fits a budget of 70 exactly; 102 alone is over it and still one micro-batch
-    assert ids(split_groups(gs, 8, 70)) == [["0", "1"], ["2"], ["3"], ["4"]]
-    assert ids(split_groups(gs, 8, 69)) == [["0"], ["1", "2"], ["3"], ["4"]]
-    assert ids(split_groups(gs, 8, 1)) == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    # 2 groups x widest 50 = 100 fits a budget of 100 exactly; 102 alone is over it and is
+    # still one micro-batch
+    assert ids(split_groups(gs, 8, 100)) == [["0", "1"], ["2"], ["3"], ["4"]]
+    assert ids(split_groups(gs, 8, 99)) == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    # the budget counts groups x the widest (padded), not the sum: 10 + 30 + 10 = 50 <= 60, but
+    # 3 x 30 = 90 > 60
+    hs = [g(0, 4, [3, 3]), g(1, 10, [10, 10]), g(2, 4, [3, 3]), g(3, 4, [3, 3])]
+    assert ids(split_groups(hs, 8, 60)) == [["0", "1"], ["2", "3"]]
 
 
 def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny_model_dir, tmp_path,
                                                                       monkeypatch):
-    """A step split by micro_batch_tokens (here one group per micro-batch) accumulates the
-    gradient of the same step run as one micro-batch (fp32), and the reference pass splits the
-    same way."""
+    """A step split by micro_batch_tokens (one group per micro-batch) or unevenly by
+    micro_batch_groups (3 + 1) accumulates the gradient of the same step run as one micro-batch
+    (fp32), and the reference pass splits the same way."""
     from agro import collect, losses
 
     real_loss, real_split = losses.compute_loss, collect.split_groups
 
-    def one_step(budget):
-        cfg = make_cfg(tiny_model_dir, tmp_path / f"b{budget}", "micro_batch_groups=8",
-                       f"micro_batch_tokens={budget}", "max_grad_norm=0")
+    def one_step(split):
+        cfg = make_cfg(tiny_model_dir, tmp_path / split.replace("=", ""), "micro_batch_groups=8",
+                       split, "max_grad_norm=0")
         tr = Trainer(cfg, grader=HashGrader())
         calls, ref_passes, grads = [], [], {}
         monkeypatch.setattr(losses, "compute_loss", lambda *a, **k: calls.append(1) or real_loss(*a, **k))
@@ -254,12 +258,15 @@ def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny_model
         tr.close_generator()
         return len(calls), ref_passes, grads
 
-    n_split, ref_split, g_split = one_step(1)
-    n_one, ref_one, g_one = one_step(0)
+    n_split, ref_split, g_split = one_step("micro_batch_tokens=1")      # 1 + 1 + 1 + 1
+    n_uneven, ref_uneven, g_uneven = one_step("micro_batch_groups=3")    # 3 + 1
+    n_one, ref_one, g_one = one_step("micro_batch_tokens=0")
     assert (n_split, ref_split) == (4, [4]) and (n_one, ref_one) == (1, [1])   # 4 prompts per step
-    assert g_split.keys() == g_one.keys() and g_one
+    assert (n_uneven, ref_uneven) == (2, [2])
+    assert g_split.keys() == g_one.keys() == g_uneven.keys() and g_one
     for name in g_one:
         torch.testing.assert_close(g_split[name], g_one[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g_uneven[name], g_one[name], rtol=1e-4, atol=1e-7)
     assert max(float(g.abs().max()) for g in g_one.values()) > 1e-4     # a gradient to compare
 
 

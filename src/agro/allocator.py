@@ -15,7 +15,9 @@ with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses
 (default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found) or ``system``
 (never re-execute). Where it looks, in order: ``AGRO_JEMALLOC`` (a path), the copy bundled in the
 ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
-(Debian/Ubuntu ``libjemalloc2``). The run's log names the allocator in use (:func:`in_use`).
+(Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
+own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
+children. The run's log names the allocator in use (:func:`in_use`).
 """
 from __future__ import annotations
 
@@ -43,35 +45,69 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
+_OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")
+_ORIG = "AGRO_ALLOCATOR_PRELOAD"      # the LD_PRELOAD the user had, restored for child processes
+
+
 def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) -> dict | None:
     """The environment to re-execute the command with, or None to run as is. Raises
-    RuntimeError if ``AGRO_ALLOCATOR=jemalloc`` and none is found, ValueError on a bad value."""
+    RuntimeError if ``AGRO_ALLOCATOR=jemalloc`` and none is found, ValueError on a bad value.
+    A user's own preloaded allocator (jemalloc, tcmalloc, mimalloc) is left alone."""
     choice = environ.get(ENV, "auto") or "auto"
     if choice not in ("auto", "jemalloc", "system"):
         raise ValueError(f"{ENV}={choice!r}: valid values are auto, jemalloc, system")
     preload = environ.get("LD_PRELOAD", "")
-    if choice == "system" or environ.get(_DONE) or "jemalloc" in preload:
+    if choice == "system" or environ.get(_DONE) or any(m in preload for m in _OTHER_MALLOCS):
         return None
     if not platform.startswith("linux"):
         if choice == "jemalloc":
             raise RuntimeError(f"{ENV}=jemalloc: only supported on Linux (LD_PRELOAD)")
         return None
     lib = find()
+    if lib is not None and any(c in lib for c in " \t:"):   # LD_PRELOAD cannot name it
+        lib = None
     if lib is None:
         if choice == "jemalloc":
-            raise RuntimeError(f"{ENV}=jemalloc but no jemalloc library was found: install "
+            raise RuntimeError(f"{ENV}=jemalloc but no usable jemalloc library was found: install "
                                f"agro[async] (ray bundles one) or libjemalloc2, or set {PATH_ENV}")
         return None
-    return dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{_DONE: "1"})
+    return dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{_DONE: "1", _ORIG: preload})
+
+
+def started_as_command(orig_argv: list[str] | None = None) -> bool:
+    """True if this process is the ``agro`` console script or ``python -m agro.cli`` (what can
+    be re-executed as is; ``python -c``, ``python - < file`` and other scripts cannot)."""
+    argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+    if "-m" in argv:
+        i = argv.index("-m")
+        return i + 1 < len(argv) and argv[i + 1] == "agro.cli"
+    return len(argv) > 1 and Path(argv[1]).name == "agro"
 
 
 def maybe_reexec() -> None:
-    """Re-execute this command on jemalloc (:func:`reexec_env`); returns only if it does not."""
+    """Re-execute this command on jemalloc (:func:`reexec_env`); returns only if it does not.
+    In the re-executed process, the user's own ``LD_PRELOAD`` is put back for child processes
+    (the grader's sandbox, Ray's workers, compilers): only this process runs on jemalloc."""
+    if os.environ.get(_DONE):
+        os.environ["LD_PRELOAD"] = os.environ.pop(_ORIG, "")
+        if not os.environ["LD_PRELOAD"]:
+            del os.environ["LD_PRELOAD"]
+        if os.environ.get(ENV) == "jemalloc" and not in_use().startswith("jemalloc"):
+            raise RuntimeError(f"{ENV}=jemalloc: LD_PRELOAD was set but jemalloc is not loaded")
+        os.environ.pop(_DONE)
+        return
+    if not started_as_command():
+        if os.environ.get(ENV) == "jemalloc":
+            raise RuntimeError(f"{ENV}=jemalloc needs the `agro` command or `python -m agro.cli`")
+        return
     env = reexec_env(dict(os.environ))
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, list(sys.orig_argv), env)
+        try:
+            os.execve(sys.executable, list(sys.orig_argv), env)
+        except OSError:   # cannot re-execute: run on the system's allocator
+            return
 
 
 def in_use() -> str:

@@ -123,10 +123,11 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     prompts_per_step: int = _f(8, "Prompt groups per optimizer step.")
     micro_batch_groups: int = _f(8, "At most this many groups per micro-batch (gradient "
                                  "accumulation over the step's micro-batches).")
-    micro_batch_tokens: int = _f(4096, "At most this many tokens per micro-batch (each group's "
-                                 "prompt once plus its completions; a group above it is a "
-                                 "micro-batch alone; 0: no limit). Lower it if the learner runs "
-                                 "out of memory; the reference pass uses the same split.")
+    micro_batch_tokens: int = _f(4096, "At most this many positions per micro-batch: groups x "
+                                 "the widest group's prompt + completions (a group wider than "
+                                 "this is a micro-batch alone; 0: no limit). Lower it if the "
+                                 "learner runs out of memory; reference passes split by the same "
+                                 "rule.")
     lr: float = _f(2e-5, "AdamW learning rate.")
     lr_schedule: str = _f("constant", "After warm-up: 'constant' or 'cosine'.", ("constant", "cosine"))
     warmup_steps: int = _f(2, "Linear warm-up steps.")

@@ -191,7 +191,7 @@ def collate(
 
 
 def group_tokens(g: Group) -> int:
-    """Tokens one group puts through a log-prob pass laid out padding-free
+    """About the positions one group takes in a padding-free log-prob pass
     (:func:`agro.logprobs.completion_logprobs`): its prompt once, then every completion."""
     return len(g.prompt_ids) + sum(len(c) for c in g.completion_ids)
 
@@ -200,24 +200,27 @@ def split_groups(groups: Sequence[Group], groups_per_micro: int,
                  max_tokens: int = 0) -> list[list[Group]]:
     """Split groups, in order, into micro-batches of whole groups (the loss needs complete groups):
     at most ``groups_per_micro`` groups each and, when ``max_tokens`` > 0, at most ``max_tokens``
-    tokens (:func:`group_tokens`) each; a group bigger than ``max_tokens`` is a micro-batch alone.
+    positions as the pass lays them out: every group of a micro-batch is padded to its widest,
+    so a micro-batch of k groups costs k x max(:func:`group_tokens`). A group wider than
+    ``max_tokens`` is a micro-batch alone.
 
     The token budget is verl's dynamic batch size (``ppo_max_token_len_per_gpu``): short
     completions fill a micro-batch with more groups, so the matmuls get more rows (measured on the
     default job's late steps, ~9-token completions: 8 groups per micro-batch ran the learner step
-    1.38x and the reference pass 1.40x as fast as 2; docs/RESULTS.md), long ones keep its memory
-    bounded."""
+    1.38x and the reference pass 1.40x as fast as 2; docs/RESULTS.md), long ones keep its rows
+    bounded. It does not count what grows faster than the positions (the attention's L x L
+    scores, the full-vocabulary logits of token-KL losses): lower it for those."""
     k = max(1, int(groups_per_micro))
     out: list[list[Group]] = []
     cur: list[Group] = []
-    used = 0
+    widest = 0
     for g in groups:
         t = group_tokens(g)
-        if cur and (len(cur) >= k or (max_tokens > 0 and used + t > max_tokens)):
+        if cur and (len(cur) >= k or (max_tokens > 0 and (len(cur) + 1) * max(widest, t) > max_tokens)):
             out.append(cur)
-            cur, used = [], 0
+            cur, widest = [], 0
         cur.append(g)
-        used += t
+        widest = max(widest, t)
     if cur:
         out.append(cur)
     return out
