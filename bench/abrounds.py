@@ -25,3 +25,30 @@ def write_json(path: str | None, cpu: str, precision: str, torch_version: str,
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"cpu": cpu, "precision": precision, "torch": torch_version,
                                       "rounds": rows, "medians": med}, indent=1))
+
+
+def bench_trainer(name: str, *overrides: str):
+    """The default job's Trainer for a bench (output in runs/bench-<name>; no evaluation, saves,
+    plots or progress bar), with ``key=value`` overrides; prints the CPU it runs on."""
+    import torch
+
+    from agro.config import TrainConfig, load_config
+    from agro.perf import machine_key
+    from agro.trainer import Trainer
+
+    cfg = load_config(TrainConfig, None, [
+        "eval_prompts=0", f"output_dir=runs/bench-{name}", "overwrite=true", "progress=false",
+        "plot=false", "tensorboard=false", "save_every=0", "save_final=false", *overrides])
+    print(f"CPU: {machine_key()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{', '.join(overrides)}")
+    return Trainer(cfg)
+
+
+def one_step_groups(tr, seed: int | None = None) -> list:
+    """One step's scored groups sampled by ``tr``'s collector (seeded if ``seed`` is given)."""
+    import torch
+
+    examples, prompt_ids = tr.collector.prompts(tr.cfg.prompts_per_step)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return tr.collector.collect(examples, prompt_ids, tr.version)

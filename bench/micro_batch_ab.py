@@ -21,12 +21,10 @@ import copy
 import time
 
 import torch
-from abrounds import medians, write_json  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, medians, one_step_groups, write_json  # bench/ is on sys.path
 
 from agro.collect import attach_ref_logprobs
-from agro.config import TrainConfig, load_config
 from agro.perf import machine_key as cpu_description
-from agro.trainer import Trainer
 
 
 def cut(groups, k: int):
@@ -52,17 +50,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every timing here")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
-    cfg = load_config(TrainConfig, None, [
-        f"precision={a.precision}", "eval_prompts=0", "output_dir=runs/bench-microbatch",
-        "overwrite=true", "progress=false", "plot=false", "tensorboard=false", "save_every=0",
-        "save_final=false"])
-    tr = Trainer(cfg)
+    tr = bench_trainer("microbatch", f"precision={a.precision}")
     col = tr.collector
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"precision {a.precision}; groups per micro-batch {sizes}")
-    examples, prompt_ids = col.prompts(cfg.prompts_per_step)
-    torch.manual_seed(1234)
-    sampled = col.collect(examples, prompt_ids, tr.version)
+    print(f"groups per micro-batch {sizes}")
+    sampled = one_step_groups(tr, seed=1234)
     col.attach_ref_logprobs(sampled)
     rows: dict[str, list] = {}
     for k in (int(x) for x in a.cut.split(",")):

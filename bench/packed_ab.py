@@ -32,12 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-from abrounds import medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, medians, one_step_groups, order, write_json  # bench/ on sys.path
 
 import agro.logprobs as lp
-from agro.config import TrainConfig, load_config
 from agro.perf import machine_key as cpu_description
-from agro.trainer import Trainer
 
 
 def old_module(rev: str):
@@ -69,17 +67,9 @@ def main() -> None:
     old = old_module(a.old)
     if a.micro:
         return micro(a, old)
-    cfg = load_config(TrainConfig, None, [
-        f"precision={a.precision}", f"model={a.model}", "eval_prompts=0",
-        "output_dir=runs/bench-packed", "overwrite=true", "progress=false", "plot=false",
-        "tensorboard=false", "save_every=0", "save_final=false"])
-    tr = Trainer(cfg)
+    tr = bench_trainer("packed", f"precision={a.precision}", f"model={a.model}")
     col = tr.collector
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"precision {a.precision}; model {a.model}")
-    examples, prompt_ids = col.prompts(cfg.prompts_per_step)
-    torch.manual_seed(1234)
-    groups = col.collect(examples, prompt_ids, tr.version)
+    groups = one_step_groups(tr, seed=1234)
     lens = [[len(c) for c in g.completion_ids] for g in groups]
     print(f"completion lengths per group: {lens}")
     real_fn = lp.completion_logprobs

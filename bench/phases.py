@@ -26,12 +26,10 @@ import contextlib
 import time
 
 import torch
-from abrounds import medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
 
 import agro.logprobs as lp
-from agro.config import TrainConfig, load_config
 from agro.perf import machine_key as cpu_description
-from agro.trainer import Trainer
 
 
 def main() -> None:
@@ -43,14 +41,8 @@ def main() -> None:
                     help="also print the torch profiler's top operators of each arm, one call each")
     a = ap.parse_args()
 
-    cfg = load_config(TrainConfig, None, [
-        f"precision={a.precision}", "eval_prompts=0", "output_dir=runs/bench-phases",
-        "overwrite=true", "progress=false", "plot=false", "tensorboard=false", "save_every=0",
-        "save_final=false"])
-    tr = Trainer(cfg)
-    col = tr.collector
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"precision {a.precision}")
+    tr = bench_trainer("phases", f"precision={a.precision}")
+    cfg, col = tr.cfg, tr.collector
     examples, prompt_ids = col.prompts(cfg.prompts_per_step)
     groups = col.collect(examples, prompt_ids, tr.version)   # warm-up; fixed groups for learner/ref
     real_backend = lp.attention_backend
