@@ -335,3 +335,67 @@ def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_
     cfg["lr"] = cfg["lr"] * 2                     # a real difference: not the same run
     (old / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert sw.run_dir(ARMS["agro"], 0) != old and sw.pending()
+
+
+def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_runs(tmp_path):
+    """The run store is gone (a fresh clone): the claim's committed ledger (OUT/runs/) re-renders
+    the same runs.csv without running anything; a sibling claim takes the shared arm's finished
+    run and the base evaluation from it instead of running them; a changed setting, a damaged
+    ledger file or reuse=false do not adopt."""
+    import shutil
+
+    import yaml
+
+    from agro.repro.ledger import LedgerError
+    from agro.repro.runner import Sweep
+
+    st, paper = tmp_path / "store", tmp_path / "paper"
+    c1 = paper / "c1"
+    sw = Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"])
+    sw.run(0)
+    sw.write_outputs()
+    sw.close()
+    before = (c1 / "runs.csv").read_bytes()
+    assert (c1 / "runs" / "agro-seed0.json").is_file()
+    for d in st.iterdir():                    # the store is lost; the tiny model keeps its path
+        if d.name != "tiny-model":
+            shutil.rmtree(d)
+
+    lines: list[str] = []
+    sw = Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"], log=lines.append)
+    assert sw.pending() == [] and sw.run(0) == 0
+    sw.write_outputs()
+    assert (c1 / "runs.csv").read_bytes() == before
+    assert sorted(d.name for d in st.iterdir()) == ["tiny-model"]     # nothing ran or evaluated
+
+    lines.clear()
+    c4 = paper / "c4"
+    sw = Sweep("c4", c4, store=st, quick=True, seeds=[0], arms=["agro", "replay-p0.5"],
+               log=lines.append)
+    assert [(a.name, s) for a, s in sw.pending()] == [("replay-p0.5", 0)]
+    sw.run(0)
+    sw.write_outputs()
+    sw.close()
+    assert any("agro seed 0: finished, recorded in" in x for x in lines)
+    assert any("base model evaluation, seed 0: recorded in" in x for x in lines)
+    assert not list(st.glob("agro-*")) and list(st.glob("replay-p0.5-*/seed0/done.json"))
+    assert _rows(c4, "agro") == _rows(c1, "agro")
+    assert _rows(c4, "replay-p0.5")[0] == dict(_rows(c1, "agro")[0], arm="replay-p0.5")
+    arms_doc = yaml.safe_load((c4 / "arms.yaml").read_text())
+    assert arms_doc["arms"]["agro"]["adopted_from_by_seed"] == {
+        0: str(c1 / "runs" / "agro-seed0.json")}
+
+    assert json.loads((c4 / "runs" / "agro-seed0.json").read_text())["rows"] == \
+        json.loads((c1 / "runs" / "agro-seed0.json").read_text())["rows"]   # c4 is self-contained
+    shutil.rmtree(c4)
+    p = c1 / "runs" / "agro-seed0.json"
+    good = p.read_text()
+    assert Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"], reuse=False).pending()
+    doc = json.loads(good)
+    doc["config"]["lr"] *= 2                  # a real difference: not the same run
+    p.write_text(json.dumps(doc))
+    assert Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"]).pending()
+    del doc["rows"]
+    p.write_text(json.dumps(doc))
+    with pytest.raises(LedgerError, match=r"agro-seed0\.json: missing field 'rows'"):
+        Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"]).pending()

@@ -261,7 +261,7 @@ def cmd_repro(argv: list[str]) -> int:
     try:
         verdict, left = run_sweep(cfg.claim, cfg.out, quick=cfg.quick, store=cfg.store or None,
                                   seeds=cfg.seeds or None, arms=cfg.arms or None,
-                                  max_runs=cfg.max_runs)
+                                  max_runs=cfg.max_runs, reuse=cfg.reuse)
     except SweepError as e:
         return _die(str(e))
     print(f"agro repro {cfg.claim}: {verdict['verdict']}"

@@ -15,8 +15,10 @@ run's checkpoints are deleted (only its logs are kept).
 
 The claim's outputs (``out``): ``runs.csv`` (one row per arm, seed and logged step, with the base
 model's evaluation as step 0), ``arms.yaml`` (every arm's full settings and the command that re-runs
-it), ``accuracy_vs_<x>.png``, ``accuracy_vs_kl.png`` and ``verdict.md``. They are rewritten from
-whatever runs have finished, so a partial sweep already shows its partial verdict.
+it), ``accuracy_vs_<x>.png``, ``accuracy_vs_kl.png``, ``verdict.md`` and ``runs/``: the ledger of
+finished runs (:mod:`agro.repro.ledger`), small and committed, from which a fresh clone without the
+store re-renders the outputs and a sweep adopts runs it or a sibling claim already made. They are
+rewritten from whatever runs have finished, so a partial sweep already shows its partial verdict.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .. import __version__
 from ..config import EvalConfig, GenerateConfig, TrainConfig, config_from_dict, to_dict
 from ..fileio import atomic_write_text
 from ..perf import machine_key
+from . import ledger as ledger_mod
 from .claims import (ARMS, FULL_BASE, FULL_OFFLINE, QUICK_BASE, QUICK_OFFLINE, Arm, Claim,
                      claim as get_claim)
 
@@ -47,6 +50,8 @@ CSV_COLUMNS = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1"
 # Settings that never change what a run computes (only where it writes or what it shows).
 _NOT_HASHED = {"output_dir", "progress", "tensorboard", "wandb", "wandb_project", "plot",
                "save_every", "keep_checkpoints", "num_threads", "save_async"}
+# ... and, comparing a finished run's config with an arm's, where it ran and on which file path
+_NOT_COMPARED = _NOT_HASHED | {"output_dir", "offline_path"}
 
 
 class SweepError(ValueError):
@@ -87,6 +92,7 @@ class RunRecord:
     wall_seconds: float = 0.0
     status: str = "finished"       # or "aborted" (TrainingAborted: its rows stop where it stopped)
     code: str = ""                 # the code revision that ran it
+    adopted_from: str = ""         # the ledger file it was taken from, when another claim made it
 
     @property
     def evals(self) -> list[dict]:
@@ -94,11 +100,14 @@ class RunRecord:
 
 
 class Sweep:
-    """One claim's sweep. ``log`` receives progress lines."""
+    """One claim's sweep. ``log`` receives progress lines. ``reuse``: adopt finished runs recorded
+    in the ledger of ``out`` or of its sibling directories (other claims' outputs) rather than
+    run them again."""
 
     def __init__(self, claim: Claim | str, out: str | Path, store: str | Path | None = None,
                  quick: bool = False, seeds: list[int] | None = None,
-                 arms: list[str] | None = None, log: Callable[[str], None] = print):
+                 arms: list[str] | None = None, log: Callable[[str], None] = print,
+                 reuse: bool = True):
         self.claim = get_claim(claim) if isinstance(claim, str) else claim
         self.out = Path(out)
         self.quick = quick
@@ -110,7 +119,9 @@ class Sweep:
                              f"{', '.join(self.claim.arms)}")
         self.arms = [ARMS[a] for a in (arms or self.claim.arms)]
         self.log = log
+        self.reuse = reuse
         self._grader = None
+        self._ledger: ledger_mod.Ledger | None = None
 
     # ------------------------------------------------------------------ settings
     def base(self) -> dict:
@@ -164,19 +175,47 @@ class Sweep:
         has (but output_dir, offline_path and the unhashed), lacking only fields that are at
         their defaults in ``full`` (fields agro added after the run was made)."""
         defaults = to_dict(TrainConfig())
-        skip = _NOT_HASHED | {"output_dir", "offline_path"}
         for cand in sorted(self.store.glob(f"{arm.name}-*/seed{seed}")):
             if not ((cand / "done.json").is_file() and (cand / "config.yaml").is_file()):
                 continue
             if cand.parent.name[len(arm.name) + 1:].count("-"):   # another arm's name prefix
                 continue
             old = yaml.safe_load((cand / "config.yaml").read_text()) or {}
-            same = all(old[k] == v for k, v in full.items() if k in old and k not in skip)
-            added_at_default = all(full[k] == defaults.get(k) for k in full
-                                   if k not in old and k not in skip)
-            if same and added_at_default and not (set(old) - set(full) - skip):
+            if ledger_mod.config_matches(old, full, defaults, _NOT_COMPARED):
                 return cand
         return None
+
+    # ------------------------------------------------------------------ the ledger
+    def ledger(self) -> ledger_mod.Ledger:
+        """OUT's ledger, then those of its sibling claims' outputs (directories beside it holding
+        arms.yaml and runs/), read once; empty when ``reuse`` is off."""
+        if self._ledger is None:
+            dirs = []
+            if self.reuse:
+                dirs = [self.out]
+                parent = self.out.resolve().parent
+                if parent.is_dir():
+                    dirs += sorted(d for d in parent.iterdir()
+                                   if d.is_dir() and d.resolve() != self.out.resolve()
+                                   and (d / "arms.yaml").is_file() and (d / "runs").is_dir())
+            self._ledger = ledger_mod.Ledger(dirs)
+        return self._ledger
+
+    def _ledger_run(self, arm: Arm, seed: int) -> tuple[Path, dict] | None:
+        """A recorded finished run that is this arm and seed by the store's rule (offline arms:
+        trained on the same offline file)."""
+        full = self._resolved(arm, seed)
+        defaults = to_dict(TrainConfig())
+        key = self._offline_key() if arm.offline else None
+        return self.ledger().find(arm.name, seed, lambda doc: (
+            doc.get("offline_key") == key
+            and ledger_mod.config_matches(doc["config"], full, defaults, _NOT_COMPARED)))
+
+    def _base_matches(self, doc: dict) -> bool:
+        b, c = self.base(), doc["config"]
+        want = dict(self._eval_settings(), eval_prompts=b["eval_prompts"],
+                    eval_samples=b["eval_samples"])
+        return all(c.get(k) == v for k, v in want.items())
 
     # ------------------------------------------------------------------ shared pieces
     def _eval_settings(self) -> dict:
@@ -191,10 +230,17 @@ class Sweep:
         return self.store / f"base-{_digest(key)}" / f"seed{seed}.json"
 
     def base_eval(self, seed: int) -> dict:
-        """Held-out accuracy of the base model (pi_ref), once per seed: step 0 of every arm."""
+        """Held-out accuracy of the base model (pi_ref), once per seed: step 0 of every arm. From
+        the store, else from a ledger entry with the same evaluation, else evaluated now."""
         p = self.base_eval_path(seed)
         if p.is_file():
             return json.loads(p.read_text())
+        found = self.ledger().base_eval(seed, self._base_matches)
+        if found is not None:
+            self.log(f"[repro] base model evaluation, seed {seed}: recorded in {found[0]}")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(p, json.dumps(found[1], sort_keys=True))
+            return found[1]
         from ..workflows import run_eval
 
         b = self.base()
@@ -218,6 +264,13 @@ class Sweep:
         p = self.offline_file()
         if p.is_file():
             return p
+        recorded = self.ledger().offline_file(self._offline_key())
+        if recorded is not None:      # the file earlier runs trained on, kept in a ledger
+            self.log(f"[repro] the offline file, recorded in {recorded}")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(recorded, p.with_name("partial-" + p.name))
+            p.with_name("partial-" + p.name).replace(p)
+            return p
         from ..workflows import generate_offline
 
         off = self.offline_settings()
@@ -231,6 +284,7 @@ class Sweep:
             raise RuntimeError(f"the offline file {tmp} holds {n_groups} groups, not the "
                                f"{off['prompts']} the sweep's epochs are counted in")
         tmp.replace(p)
+        ledger_mod.copy_offline(p, self.out, self._offline_key())
         return p
 
     def _shared_grader(self):
@@ -253,15 +307,22 @@ class Sweep:
                 d = self.run_dir(a, s)
                 if (d / "done.json").is_file():
                     shutil.rmtree(d / "checkpoints", ignore_errors=True)   # a kill after done.json
-                else:
+                elif self._ledger_run(a, s) is None:
                     out.append((a, s))
         return out
 
     def run(self, max_runs: int = 0) -> int:
         """Run up to ``max_runs`` pending runs (0 = all); returns how many are still pending."""
-        for s in self.seeds:
-            self.base_eval(s)
         todo = self.pending()
+        for a in self.arms:
+            for s in self.seeds:
+                found = None if (self.run_dir(a, s) / "done.json").is_file() \
+                    else self._ledger_run(a, s)
+                if found is not None:
+                    self.log(f"[repro] {self.claim.name}: arm {a.name} seed {s}: finished, "
+                             f"recorded in {found[0]}")
+        for s in sorted({s for _, s in todo}):
+            self.base_eval(s)
         for arm, seed in todo[:max_runs or None]:
             self.run_one(arm, seed)
         return len(self.pending())
@@ -302,14 +363,39 @@ class Sweep:
 
     # ------------------------------------------------------------------ reading
     def records(self) -> dict[str, dict[int, RunRecord]]:
-        """{arm: {seed: RunRecord}} for every run that has finished."""
-        out: dict[str, dict[int, RunRecord]] = {}
+        """{arm: {seed: RunRecord}} for every run that has finished: in the store, else
+        recorded in a ledger."""
+        return {a: {s: rec for s, (rec, _) in by.items()} for a, by in self._entries().items()}
+
+    def _entries(self) -> dict[str, dict[int, tuple[RunRecord, dict]]]:
+        """{arm: {seed: (RunRecord, its ledger entry)}}."""
+        out: dict[str, dict[int, tuple[RunRecord, dict]]] = {}
         for arm in self.arms:
             for seed in self.seeds:
                 d = self.run_dir(arm, seed)
-                if not (d / "done.json").is_file() or not self.base_eval_path(seed).is_file():
-                    continue
-                out.setdefault(arm.name, {})[seed] = self._record(arm, seed, d)
+                if (d / "done.json").is_file():
+                    rec = self._record(arm, seed, d)
+                    entry = {"arm": arm.name, "seed": seed,
+                             "config": yaml.safe_load((d / "config.yaml").read_text()),
+                             "done": json.loads((d / "done.json").read_text()),
+                             "base_eval": self.base_eval(seed),
+                             "offline_key": self._offline_key() if arm.offline else None,
+                             "rows": rec.rows}
+                else:
+                    found = self._ledger_run(arm, seed)
+                    if found is None:
+                        continue
+                    p, entry = found
+                    entry = {k: v for k, v in entry.items() if k != "format"}
+                    done = entry["done"]
+                    mine = ledger_mod.run_path(self.out, arm.name, seed)
+                    if p.resolve() != mine.resolve():
+                        entry["adopted_from"] = str(p)
+                    rec = RunRecord(arm.name, seed, [dict(r) for r in entry["rows"]], True,
+                                    float(done.get("wall_seconds", 0.0)),
+                                    done.get("status", "finished"), done.get("code", ""),
+                                    entry.get("adopted_from", ""))
+                out.setdefault(arm.name, {})[seed] = (rec, entry)
         return out
 
     def _pool(self, arm: Arm) -> int:
@@ -330,7 +416,7 @@ class Sweep:
         return len(getattr(task, "train", [])) or 1
 
     def _record(self, arm: Arm, seed: int, d: Path) -> RunRecord:
-        base = json.loads(self.base_eval_path(seed).read_text())
+        base = self.base_eval(seed)
         done = json.loads((d / "done.json").read_text())
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         n, pool = cfg["group_size"], self._pool(arm)
@@ -368,7 +454,13 @@ class Sweep:
 
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_out_dir()
-        recs = self.records()
+        entries = self._entries()
+        for by in entries.values():
+            for _, entry in by.values():
+                ledger_mod.write_run(self.out, entry)
+        if any(a.offline for a in self.arms) and self.offline_file().is_file():
+            ledger_mod.copy_offline(self.offline_file(), self.out, self._offline_key())
+        recs = {a: {s: rec for s, (rec, _) in by.items()} for a, by in entries.items()}
         with open(self.out / "runs.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             w.writeheader()
@@ -402,13 +494,14 @@ class Sweep:
     def _sweep_summary(self, recs) -> dict:
         walls = [r.wall_seconds for by in recs.values() for r in by.values()]
         return {"runs_finished": len(walls), "runs_total": len(self.arms) * len(self.seeds),
-                "wall_seconds_sum": sum(walls), "quick": self.quick}
+                "wall_seconds_sum": round(sum(walls), 1), "quick": self.quick}
 
     def _write_arms_yaml(self, recs) -> None:
         doc = {"claim": self.claim.name, "quick": self.quick, "seeds": self.seeds,
                "rerun_one": (f"agro repro {self.claim.name} --out /tmp/check arms=ARM seeds=SEED "
-                             "store=/tmp/check-store" + (" --quick" if self.quick else "")
-                             + "   (a fresh store, so the run really runs; compare runs.csv rows)"),
+                             "store=/tmp/check-store reuse=false" + (" --quick" if self.quick else "")
+                             + "   (a fresh store and no ledger, so the run really runs; compare "
+                             "runs.csv rows)"),
                "arms": {}}
         for arm in self.arms:
             s = {k: v for k, v in self.arm_settings(arm, 0).items() if k != "seed"}
@@ -423,6 +516,9 @@ class Sweep:
                 "wall_seconds_by_seed": {sd: round(r.wall_seconds, 1) for sd, r in by.items()},
                 "code_by_seed": {sd: r.code for sd, r in by.items()},
                 "status_by_seed": {sd: r.status for sd, r in by.items()}}
+            adopted = {sd: r.adopted_from for sd, r in by.items() if r.adopted_from}
+            if adopted:
+                doc["arms"][arm.name]["adopted_from_by_seed"] = adopted
         atomic_write_text(self.out / "arms.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -436,10 +532,11 @@ def _cell(v):
 
 def run_sweep(claim: str, out: str | Path, *, quick: bool = False, store: str | Path | None = None,
               seeds: list[int] | None = None, arms: list[str] | None = None, max_runs: int = 0,
-              log: Callable[[str], None] = print) -> tuple[dict, int]:
+              log: Callable[[str], None] = print, reuse: bool = True) -> tuple[dict, int]:
     """Run (up to ``max_runs`` pending runs of) a claim and write its outputs.
     Returns (verdict, runs still pending)."""
-    sweep = Sweep(claim, out, store=store, quick=quick, seeds=seeds, arms=arms, log=log)
+    sweep = Sweep(claim, out, store=store, quick=quick, seeds=seeds, arms=arms, log=log,
+                  reuse=reuse)
     sweep._check_out_dir()              # before any run: a wrong --out fails now, not in hours
     try:
         left = sweep.run(max_runs)
