@@ -70,14 +70,23 @@ def migrate(out: Path, code_src: Path) -> list[Path]:
                        env={"PYTHONPATH": str(code_src), "PATH": "/usr/bin:/bin"},
                        capture_output=True, text=True, check=True)
     resolved = json.loads(r.stdout.strip().splitlines()[-1])
+    src_rev = subprocess.run(["git", "-C", str(code_src), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    covered = set()
     written = []
     for name, a in arms_doc["arms"].items():
-        for seed, status in (a.get("status_by_seed") or {}).items():
+        if "status_by_seed" not in a or "code_by_seed" not in a:
+            raise SystemExit(f"{out}/arms.yaml: arm {name} lacks status_by_seed / code_by_seed")
+        for seed, status in a["status_by_seed"].items():
             seed = int(seed)
             mine = [x for x in rows if x["arm"] == name and x["seed"] == seed]
             if not mine or mine[0]["step"] != 0:
                 raise SystemExit(f"{out}/runs.csv: arm {name} seed {seed} has no step-0 row")
             code = a["code_by_seed"][seed]
+            if not src_rev.startswith(code) and not code.startswith(src_rev):
+                raise SystemExit(f"{out}/arms.yaml: arm {name} seed {seed} ran code {code}, but "
+                                 f"--code-src is at {src_rev}")
+            covered.add((name, seed))
             done = {"arm": name, "seed": seed, "status": status,
                     "wall_seconds": a["wall_seconds_by_seed"][seed], "code": code,
                     "migrated": (f"rebuilt from {out}/runs.csv (6 significant digits) and "
@@ -87,6 +96,9 @@ def migrate(out: Path, code_src: Path) -> list[Path]:
                 "arm": name, "seed": seed, "config": resolved[f"{name}/{seed}"], "done": done,
                 "base_eval": {"sampled_accuracy": mine[0]["eval_accuracy"], "kl_pi_ref": 0.0},
                 "offline_key": None, "rows": mine}))
+    missing = {(x["arm"], x["seed"]) for x in rows} - covered
+    if missing:
+        raise SystemExit(f"{out}/runs.csv: rows of runs arms.yaml does not list: {sorted(missing)}")
     return written
 
 

@@ -245,8 +245,13 @@ def test_quick_claim_writes_runs_plots_and_verdict(name, store, tmp_path):
             assert steps == list(range(len(steps))) and len(steps) >= 3
             assert mine[-1]["eval_accuracy"] != ""           # the final evaluation
             assert int(mine[-1]["samples"]) == steps[-1] * 2 * 2   # prompts x n per step
-    if name == "c3":   # offline: epochs over the file
+    if name == "c3":   # offline: epochs over the file, which the ledger keeps with its hash
         assert max(float(r["epoch"]) for r in rows) == pytest.approx(2.0)
+        import hashlib
+
+        (off,) = (out / "runs").glob("offline-*.jsonl")
+        entry = json.loads((out / "runs" / "offline-agro-seed0.json").read_text())
+        assert entry["offline_sha256"] == hashlib.sha256(off.read_bytes()).hexdigest()
     for png in [f"accuracy_vs_{claim.x}.png"] + (["accuracy_vs_kl.png"] if claim.kl_plot else []):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "verdict.md").read_text()
@@ -337,11 +342,12 @@ def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_
     assert sw.run_dir(ARMS["agro"], 0) != old and sw.pending()
 
 
-def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_runs(tmp_path):
+def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_runs(
+        tmp_path, monkeypatch):
     """The run store is gone (a fresh clone): the claim's committed ledger (OUT/runs/) re-renders
     the same runs.csv without running anything; a sibling claim takes the shared arm's finished
-    run and the base evaluation from it instead of running them; a changed setting, a damaged
-    ledger file or reuse=false do not adopt."""
+    run and the base evaluation from it instead of running them, but only when made by the code
+    that runs now; a changed setting, a damaged ledger file or reuse=false do not adopt."""
     import shutil
 
     import yaml
@@ -382,8 +388,18 @@ def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_ru
     assert _rows(c4, "agro") == _rows(c1, "agro")
     assert _rows(c4, "replay-p0.5")[0] == dict(_rows(c1, "agro")[0], arm="replay-p0.5")
     arms_doc = yaml.safe_load((c4 / "arms.yaml").read_text())
-    assert arms_doc["arms"]["agro"]["adopted_from_by_seed"] == {
-        0: str(c1 / "runs" / "agro-seed0.json")}
+    assert arms_doc["arms"]["agro"]["adopted_from_by_seed"] == {0: "c1/runs/agro-seed0.json"}
+    assert json.loads((c4 / "runs" / "agro-seed0.json").read_text())["adopted_from"] == \
+        "c1/runs/agro-seed0.json"
+
+    # other code: its own record still re-renders; another claim's runs and base evaluation are
+    # not taken (equal settings, other samples)
+    monkeypatch.setenv("AGRO_CODE_REV", "another-revision")
+    other = Sweep("c4", paper / "c4b", store=st, quick=True, seeds=[0], arms=["agro"])
+    assert [(a.name, s) for a, s in other.pending()] == [("agro", 0)]
+    assert other.ledger().base_eval(0, other._base_matches) is None
+    assert Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"]).pending() == []
+    monkeypatch.delenv("AGRO_CODE_REV")
 
     assert json.loads((c4 / "runs" / "agro-seed0.json").read_text())["rows"] == \
         json.loads((c1 / "runs" / "agro-seed0.json").read_text())["rows"]   # c4 is self-contained

@@ -256,13 +256,14 @@ def cmd_repro(argv: list[str]) -> int:
         cfg = load_config(ReproConfig, yaml_path, pre + out + quick + overrides)
     except ConfigError as e:
         return _die(str(e))
+    from .repro.ledger import LedgerError
     from .repro.runner import SweepError, run_sweep
 
     try:
         verdict, left = run_sweep(cfg.claim, cfg.out, quick=cfg.quick, store=cfg.store or None,
                                   seeds=cfg.seeds or None, arms=cfg.arms or None,
                                   max_runs=cfg.max_runs, reuse=cfg.reuse)
-    except SweepError as e:
+    except (SweepError, LedgerError) as e:
         return _die(str(e))
     print(f"agro repro {cfg.claim}: {verdict['verdict']}"
           + (f" (pitfall: {verdict['pitfall_verdict']})" if "pitfall_verdict" in verdict else ""))

@@ -254,10 +254,12 @@ class ReproConfig:
     arms: list[str] = _f([], "Only these arms of the claim (empty: all).")
     max_runs: int = _f(0, "Run at most this many pending runs, then write the outputs and stop "
                        "(0 = all). A sweep script commits between invocations.")
-    reuse: bool = _f(True, "Take a finished run recorded in OUT/runs/ or in a sibling claim's "
-                     "outputs (a directory beside OUT with arms.yaml and runs/) when its config "
-                     "matches, instead of running it again: a fresh clone re-renders from the "
-                     "committed ledger. false: only the run store counts (a check that re-runs).")
+    reuse: bool = _f(True, "Take a finished run recorded in OUT/runs/ (whatever code made it) or "
+                     "in a sibling claim's outputs (a directory beside OUT whose arms.yaml names "
+                     "a claim; only runs made by the code running now) when its config matches, "
+                     "instead of running it again; likewise the base model's evaluation and the "
+                     "offline file. A fresh clone re-renders from the committed ledger. false: "
+                     "only the run store counts (a check that really re-runs).")
 
 
 @dataclass

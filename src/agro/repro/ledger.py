@@ -8,18 +8,25 @@ outputs::
                                      "config":    the run's config.yaml (its full resolved TrainConfig),
                                      "done":      its done.json (status, wall time, code, machine),
                                      "base_eval": the base model's evaluation for this seed (step 0),
-                                     "offline_key": the offline file's key (offline arms), else null,
+                                     "base_eval_key": the settings that evaluation was made with,
+                                     "offline_key", "offline_sha256": the offline file's key and
+                                                  content hash (offline arms), else null,
+                                     "adopted_from": where it was taken from (when adopted),
                                      "rows":      its runs.csv rows at full precision}
     OUT/runs/offline-<key>.jsonl    the offline file (c3): later runs train on the same file even
                                     when the store that sampled it is gone
 
-A sweep takes a finished run from OUT/runs, or from a sibling claim's OUT/runs (c4 and c5 share
-c1's ``agro`` arm), instead of running it again when the recorded config matches the arm's
-resolved settings by the store's rule (:func:`config_matches`). ``reuse=false`` turns this off
-(a check that really re-runs). Pure file handling: no torch.
+A sweep re-renders its own recorded runs (OUT/runs), whatever code made them (arms.yaml's
+``code_by_seed`` says which). It takes a run recorded by a sibling claim (c4 and c5 share c1's
+``agro`` arm), or a recorded base-model evaluation, only when it was made by the code that runs
+now: equal settings do not make equal runs across revisions (a new sampler draws other samples
+from the same seed). A recorded config must match the arm's resolved settings by the store's
+rule (:func:`config_matches`). ``reuse=false`` turns all of this off (a check that really
+re-runs). Pure file handling: no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,11 +34,16 @@ from pathlib import Path
 from ..fileio import atomic_write_text
 
 FORMAT = 1
-_KEYS = ("arm", "seed", "config", "done", "base_eval", "rows")
+_KEYS = ("arm", "seed", "config", "done", "base_eval", "offline_key", "rows")
+_DONE_KEYS = ("status", "wall_seconds", "code")
 
 
 class LedgerError(ValueError):
-    """A ledger file that cannot be read: names the file and the field."""
+    """A ledger file that cannot be read or used: names the file and the field."""
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
 def config_matches(old: dict, full: dict, defaults: dict, skip: set) -> bool:
@@ -75,9 +87,17 @@ def read_run(p: Path) -> dict:
     for k in _KEYS:
         if k not in doc:
             raise LedgerError(f"{p}: missing field {k!r}")
+    if not isinstance(doc["arm"], str) or type(doc["seed"]) is not int:
+        raise LedgerError(f"{p}: fields 'arm' and 'seed' must be a string and an integer")
+    if Path(p).name != f"{doc['arm']}-seed{doc['seed']}.json":
+        raise LedgerError(f"{p}: fields 'arm' and 'seed' ({doc['arm']!r}, {doc['seed']}) do not "
+                          "match the file name")
     for k in ("config", "done", "base_eval"):
         if not isinstance(doc[k], dict):
             raise LedgerError(f"{p}: field {k!r} must be an object")
+    for k in _DONE_KEYS:
+        if k not in doc["done"]:
+            raise LedgerError(f"{p}: field 'done' lacks {k!r}")
     if not isinstance(doc["rows"], list) or not all(isinstance(r, dict) for r in doc["rows"]):
         raise LedgerError(f"{p}: field 'rows' must be a list of objects")
     for i, r in enumerate(doc["rows"]):
@@ -100,19 +120,20 @@ class Ledger:
                 self._runs.setdefault((doc["arm"], doc["seed"]), []).append((p, doc))
 
     def find(self, arm: str, seed: int, match) -> tuple[Path, dict] | None:
-        """The first entry for (arm, seed), in ``dirs`` order, whose config ``match`` accepts."""
+        """The first entry for (arm, seed), in ``dirs`` order, that ``match(path, doc)`` accepts."""
         for p, doc in self._runs.get((arm, seed), []):
-            if match(doc):
+            if match(p, doc):
                 return p, doc
         return None
 
     def base_eval(self, seed: int, match) -> tuple[Path, dict] | None:
-        """A recorded base-model evaluation for ``seed`` from an entry ``match`` accepts."""
-        for (_, s), entries in self._runs.items():
+        """A recorded base-model evaluation for ``seed`` from an entry ``match(path, doc)``
+        accepts."""
+        for (_, s), entries in sorted(self._runs.items()):
             if s != seed:
                 continue
             for p, doc in entries:
-                if match(doc):
+                if match(p, doc):
                     return p, doc["base_eval"]
         return None
 
@@ -125,10 +146,15 @@ class Ledger:
 
 
 def copy_offline(src: Path, out: Path, key: str) -> None:
+    """Keep the offline file ``src`` in OUT's ledger; a different file already there is an
+    error (two sweeps' runs would have trained on different files under one name)."""
     dst = offline_path(out, key)
-    if dst.is_file() or Path(src).resolve() == dst.resolve():
+    if dst.is_file():
+        if sha256(dst) != sha256(src):
+            raise LedgerError(f"{dst}: holds another offline file than {src} (sha256 differs); "
+                              "runs trained on both cannot share a claim")
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name("partial-" + dst.name)
+    tmp = dst.with_name(".partial-" + dst.name)      # hidden and .gitignored until complete
     shutil.copyfile(src, tmp)
     tmp.replace(dst)

@@ -27,6 +27,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class RunRecord:
     status: str = "finished"       # or "aborted" (TrainingAborted: its rows stop where it stopped)
     code: str = ""                 # the code revision that ran it
     adopted_from: str = ""         # the ledger file it was taken from, when another claim made it
+                                   # (relative to the directory holding the claims' outputs)
 
     @property
     def evals(self) -> list[dict]:
@@ -122,6 +124,14 @@ class Sweep:
         self.reuse = reuse
         self._grader = None
         self._ledger: ledger_mod.Ledger | None = None
+        self._code: str | None = None
+
+    @property
+    def code(self) -> str:
+        """The code revision that runs now (recorded in done.json; :func:`code_revision`)."""
+        if self._code is None:
+            self._code = code_revision()
+        return self._code
 
     # ------------------------------------------------------------------ settings
     def base(self) -> dict:
@@ -187,35 +197,61 @@ class Sweep:
 
     # ------------------------------------------------------------------ the ledger
     def ledger(self) -> ledger_mod.Ledger:
-        """OUT's ledger, then those of its sibling claims' outputs (directories beside it holding
-        arms.yaml and runs/), read once; empty when ``reuse`` is off."""
+        """OUT's ledger, then those of its sibling claims' outputs (directories beside it whose
+        arms.yaml names a claim, in the same quick mode), read once; empty when ``reuse`` is off."""
         if self._ledger is None:
             dirs = []
             if self.reuse:
-                dirs = [self.out]
-                parent = self.out.resolve().parent
-                if parent.is_dir():
-                    dirs += sorted(d for d in parent.iterdir()
-                                   if d.is_dir() and d.resolve() != self.out.resolve()
-                                   and (d / "arms.yaml").is_file() and (d / "runs").is_dir())
+                dirs = [self.out] + [d for d in self._siblings()]
             self._ledger = ledger_mod.Ledger(dirs)
         return self._ledger
 
+    def _siblings(self) -> list[Path]:
+        from .claims import CLAIMS
+
+        parent = self.out.resolve().parent
+        if not parent.is_dir():
+            return []
+        found = []
+        for d in sorted(parent.iterdir()):
+            if not (d.is_dir() and d.resolve() != self.out.resolve() and (d / "runs").is_dir()
+                    and (d / "arms.yaml").is_file()):
+                continue
+            try:
+                doc = yaml.safe_load((d / "arms.yaml").read_text())
+            except (OSError, yaml.YAMLError):
+                continue          # not a claim's outputs: not ours to read
+            if isinstance(doc, dict) and doc.get("claim") in CLAIMS \
+                    and bool(doc.get("quick")) == self.quick:
+                found.append(d)
+        return found
+
+    def _own(self, p: Path) -> bool:
+        return Path(p).resolve().parent.parent == self.out.resolve()
+
     def _ledger_run(self, arm: Arm, seed: int) -> tuple[Path, dict] | None:
         """A recorded finished run that is this arm and seed by the store's rule (offline arms:
-        trained on the same offline file)."""
+        trained on the same offline file): this claim's own whatever code made it, another
+        claim's only when made by the code that runs now."""
         full = self._resolved(arm, seed)
         defaults = to_dict(TrainConfig())
         key = self._offline_key() if arm.offline else None
-        return self.ledger().find(arm.name, seed, lambda doc: (
-            doc.get("offline_key") == key
+        sha = self._offline_sha() if arm.offline else None
+        return self.ledger().find(arm.name, seed, lambda p, doc: (
+            doc["offline_key"] == key and doc.get("offline_sha256") == sha
+            and (self._own(p) or doc["done"]["code"] == self.code)
             and ledger_mod.config_matches(doc["config"], full, defaults, _NOT_COMPARED)))
 
-    def _base_matches(self, doc: dict) -> bool:
-        b, c = self.base(), doc["config"]
-        want = dict(self._eval_settings(), eval_prompts=b["eval_prompts"],
-                    eval_samples=b["eval_samples"])
-        return all(c.get(k) == v for k, v in want.items())
+    def _base_matches(self, p: Path, doc: dict) -> bool:
+        """A recorded base evaluation made with this sweep's evaluation settings by this code."""
+        return doc.get("base_eval_key") == self._base_key() and doc["done"]["code"] == self.code
+
+    def _offline_sha(self) -> str | None:
+        """The content hash of the offline file this sweep trains on (None: none exists yet)."""
+        p = self.offline_file()
+        if not p.is_file():
+            p = self.ledger().offline_file(self._offline_key())
+        return ledger_mod.sha256(p) if p is not None and p.is_file() else None
 
     # ------------------------------------------------------------------ shared pieces
     def _eval_settings(self) -> dict:
@@ -224,14 +260,17 @@ class Sweep:
                 "prompt_template", "max_new_tokens", "generation_batch_size", "group_size")
         return {k: b[k] for k in keep if k in b}
 
-    def base_eval_path(self, seed: int) -> Path:
+    def _base_key(self) -> dict:
         b = self.base()
-        key = dict(self._eval_settings(), prompts=b["eval_prompts"], samples=b["eval_samples"])
-        return self.store / f"base-{_digest(key)}" / f"seed{seed}.json"
+        return dict(self._eval_settings(), prompts=b["eval_prompts"], samples=b["eval_samples"])
+
+    def base_eval_path(self, seed: int) -> Path:
+        return self.store / f"base-{_digest(self._base_key())}" / f"seed{seed}.json"
 
     def base_eval(self, seed: int) -> dict:
         """Held-out accuracy of the base model (pi_ref), once per seed: step 0 of every arm. From
-        the store, else from a ledger entry with the same evaluation, else evaluated now."""
+        the store, else from a ledger entry with the same evaluation made by this code, else
+        evaluated now."""
         p = self.base_eval_path(seed)
         if p.is_file():
             return json.loads(p.read_text())
@@ -266,6 +305,11 @@ class Sweep:
             return p
         recorded = self.ledger().offline_file(self._offline_key())
         if recorded is not None:      # the file earlier runs trained on, kept in a ledger
+            n = sum(1 for line in recorded.read_text().splitlines() if line.strip())
+            if n != self.offline_settings()["prompts"]:
+                raise ledger_mod.LedgerError(
+                    f"{recorded}: holds {n} groups, not the {self.offline_settings()['prompts']} "
+                    "the sweep's epochs are counted in")
             self.log(f"[repro] the offline file, recorded in {recorded}")
             p.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(recorded, p.with_name("partial-" + p.name))
@@ -314,14 +358,17 @@ class Sweep:
     def run(self, max_runs: int = 0) -> int:
         """Run up to ``max_runs`` pending runs (0 = all); returns how many are still pending."""
         todo = self.pending()
+        need_base = {s for _, s in todo}
         for a in self.arms:
             for s in self.seeds:
-                found = None if (self.run_dir(a, s) / "done.json").is_file() \
-                    else self._ledger_run(a, s)
+                if (self.run_dir(a, s) / "done.json").is_file():
+                    need_base.add(s)        # its step-0 row (rendering never evaluates)
+                    continue
+                found = self._ledger_run(a, s)
                 if found is not None:
                     self.log(f"[repro] {self.claim.name}: arm {a.name} seed {s}: finished, "
-                             f"recorded in {found[0]}")
-        for s in sorted({s for _, s in todo}):
+                             f"recorded in {found[0]} (code {found[1]['done']['code']})")
+        for s in sorted(need_base):
             self.base_eval(s)
         for arm, seed in todo[:max_runs or None]:
             self.run_one(arm, seed)
@@ -378,8 +425,9 @@ class Sweep:
                     entry = {"arm": arm.name, "seed": seed,
                              "config": yaml.safe_load((d / "config.yaml").read_text()),
                              "done": json.loads((d / "done.json").read_text()),
-                             "base_eval": self.base_eval(seed),
+                             "base_eval": self.base_eval(seed), "base_eval_key": self._base_key(),
                              "offline_key": self._offline_key() if arm.offline else None,
+                             "offline_sha256": self._offline_sha() if arm.offline else None,
                              "rows": rec.rows}
                 else:
                     found = self._ledger_run(arm, seed)
@@ -388,9 +436,9 @@ class Sweep:
                     p, entry = found
                     entry = {k: v for k, v in entry.items() if k != "format"}
                     done = entry["done"]
-                    mine = ledger_mod.run_path(self.out, arm.name, seed)
-                    if p.resolve() != mine.resolve():
-                        entry["adopted_from"] = str(p)
+                    if not self._own(p) and not entry.get("adopted_from"):   # keep the origin
+                        entry["adopted_from"] = os.path.relpath(p.resolve(),
+                                                                self.out.resolve().parent)
                     rec = RunRecord(arm.name, seed, [dict(r) for r in entry["rows"]], True,
                                     float(done.get("wall_seconds", 0.0)),
                                     done.get("status", "finished"), done.get("code", ""),
@@ -493,8 +541,13 @@ class Sweep:
 
     def _sweep_summary(self, recs) -> dict:
         walls = [r.wall_seconds for by in recs.values() for r in by.values()]
+        codes: dict[str, int] = {}
+        for by in recs.values():
+            for r in by.values():
+                codes[r.code or "unknown"] = codes.get(r.code or "unknown", 0) + 1
         return {"runs_finished": len(walls), "runs_total": len(self.arms) * len(self.seeds),
-                "wall_seconds_sum": round(sum(walls), 1), "quick": self.quick}
+                "wall_seconds_sum": round(sum(walls), 1), "quick": self.quick,
+                "code_revisions": dict(sorted(codes.items()))}
 
     def _write_arms_yaml(self, recs) -> None:
         doc = {"claim": self.claim.name, "quick": self.quick, "seeds": self.seeds,

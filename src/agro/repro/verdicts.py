@@ -335,6 +335,12 @@ def render(claim: Claim, v: dict, labels: dict) -> str:
         L += ["", f"Runs finished: {s['runs_finished']} of {s['runs_total']}; their wall time "
               f"summed: {s['wall_seconds_sum'] / 60:.1f} min" + (" (quick mode: a tiny random "
                                                                  "model, plumbing only)" if s.get("quick") else "") + "."]
+        codes = s.get("code_revisions") or {}
+        if codes:
+            L += ["", "Code that ran them: " + ", ".join(f"{c} ({n} runs)" for c, n in codes.items())
+                  + ("" if len(codes) == 1 else " — more than one revision: paired comparisons "
+                     "across them lose their common random numbers (seeds draw other samples)")
+                  + "."]
     L += ["", "Decision rules: src/agro/repro/verdicts.py (paired by seed; 'A > B': 95% Student-t "
           "interval; 'A = B': 90% interval (TOST) inside ±0.05 accuracy; matched KL needs "
           f"≥ {KL_FLOOR} nats)."]
