@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of each run")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch")
+    ap.add_argument("--micro-batch", type=int, default=32,
+                    help="sequences per micro-batch (32: agro's default step, 8 groups x 4, is one)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--beta", type=float, default=0.02)
     ap.add_argument("--lr", type=float, default=2e-5)

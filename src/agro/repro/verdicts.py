@@ -338,8 +338,9 @@ def render(claim: Claim, v: dict, labels: dict) -> str:
         codes = s.get("code_revisions") or {}
         if codes:
             L += ["", "Code that ran them: " + ", ".join(f"{c} ({n} runs)" for c, n in codes.items())
-                  + ("" if len(codes) == 1 else " — more than one revision: paired comparisons "
-                     "across them lose their common random numbers (seeds draw other samples)")
+                  + ("" if len(codes) == 1 else " — more than one revision: where they differ "
+                     "in the trainer or the sampler, runs of one seed draw other samples, and "
+                     "the pairing by seed loses its common random numbers (not its validity)")
                   + "."]
     L += ["", "Decision rules: src/agro/repro/verdicts.py (paired by seed; 'A > B': 95% Student-t "
           "interval; 'A = B': 90% interval (TOST) inside ±0.05 accuracy; matched KL needs "
