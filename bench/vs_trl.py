@@ -50,6 +50,7 @@ def run_agro(a, model: Path, out: Path, python: str = sys.executable, extra=(),
     cmd = [python, "-m", "agro.cli", "train", f"model={model}", f"output_dir={out}",
            f"steps={a.steps}", f"prompts_per_step={a.prompts}", f"group_size={a.group_size}",
            f"micro_batch_groups={a.micro_batch // a.group_size}",
+           "micro_batch_tokens=0",   # exactly micro_batch sequences, as TRL (no token budget)
            f"max_new_tokens={a.max_new_tokens}", f"beta={a.beta}", f"lr={a.lr}",
            "warmup_steps=0", f"precision={a.precision}", "temperature=1.0", "top_p=1.0", "top_k=0",
            "eval_prompts=0", "save_every=0", "plot=false", "tensorboard=false", "progress=false",
@@ -148,8 +149,30 @@ def main() -> None:
     if "agro" in med and "agro-vllm" in med:
         print(f"  agro-vllm vs agro (agro s/step / agro-vllm s/step): {med['agro'] / med['agro-vllm']:.2f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "median": med},
-                                           indent=1))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs, "median": med,
+                                            "versions": versions()}, indent=1))
+
+
+def versions() -> dict:
+    """The code measured: agro's git commit (+dirty), TRL's and torch's versions, the CPU."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(HERE.parent), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    from agro.perf import machine_key
+
+    return {"agro_commit": git("rev-parse", "--short", "HEAD")
+            + ("+dirty" if git("status", "--porcelain", "--", "src", "bench") else ""),
+            "trl": ver("trl"), "torch": ver("torch"), "transformers": ver("transformers"),
+            "machine": machine_key()}
 
 
 if __name__ == "__main__":

@@ -415,3 +415,27 @@ def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_ru
     p.write_text(json.dumps(doc))
     with pytest.raises(LedgerError, match=r"agro-seed0\.json: missing field 'rows'"):
         Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"]).pending()
+
+    # a claim's own record wins over a store run of the same arm (another claim's, or this
+    # code's), whatever code made each; a store run made by other code is not reused
+    p.write_text(good)
+    check = paper / "c1-check"
+    sw = Sweep("c1", check, store=st, quick=True, seeds=[0], arms=["agro"], reuse=False)
+    sw.run(0)                                   # agro seed 0 in the store, made by this code
+    sw.close()
+    doc = json.loads(good)
+    doc["done"]["code"] = "older-revision"
+    doc["rows"][1]["reward_mean"] = 0.123456
+    p.write_text(json.dumps(doc))
+    sw = Sweep("c1", c1, store=st, quick=True, seeds=[0], arms=["agro"])
+    assert sw.finished(ARMS["agro"], 0)[0] == "ledger"
+    sw.write_outputs()
+    assert _rows(c1, "agro")[1]["reward_mean"] == "0.123456"
+    (done,) = st.glob("agro-*/seed0/done.json")
+    assert Sweep("c1", check, store=st, quick=True, seeds=[0], arms=["agro"],
+                 reuse=False).pending() == []
+    d = json.loads(done.read_text())
+    d["code"] = "other-revision"
+    done.write_text(json.dumps(d))
+    assert Sweep("c1", check, store=st, quick=True, seeds=[0], arms=["agro"],
+                 reuse=False).pending()

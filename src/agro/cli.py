@@ -240,7 +240,8 @@ def cmd_repro(argv: list[str]) -> int:
         for c in CLAIMS.values():
             print(f"{c.name}  {c.title}")
             print(f"    arms: {', '.join(c.arms)}")
-        print(f"\n{len(ARMS)} arms in all; an arm shared by claims runs once per seed.")
+        print(f"\n{len(ARMS)} arms in all; an arm shared by claims runs once per seed "
+              "and code revision.")
         return 0
     yaml_path, overrides, rest = _split_args(argv)
     out, rest = _out_flag(rest)

@@ -8,7 +8,8 @@ Layout of the run store (``store``; the runs are big and never committed)::
                                            config.yaml, checkpoints/ while it runs, done.json after)
 
 ``<hash>`` is a digest of the run's full resolved settings, so a changed base or arm never reuses
-runs made with other settings, while the same arm needed by two claims runs once. A run with
+runs made with other settings, while the same arm needed by two claims runs once per code
+revision (a store run whose done.json names other code is not reused: :meth:`Sweep.finished`). A run with
 ``done.json`` is finished and skipped; a run without one resumes from its last complete checkpoint
 (bit-identical to an uninterrupted run, see tests/test_kill_resume.py) or starts again. Each finished
 run's checkpoints are deleted (only its logs are kept).
@@ -344,16 +345,25 @@ class Sweep:
             self._grader = None
 
     # ------------------------------------------------------------------ running
+    def finished(self, arm: Arm, seed: int) -> tuple[str, object] | None:
+        """Where this arm and seed's finished run is, in this order: ("ledger", (path, entry))
+        for this claim's own record, whatever code made it (a claim is never rewritten by
+        another claim's run); ("store", dir) for a run in the store made by the code running
+        now; ("ledger", (path, entry)) for another claim's record made by this code; else None.
+        A store run made by other code is not this claim's run (it runs again)."""
+        found = self._ledger_run(arm, seed)
+        if found is not None and self._own(found[0]):
+            return "ledger", found
+        d = self.run_dir(arm, seed)
+        if (d / "done.json").is_file():
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)   # a kill after done.json
+            code = json.loads((d / "done.json").read_text()).get("code")
+            if code == self.code:
+                return "store", d
+        return ("ledger", found) if found is not None else None
+
     def pending(self) -> list[tuple[Arm, int]]:
-        out = []
-        for a in self.arms:
-            for s in self.seeds:
-                d = self.run_dir(a, s)
-                if (d / "done.json").is_file():
-                    shutil.rmtree(d / "checkpoints", ignore_errors=True)   # a kill after done.json
-                elif self._ledger_run(a, s) is None:
-                    out.append((a, s))
-        return out
+        return [(a, s) for a in self.arms for s in self.seeds if self.finished(a, s) is None]
 
     def run(self, max_runs: int = 0) -> int:
         """Run up to ``max_runs`` pending runs (0 = all); returns how many are still pending."""
@@ -361,13 +371,13 @@ class Sweep:
         need_base = {s for _, s in todo}
         for a in self.arms:
             for s in self.seeds:
-                if (self.run_dir(a, s) / "done.json").is_file():
+                where = self.finished(a, s)
+                if where is not None and where[0] == "store":
                     need_base.add(s)        # its step-0 row (rendering never evaluates)
-                    continue
-                found = self._ledger_run(a, s)
-                if found is not None:
+                elif where is not None:
+                    p, entry = where[1]
                     self.log(f"[repro] {self.claim.name}: arm {a.name} seed {s}: finished, "
-                             f"recorded in {found[0]} (code {found[1]['done']['code']})")
+                             f"recorded in {p} (code {entry['done']['code']})")
         for s in sorted(need_base):
             self.base_eval(s)
         for arm, seed in todo[:max_runs or None]:
@@ -383,9 +393,11 @@ class Sweep:
         d = self.run_dir(arm, seed)
         settings = dict(self.arm_settings(arm, seed), output_dir=str(d))
         cfg = config_from_dict(TrainConfig, settings, where=f"repro arm {arm.name}")
-        resume = d.is_dir() and latest_checkpoint(d) is not None
+        resume = d.is_dir() and latest_checkpoint(d) is not None \
+            and not (d / "done.json").is_file()
         if d.is_dir() and not resume:
-            shutil.rmtree(d)            # started but no complete checkpoint: start again
+            shutil.rmtree(d)            # started but no complete checkpoint, or made by other
+                                        # code (finished(): not this sweep's run): start again
         self.log(f"[repro] {self.claim.name}: arm {arm.name} seed {seed} "
                  f"({'resuming' if resume else 'starting'}) -> {d}")
         t0 = time.perf_counter()
@@ -419,8 +431,11 @@ class Sweep:
         out: dict[str, dict[int, tuple[RunRecord, dict]]] = {}
         for arm in self.arms:
             for seed in self.seeds:
-                d = self.run_dir(arm, seed)
-                if (d / "done.json").is_file():
+                where = self.finished(arm, seed)
+                if where is None:
+                    continue
+                if where[0] == "store":
+                    d = where[1]
                     rec = self._record(arm, seed, d)
                     entry = {"arm": arm.name, "seed": seed,
                              "config": yaml.safe_load((d / "config.yaml").read_text()),
@@ -430,10 +445,7 @@ class Sweep:
                              "offline_sha256": self._offline_sha() if arm.offline else None,
                              "rows": rec.rows}
                 else:
-                    found = self._ledger_run(arm, seed)
-                    if found is None:
-                        continue
-                    p, entry = found
+                    p, entry = where[1]
                     entry = {k: v for k, v in entry.items() if k != "format"}
                     done = entry["done"]
                     if not self._own(p) and not entry.get("adopted_from"):   # keep the origin
