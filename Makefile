@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest tests -q --durations=25
 
 # overwrite=true: running the demo job again replaces its earlier run in runs/agro
 train: setup

@@ -67,12 +67,19 @@ def offline_path(out: Path, key: str) -> Path:
 def write_run(out: Path, entry: dict) -> Path:
     p = run_path(out, entry["arm"], entry["seed"])
     p.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, **entry}
-    # one row per line: diffs of a re-rendered ledger stay readable
-    head = json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=1, sort_keys=True)
-    rows = ",\n".join("  " + json.dumps(r, sort_keys=True) for r in doc.get("rows", []))
-    atomic_write_text(p, head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n")
+    atomic_write_text(p, _dumps({"format": FORMAT, **entry}))
     return p
+
+
+def _dumps(doc: dict) -> str:
+    """``json.dumps(doc, indent=1, sort_keys=True)`` but with ``rows`` last, one row per line, so
+    the diff of a re-rendered ledger shows the rows that changed."""
+    fields = [f" {json.dumps(k)}: "
+              + json.dumps(doc[k], indent=1, sort_keys=True).replace("\n", "\n ")
+              for k in sorted(doc) if k != "rows"]
+    rows = ",\n".join("  " + json.dumps(r, sort_keys=True) for r in doc.get("rows", []))
+    fields.append(' "rows": [\n' + rows + "\n ]")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def read_run(p: Path) -> dict:
