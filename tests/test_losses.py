@@ -603,15 +603,15 @@ def test_the_on_policy_pitfall_is_said_at_the_start_of_a_run_that_can_hit_it():
     (lambda (1/2 - p) - beta) grad p, so a run warns when beta < lambda/2, naming the threshold
     1/2 - beta/lambda; lambda = 0, beta >= lambda/2 and the other losses get none. agro_on's
     default lambda is 1."""
-    from agro.losses import loss_spec
-    from agro.trainer import pitfall_warning
+    from agro.losses import available_losses, loss_spec
 
     on = loss_spec("agro_on")
-    w = pitfall_warning("agro_on", on.resolved({}), 0.02)
+    w = on.start_warning({}, 0.02)
     assert "lr_coef=1 " in w and "p < 1/2 - beta/lr_coef = 0.48 " in w and "§4.6" in w
-    assert "= 0.1 " in pitfall_warning("agro_on", on.resolved({"lr_coef": 0.5}), 0.2)
-    assert "= 0.25 " in pitfall_warning("agro_on", on.resolved({"lr_coef": 2.0}), 0.5)
-    assert pitfall_warning("agro_on", on.resolved({"lr_coef": 0.04}), 0.02) == ""
-    assert pitfall_warning("agro_on", on.resolved({"lr_coef": 0.0}), 0.02) == ""
-    assert pitfall_warning("agro_on", on.resolved({}), 0.5) == ""
-    assert pitfall_warning("agro", loss_spec("agro").resolved({}), 0.02) == ""
+    assert "= 0.1 " in on.start_warning({"lr_coef": 0.5}, 0.2)
+    assert "= 0.25 " in on.start_warning({"lr_coef": 2.0}, 0.5)
+    assert on.start_warning({"lr_coef": 0.04}, 0.02) == ""
+    assert on.start_warning({"lr_coef": 0.0}, 0.02) == ""
+    assert on.start_warning({}, 0.5) == ""
+    assert all(loss_spec(n).start_warning({}, 0.02) == "" for n in available_losses()
+               if n != "agro_on")

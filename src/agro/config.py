@@ -240,7 +240,8 @@ class PlotConfig:
 
 @dataclass
 class ReproConfig:
-    """`agro repro`: the paper's LLM claims (c1 ... c6) and ours (c7, asynchronous actors),
+    """`agro repro`: the paper's LLM claims (c1 ... c5) and ours (c6: stale data; c7: asynchronous
+    actors),
     reproduced with the real trainer, resumably."""
 
     claim: str = _f("", "Claim, also accepted as the first positional (agro repro c1 --out DIR); "

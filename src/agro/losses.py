@@ -313,6 +313,10 @@ def _static_checks_none(group_size: int, options: dict) -> None:
     """No option needs checking."""
 
 
+def _no_warning(options: dict, beta: float) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """What the registry knows of a loss, so that the trainer, the lab and config validation ask
@@ -329,6 +333,9 @@ class LossSpec:
                     function of the options. A loss may take ``on_policy`` only for its metrics.
     behavior:       whether these options need the behaviour log-probs (``behavior_logprobs``
                     [B, T], what the sampler recorded): a bool or a function of the options.
+    warning:        (options, beta) -> what a run with these settings should be told at its start
+                    when its on-policy terms are in use ("" for nothing), e.g. agro_on's §4.6
+                    pitfall.
     """
 
     name: str
@@ -339,6 +346,11 @@ class LossSpec:
     checks: Callable[[int, dict], None] = _static_checks_none
     on_policy_terms: bool | Callable[[dict], bool] = False
     behavior: bool | Callable[[dict], bool] = False
+    warning: Callable[[dict, float], str] = _no_warning
+
+    def start_warning(self, options: dict, beta: float) -> str:
+        """What a run with these options and beta should be told at its start ("" if nothing)."""
+        return self.warning(self.resolved(options), beta)
 
     def needs_behavior(self, options: dict) -> bool:
         """Whether a call with these options needs ``behavior_logprobs`` ([B, T], detached)."""
@@ -384,7 +396,8 @@ def register_loss(name: str, *, beta_positive: bool = False,
                   token_kl: bool | Callable[[dict], bool] = False,
                   checks: Callable[[int, dict], None] = _static_checks_none,
                   on_policy_terms: bool | Callable[[dict], bool] = False,
-                  behavior: bool | Callable[[dict], bool] = False):
+                  behavior: bool | Callable[[dict], bool] = False,
+                  warning: Callable[[dict, float], str] = _no_warning):
     """Register `fn(logprobs, ref_logprobs, mask, rewards, group_size, beta, *, <options>) -> LossOutput`
     with what callers must know of it (:class:`LossSpec`).
 
@@ -397,7 +410,7 @@ def register_loss(name: str, *, beta_positive: bool = False,
         params = inspect.signature(fn).parameters.values()
         options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         LOSSES[name] = LossSpec(name, fn, options, beta_positive, token_kl, checks, on_policy_terms,
-                                behavior)
+                                behavior, warning)
         return fn
 
     return decorator
@@ -452,6 +465,23 @@ def _agro_on_checks(group_size: int, o: dict) -> None:
     c = o["lr_coef"]
     if not (isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0):
         raise ValueError(f"agro_on: lr_coef must be a finite float >= 0, got {c!r}")
+
+
+def _agro_on_pitfall(o: dict, beta: float) -> str:
+    """The §4.6 pitfall of the exact on-policy loss. At pi_ref with a binary reward, agro_on's
+    gradient with weight lambda = lr_coef on the likelihood-ratio term is
+    (lambda (1/2 - p) - beta) grad p (agro_math.md §4.6 has lambda = 1), so descent lowers the
+    success probability of a prompt with p < 1/2 - beta/lambda: a pitfall whenever
+    beta < lambda/2 (docs/PAPER.md C2 measured the collapse). Empty when it cannot apply
+    (lambda = 0, beta >= lambda/2)."""
+    lam = float(o["lr_coef"])
+    if lam <= 0 or beta >= lam / 2:
+        return ""
+    return (f"warning: loss agro_on with lr_coef={lam:g} at beta={beta:g}: at pi_ref its descent "
+            f"lowers the success probability of every prompt with p < 1/2 - beta/lr_coef = "
+            f"{0.5 - beta / lam:.3g} (agro_math.md §4.6). From a weak base model this collapses: "
+            "docs/PAPER.md C2 measured held-out accuracy 0.104 -> 0.024 at lr_coef=1, "
+            "beta=0.02. Use loss=agro (lr_coef = 0), or beta >= lr_coef/2.")
 
 
 def _kl_pg_token_checks(group_size: int, o: dict) -> None:
@@ -539,7 +569,7 @@ def agro_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Ten
 
 
 @register_loss("agro_on", beta_positive=True, token_kl=_reg_needs_token_kl, checks=_agro_on_checks,
-               on_policy_terms=True)
+               on_policy_terms=True, warning=_agro_on_pitfall)
 def agro_on_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewards: Tensor, group_size: int,
                  beta: float, *, lr_coef: float = 1.0, lr_baseline: str = "none", reg_estimator: str = "vanilla",
                  on_policy=None, logprob_reduction: str = "sum", token_kl: Tensor | None = None) -> LossOutput:

@@ -109,23 +109,6 @@ class RunCounters:
     empty_steps: int = 0                                         # steps with no group on any process
 
 
-def pitfall_warning(loss: str, options: dict, beta: float) -> str:
-    """The §4.6 pitfall of the exact on-policy loss, said at the start of a run that can hit it.
-    At pi_ref with a binary reward, agro_on's gradient with weight lambda = lr_coef on the
-    likelihood-ratio term is (lambda (1/2 - p) - beta) grad p (agro_math.md §4.6 has lambda = 1),
-    so descent lowers the success probability of a prompt with p < 1/2 - beta/lambda: a pitfall
-    whenever beta < lambda/2 (docs/PAPER.md C2 measured the collapse). Empty when it cannot
-    apply (another loss, lambda = 0, beta >= lambda/2)."""
-    lam = float(options.get("lr_coef", 0.0)) if loss == "agro_on" else 0.0
-    if lam <= 0 or beta >= lam / 2:
-        return ""
-    return (f"warning: loss agro_on with lr_coef={lam:g} at beta={beta:g}: at pi_ref its descent "
-            f"lowers the success probability of every prompt with p < 1/2 - beta/lr_coef = "
-            f"{0.5 - beta / lam:.3g} (agro_math.md §4.6). From a weak base model this collapses: "
-            "docs/PAPER.md C2 measured held-out accuracy 0.104 -> 0.024 at lr_coef=1, "
-            "beta=0.02. Use loss=agro (lr_coef = 0), or beta >= lr_coef/2.")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, grader=None):
         self.dist = Distributed()
@@ -220,10 +203,10 @@ class Trainer:
         if cfg.save_async and self.dist.world > 1 and self.dist.is_main:
             self.note("save_async: checkpoints are written synchronously with several processes")
         self.needs_token_kl = self.loss.needs_token_kl(cfg.loss_options)
-        pitfall = pitfall_warning(cfg.loss, self.loss.resolved(cfg.loss_options), cfg.beta)
-        if pitfall and set(parse_source(cfg.source)) != {"offline"} \
+        warning = self.loss.start_warning(cfg.loss_options, cfg.beta)   # e.g. §4.6's pitfall
+        if warning and set(parse_source(cfg.source)) != {"offline"} \
                 and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
-            self.note(pitfall)
+            self.note(warning)      # only where the on-policy terms are in use
         if not samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
             self.note(f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, "
                       f"top_k={cfg.top_k} does not draw from pi: fresh groups are treated as "
