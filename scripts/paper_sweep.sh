@@ -39,6 +39,11 @@ for c in $CLAIMS; do
     git add "docs/paper/$c" >/dev/null 2>&1
     git commit -q -m "paper sweep $c: one more run finished, $left pending; verdict so far: $verdict (code $REV)" \
       -- "docs/paper/$c" >/dev/null 2>&1 || echo "paper_sweep: nothing committed for $c"
+    # PAPER.md's results table, when nobody is editing PAPER.md (else whoever commits it next
+    # regenerates it: python scripts/paper_table.py)
+    if git diff --quiet -- docs/PAPER.md && "$PY" scripts/paper_table.py >/dev/null 2>&1; then
+      git commit -q -m "PAPER: results table after $c's run" -- docs/PAPER.md >/dev/null 2>&1
+    fi
     [ "$left" = "0" ] && break
   done
 done
