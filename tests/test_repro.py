@@ -317,9 +317,10 @@ def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
 
 
 def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
-    """A newer agro adds TrainConfig fields (at defaults that keep old behaviour): its digest of
-    an arm differs, but a finished run whose config.yaml lacks only those fields is reused; a run
-    that differs in a real setting is not."""
+    """A newer agro adds TrainConfig fields (at defaults that keep old behaviour) or renames one
+    (config.RENAMED): its digest of an arm differs, but a finished run whose config.yaml lacks only
+    those fields, or has a field under its old name, is reused; a run that differs in a real
+    setting is not."""
     import shutil
 
     import yaml
@@ -335,6 +336,7 @@ def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_
     shutil.move(str(exact.parent), str(old.parent))
     cfg = yaml.safe_load((old / "config.yaml").read_text())
     cfg.pop("grad_accum")                         # as written before the field existed
+    cfg["vllm_on_policy"] = cfg.pop("sampler_on_policy")   # ... and before it was renamed
     (old / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert sw.run_dir(ARMS["agro"], 0) == old and not sw.pending()
     cfg["lr"] = cfg["lr"] * 2                     # a real difference: not the same run

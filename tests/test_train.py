@@ -504,3 +504,40 @@ def test_a_failed_background_checkpoint_stops_training_with_its_error(tiny_model
     with pytest.raises(OSError, match="No space left"):
         tr.train()
     assert tr.step == 1     # raised before the second optimizer step, not at the end
+
+
+def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_use(
+        tiny_model_dir, tmp_path, capsys):
+    """agro's own sampler is measured against the learner like vLLM's (agro.sampler_check), but
+    only when the loss has on-policy-only terms: its decision gates them per group
+    (on_policy_fraction), the old field name still sets the rule, and a loss without such terms
+    spends nothing on it."""
+    from agro.config import ConfigError
+
+    def one_step(name, *extra):
+        tr = Trainer(make_cfg(tiny_model_dir, tmp_path / name, *extra), grader=HashGrader())
+        return tr, tr.train()
+
+    tr, _ = one_step("pass", "loss=agro_on", "beta=0.5", "sampler_mismatch_tol=1e9")
+    rec = tr.sampler_record
+    assert rec["exact"] is True and rec["sampler"] == "cached" and rec["sequences"] > 0
+    assert 0 <= rec["seq_mean_abs"] < 1e-3           # fp32: round-off only
+    rows = [json.loads(x) for x in (tmp_path / "pass" / "run" / "metrics.jsonl").read_text()
+            .splitlines() if '"loss"' in x]
+    assert rows[-1]["on_policy_fraction"] == 1.0
+
+    tr, _ = one_step("fail", "loss=agro_on", "beta=0.5", "vllm_on_policy=no")   # the old name
+    assert tr.sampler_record["exact"] is False and tr.cfg.sampler_on_policy == "no"
+    out = capsys.readouterr().out
+    assert "cached samples do not count as draws from pi" in out
+    assert "on-policy-only terms and they are off for every fresh group" in out
+    rows = [json.loads(x) for x in (tmp_path / "fail" / "run" / "metrics.jsonl").read_text()
+            .splitlines() if '"loss"' in x]
+    assert rows[-1]["on_policy_fraction"] == 0.0
+
+    tr, _ = one_step("none", "loss=agro")           # no on-policy-only terms: not measured
+    assert tr.sampler_record is None and tr.generator.mismatch is None
+    # a bare yes/no is a YAML boolean: read back as the choice typed
+    assert make_cfg(tiny_model_dir, tmp_path, "sampler_on_policy=yes").sampler_on_policy == "yes"
+    with pytest.raises(ConfigError, match="old name of 'sampler_on_policy'"):
+        make_cfg(tiny_model_dir, tmp_path, "vllm_on_policy=no", "sampler_on_policy=yes")

@@ -123,7 +123,7 @@ def test_greedy_tokens_equal_cached_generator(default_policy, engine):
 def test_sampled_logprobs_match_policy_forward(default_policy, engine):
     """Behaviour log-probs of vLLM's samples vs the policy's fp32 forward on the same tokens.
     Tolerance (fp32, CPU): mean per-token |diff| <= 1e-3 nats, max <= 5e-2."""
-    from agro.vllm_generator import measure_mismatch
+    from agro.sampler_check import measure_mismatch
 
     model, tok = default_policy
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_trainer_runs_with_vllm_and_dates_lagging_groups(tiny_vllm_model_dir, tm
 def test_lora_policy_pushes_merged_weights(default_policy):
     """LoRA: the engine samples from base + the adapters' delta, before and after an update."""
     from agro.models import apply_lora
-    from agro.vllm_generator import measure_mismatch
+    from agro.sampler_check import measure_mismatch
 
     model, tok = default_policy
     peft = apply_lora(copy.deepcopy(model), r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -317,7 +317,7 @@ def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_v
     also pushed at every checkpoint (else the uninterrupted run's step 4 would sample version 2
     and the resumed run's version 3), and the run's on-policy decision is kept in the
     checkpoint (the resumed run does not measure again)."""
-    from agro import vllm_generator
+    from agro import sampler_check
     from agro.config import TrainConfig, load_config
     from agro.trainer import Trainer
     from fakes import HashGrader
@@ -341,7 +341,7 @@ def test_vllm_run_resumed_after_a_checkpoint_equals_the_uninterrupted_run(tiny_v
     def no_second_measure(*a, **k):
         raise AssertionError("the resumed run measured the mismatch again")
 
-    monkeypatch.setattr(vllm_generator, "measure_mismatch", no_second_measure)
+    monkeypatch.setattr(sampler_check, "measure_mismatch", no_second_measure)
     resumed = Trainer(cfg(tmp_path / "b", 5), resume=True, grader=HashGrader())
     assert resumed.generator.record == record
     resumed.train()
@@ -376,7 +376,7 @@ def test_measure_mismatch_of_agros_own_fp32_sampler_is_round_off(tiny_model_dir)
     """measure_mismatch is generic: agro's own fp32 sampler against its model's scoring pass
     differs only by float round-off (incremental KV-cache decoding vs one packed pass)."""
     from agro.models import load_model, load_tokenizer
-    from agro.vllm_generator import measure_mismatch
+    from agro.sampler_check import measure_mismatch
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     prompts = [tok("What is 2 + 2?")["input_ids"], tok("Name a colour.")["input_ids"]]

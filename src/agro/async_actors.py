@@ -94,9 +94,9 @@ class RolloutWorker:
                 "precision": self.cfg.precision}
 
     def check_sampler(self, prompts: list[list[int]], rule: str, tol: float, previous) -> dict:
-        """generator=vllm: measure this actor's engine against its own copy of the policy (the
-        learner's weights at this point) and apply the run's rule (``vllm_on_policy``); the same
-        check the learner runs when it samples itself. ``previous``: the decision a resumed run
+        """Measure this actor's sampler against its own copy of the policy (the learner's weights
+        at this point) and apply the run's rule (``sampler_on_policy``); the same check the
+        learner runs when it samples itself (:mod:`agro.sampler_check`). ``previous``: the decision a resumed run
         recorded, kept as it was."""
         check = getattr(self.generator, "check_against", None)
         if check is None:
@@ -324,7 +324,7 @@ class AsyncSource:
         self.note = note
         self._last_take = None
         self._weights = None                 # object-store ref of the last push (version pushed)
-        self._exact = None                   # the vLLM check's decision, re-sent after a restart
+        self._exact = None                   # the sampler check's decision, re-sent after a restart
         self._t_pop = time.perf_counter()
 
     # -- weights ----------------------------------------------------------------------
@@ -444,7 +444,7 @@ class AsyncSource:
         return s
 
     def check_sampler(self, prompts, rule: str, tol: float, previous, version: int) -> dict:
-        """Every actor checks its own sampler (generator=vllm) on the learner's current weights
+        """Every actor checks its own sampler on the learner's current weights
         (pushed first); their groups count as draws from pi only if every actor passes, and every
         actor is told the run's decision. Returns actor 0's report with that decision."""
         self.push(version)

@@ -89,20 +89,24 @@ class SamplingFields:
     generator: str = _f("cached", "Sampler: 'cached' (agro's KV-cache loop: one prefill per prompt, "
                         "finished samples leave the batch), 'hf' (transformers generate()) or "
                         "'vllm' (an in-process vLLM engine; optional, `make vllm-setup` on CPU). "
-                        "All sample from the same distribution, vLLM up to its numerics "
-                        "(vllm_on_policy).", ("cached", "hf", "vllm"))
+                        "All sample from the same distribution up to their numerics "
+                        "(sampler_on_policy).", ("cached", "hf", "vllm"))
     vllm_sync_every: int = _f(1, "generator=vllm: push the policy's weights into the engine every "
                               "k optimizer steps (and at every checkpoint and evaluation); its "
                               "groups are dated by the version it holds, 0..k-1 versions old "
                               "(stale ones: on-policy-only terms off, no importance weights).")
-    vllm_on_policy: str = _f("auto", "generator=vllm: do its samples count as draws from pi for "
-                             "the on-policy-only loss terms? 'auto': yes when the measured mean "
-                             "per-completion |log pi_vllm(y) - log pi_learner(y)| is <= "
-                             "vllm_mismatch_tol. Measured once at the start; kept on --resume.",
-                             ("auto", "yes", "no"))
-    vllm_mismatch_tol: float = _f(1e-2, "generator=vllm, vllm_on_policy=auto: the mean "
-                                  "per-completion log-prob mismatch (nats) up to which vLLM samples "
-                                  "count as on-policy (docs/RESULTS.md has the measured figures).")
+    sampler_on_policy: str = _f("auto", "Do the sampler's samples count as draws from pi for the "
+                                "on-policy-only loss terms (agro_on's LR term, the local "
+                                "estimators)? 'auto': yes when the measured mean per-completion "
+                                "|log pi_sampler(y) - log pi_learner(y)| is <= "
+                                "sampler_mismatch_tol. Measured once at the start (generator=vllm "
+                                "always; others when the loss has on-policy-only terms); kept on "
+                                "--resume. Was vllm_on_policy.", ("auto", "yes", "no"))
+    sampler_mismatch_tol: float = _f(1e-2, "sampler_on_policy=auto: the mean per-completion "
+                                     "log-prob mismatch (nats) up to which samples count as "
+                                     "on-policy (measured: agro's sampler 2e-5 in fp32, 0.35 in "
+                                     "bf16; vLLM 4e-4 / 0.37; docs/RESULTS.md). Was "
+                                     "vllm_mismatch_tol.")
     vllm_kv_cache_gib: int = _f(2, "generator=vllm on CPU: KV-cache memory (GiB) of the engine.")
     vllm_gpu_memory_utilization: float = _f(0.3, "generator=vllm on a GPU: the fraction of its "
                                             "memory the engine may take (the learner shares the "
@@ -475,16 +479,34 @@ def config_from_dict(cls, data: dict[str, Any], where: str = "settings"):
     return _build(cls, {str(k): (v, f"{where} '{k}'") for k, v in data.items()})
 
 
+# Fields renamed since they were first written (old name -> new): configs and run directories
+# written before still load, and a repro ledger's recorded configs compare under the new names.
+RENAMED = {"vllm_on_policy": "sampler_on_policy", "vllm_mismatch_tol": "sampler_mismatch_tol"}
+
+
+def renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with renamed fields under their current names (:data:`RENAMED`)."""
+    return {RENAMED.get(k, k): v for k, v in data.items()}
+
+
 def _build(cls, raw: dict[str, tuple[Any, str]]):
     names = [f.name for f in fields(cls)]
     hints = typing.get_type_hints(cls)
+    choices = {f.name: f.metadata.get("choices", ()) for f in fields(cls)}
     kwargs = {}
     for k, (v, where) in raw.items():
+        if k in RENAMED and RENAMED[k] in names:
+            if RENAMED[k] in raw:
+                raise ConfigError(f"{where}: '{k}' is the old name of '{RENAMED[k]}', which is "
+                                  "also set; keep one")
+            k = RENAMED[k]
         if k not in names:
             raise ConfigError(f"{where}: unknown key '{k}'.{_suggest(k, names)}")
+        if isinstance(v, bool) and hints[k] is str and {"yes", "no"} <= set(choices[k]):
+            v = "yes" if v else "no"      # YAML 1.1 reads a bare yes/no as a boolean
         kwargs[k] = _coerce(k, hints[k], v, where)
     cfg = cls(**kwargs)
-    validate(cfg, {k: w for k, (_, w) in raw.items()})
+    validate(cfg, {RENAMED.get(k, k): w for k, (_, w) in raw.items()})
     return cfg
 
 
@@ -556,7 +578,7 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
               "is 'vllm' but vLLM is not installed in this Python: `make vllm-setup` and run "
               ".venv-vllm/bin/agro (CPU), or `pip install 'agro[vllm]'` (GPU)")
         c(cfg.vllm_sync_every >= 1, "vllm_sync_every", w, "must be >= 1")
-        c(cfg.vllm_mismatch_tol >= 0, "vllm_mismatch_tol", w, "must be >= 0")
+        c(cfg.sampler_mismatch_tol >= 0, "sampler_mismatch_tol", w, "must be >= 0")
         c(cfg.vllm_kv_cache_gib >= 1, "vllm_kv_cache_gib", w, "must be >= 1")
         c(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", w, "must be in (0, 1]")
     if isinstance(cfg, TrainConfig):

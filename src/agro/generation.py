@@ -90,7 +90,8 @@ class Generator(Protocol):
 
     # Optional attributes (read with getattr, default in brackets): ``lag`` [0], the policy
     # versions its weights are behind the model last passed to sync_weights; ``exact`` [True],
-    # whether its samples count as draws from pi for the on-policy-only terms.
+    # whether its samples count as draws from pi for the on-policy-only terms (set by
+    # ``check_against``, agro.sampler_check).
 
 
 class _BehaviourRecorder:
@@ -197,6 +198,9 @@ class HFGenerator:
         autocast_ctx(precision)  # validates the name
         self.tokenizer = tokenizer
         self.precision = precision
+        self.exact = True        # do its samples count as draws from pi? (check_against decides)
+        self.mismatch = None     # agro.sampler_check.Mismatch, once measured
+        self.record: dict | None = None   # the run's decision and its figures (checkpointed)
         self.model = None
         self.sync_weights(model)
         self.batch_size = int(batch_size)
@@ -208,6 +212,16 @@ class HFGenerator:
         self.stop_ids: set[int] = set(stop if isinstance(stop, list) else ([stop] if stop is not None else []))
         if not self.stop_ids:
             raise ValueError("tokenizer/model define no EOS token: generation could not stop")
+
+    def check_against(self, model, precision: str, prompt_ids: list[list[int]], n: int,
+                      params: SamplingParams, rule: str, tol: float,
+                      previous: dict | None = None) -> list[str]:
+        """Measure this sampler against the learner ``model`` and apply the run's rule
+        (:func:`agro.sampler_check.decide`)."""
+        from .sampler_check import decide
+
+        return decide(self, model, self.tokenizer, precision, prompt_ids, n, params, rule, tol,
+                      previous)
 
     def sync_weights(self, model) -> None:
         """Sample from ``model``'s current weights. fp32, LoRA, or a model already in bf16 (the

@@ -50,6 +50,10 @@ Departures from the paper (Tang et al. 2025, arXiv:2503.19612):
   makes the off-policy groups correct).
 * `logprob_reduction="mean"` divides each sequence's log-ratio by its number of completion tokens
   (length-averaged log-ratios, §8 "beta scale remark"), so R = r - beta*l/|y|. The paper uses "sum".
+  The losses are functions of l/|y|, so in agro, kl_pg and kl_pg_token the whole per-sequence
+  weight, the reward term's included, multiplies the length-averaged score s(y)/|y| (long
+  completions get a proportionally smaller step, as in GRPO's per-sequence token mean); for
+  kl_pg / kl_pg_token that is no longer an unbiased gradient of E r.
   This changes the fixed point, not only the scale: R = c constant on the support means
   pi(y) = pi_ref(y) * exp(|y| (r(y) - c) / beta) with c set by normalisation, not pi* of Eq. (2). agro_on's likelihood-ratio
   term still multiplies the full score sum_t grad log pi(y_t|.) (it comes from the sampling
@@ -632,7 +636,8 @@ def kl_pg_token_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, rewar
     token_kl (required) is the full-vocabulary KL(pi(.|y_<t) || pi_ref(.|y_<t)) at each position,
     differentiable w.r.t. the policy. Loss: mean_g[ -Cov(r, l) ] + beta * mean_b Omega_b, with
     Omega_b = sum_t mask*token_kl ("mean": divided by the length). So
-    d loss/d logprobs[b,t] = -mask*(r_b - loo_b(r))/B and d loss/d token_kl[b,t] = beta*mask/B.
+    d loss/d logprobs[b,t] = -mask*(r_b - loo_b(r))/B and d loss/d token_kl[b,t] = beta*mask/B
+    ("mean": both divided by |y_b|, as in agro and kl_pg).
     on_policy only feeds the metric: this loss has no on-policy-only term.
     """
     n = group_size

@@ -379,36 +379,44 @@ class Trainer:
         return None
 
     def _check_sampler(self) -> list[str]:
-        """A sampler that is only close to pi (generator=vllm) measures how close on a few
-        held-out prompts and applies the run's rule (``vllm_on_policy``); the global RNG is left
-        as it was, so the run's own samples do not depend on this check."""
+        """Whether the sampler's groups count as draws from pi (:mod:`agro.sampler_check`): it is
+        measured against the learner on a few held-out prompts and the run's rule
+        (``sampler_on_policy``) applied, always for generator=vllm, and for agro's own samplers
+        when the loss has on-policy-only terms that fresh groups would get (in bf16 its rounding
+        is not the learner's). The global RNG is left as it was, so the run's own samples do not
+        depend on this check."""
         cfg = self.cfg
+        on_policy_terms = (self.loss.has_on_policy_terms(cfg.loss_options)
+                           and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)
+                           and "fresh" in parse_source(cfg.source))
+        if cfg.generator != "vllm" and not on_policy_terms:
+            return []              # nothing depends on it: no measurement
         check = getattr(self.generator, "check_against", None)
-        if self.async_source is not None and cfg.generator == "vllm":
-            check = "actors"       # the actors sample: each checks its own engine
+        if self.async_source is not None:
+            check = "actors"       # the actors sample: each checks its own sampler
         if check is None:
             return []
         prompts = [p for p in (self.collector.encode(ex) for ex in self.task.eval_examples(8))
                    if len(p) <= cfg.max_prompt_tokens]
         if check == "actors":
-            report = self.async_source.check_sampler(prompts, cfg.vllm_on_policy,
-                                                     cfg.vllm_mismatch_tol,
+            report = self.async_source.check_sampler(prompts, cfg.sampler_on_policy,
+                                                     cfg.sampler_mismatch_tol,
                                                      self._resumed_sampler_check, self.version)
             lines = [f"rollout actors: {x}" for x in report["lines"]]
             self.sampler_record, exact = report["record"], report.get("exact", True)
         else:
             with torch.random.fork_rng(devices=[]):
                 lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
-                              sampling_params(cfg), cfg.vllm_on_policy, cfg.vllm_mismatch_tol,
+                              sampling_params(cfg), cfg.sampler_on_policy,
+                              cfg.sampler_mismatch_tol,
                               previous=self._resumed_sampler_check)
             self.sampler_record = getattr(self.generator, "record", None)
             exact = getattr(self.generator, "exact", True)
-        if (exact is False
-                and self.loss.has_on_policy_terms(cfg.loss_options)
-                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)):
+        if exact is False and on_policy_terms:
             lines.append(f"warning: loss {cfg.loss} has on-policy-only terms and they are off for "
-                         "every vLLM group of this run (precision=fp32 passes the vLLM check "
-                         "on this model; or vllm_on_policy=yes)")
+                         "every fresh group of this run (its sampler's numerics are not the "
+                         "learner's; precision=fp32 passes the check on the default model; or "
+                         "sampler_on_policy=yes)")
         k = cfg.vllm_sync_every
         if k > 1 and any(e and e % k for e in (cfg.save_every, cfg.eval_every)):
             lines.append(f"note: weights are also pushed at every checkpoint and evaluation, so "

@@ -22,10 +22,10 @@ How it samples (the same contract as :class:`agro.generation.HFGenerator`):
   behind and the collector dates its groups accordingly (they are then stale groups, §4.2).
 
 vLLM's numerics are not the learner's (other kernels, other reduction order), so a vLLM sample is
-drawn from a distribution close to, not equal to, pi. :func:`measure_mismatch` measures it
-(per-token ``|log pi_vllm - log pi_learner|`` on the same tokens) and :attr:`exact` records the
-run's decision: when False, the collector marks the groups as not drawn from pi and the
-on-policy-only loss terms switch off for them (agro's off-policy loss needs no such thing).
+drawn from a distribution close to, not equal to, pi: :mod:`agro.sampler_check` measures how
+close (as it does for agro's own sampler) and :attr:`exact` records the run's decision: when
+False, the collector marks the groups as not drawn from pi and the on-policy-only loss terms
+switch off for them (agro's off-policy loss needs no such thing).
 
 Departure from the paper: none (the paper samples with its own infrastructure; how close the
 sampler is to pi matters only for the on-policy-only terms, §4.2 of agro_math.md).
@@ -33,19 +33,19 @@ sampler is to pi matters only for the on-policy-only terms, §4.2 of agro_math.m
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import sampler_check
 from .generation import Generation, SamplingParams, _check_request
+from .sampler_check import Mismatch
 from .models import hf_model, is_peft, neutral_generation_config, save_for_transformers
 
 INSTALL_HINT = ("generator=vllm needs vLLM: `pip install 'agro[vllm]'` on a GPU machine; on CPU "
@@ -58,27 +58,6 @@ def vllm_available() -> bool:
     except Exception:   # ImportError, or a broken build (wrong torch ABI)
         return False
     return True
-
-
-@dataclass
-class Mismatch:
-    """``log pi_vllm - log pi_learner`` on sampled completions: per token and per completion
-    (the sequence-level log-ratio is what §4.2's on-policy terms depend on)."""
-
-    tokens: int
-    mean_abs: float        # per token: mean |diff|
-    max_abs: float         # per token: max |diff|
-    mean_signed: float     # per token: mean of (vllm - learner): a systematic offset shows here
-    sequences: int
-    seq_mean_abs: float    # per completion: mean |sum_t diff|
-    seq_max_abs: float     # per completion: max |sum_t diff|
-    seconds: float
-
-    def line(self) -> str:
-        return (f"vLLM vs learner log-probs on {self.sequences} completions ({self.tokens} tokens): "
-                f"per completion mean |diff| {self.seq_mean_abs:.2e}, max {self.seq_max_abs:.2e}; "
-                f"per token mean |diff| {self.mean_abs:.2e}, max {self.max_abs:.2e}, mean diff "
-                f"{self.mean_signed:+.2e} nats ({self.seconds:.1f} s)")
 
 
 def _weights_for_engine(model):
@@ -321,35 +300,13 @@ class VLLMGenerator:
     def check_against(self, model, precision: str, prompt_ids: list[list[int]], n: int,
                       params: SamplingParams, rule: str, tol: float,
                       previous: dict | None = None) -> list[str]:
-        """Measure the engine against the learner (:func:`measure_mismatch`) and decide whether
-        its samples count as draws from pi: ``rule`` 'yes' / 'no', or 'auto' (mean per-completion
-        |log pi_vllm(y) - log pi_learner(y)| <= ``tol``: §4.2's terms depend on the sequence
-        ratio). A resumed run passes the decision it recorded (``previous``, :attr:`record`), so
-        the rule is not re-applied to trained weights mid-run. Returns the lines for the run log."""
+        """Measure the engine against the learner and apply the run's rule
+        (:func:`agro.sampler_check.decide`); the weights are pushed first."""
         self.force_sync(model, only_if_behind=True)   # a resumed run has pushed already
-        if previous is not None and (previous.get("rule"), previous.get("tol")) == (rule, tol):
-            self.exact = bool(previous["exact"])
-            self.record = dict(previous)
-            return [f"vLLM engine started in {self.start_seconds:.1f} s; the run's decision is "
-                    f"kept from its checkpoint: vLLM samples "
-                    f"{'count' if self.exact else 'do not count'} as draws from pi"]
-        pi = SamplingParams(params.max_new_tokens)          # temperature 1, no truncation
-        self.mismatch = measure_mismatch(self, model, self.tokenizer, prompt_ids, n, pi, precision)
-        m = self.mismatch
-        if rule == "auto":
-            self.exact = bool(m.sequences > 0 and m.seq_mean_abs <= tol)
-            why = (f"per-completion mean |diff| {m.seq_mean_abs:.2e} "
-                   f"{'<=' if self.exact else '>'} vllm_mismatch_tol {tol:.0e}")
-        else:
-            self.exact = rule == "yes"
-            why = f"vllm_on_policy={rule}"
-        self.record = {"exact": self.exact, "rule": rule, "tol": tol, "precision": precision,
-                       **{k: v for k, v in vars(m).items()}}
-        verdict = ("count as draws from pi (on-policy-only terms apply to fresh groups)" if self.exact
-                   else "do not count as draws from pi (on-policy-only terms off; AGRO's "
-                   "off-policy loss is unaffected)")
+        lines = sampler_check.decide(self, model, self.tokenizer, precision, prompt_ids, n,
+                                     params, rule, tol, previous)
         return [f"vLLM engine started in {self.start_seconds:.1f} s; weights pushed every "
-                f"{self.sync_every} step(s)", m.line(), f"vLLM samples {verdict}: {why}"]
+                f"{self.sync_every} step(s)"] + lines
 
     def close(self) -> None:
         """Shut the engine down (its KV cache and weights are freed)."""
@@ -361,31 +318,3 @@ class VLLMGenerator:
                 pass
             del llm
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-@torch.no_grad()
-def measure_mismatch(generator, model, tokenizer, prompt_ids: list[list[int]], n: int,
-                     params: SamplingParams, precision: str) -> Mismatch:
-    """Sample ``n`` completions per prompt with ``generator`` and compare its per-token behaviour
-    log-probs with ``model``'s log-probs of the same tokens at the learner's ``precision`` (the
-    numbers the loss would use). ``params`` should sample from pi (temperature 1, no truncation)."""
-    from .collect import attach_ref_logprobs
-    from .logprobs import Reference
-    from .rollouts import Group
-
-    t0 = time.perf_counter()
-    gens = generator.generate(prompt_ids, n, params)
-    groups = [Group(prompt_id=str(i), prompt_ids=g.prompt_ids, completion_ids=g.completion_ids,
-                    rewards=[0.0] * n, behavior_logprobs=g.logprobs) for i, g in enumerate(gens)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # the learner's per-token log-probs, by the collector's own scoring path (into ref_logprobs)
-    attach_ref_logprobs(groups, Reference(model, precision), pad, max(1, 16 // n))
-    diffs = [torch.tensor(beh) - torch.tensor(lp) for g in groups
-             for beh, lp in zip(g.behavior_logprobs, g.ref_logprobs) if beh]
-    if not diffs:
-        nan = math.nan
-        return Mismatch(0, nan, nan, nan, 0, nan, nan, time.perf_counter() - t0)
-    d = torch.cat(diffs)
-    seq = torch.stack([x.sum() for x in diffs]).abs()
-    return Mismatch(int(d.numel()), float(d.abs().mean()), float(d.abs().max()), float(d.mean()),
-                    int(seq.numel()), float(seq.mean()), float(seq.max()), time.perf_counter() - t0)

@@ -38,7 +38,8 @@ from typing import Callable
 import yaml
 
 from .. import __version__
-from ..config import EvalConfig, GenerateConfig, TrainConfig, config_from_dict, to_dict
+from ..config import (EvalConfig, GenerateConfig, TrainConfig, config_from_dict, renamed,
+                      to_dict)
 from ..fileio import atomic_write_text
 from ..perf import machine_key
 from . import ledger as ledger_mod
@@ -191,7 +192,7 @@ class Sweep:
                 continue
             if cand.parent.name[len(arm.name) + 1:].count("-"):   # another arm's name prefix
                 continue
-            old = yaml.safe_load((cand / "config.yaml").read_text()) or {}
+            old = renamed(yaml.safe_load((cand / "config.yaml").read_text()) or {})
             if ledger_mod.config_matches(old, full, defaults, _NOT_COMPARED):
                 return cand
         return None
@@ -241,7 +242,7 @@ class Sweep:
         return self.ledger().find(arm.name, seed, lambda p, doc: (
             doc["offline_key"] == key and doc.get("offline_sha256") == sha
             and (self._own(p) or doc["done"]["code"] == self.code)
-            and ledger_mod.config_matches(doc["config"], full, defaults, _NOT_COMPARED)))
+            and ledger_mod.config_matches(renamed(doc["config"]), full, defaults, _NOT_COMPARED)))
 
     def _base_matches(self, p: Path, doc: dict) -> bool:
         """A recorded base evaluation made with this sweep's evaluation settings by this code."""
