@@ -3,7 +3,7 @@
     .venv/bin/python bench/sampler_mismatch.py --precision bf16 fp32 --prompts 16 --n 4
 
 Builds the default job's trainer at each precision and measures, with the same function the
-vLLM check uses (``agro.vllm_generator.measure_mismatch``), ``log pi_sampler(y) - log
+run's check uses (``agro.sampler_check.measure_mismatch``), ``log pi_sampler(y) - log
 pi_learner(y)`` on completions the run's generator samples from pi (temperature 1, no
 truncation) for held-out prompts: the behaviour log-probs the sampler recorded against the
 learner's scoring of the same tokens at the run's precision (the numbers the loss uses). §4.2's

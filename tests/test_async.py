@@ -287,11 +287,11 @@ def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_p
         assert all(r[key] > 0 for r in rows), key
     for key in ("async_learner_idle_fraction", "async_actor_idle_fraction"):
         assert all(0 <= r[key] <= 1 for r in rows), key
-    # step 1 waits for the whole first batch (the actor's busy time on it, less the time the
-    # learner spent submitting); a fixed fraction of the step is not a property: a first
-    # backward that is slow on a busy CI machine once gave 0.294 against a bound of 0.3
+    # step 1 waits for the whole first batch (about the actor's busy time on it); a fixed
+    # fraction of the step is not a property: a first backward that was slow on a busy CI
+    # machine once gave 0.294 against a bound of 0.3
     waited = rows[0]["async_learner_idle_fraction"] * rows[0]["async_wall_seconds"]
-    first_batch = rows[0]["async_actor_busy_seconds"] - rows[0]["async_push_seconds"]
+    first_batch = rows[0]["async_actor_busy_seconds"]
     assert waited > 0.5 * first_batch > 0, (waited, first_batch)
     busy = sum(r["async_actor_busy_seconds"] for r in rows)
     assert busy < 1.05 * sum(r["async_wall_seconds"] for r in rows)

@@ -526,8 +526,10 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
             .splitlines() if '"loss"' in x]
     assert rows[-1]["on_policy_fraction"] == 1.0
 
-    tr, _ = one_step("fail", "loss=agro_on", "beta=0.5", "vllm_on_policy=no")   # the old name
-    assert tr.sampler_record["exact"] is False and tr.cfg.sampler_on_policy == "no"
+    # auto against a tolerance below the measured round-off (set by its old name)
+    tr, _ = one_step("fail", "loss=agro_on", "beta=0.5", "vllm_mismatch_tol=1e-12")
+    assert tr.cfg.sampler_mismatch_tol == 1e-12 and tr.sampler_record["seq_mean_abs"] > 1e-12
+    assert tr.sampler_record["exact"] is False
     out = capsys.readouterr().out
     assert "cached samples do not count as draws from pi" in out
     assert "on-policy-only terms and they are off for every fresh group" in out
@@ -539,5 +541,11 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
     assert tr.sampler_record is None and tr.generator.mismatch is None
     # a bare yes/no is a YAML boolean: read back as the choice typed
     assert make_cfg(tiny_model_dir, tmp_path, "sampler_on_policy=yes").sampler_on_policy == "yes"
-    with pytest.raises(ConfigError, match="old name of 'sampler_on_policy'"):
+    with pytest.raises(ConfigError, match="'vllm_on_policy' are the same field"):
         make_cfg(tiny_model_dir, tmp_path, "vllm_on_policy=no", "sampler_on_policy=yes")
+    # a run directory's config.yaml written before the rename, overridden on the command line
+    old = tmp_path / "old.yaml"
+    old.write_text("vllm_on_policy: no\nvllm_mismatch_tol: 0.5\n")
+    c = load_config(TrainConfig, str(old), [])
+    assert (c.sampler_on_policy, c.sampler_mismatch_tol) == ("no", 0.5)
+    assert load_config(TrainConfig, str(old), ["sampler_on_policy=auto"]).sampler_on_policy == "auto"

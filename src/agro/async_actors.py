@@ -104,7 +104,9 @@ class RolloutWorker:
         from .builders import sampling_params
 
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[]):
+        from .sampler_check import keep_random_state
+
+        with keep_random_state(next(self.sampler_model.parameters()).device):
             lines = check(self.sampler_model, cfg.precision, prompts, cfg.group_size,
                           sampling_params(cfg), rule, tol, previous=previous)
         return {"lines": lines, "record": getattr(self.generator, "record", None),

@@ -454,14 +454,18 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of field: value")
         lines = _yaml_lines(p)
+        in_file: dict[str, str] = {}
         for k, v in data.items():
-            raw[str(k)] = (v, f"{p}:{lines.get(str(k), '?')}")
+            where = f"{p}:{lines.get(str(k), '?')}"
+            raw[_current_name(str(k), in_file, where)] = (v, where)
+    on_line: dict[str, str] = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"argument {item!r}: expected key=value.{_suggest(item, names)}")
         k, v = item.split("=", 1)
         k = k.strip()
         where = f"command line '{item}'"
+        k = _current_name(k, on_line, where)
         if "." in k:  # dotted keys set one entry of a dict field, e.g. loss_options.lr_coef=0.5
             head, sub = k.split(".", 1)
             if head in names and hints[head] is dict:
@@ -476,11 +480,14 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
 
 def config_from_dict(cls, data: dict[str, Any], where: str = "settings"):
     """Build and validate a config from a mapping of field: value (errors name ``where``)."""
-    return _build(cls, {str(k): (v, f"{where} '{k}'") for k, v in data.items()})
+    seen: dict[str, str] = {}
+    return _build(cls, {_current_name(str(k), seen, f"{where} '{k}'"): (v, f"{where} '{k}'")
+                        for k, v in data.items()})
 
 
 # Fields renamed since they were first written (old name -> new): configs and run directories
-# written before still load, and a repro ledger's recorded configs compare under the new names.
+# written before still load (a file's old name and a command line's new one: the command line
+# wins, as for any field), and a repro ledger's recorded configs compare under the new names.
 RENAMED = {"vllm_on_policy": "sampler_on_policy", "vllm_mismatch_tol": "sampler_mismatch_tol"}
 
 
@@ -489,24 +496,32 @@ def renamed(data: dict[str, Any]) -> dict[str, Any]:
     return {RENAMED.get(k, k): v for k, v in data.items()}
 
 
+def _current_name(key: str, seen: dict[str, str], where: str) -> str:
+    """``key`` (``field`` or ``field.entry``) under the field's current name. ``seen``: this
+    source's fields so far, {current name: name as written}; one source naming a field both ways
+    is an error (which did it mean?)."""
+    head, dot, rest = key.partition(".")
+    cur = RENAMED.get(head, head)
+    if seen.get(cur, head) != head:
+        raise ConfigError(f"{where}: '{head}' and '{seen[cur]}' are the same field "
+                          f"('{cur}'; the other is its old name); keep one")
+    seen[cur] = head
+    return cur + dot + rest
+
+
 def _build(cls, raw: dict[str, tuple[Any, str]]):
     names = [f.name for f in fields(cls)]
     hints = typing.get_type_hints(cls)
     choices = {f.name: f.metadata.get("choices", ()) for f in fields(cls)}
     kwargs = {}
     for k, (v, where) in raw.items():
-        if k in RENAMED and RENAMED[k] in names:
-            if RENAMED[k] in raw:
-                raise ConfigError(f"{where}: '{k}' is the old name of '{RENAMED[k]}', which is "
-                                  "also set; keep one")
-            k = RENAMED[k]
         if k not in names:
             raise ConfigError(f"{where}: unknown key '{k}'.{_suggest(k, names)}")
         if isinstance(v, bool) and hints[k] is str and {"yes", "no"} <= set(choices[k]):
             v = "yes" if v else "no"      # YAML 1.1 reads a bare yes/no as a boolean
         kwargs[k] = _coerce(k, hints[k], v, where)
     cfg = cls(**kwargs)
-    validate(cfg, {RENAMED.get(k, k): w for k, (_, w) in raw.items()})
+    validate(cfg, {k: w for k, (_, w) in raw.items()})
     return cfg
 
 

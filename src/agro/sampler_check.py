@@ -7,7 +7,8 @@ kernels), and agro's own sampler in bf16 (the same bf16 weights, but another lay
 computation, whose bf16 rounding differs: measured 0.35 nats per completion on the default model,
 against 2e-5 in fp32; docs/RESULTS.md, `bench/sampler_mismatch.py`). :func:`measure_mismatch`
 samples with the run's generator and compares the behaviour log-probs it recorded with the
-learner's scoring of the same tokens at the run's precision (the numbers the loss uses);
+learner's scoring of the same tokens at the run's precision (the collector's scoring pass, the
+one the reference log-probs use; the loss's pass is the same kernel with gradients);
 :func:`decide` applies the run's rule (``sampler_on_policy``: auto / yes / no, against
 ``sampler_mismatch_tol`` nats per completion) and records the decision on the generator
 (``exact``, ``record``). The collector marks the groups of a sampler with ``exact = False`` as not
@@ -18,6 +19,7 @@ Departure from the paper: none (the paper does not say how its samples were draw
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ class Mismatch:
     tokens: int
     mean_abs: float        # per token: mean |diff|
     max_abs: float         # per token: max |diff|
-    mean_signed: float     # per token: mean of (vllm - learner): a systematic offset shows here
+    mean_signed: float     # per token: mean of (sampler - learner): a systematic offset shows here
     sequences: int
     seq_mean_abs: float    # per completion: mean |sum_t diff|
     seq_max_abs: float     # per completion: max |sum_t diff|
@@ -53,7 +55,8 @@ def measure_mismatch(generator, model, tokenizer, prompt_ids: list[list[int]], n
                      params: SamplingParams, precision: str) -> Mismatch:
     """Sample ``n`` completions per prompt with ``generator`` and compare its per-token behaviour
     log-probs with ``model``'s log-probs of the same tokens at the learner's ``precision`` (the
-    numbers the loss would use). ``params`` should sample from pi (temperature 1, no truncation)."""
+    numbers the loss would use: the collector's scoring pass, which the reference log-probs
+    also use). ``params`` should sample from pi (temperature 1, no truncation)."""
     from .collect import attach_ref_logprobs
     from .logprobs import Reference
     from .rollouts import Group
@@ -86,7 +89,9 @@ def decide(generator, model, tokenizer, precision: str, prompt_ids: list[list[in
     recorded (``previous``), so the rule is not re-applied to trained weights mid-run. Returns
     the lines for the run log."""
     name = getattr(generator, "name", "sampler")
-    if previous is not None and (previous.get("rule"), previous.get("tol")) == (rule, tol):
+    if previous is not None and (previous.get("rule"), previous.get("tol"),
+                                 previous.get("sampler", name), previous.get("precision")) \
+            == (rule, tol, name, precision):
         generator.exact = bool(previous["exact"])
         generator.record = dict(previous)
         return [f"the run's decision is kept from its checkpoint: {name} samples "
@@ -108,3 +113,12 @@ def decide(generator, model, tokenizer, precision: str, prompt_ids: list[list[in
                else "do not count as draws from pi (on-policy-only terms off; AGRO's "
                "off-policy loss is unaffected)")
     return [f"{name}: " + m.line(), f"{name} samples {verdict}: {why}"]
+
+
+def keep_random_state(device) -> contextlib.AbstractContextManager:
+    """Restore the CPU random state, and the accelerator's when ``device`` is one, on exit: a
+    measurement samples, and must not move the run's own samples."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)

@@ -50,6 +50,7 @@ from .perf import (CALIBRATION_PROMPT_LEN, FlopModel, batch_flops, calibrate_pre
                    matmul_peak, phase_rates)
 from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
+from .sampler_check import keep_random_state
 from .sources import build_mixer
 from .tasks import build_task
 
@@ -203,10 +204,6 @@ class Trainer:
         if cfg.save_async and self.dist.world > 1 and self.dist.is_main:
             self.note("save_async: checkpoints are written synchronously with several processes")
         self.needs_token_kl = self.loss.needs_token_kl(cfg.loss_options)
-        warning = self.loss.start_warning(cfg.loss_options, cfg.beta)   # e.g. §4.6's pitfall
-        if warning and set(parse_source(cfg.source)) != {"offline"} \
-                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
-            self.note(warning)      # only where the on-policy terms are in use
         if not samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
             self.note(f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, "
                       f"top_k={cfg.top_k} does not draw from pi: fresh groups are treated as "
@@ -219,6 +216,10 @@ class Trainer:
             self._resume()
         self.sampler_record = None
         self.sampler_notes = self._check_sampler()
+        warning = self.loss.start_warning(cfg.loss_options, cfg.beta)   # e.g. §4.6's pitfall
+        if warning and self._on_policy_terms_in_use() \
+                and (self.sampler_record or {}).get("exact", True):
+            self.note(warning)      # only where the on-policy terms are in use
         self.logger = MetricsLogger(self.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_project=cfg.wandb_project, config=to_dict(cfg),
                                     resume_step=self.step if self.ckpt_path else None) \
@@ -378,19 +379,34 @@ class Trainer:
             self.note(f"overwrite=true: replaced the earlier run in {self.out} ({', '.join(present)})")
         return None
 
+    def _on_policy_terms_in_use(self) -> bool:
+        """Whether fresh groups of this run would get on-policy-only loss terms (§4.2)."""
+        cfg = self.cfg
+        return (self.loss.has_on_policy_terms(cfg.loss_options)
+                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)
+                and "fresh" in parse_source(cfg.source))
+
     def _check_sampler(self) -> list[str]:
         """Whether the sampler's groups count as draws from pi (:mod:`agro.sampler_check`): it is
         measured against the learner on a few held-out prompts and the run's rule
         (``sampler_on_policy``) applied, always for generator=vllm, and for agro's own samplers
         when the loss has on-policy-only terms that fresh groups would get (in bf16 its rounding
-        is not the learner's). The global RNG is left as it was, so the run's own samples do not
-        depend on this check."""
+        is not the learner's). With several processes they count only if every rank's sampler
+        passes. The random state is left as it was (CPU and the model's accelerator), so the
+        run's own samples do not depend on this check. A resumed run keeps its decision."""
         cfg = self.cfg
-        on_policy_terms = (self.loss.has_on_policy_terms(cfg.loss_options)
-                           and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)
-                           and "fresh" in parse_source(cfg.source))
+        previous = self._resumed_sampler_check
+        on_policy_terms = self._on_policy_terms_in_use()
         if cfg.generator != "vllm" and not on_policy_terms:
-            return []              # nothing depends on it: no measurement
+            self.sampler_record = previous    # nothing depends on it: not measured (kept)
+            return []
+        if cfg.generator != "vllm" and self.ckpt_path is not None and previous is None:
+            # a checkpoint made before agro's own samplers were checked (2026-12-02): the run
+            # goes on as it started, its groups counted as draws from pi
+            line = ("resumed from a checkpoint that records no sampler check (made before agro "
+                    "checked its own samplers): its groups keep counting as draws from pi")
+            self.note(line)
+            return [line]
         check = getattr(self.generator, "check_against", None)
         if self.async_source is not None:
             check = "actors"       # the actors sample: each checks its own sampler
@@ -400,18 +416,27 @@ class Trainer:
                    if len(p) <= cfg.max_prompt_tokens]
         if check == "actors":
             report = self.async_source.check_sampler(prompts, cfg.sampler_on_policy,
-                                                     cfg.sampler_mismatch_tol,
-                                                     self._resumed_sampler_check, self.version)
+                                                     cfg.sampler_mismatch_tol, previous,
+                                                     self.version)
             lines = [f"rollout actors: {x}" for x in report["lines"]]
             self.sampler_record, exact = report["record"], report.get("exact", True)
         else:
-            with torch.random.fork_rng(devices=[]):
+            with keep_random_state(self.device):
                 lines = check(self.learner, cfg.precision, prompts, cfg.group_size,
                               sampling_params(cfg), cfg.sampler_on_policy,
-                              cfg.sampler_mismatch_tol,
-                              previous=self._resumed_sampler_check)
-            self.sampler_record = getattr(self.generator, "record", None)
-            exact = getattr(self.generator, "exact", True)
+                              cfg.sampler_mismatch_tol, previous=previous)
+            exact = bool(getattr(self.generator, "exact", True))
+            if self.dist.world > 1:       # every rank samples: all must pass, or none counts
+                passed = self.dist.sum_int(int(exact))
+                if exact and passed < self.dist.world:
+                    lines.append(f"{self.dist.world - passed} of {self.dist.world} processes' "
+                                 "samplers did not pass: no process's groups count as draws "
+                                 "from pi")
+                exact = passed == self.dist.world
+                if hasattr(self.generator, "exact"):
+                    self.generator.exact = exact
+            record = getattr(self.generator, "record", None)
+            self.sampler_record = dict(record, exact=exact) if isinstance(record, dict) else record
         if exact is False and on_policy_terms:
             lines.append(f"warning: loss {cfg.loss} has on-policy-only terms and they are off for "
                          "every fresh group of this run (its sampler's numerics are not the "

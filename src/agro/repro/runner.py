@@ -38,8 +38,8 @@ from typing import Callable
 import yaml
 
 from .. import __version__
-from ..config import (EvalConfig, GenerateConfig, TrainConfig, config_from_dict, renamed,
-                      to_dict)
+from ..config import (RENAMED, EvalConfig, GenerateConfig, TrainConfig, config_from_dict,
+                      renamed, to_dict)
 from ..fileio import atomic_write_text
 from ..perf import machine_key
 from . import ledger as ledger_mod
@@ -171,7 +171,11 @@ class Sweep:
         older agro, whose config lacked fields added since, is still found when those fields are
         at their defaults here and everything else matches (:meth:`_compatible_run`)."""
         full = self._resolved(arm, seed)
-        key = {k: v for k, v in full.items() if k not in _NOT_HASHED and k != "seed"}
+        # hashed under the names the fields had when first written, so a rename (config.RENAMED)
+        # keeps every run's directory, unfinished ones included (they resume)
+        old_name = {new: old for old, new in RENAMED.items()}
+        key = {old_name.get(k, k): v for k, v in full.items()
+               if k not in _NOT_HASHED and k != "seed"}
         if arm.offline:   # the file's path is in the store; what matters is how it was made
             key["offline_path"] = self._offline_key()
         d = self.store / f"{arm.name}-{_digest(key)}" / f"seed{seed}"
