@@ -537,6 +537,10 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
             .splitlines() if '"loss"' in x]
     assert rows[-1]["on_policy_fraction"] == 0.0
 
+    # precision=auto keeps fp32 for such a loss, whatever this CPU's bf16
+    tr = Trainer(make_cfg(tiny_model_dir, tmp_path / "auto", "precision=auto", "loss=agro_on",
+                          "beta=0.5"), grader=HashGrader())
+    assert tr.cfg.precision == "fp32" and "on-policy-only terms" in tr.precision_notes[0]
     tr, _ = one_step("none", "loss=agro")           # no on-policy-only terms: not measured
     assert tr.sampler_record is None and tr.generator.mismatch is None
     # a bare yes/no is a YAML boolean: read back as the choice typed

@@ -44,8 +44,9 @@ class ModelFields:
                         "LoRA: autocast), 'fp32', or 'auto': fp32 on a CPU without native bf16 "
                         "matmuls (emulated, several times slower); bf16 on a GPU; on a CPU with "
                         "native bf16, `agro train` times this model in both and keeps the faster "
-                        "(cached per machine; `agro generate`/`eval` follow that choice). "
-                        "Log-softmax is always fp32.",
+                        "(cached per machine; `agro generate`/`eval` follow that choice); fp32 "
+                        "whenever the loss has on-policy-only terms (bf16 sampling is not close "
+                        "enough to pi for them: sampler_on_policy). Log-softmax is always fp32.",
                         ("auto", "bf16", "fp32"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")

@@ -264,6 +264,19 @@ class Trainer:
                 [f"precision: {cfg.precision} (from the resumed run's config.yaml)"]
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
+        spec = losses.loss_spec(cfg.loss)
+        if spec.has_on_policy_terms(cfg.loss_options) and "fresh" in parse_source(cfg.source) \
+                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
+            # correctness before speed: in bf16 agro's own sampler is 0.35 nats per completion
+            # from the learner (docs/RESULTS.md), so the sampler check would turn these terms off
+            if cfg.precision != "fp32":
+                self.cfg = dataclasses.replace(cfg, precision="fp32")
+                self.reference.precision = "fp32"
+            line = (f"precision: auto -> fp32 (loss {cfg.loss} has on-policy-only terms, which "
+                    "need samples from pi; bf16 sampling is too far from the learner's "
+                    "log-probs for them: precision=bf16 trades them for speed)")
+            self.note(line)
+            return [line]
         # every process follows rank 0: its flags decide whether to time, its timing decides
         rank0 = self.dist.all_gather(cfg.precision)[0]
         timed = self.dist.all_gather(cfg.precision == "bf16" and self.device.type == "cpu")[0]
