@@ -542,7 +542,7 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
                           "beta=0.5"), grader=HashGrader())
     assert tr.cfg.precision == "fp32" and "on-policy-only terms" in tr.precision_notes[0]
     tr, _ = one_step("none", "loss=agro")           # no on-policy-only terms: not measured
-    assert tr.sampler_record is None and tr.generator.mismatch is None
+    assert tr.sampler_record == {"checked": False} and tr.generator.mismatch is None
     # a bare yes/no is a YAML boolean: read back as the choice typed
     assert make_cfg(tiny_model_dir, tmp_path, "sampler_on_policy=yes").sampler_on_policy == "yes"
     with pytest.raises(ConfigError, match="'vllm_on_policy' are the same field"):
@@ -553,3 +553,30 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
     c = load_config(TrainConfig, str(old), [])
     assert (c.sampler_on_policy, c.sampler_mismatch_tol) == ("no", 0.5)
     assert load_config(TrainConfig, str(old), ["sampler_on_policy=auto"]).sampler_on_policy == "auto"
+
+
+def test_a_checkpoint_from_before_the_sampler_check_keeps_its_groups_on_policy(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A run checkpointed before agro checked its own sampler (no record in the checkpoint) goes
+    on as it started under sampler_on_policy=auto: not measured, its groups still draws from pi;
+    an explicit rule is applied."""
+    import agro.trainer as trainer_mod
+
+    common = ["loss=agro_on", "beta=0.5", "save_every=1", "save_final=false"]
+    Trainer(make_cfg(tiny_model_dir, tmp_path, *common), grader=HashGrader()).train()
+    real = trainer_mod.load_checkpoint
+
+    def as_before(*a, **k):              # the state an older agro wrote: no sampler record
+        st = real(*a, **k)
+        assert st.pop("sampler_check")["exact"] is True    # what this code records
+        return st
+
+    monkeypatch.setattr(trainer_mod, "load_checkpoint", as_before)
+    capsys.readouterr()
+    tr = Trainer(make_cfg(tiny_model_dir, tmp_path, *common, "steps=2"), resume=True,
+                 grader=HashGrader())
+    assert "records no sampler check" in capsys.readouterr().out
+    assert tr.generator.exact is True and tr.generator.mismatch is None
+    tr = Trainer(make_cfg(tiny_model_dir, tmp_path, *common, "steps=2", "sampler_on_policy=no"),
+                 resume=True, grader=HashGrader())
+    assert tr.generator.exact is False and tr.sampler_record["rule"] == "no"

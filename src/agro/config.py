@@ -45,8 +45,9 @@ class ModelFields:
                         "matmuls (emulated, several times slower); bf16 on a GPU; on a CPU with "
                         "native bf16, `agro train` times this model in both and keeps the faster "
                         "(cached per machine; `agro generate`/`eval` follow that choice); fp32 "
-                        "whenever the loss has on-policy-only terms (bf16 sampling is not close "
-                        "enough to pi for them: sampler_on_policy). Log-softmax is always fp32.",
+                        "when fresh samples from pi would get the loss's on-policy-only terms "
+                        "and sampler_on_policy=auto (bf16 sampling is not close enough to pi for "
+                        "them). A resumed run keeps its choice. Log-softmax is always fp32.",
                         ("auto", "bf16", "fp32"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")
@@ -458,7 +459,7 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
         in_file: dict[str, str] = {}
         for k, v in data.items():
             where = f"{p}:{lines.get(str(k), '?')}"
-            raw[_current_name(str(k), in_file, where)] = (v, where)
+            raw[_current_name(str(k), in_file, where, names)] = (v, where)
     on_line: dict[str, str] = {}
     for item in overrides or []:
         if "=" not in item:
@@ -466,7 +467,7 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
         k, v = item.split("=", 1)
         k = k.strip()
         where = f"command line '{item}'"
-        k = _current_name(k, on_line, where)
+        k = _current_name(k, on_line, where, names)
         if "." in k:  # dotted keys set one entry of a dict field, e.g. loss_options.lr_coef=0.5
             head, sub = k.split(".", 1)
             if head in names and hints[head] is dict:
@@ -482,7 +483,8 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | None =
 def config_from_dict(cls, data: dict[str, Any], where: str = "settings"):
     """Build and validate a config from a mapping of field: value (errors name ``where``)."""
     seen: dict[str, str] = {}
-    return _build(cls, {_current_name(str(k), seen, f"{where} '{k}'"): (v, f"{where} '{k}'")
+    names = [f.name for f in fields(cls)]
+    return _build(cls, {_current_name(str(k), seen, f"{where} '{k}'", names): (v, f"{where} '{k}'")
                         for k, v in data.items()})
 
 
@@ -497,12 +499,12 @@ def renamed(data: dict[str, Any]) -> dict[str, Any]:
     return {RENAMED.get(k, k): v for k, v in data.items()}
 
 
-def _current_name(key: str, seen: dict[str, str], where: str) -> str:
-    """``key`` (``field`` or ``field.entry``) under the field's current name. ``seen``: this
-    source's fields so far, {current name: name as written}; one source naming a field both ways
-    is an error (which did it mean?)."""
+def _current_name(key: str, seen: dict[str, str], where: str, names: list[str]) -> str:
+    """``key`` (``field`` or ``field.entry``) under the field's current name, if ``names`` (the
+    config's fields) has it. ``seen``: this source's fields so far, {current name: name as
+    written}; one source naming a field both ways is an error (which did it mean?)."""
     head, dot, rest = key.partition(".")
-    cur = RENAMED.get(head, head)
+    cur = RENAMED[head] if RENAMED.get(head) in names else head
     if seen.get(cur, head) != head:
         raise ConfigError(f"{where}: '{head}' and '{seen[cur]}' are the same field "
                           f"('{cur}'; the other is its old name); keep one")

@@ -121,4 +121,7 @@ def keep_random_state(device) -> contextlib.AbstractContextManager:
     device = torch.device(device)
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+    index = device.index
+    if index is None:
+        index = getattr(torch, device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import losses
 from .allocator import in_use as allocator_in_use
@@ -259,14 +260,19 @@ class Trainer:
         say what was chosen and why (logged, and written atop config.yaml)."""
         cfg = self.cfg
         if self.ckpt_path is not None:   # resuming: config.yaml keeps its own record of the choice
-            old = (self.out / "config.yaml").read_text().splitlines()
-            return [x[2:] for x in old if x.startswith("# ")] or \
-                [f"precision: {cfg.precision} (from the resumed run's config.yaml)"]
+            text = (self.out / "config.yaml").read_text()
+            saved = (yaml.safe_load(text) or {}).get("precision")
+            if requested == "auto" and saved in ("fp32", "bf16") and saved != cfg.precision:
+                self.cfg = dataclasses.replace(cfg, precision=saved)    # the run's own choice
+                self.reference.precision = saved
+            return [x[2:] for x in text.splitlines() if x.startswith("# ")] or \
+                [f"precision: {self.cfg.precision} (from the resumed run's config.yaml)"]
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
         spec = losses.loss_spec(cfg.loss)
         if spec.has_on_policy_terms(cfg.loss_options) and "fresh" in parse_source(cfg.source) \
-                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k):
+                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k) \
+                and cfg.sampler_on_policy == "auto":
             # correctness before speed: in bf16 agro's own sampler is 0.35 nats per completion
             # from the learner (docs/RESULTS.md), so the sampler check would turn these terms off
             if cfg.precision != "fp32":
@@ -411,9 +417,12 @@ class Trainer:
         previous = self._resumed_sampler_check
         on_policy_terms = self._on_policy_terms_in_use()
         if cfg.generator != "vllm" and not on_policy_terms:
-            self.sampler_record = previous    # nothing depends on it: not measured (kept)
+            # nothing depends on it: not measured; a decision made earlier in the run is kept,
+            # else the checkpoint says none was made (so a resume that needs one measures)
+            self.sampler_record = previous or {"checked": False}
             return []
-        if cfg.generator != "vllm" and self.ckpt_path is not None and previous is None:
+        if cfg.generator != "vllm" and self.ckpt_path is not None and previous is None \
+                and cfg.sampler_on_policy == "auto":
             # a checkpoint made before agro's own samplers were checked (2026-12-02): the run
             # goes on as it started, its groups counted as draws from pi
             line = ("resumed from a checkpoint that records no sampler check (made before agro "
@@ -472,7 +481,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         record = self.sampler_record
-        if self.logger and record is not None and self.ckpt_path is None:
+        if self.logger and record and "exact" in record and self.ckpt_path is None:
             self.logger.log_event("sampler_check", step=0, generator=cfg.generator, **record)
         if self.step == 0 and cfg.eval_prompts > 0 and cfg.eval_before and self.before is None:
             self.before = self.run_eval("before")
