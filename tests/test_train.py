@@ -417,15 +417,23 @@ def test_overwrite_never_deletes_the_runs_own_input(tiny_model_dir, tmp_path):
                          ids=["bf16", "lora", "fp32"])
 def test_held_out_kl_is_zero_before_training(tiny_model_dir, tmp_path, extra, monkeypatch):
     """At step 0 pi == pi_ref, so the k1 estimate must be 0: log pi and log pi_ref come from one
-    scoring pass (the sampler's own bf16 log-probs used to put ~0.08 nats into it). The passes
-    are forced here (the bit-identical shortcut of agro.evaluation._same_weights is off)."""
+    scoring pass (the sampler's own bf16 log-probs used to put ~0.08 nats into it), except for
+    agro's own fp32 sampler, whose log-probs are the scoring pass's to round-off: only the
+    reference pass runs, and the estimate is 0 to round-off. The passes are forced here (the
+    bit-identical shortcut of agro.evaluation._same_weights is off)."""
     import agro.evaluation as ev
 
     monkeypatch.setattr(ev, "_same_weights", lambda model, reference: False)
+    scorers = []
+    real = ev._seq_logprobs
+    monkeypatch.setattr(ev, "_seq_logprobs", lambda s, *a: scorers.append(s) or real(s, *a))
     cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3", *extra)
     tr = Trainer(cfg, grader=HashGrader())
     res = tr.run_eval("before")
-    assert res["kl_pi_ref"] == 0.0
+    if "precision=bf16" not in extra:    # fp32 (LoRA or not): the sampler's log-probs, one pass
+        assert abs(res["kl_pi_ref"]) < 1e-5 and scorers == [tr.reference]
+    else:
+        assert res["kl_pi_ref"] == 0.0 and len(scorers) == 2
     if tr._own_grader:
         tr.grader.close()
 

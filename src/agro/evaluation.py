@@ -78,8 +78,9 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
     reference's precision), log pi on the generator's model: the sampler's own behaviour log-probs
     are computed by other kernels, and in bf16 their difference from the scoring pass entered the
     estimate as a bias (measured at step 0, where the KL is 0: +0.079 nats per completion with
-    agro's sampler, +0.058 with vLLM). The behaviour log-probs are used only for a generator
-    without a ``model``."""
+    agro's sampler, +0.058 with vLLM). The behaviour log-probs are used for a generator without a
+    ``model``, and for agro's own sampler in fp32 (:func:`_fp32_own_sampler`), where they are the
+    scoring pass's to round-off."""
     if not samples_from_pi(temperature, 1.0, 0):
         return []
     groups = [Group(prompt_id=str(i), prompt_ids=list(g.prompt_ids),
@@ -90,7 +91,12 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
         # the policy *is* the reference (step 0 of a run): the KL is exactly 0 and both passes,
         # ~10 s of the default job's first evaluation, would only measure rounding
         return [0.0] * sum(len(g.completion_ids) for g in gens)
-    if model is not None:
+    if _fp32_own_sampler(generator, reference) and all(g.logprobs for g in gens):
+        # agro's own fp32 sampler records pi's log-probs to round-off (2e-5 nats per completion
+        # from the scoring pass, docs/RESULTS.md): the policy pass, half this estimate's cost
+        # (34 s of a 275-prompt evaluation of SmolLM2-135M on 2 cores), would only measure that
+        policy = [sum(lp) for g in gens for lp in g.logprobs]
+    elif model is not None:
         from .logprobs import Reference
 
         policy = _seq_logprobs(Reference(model, reference.precision), tokenizer, groups)
@@ -98,6 +104,13 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
         policy = [sum(lp) for g in gens for lp in g.logprobs]
     ref_sums = _seq_logprobs(reference, tokenizer, groups)
     return [lp - r for lp, r in zip(policy, ref_sums)]
+
+
+def _fp32_own_sampler(generator, reference) -> bool:
+    """agro's own sampler (cached / hf) sampling in fp32 for an fp32 estimate."""
+    return (getattr(generator, "name", "") in ("cached", "hf")
+            and getattr(generator, "precision", "") == "fp32"
+            and getattr(reference, "precision", "") == "fp32")
 
 
 @torch.no_grad()
