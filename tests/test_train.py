@@ -588,3 +588,26 @@ def test_a_checkpoint_from_before_the_sampler_check_keeps_its_groups_on_policy(
     tr = Trainer(make_cfg(tiny_model_dir, tmp_path, *common, "steps=2", "sampler_on_policy=no"),
                  resume=True, grader=HashGrader())
     assert tr.generator.exact is False and tr.sampler_record["rule"] == "no"
+
+
+@pytest.mark.parametrize("extra", [[], ["lora=true"], ["generator=hf"]], ids=["cached", "lora", "hf"])
+def test_fp32_held_out_kl_from_the_sampler_equals_the_two_pass_estimate(tiny_model_dir, tmp_path,
+                                                                        extra, monkeypatch):
+    """After training (weights and LoRA adapters moved), the fp32 estimate that takes log pi from
+    agro's own sampler's recorded log-probs equals the one with both scoring passes, on the same
+    samples, to round-off; and the policy has moved (the estimate is not 0)."""
+    import agro.evaluation as ev
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=6", "eval_samples=3", "steps=2",
+                   "lr=5e-2", *extra)
+    tr = Trainer(cfg, grader=HashGrader())
+    tr.train()
+
+    def kl(shortcut: bool) -> float:
+        monkeypatch.setattr(ev, "_fp32_own_sampler", lambda g, r: shortcut)
+        torch.manual_seed(7)
+        return tr.run_eval("after")["kl_pi_ref"]
+
+    one, two = kl(True), kl(False)
+    assert abs(two) > 1e-3, "the policy did not move: the test proves nothing"
+    assert abs(one - two) < 1e-4 * max(1.0, abs(two)), (one, two)

@@ -91,7 +91,10 @@ def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> li
         # the policy *is* the reference (step 0 of a run): the KL is exactly 0 and both passes,
         # ~10 s of the default job's first evaluation, would only measure rounding
         return [0.0] * sum(len(g.completion_ids) for g in gens)
-    if _fp32_own_sampler(generator, reference) and all(g.logprobs for g in gens):
+    if _fp32_own_sampler(generator, reference) and all(
+            len(g.logprobs) == len(g.completion_ids)
+            and all(len(lp) == len(c) for lp, c in zip(g.logprobs, g.completion_ids))
+            for g in gens):
         # agro's own fp32 sampler records pi's log-probs to round-off (2e-5 nats per completion
         # from the scoring pass, docs/RESULTS.md): the policy pass, half this estimate's cost
         # (34 s of a 275-prompt evaluation of SmolLM2-135M on 2 cores), would only measure that
