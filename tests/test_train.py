@@ -611,3 +611,20 @@ def test_fp32_held_out_kl_from_the_sampler_equals_the_two_pass_estimate(tiny_mod
     one, two = kl(True), kl(False)
     assert abs(two) > 1e-3, "the policy did not move: the test proves nothing"
     assert abs(one - two) < 1e-4 * max(1.0, abs(two)), (one, two)
+
+
+def test_with_several_processes_groups_count_as_pis_only_if_every_sampler_passes(tiny_model_dir,
+                                                                               tmp_path):
+    """Data parallel: each rank measures its own sampler; if another rank's fails, none of the
+    run's groups count as draws from pi (the ranks' gradients would mix two estimators)."""
+    tr = Trainer(make_cfg(tiny_model_dir, tmp_path, "loss=agro_on", "beta=0.5",
+                          "sampler_mismatch_tol=1e9"), grader=HashGrader())
+    assert tr.sampler_record["exact"] is True and tr.generator.exact is True
+    tr.dist.world = 2
+    tr.dist.sum_int = lambda v: v + 0            # this rank passes, the other rank does not
+    lines = tr._check_sampler()
+    assert tr.generator.exact is False and tr.sampler_record["exact"] is False
+    assert any("1 of 2 processes' samplers did not pass" in x for x in lines)
+    tr.dist.sum_int = lambda v: v + 1            # both pass
+    tr._check_sampler()
+    assert tr.generator.exact is True and tr.sampler_record["exact"] is True
