@@ -269,10 +269,7 @@ class Trainer:
                 [f"precision: {self.cfg.precision} (from the resumed run's config.yaml)"]
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
-        spec = losses.loss_spec(cfg.loss)
-        if spec.has_on_policy_terms(cfg.loss_options) and "fresh" in parse_source(cfg.source) \
-                and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k) \
-                and cfg.sampler_on_policy == "auto":
+        if self._on_policy_terms_in_use() and cfg.sampler_on_policy == "auto":
             # correctness before speed: in bf16 agro's own sampler is 0.35 nats per completion
             # from the learner (docs/RESULTS.md), so the sampler check would turn these terms off
             if cfg.precision != "fp32":
@@ -401,7 +398,7 @@ class Trainer:
     def _on_policy_terms_in_use(self) -> bool:
         """Whether fresh groups of this run would get on-policy-only loss terms (§4.2)."""
         cfg = self.cfg
-        return (self.loss.has_on_policy_terms(cfg.loss_options)
+        return (losses.loss_spec(cfg.loss).has_on_policy_terms(cfg.loss_options)
                 and samples_from_pi(cfg.temperature, cfg.top_p, cfg.top_k)
                 and "fresh" in parse_source(cfg.source))
 
@@ -454,9 +451,7 @@ class Trainer:
                     lines.append(f"{self.dist.world - passed} of {self.dist.world} processes' "
                                  "samplers did not pass: no process's groups count as draws "
                                  "from pi")
-                exact = passed == self.dist.world
-                if hasattr(self.generator, "exact"):
-                    self.generator.exact = exact
+                exact = self.generator.exact = passed == self.dist.world
             record = getattr(self.generator, "record", None)
             self.sampler_record = dict(record, exact=exact) if isinstance(record, dict) else record
         if exact is False and on_policy_terms:
