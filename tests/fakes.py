@@ -27,3 +27,37 @@ def make_offline_file(model_dir, out, num_prompts=6, group_size=3, max_new_token
     path, n = generate_offline(cfg, grader=HashGrader())
     assert n == num_prompts
     return path
+
+
+class NondeterministicCpuOps:
+    """Records every CPU op PyTorch documents as nondeterministic by default (the ones
+    ``torch.use_deterministic_algorithms(True)`` switches, torch 2.x docs): ``index_put_`` and
+    ``put_`` with ``accumulate=True``, which advanced indexing's backward (``x[idx]``) runs,
+    adding repeated indices with parallel atomics in an order that varies from run to run.
+
+    ``with NondeterministicCpuOps() as rec: ...`` then ``rec.found`` lists ``(op, shape)``;
+    forward and backward ops on the calling thread are seen (a torch dispatch mode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        found = self.found = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if name in ("index_put", "index_put_", "_index_put_impl_", "put", "put_"):
+                    acc = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
+                    if acc and args[0].device.type == "cpu":
+                        found.append((str(func), tuple(args[0].shape)))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -708,3 +708,36 @@ def test_long_groups_take_the_two_pass_path(llama, tok, monkeypatch):
                             lambda *a, **k: pytest.fail("packed path taken for a long group"))
         two = completion_logprobs(llama, *args, group_size=batch.group_size)
     assert torch.allclose(packed, two, atol=1e-5)
+
+
+
+def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok):
+    """The packed pass gathers each completion token's hidden state from one [G*L, H] tensor,
+    and token 0 of every completion of a group reads the same prompt position. Gathered with
+    advanced indexing (``h[src]``), the backward's accumulating ``index_put_`` added those
+    repeats with parallel atomics on CPU, in an order that changed from run to run: a repro
+    re-run differed at step 3 in the 7th digit and diverged after its step-10 evaluation. The
+    forward and backward must run no op from PyTorch's list of nondeterministic CPU ops, and two
+    backward passes must give bit-identical gradients."""
+    from fakes import NondeterministicCpuOps
+
+    gen = torch.Generator().manual_seed(3)
+    n = 8
+    prompts = [[1] + torch.randint(100, 30000, (k,), generator=gen).tolist() for k in (9, 5, 12)]
+    completions = [[torch.randint(100, 30000, (int(k),), generator=gen).tolist()
+                    for k in torch.randint(3, 12, (n,), generator=gen)] for _ in prompts]
+    batch = make_batch(tok.pad_token_id, prompts, completions)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, batch.attention_mask,
+                                              batch.completion_ids.shape[1], batch.prompt_len,
+                                              n) is not None
+    w = torch.randn(batch.completion_ids.shape, generator=gen)
+    grads = []
+    for _ in range(2):
+        llama.zero_grad(set_to_none=True)
+        with NondeterministicCpuOps() as rec:
+            (completion_logprobs(llama, *args, group_size=n) * w).sum().backward()
+        assert rec.found == [], rec.found
+        grads.append(torch.cat([p.grad.reshape(-1) for p in llama.parameters()]))
+    llama.zero_grad(set_to_none=True)
+    assert torch.equal(grads[0], grads[1])

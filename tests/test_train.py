@@ -102,6 +102,27 @@ def test_one_step_per_source(tiny_model_dir, tmp_path, offline_file, source, fra
         assert rows[1]["staleness_mean"] == 1.0
 
 
+
+@pytest.mark.parametrize("extra", [
+    ["loss=agro_on", "beta=0.5", "group_size=4"],
+    ["loss=kl_pg_token", "eval_prompts=2", "eval_every=1"],   # full-vocabulary KL, held-out eval
+    ["loss=grpo", "loss_options.is_mode=token_truncate"],
+], ids=["agro_on", "kl_pg_token+eval", "grpo"])
+def test_a_training_step_runs_no_nondeterministic_cpu_op(tiny_model_dir, tmp_path, extra):
+    """Sampling, scoring, the loss, its backward, the optimizer and a held-out evaluation run no
+    op from PyTorch's list of CPU ops with a nondeterministic default (accumulating index_put_ /
+    put_): with one, two runs of the same config drift apart in the last bits and, after the
+    next sampling, diverge (docs/PAPER.md, the re-run check)."""
+    from fakes import NondeterministicCpuOps
+
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=2", *extra)
+    tr = Trainer(cfg, grader=HashGrader())
+    with NondeterministicCpuOps() as rec:
+        res = tr.train()
+    assert res.steps_done == 2
+    assert rec.found == [], rec.found
+
+
 def test_offline_training_needs_no_generation(tiny_model_dir, tmp_path, offline_file, monkeypatch):
     cfg = make_cfg(tiny_model_dir, tmp_path, "source=offline", f"offline_path={offline_file}")
     tr = Trainer(cfg, grader=HashGrader())

@@ -347,10 +347,16 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     with autocast_ctx(precision, dev), attention_backend(dev):
         h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
                 use_cache=False).last_hidden_state                       # [G, L, H]
+    # index_select, not h[src]: rows of a group share their last prompt state (token 0 of
+    # every completion) and padding repeats a source, and the backward of advanced indexing
+    # (index_put_ accumulate) adds such repeats with parallel atomics on CPU, in an order
+    # that changes from run to run; index_select's backward (index_add_) adds them in index
+    # order, so a run is bit-reproducible (tests/test_logprobs.py).
     src = src.reshape(-1)                                                # [B*T]
+    flat = h.reshape(G * L, -1)                                          # [G*L, H]
     if rows is not None:
-        return h.reshape(G * L, -1)[src[rows].to(dev)]                   # [K, H]
-    return h.reshape(G * L, -1)[src.to(dev)].reshape(B, T, -1)           # [B, T, H]
+        return flat.index_select(0, src[rows].to(dev))                   # [K, H]
+    return flat.index_select(0, src.to(dev)).reshape(B, T, -1)           # [B, T, H]
 
 
 def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
