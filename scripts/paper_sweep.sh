@@ -12,22 +12,33 @@
 # AGRO_SRC pins the code the sweep runs (default: this checkout's src). To keep editing the
 # checkout while a sweep runs, point it at a worktree of a fixed commit:
 #   git worktree add /tmp/agro-sweep HEAD && AGRO_SRC=/tmp/agro-sweep/src scripts/paper_sweep.sh
+#
+# PAPER_OUT puts the claims' outputs elsewhere (default docs/paper): a re-run of committed claims
+# on new code goes to its own directory (a claim always re-renders its own recorded runs, so
+# re-running into docs/paper/cN would re-render the old ones), e.g.
+#   PAPER_OUT=docs/paper/rerun AGRO_SRC=... scripts/paper_sweep.sh c1 c4 c5
+# Only a sweep into docs/paper regenerates PAPER.md's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SRC=${AGRO_SRC:-$ROOT/src}
 PY=${PY:-$ROOT/.venv/bin/python}
-REV=$(git -C "$SRC/.." rev-parse --short HEAD 2>/dev/null || echo unknown)
+# the code = the last commit that changed src/ (this script's own commits of docs/ and of the
+# claims' outputs do not change it, so a killed run resumes on restart)
+REV=$(git -C "$SRC/.." log -1 --format=%h -- src 2>/dev/null)
+REV=${REV:-unknown}
 if [ -n "$(git -C "$SRC/.." status --porcelain -- src 2>/dev/null)" ]; then
   echo "paper_sweep: $SRC has uncommitted changes; commit them, or pin a commit with AGRO_SRC" >&2
   exit 2
 fi
 export AGRO_CODE_REV=$REV      # recorded in every run's done.json and in arms.yaml
 CLAIMS=${*:-c1 c4 c5 c2 c6 c3}
-mkdir -p runs/repro
+OUT=${PAPER_OUT:-docs/paper}
+OUT=${OUT%/}
+mkdir -p runs/repro "$OUT"
 for c in $CLAIMS; do
   while true; do
-    out=$(PYTHONPATH="$SRC" "$PY" -m agro.cli repro "$c" --out "docs/paper/$c" max_runs=1 2>>runs/repro/sweep.err)
+    out=$(PYTHONPATH="$SRC" "$PY" -m agro.cli repro "$c" --out "$OUT/$c" max_runs=1 2>>runs/repro/sweep.err)
     rc=$?
     echo "$out"
     if [ $rc -ne 0 ]; then
@@ -36,12 +47,12 @@ for c in $CLAIMS; do
     fi
     left=$(echo "$out" | sed -n 's/.*runs still pending: \([0-9]*\).*/\1/p')
     verdict=$(echo "$out" | sed -n "s/^agro repro $c: //p")
-    git add "docs/paper/$c" >/dev/null 2>&1
-    git commit -q -m "paper sweep $c: one more run finished, $left pending; verdict so far: $verdict (code $REV)" \
-      -- "docs/paper/$c" >/dev/null 2>&1 || echo "paper_sweep: nothing committed for $c"
+    git add "$OUT/$c" >/dev/null 2>&1
+    git commit -q -m "paper sweep $OUT/$c: one more run finished, $left pending; verdict so far: $verdict (code $REV)" \
+      -- "$OUT/$c" >/dev/null 2>&1 || echo "paper_sweep: nothing committed for $c"
     # PAPER.md's results table, when nobody is editing PAPER.md (else whoever commits it next
     # regenerates it: python scripts/paper_table.py)
-    if git diff --quiet -- docs/PAPER.md && "$PY" scripts/paper_table.py >/dev/null 2>&1; then
+    if [ "$(realpath -m "$OUT")" = "$ROOT/docs/paper" ] && git diff --quiet -- docs/PAPER.md && "$PY" scripts/paper_table.py >/dev/null 2>&1; then
       git commit -q -m "PAPER: results table after $c's run" -- docs/PAPER.md >/dev/null 2>&1
     fi
     [ "$left" = "0" ] && break

@@ -30,10 +30,11 @@ def make_offline_file(model_dir, out, num_prompts=6, group_size=3, max_new_token
 
 
 class NondeterministicCpuOps:
-    """Records every CPU op PyTorch documents as nondeterministic by default (the ones
-    ``torch.use_deterministic_algorithms(True)`` switches, torch 2.x docs): ``index_put_`` and
-    ``put_`` with ``accumulate=True``, which advanced indexing's backward (``x[idx]``) runs,
-    adding repeated indices with parallel atomics in an order that varies from run to run.
+    """Records the CPU ops with a nondeterministic default that agro could plausibly run (from
+    the list in ``torch.use_deterministic_algorithms``' docs, torch 2.x): ``index_put`` (also
+    ``_index_put_impl_``, ``_unsafe_index_put``) and ``put`` with ``accumulate=True``, which
+    advanced indexing's backward (``x[idx]``) runs, adding repeated indices with parallel atomics
+    in an order that varies from run to run, and ``index_copy``.
 
     ``with NondeterministicCpuOps() as rec: ...`` then ``rec.found`` lists ``(op, shape)``;
     forward and backward ops on the calling thread are seen (a torch dispatch mode)."""
@@ -47,10 +48,13 @@ class NondeterministicCpuOps:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 name = func.overloadpacket.__name__
-                if name in ("index_put", "index_put_", "_index_put_impl_", "put", "put_"):
+                if name in ("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put",
+                            "put", "put_"):
                     acc = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
                     if acc and args[0].device.type == "cpu":
                         found.append((str(func), tuple(args[0].shape)))
+                elif name in ("index_copy", "index_copy_") and args[0].device.type == "cpu":
+                    found.append((str(func), tuple(args[0].shape)))
                 return func(*args, **kwargs)
 
         self._mode = _Mode()

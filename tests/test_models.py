@@ -715,29 +715,37 @@ def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok):
     """The packed pass gathers each completion token's hidden state from one [G*L, H] tensor,
     and token 0 of every completion of a group reads the same prompt position. Gathered with
     advanced indexing (``h[src]``), the backward's accumulating ``index_put_`` added those
-    repeats with parallel atomics on CPU, in an order that changed from run to run: a repro
-    re-run differed at step 3 in the 7th digit and diverged after its step-10 evaluation. The
-    forward and backward must run no op from PyTorch's list of nondeterministic CPU ops, and two
-    backward passes must give bit-identical gradients."""
+    repeats with parallel atomics on CPU (fp32, >= 32768 elements, >= 2 threads), in an order
+    that changed from run to run: a repro re-run differed at step 3 in the 7th digit and diverged
+    after its step-10 evaluation. The forward and backward must run no op from PyTorch's list of
+    nondeterministic CPU ops (this fails on the old gather), and two backward passes on a batch
+    large enough for the parallel path (~700 tokens x width 64) give bit-identical gradients (the
+    old gather failed that only sometimes: it needs the two threads to collide)."""
     from fakes import NondeterministicCpuOps
 
     gen = torch.Generator().manual_seed(3)
     n = 8
-    prompts = [[1] + torch.randint(100, 30000, (k,), generator=gen).tolist() for k in (9, 5, 12)]
+    prompts = [[1] + torch.randint(100, 30000, (k,), generator=gen).tolist() for k in (9, 5, 12, 7)]
     completions = [[torch.randint(100, 30000, (int(k),), generator=gen).tolist()
-                    for k in torch.randint(3, 12, (n,), generator=gen)] for _ in prompts]
+                    for k in torch.randint(15, 30, (n,), generator=gen)] for _ in prompts]
     batch = make_batch(tok.pad_token_id, prompts, completions)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, batch.attention_mask,
                                               batch.completion_ids.shape[1], batch.prompt_len,
                                               n) is not None
     w = torch.randn(batch.completion_ids.shape, generator=gen)
+    assert int(batch.completion_mask.sum()) * llama.config.hidden_size >= 32768
     grads = []
-    for _ in range(2):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):
+            llama.zero_grad(set_to_none=True)
+            with NondeterministicCpuOps() as rec:
+                (completion_logprobs(llama, *args, group_size=n) * w).sum().backward()
+            assert rec.found == [], rec.found
+            grads.append(torch.cat([p.grad.reshape(-1) for p in llama.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
         llama.zero_grad(set_to_none=True)
-        with NondeterministicCpuOps() as rec:
-            (completion_logprobs(llama, *args, group_size=n) * w).sum().backward()
-        assert rec.found == [], rec.found
-        grads.append(torch.cat([p.grad.reshape(-1) for p in llama.parameters()]))
-    llama.zero_grad(set_to_none=True)
-    assert torch.equal(grads[0], grads[1])
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])

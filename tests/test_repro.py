@@ -296,6 +296,37 @@ def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, 
     assert _rows(tmp_path / "a", "agro") == _rows(ref, "agro")
 
 
+
+def test_an_unfinished_run_resumes_only_on_the_code_that_started_it(tmp_path, monkeypatch):
+    """A run directory with a complete checkpoint resumes only if its started.json names the
+    code that runs now; one started by other code (or before started.json existed) starts again,
+    so no run finishes on one revision what another began (the sweep's numbers would then come
+    from neither)."""
+    from agro import checkpoint
+    from agro.repro.runner import STARTED, Sweep
+
+    monkeypatch.setenv("AGRO_CODE_REV", "rev-b")
+    sw = Sweep("c1", tmp_path / "out", store=tmp_path / "st", quick=True, seeds=[0], arms=["agro"])
+    d = tmp_path / "run"
+    assert sw.resumable(d) == (False, "")                      # nothing there
+    d.mkdir()
+    assert sw.resumable(d) == (False, "no complete checkpoint")
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda out, verify=False: out / "ck")
+    ok, why = sw.resumable(d)                                   # from before started.json
+    assert not ok and "not recorded" in why
+    (d / STARTED).write_text(json.dumps({"code": "rev-a"}))
+    ok, why = sw.resumable(d)
+    assert not ok and "rev-a" in why and "rev-b" in why
+    (d / STARTED).write_text(json.dumps({"code": "rev-b"}))
+    assert sw.resumable(d) == (True, "")
+    monkeypatch.setenv("AGRO_CODE_REV", "unknown")             # without git: never resumed
+    (d / STARTED).write_text(json.dumps({"code": "unknown"}))
+    assert not Sweep("c1", tmp_path / "out", store=tmp_path / "st", quick=True, seeds=[0],
+                     arms=["agro"]).resumable(d)[0]
+    (d / "done.json").write_text("{}")                          # finished: nothing to resume
+    assert sw.resumable(d) == (False, "")
+
+
 def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
     import importlib.util
 

@@ -351,7 +351,8 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     # every completion) and padding repeats a source, and the backward of advanced indexing
     # (index_put_ accumulate) adds such repeats with parallel atomics on CPU, in an order
     # that changes from run to run; index_select's backward (index_add_) adds them in index
-    # order, so a run is bit-reproducible (tests/test_logprobs.py).
+    # order, so a run is bit-reproducible (tests/test_models.py::
+    # test_packed_path_backward_runs_no_nondeterministic_cpu_op).
     src = src.reshape(-1)                                                # [B*T]
     flat = h.reshape(G * L, -1)                                          # [G*L, H]
     if rows is not None:

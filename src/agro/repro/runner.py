@@ -11,7 +11,8 @@ Layout of the run store (``store``; the runs are big and never committed)::
 runs made with other settings, while the same arm needed by two claims runs once per code
 revision (a store run whose done.json names other code is not reused: :meth:`Sweep.finished`). A run with
 ``done.json`` is finished and skipped; a run without one resumes from its last complete checkpoint
-(bit-identical to an uninterrupted run, see tests/test_kill_resume.py) or starts again. Each finished
+(bit-identical to an uninterrupted run, see tests/test_kill_resume.py) if the code that started
+it (its ``started.json``) is the code running now, else starts again. Each finished
 run's checkpoints are deleted (only its logs are kept).
 
 The claim's outputs (``out``): ``runs.csv`` (one row per arm, seed and logged step, with the base
@@ -46,6 +47,7 @@ from . import ledger as ledger_mod
 from .claims import (ARMS, FULL_BASE, FULL_OFFLINE, QUICK_BASE, QUICK_OFFLINE, Arm, Claim,
                      claim as get_claim)
 
+STARTED = "started.json"      # in a run directory: the code revision that started the run
 CSV_COLUMNS = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1",
                "eval_accuracy", "eval_kl", "loss", "completion_len_mean", "fresh_fraction",
                "staleness_mean"]
@@ -62,22 +64,29 @@ class SweepError(ValueError):
 
 
 def code_revision() -> str:
-    """The code that runs: $AGRO_CODE_REV (set by scripts/paper_sweep.sh), else the git commit of
-    the checkout holding this package, with "+dirty" if its src/ has uncommitted changes."""
+    """The code that runs: $AGRO_CODE_REV (set by scripts/paper_sweep.sh), else the last git
+    commit that changed the src/ holding this package (commits of docs or sweep outputs do not
+    change it), with "+dirty-<hash of the uncommitted diff>" if src/ has uncommitted changes
+    (two different edits never share a revision); "unknown" without git."""
     import os
     import subprocess
 
     if os.environ.get("AGRO_CODE_REV"):
         return os.environ["AGRO_CODE_REV"]
     src = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
     try:
-        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = git("log", "-1", "--format=%h", "--", ".")
+        dirty = git("status", "--porcelain", "--", ".")
+        if dirty:
+            diff = git("diff", "HEAD", "--", ".") + dirty
+            rev = (rev or "unknown") + "+dirty-" + hashlib.sha256(diff.encode()).hexdigest()[:8]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
+    return rev or "unknown"
 
 
 def _digest(d: dict) -> str:
@@ -389,8 +398,27 @@ class Sweep:
             self.run_one(arm, seed)
         return len(self.pending())
 
-    def run_one(self, arm: Arm, seed: int) -> Path:
+    def resumable(self, d: Path) -> tuple[bool, str]:
+        """Whether the unfinished run in ``d`` resumes from its last complete checkpoint, and if
+        not, why: no checkpoint, or a run started by other code (its ``started.json``; a run
+        from before that file existed, or code of unknown revision, counts as other code), which
+        would otherwise finish on this code with the first steps' weights and samples from the
+        other."""
         from ..checkpoint import latest_checkpoint
+
+        if not d.is_dir() or (d / "done.json").is_file():
+            return False, ""
+        if latest_checkpoint(d) is None:
+            return False, "no complete checkpoint"
+        try:
+            code = json.loads((d / STARTED).read_text()).get("code")
+        except (OSError, ValueError, AttributeError):
+            code = None
+        if code != self.code or str(code).startswith("unknown"):
+            return False, f"it was started by code {code or 'not recorded'}, not {self.code}"
+        return True, ""
+
+    def run_one(self, arm: Arm, seed: int) -> Path:
         from ..trainer import Trainer, TrainingAborted
 
         if arm.offline:
@@ -398,13 +426,15 @@ class Sweep:
         d = self.run_dir(arm, seed)
         settings = dict(self.arm_settings(arm, seed), output_dir=str(d))
         cfg = config_from_dict(TrainConfig, settings, where=f"repro arm {arm.name}")
-        resume = d.is_dir() and latest_checkpoint(d) is not None \
-            and not (d / "done.json").is_file()
+        resume, why = self.resumable(d)
         if d.is_dir() and not resume:
-            shutil.rmtree(d)            # started but no complete checkpoint, or made by other
-                                        # code (finished(): not this sweep's run): start again
+            shutil.rmtree(d)            # not resumable by this code (why): start again
         self.log(f"[repro] {self.claim.name}: arm {arm.name} seed {seed} "
-                 f"({'resuming' if resume else 'starting'}) -> {d}")
+                 f"({'resuming' if resume else 'starting'}{'' if resume or not why else ': ' + why})"
+                 f" -> {d}")
+        d.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(d / STARTED, json.dumps({"code": self.code}))
         t0 = time.perf_counter()
         status, reason, steps = "finished", "", cfg.steps
         trainer = Trainer(cfg, resume=resume, grader=self._shared_grader())
