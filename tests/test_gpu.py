@@ -86,3 +86,27 @@ def test_resume_on_cuda_is_bit_identical(tiny_model_dir, tmp_path):
     # equal up to float reordering, far below the 4 steps' movement
     diff = max(float((p - pa[n]).abs().max()) for n, p in b.policy.named_parameters())
     assert diff < 1e-5, diff
+
+
+@pytest.mark.gpu
+@cuda
+def test_packed_gather_is_deterministic_on_cuda():
+    """The packed pass's row gather takes the op whose backward is deterministic on the device
+    (on CUDA accumulating index_put_; index_add_ uses atomics): under
+    torch.use_deterministic_algorithms(True) an op without a deterministic CUDA kernel raises."""
+    from agro.logprobs import _gather_rows
+
+    x = torch.randn(50, 16, device="cuda", requires_grad=True)
+    idx = torch.tensor([3, 3, 3, 7, 1, 3], device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            x.grad = None
+            _gather_rows(x, idx).pow(2).sum().backward()
+            grads.append(x.grad.clone())
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0][3], (2 * x.detach()[3]) * 4)

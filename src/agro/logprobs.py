@@ -347,17 +347,23 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     with autocast_ctx(precision, dev), attention_backend(dev):
         h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
                 use_cache=False).last_hidden_state                       # [G, L, H]
-    # index_select, not h[src]: rows of a group share their last prompt state (token 0 of
-    # every completion) and padding repeats a source, and the backward of advanced indexing
-    # (index_put_ accumulate) adds such repeats with parallel atomics on CPU, in an order
-    # that changes from run to run; index_select's backward (index_add_) adds them in index
-    # order, so a run is bit-reproducible (tests/test_models.py::
-    # test_packed_path_backward_runs_no_nondeterministic_cpu_op).
     src = src.reshape(-1)                                                # [B*T]
     flat = h.reshape(G * L, -1)                                          # [G*L, H]
     if rows is not None:
-        return flat.index_select(0, src[rows].to(dev))                   # [K, H]
-    return flat.index_select(0, src.to(dev)).reshape(B, T, -1)           # [B, T, H]
+        return _gather_rows(flat, src[rows].to(dev))                     # [K, H]
+    return _gather_rows(flat, src.to(dev)).reshape(B, T, -1)             # [B, T, H]
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` ([N, H], [K] long -> [K, H]) with a backward that adds repeated indices in a
+    fixed order. Rows of a group share their last prompt state (token 0 of every completion)
+    and padding repeats a source. On CPU the backward of advanced indexing (``index_put_`` with
+    accumulate) adds repeats with parallel atomics, in an order that changes from run to run,
+    and ``index_select``'s (``index_add_``) in index order; on CUDA it is the other way round
+    (``index_add_`` uses atomics, accumulating ``index_put_`` sorts), so each device takes its
+    deterministic one (tests/test_models.py::test_packed_path_backward_runs_no_nondeterministic_cpu_op;
+    the CUDA branch has never run here: no GPU)."""
+    return x[idx] if x.is_cuda else x.index_select(0, idx)
 
 
 def _packed_group_logits(model, input_ids, attention_mask, T: int, P: int, n: int,
