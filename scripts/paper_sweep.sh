@@ -7,7 +7,8 @@
 # Run it alone on the machine (a second torch process slows both 10-20x), in the background:
 #   nohup scripts/paper_sweep.sh > runs/repro/sweep.log 2>&1 &
 # Killed at any point, it continues where it stopped when started again (finished runs are
-# skipped, an interrupted run resumes from its last checkpoint). The run store is runs/repro.
+# skipped, an interrupted run resumes from its last checkpoint if the same code revision started
+# it, else starts again: started.json). The run store is runs/repro.
 #
 # AGRO_SRC pins the code the sweep runs (default: this checkout's src). To keep editing the
 # checkout while a sweep runs, point it at a worktree of a fixed commit:
@@ -20,13 +21,16 @@
 # Only a sweep into docs/paper regenerates PAPER.md's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+ROOT=$(pwd -P)
 SRC=${AGRO_SRC:-$ROOT/src}
 PY=${PY:-$ROOT/.venv/bin/python}
 # the code = the last commit that changed src/ (this script's own commits of docs/ and of the
 # claims' outputs do not change it, so a killed run resumes on restart)
-REV=$(git -C "$SRC/.." log -1 --format=%h -- src 2>/dev/null)
-REV=${REV:-unknown}
+REV=$(git -C "$SRC/.." log -1 --format=%h -- src)
+if [ -z "$REV" ]; then
+  echo "paper_sweep: cannot tell which commit $SRC is (git log -- src printed nothing)" >&2
+  exit 2
+fi
 if [ -n "$(git -C "$SRC/.." status --porcelain -- src 2>/dev/null)" ]; then
   echo "paper_sweep: $SRC has uncommitted changes; commit them, or pin a commit with AGRO_SRC" >&2
   exit 2

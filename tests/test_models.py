@@ -716,8 +716,8 @@ def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok):
     and token 0 of every completion of a group reads the same prompt position. Gathered with
     advanced indexing (``h[src]``), the backward's accumulating ``index_put_`` added those
     repeats with parallel atomics on CPU (fp32, >= 32768 elements, >= 2 threads), in an order
-    that changed from run to run: a repro re-run differed at step 3 in the 7th digit and diverged
-    after its step-10 evaluation. The forward and backward must run no op from PyTorch's list of
+    that changed from run to run: two runs of a repro arm's config differed at step 3 in the 6th
+    significant digit, and a repro re-run diverged after its step-10 evaluation. The forward and backward must run no op from PyTorch's list of
     nondeterministic CPU ops (this fails on the old gather), and two backward passes on a batch
     large enough for the parallel path (~700 tokens x width 64) give bit-identical gradients (the
     old gather failed that only sometimes: it needs the two threads to collide)."""

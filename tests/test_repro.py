@@ -303,7 +303,10 @@ def test_an_unfinished_run_resumes_only_on_the_code_that_started_it(tmp_path, mo
     so no run finishes on one revision what another began (the sweep's numbers would then come
     from neither)."""
     from agro import checkpoint
-    from agro.repro.runner import STARTED, Sweep
+    from agro.repro.runner import STARTED, Sweep, same_code
+
+    assert same_code("abc1234", "abc1234") and not same_code("abc1234", "abc1235")
+    assert not same_code("unknown", "unknown") and not same_code(None, None)
 
     monkeypatch.setenv("AGRO_CODE_REV", "rev-b")
     sw = Sweep("c1", tmp_path / "out", store=tmp_path / "st", quick=True, seeds=[0], arms=["agro"])

@@ -105,7 +105,7 @@ def test_one_step_per_source(tiny_model_dir, tmp_path, offline_file, source, fra
 
 @pytest.mark.parametrize("extra", [
     ["loss=agro_on", "beta=0.5", "group_size=4", "eval_prompts=2", "eval_every=1"],  # packed pass
-    ["loss=kl_pg_token"],                       # the full-vocabulary token KL (unpacked pass)
+    ["loss=kl_pg_token"],                       # the full-vocabulary token KL (packed logits)
 ], ids=["agro_on+eval", "kl_pg_token"])
 def test_a_training_step_runs_no_nondeterministic_cpu_op(tiny_model_dir, tmp_path, extra):
     """Sampling, scoring, the loss, its backward, the optimizer and a held-out evaluation run no

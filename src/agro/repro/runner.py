@@ -75,18 +75,32 @@ def code_revision() -> str:
         return os.environ["AGRO_CODE_REV"]
     src = Path(__file__).resolve().parents[2]
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True,
+                              timeout=60).stdout
+
     try:
-        rev = git("log", "-1", "--format=%h", "--", ".")
-        dirty = git("status", "--porcelain", "--", ".")
-        if dirty:
-            diff = git("diff", "HEAD", "--", ".") + dirty
-            rev = (rev or "unknown") + "+dirty-" + hashlib.sha256(diff.encode()).hexdigest()[:8]
+        rev = git("log", "-1", "--format=%h", "--", ".").decode().strip()
+        if git("status", "--porcelain", "--", ".").strip():
+            h = hashlib.sha256(git("diff", "--binary", "--no-ext-diff", "--no-textconv",
+                                   "--no-color", "HEAD", "--", "."))
+            for name in sorted(git("ls-files", "-o", "--exclude-standard", "-z", "--",
+                                   ".").split(b"\0")):
+                if name:                         # untracked files: their names and contents
+                    h.update(name + b"\0")
+                    try:
+                        h.update((src / name.decode()).read_bytes())
+                    except OSError:
+                        pass
+            rev = (rev or "unknown") + "+dirty-" + h.hexdigest()[:8]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev or "unknown"
+
+
+def same_code(a, b) -> bool:
+    """Whether two recorded code revisions are known to be the same code ("unknown" never is)."""
+    return a is not None and a == b and not str(a).startswith("unknown")
 
 
 def _digest(d: dict) -> str:
@@ -254,12 +268,12 @@ class Sweep:
         sha = self._offline_sha() if arm.offline else None
         return self.ledger().find(arm.name, seed, lambda p, doc: (
             doc["offline_key"] == key and doc.get("offline_sha256") == sha
-            and (self._own(p) or doc["done"]["code"] == self.code)
+            and (self._own(p) or same_code(doc["done"]["code"], self.code))
             and ledger_mod.config_matches(renamed(doc["config"]), full, defaults, _NOT_COMPARED)))
 
     def _base_matches(self, p: Path, doc: dict) -> bool:
         """A recorded base evaluation made with this sweep's evaluation settings by this code."""
-        return doc.get("base_eval_key") == self._base_key() and doc["done"]["code"] == self.code
+        return doc.get("base_eval_key") == self._base_key() and same_code(doc["done"]["code"], self.code)
 
     def _offline_sha(self) -> str | None:
         """The content hash of the offline file this sweep trains on (None: none exists yet)."""
@@ -372,7 +386,7 @@ class Sweep:
         if (d / "done.json").is_file():
             shutil.rmtree(d / "checkpoints", ignore_errors=True)   # a kill after done.json
             code = json.loads((d / "done.json").read_text()).get("code")
-            if code == self.code:
+            if same_code(code, self.code):
                 return "store", d
         return ("ledger", found) if found is not None else None
 
@@ -414,7 +428,7 @@ class Sweep:
             code = json.loads((d / STARTED).read_text()).get("code")
         except (OSError, ValueError, AttributeError):
             code = None
-        if code != self.code or str(code).startswith("unknown"):
+        if not same_code(code, self.code):
             return False, f"it was started by code {code or 'not recorded'}, not {self.code}"
         return True, ""
 
@@ -451,7 +465,7 @@ class Sweep:
             "arm": arm.name, "seed": seed, "status": status, "reason": reason, "steps": steps,
             "wall_seconds": wall, "resumed": resume,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine_key(), "agro": __version__, "code": code_revision()}, indent=1))
+            "machine": machine_key(), "agro": __version__, "code": self.code}, indent=1))
         shutil.rmtree(d / "checkpoints", ignore_errors=True)
         return d
 
