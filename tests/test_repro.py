@@ -207,6 +207,24 @@ def test_list_names_every_claim(capsys):
     assert all(a in ARMS for c in CLAIMS.values() for a in c.arms)
 
 
+def test_every_claims_plot_panels_hold_each_arm_once_in_one_series_order():
+    """Panels split a claim's arms (e.g. by staleness); each arm is drawn once, and every panel
+    lists its series in the same order of losses, so a loss keeps its colour across panels."""
+    import dataclasses
+
+    from agro.repro.plots import panel_groups
+
+    for c in CLAIMS.values():
+        groups = panel_groups(c)
+        assert sorted(a for _, arms in groups for a in arms) == sorted(c.arms), c.name
+        losses = [[ARMS[a].overrides.get("loss", "agro") for a in arms] for _, arms in groups]
+        assert all(x == losses[0] for x in losses), (c.name, losses)
+    assert [t for t, _ in panel_groups(CLAIMS["c7"])] == [f"max_staleness k = {k}" for k in (0, 1, 4)]
+    for bad in (CLAIMS["c7"].panels[:2], CLAIMS["c7"].panels + (("again", ("async0-agro",)),)):
+        with pytest.raises(ValueError, match="c7: its panels"):
+            panel_groups(dataclasses.replace(CLAIMS["c7"], panels=bad))
+
+
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     from agro.cli import main
 
@@ -379,7 +397,7 @@ def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_
 
 
 def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_runs(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     """The run store is gone (a fresh clone): the claim's committed ledger (OUT/runs/) re-renders
     the same runs.csv without running anything; a sibling claim takes the shared arm's finished
     run and the base evaluation from it instead of running them, but only when made by the code
@@ -409,6 +427,21 @@ def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_ru
     sw.write_outputs()
     assert (c1 / "runs.csv").read_bytes() == before
     assert sorted(d.name for d in st.iterdir()) == ["tiny-model"]     # nothing ran or evaluated
+
+    # --render: renders what is finished (a copy of the ledger: the same runs.csv), and with
+    # nothing finished (an empty OUT) runs and evaluates nothing
+    from agro.cli import main
+
+    shown, empty = tmp_path / "render" / "c1", tmp_path / "render-empty" / "c1"
+    shutil.copytree(c1, shown)
+    capsys.readouterr()
+    for out, pending in ((shown, 0), (empty, 1)):
+        assert main(["repro", "c1", "--out", str(out), "--quick", "--render", f"store={st}",
+                     "arms=agro", "seeds=0"]) == 0
+        assert f"runs still pending: {pending}" in capsys.readouterr().out
+        assert sorted(d.name for d in st.iterdir()) == ["tiny-model"]
+    assert (shown / "runs.csv").read_bytes() == before
+    assert len((empty / "runs.csv").read_text().splitlines()) == 1     # the header only
 
     lines.clear()
     c4 = paper / "c4"

@@ -22,7 +22,7 @@ commands:
   lab       exact tabular experiments (Figure 1 of the paper; the on-policy pitfall)
             agro lab figure1|pitfall [CONFIG.yaml] [key=value ...]   (out=DIR)
   repro     the paper's LLM claims with verdicts, resumable sweeps of the real trainer
-            agro repro --list | agro repro c1..c7 --out DIR [--quick] [key=value ...]
+            agro repro --list | agro repro c1..c7 --out DIR [--quick] [--render] [key=value ...]
 
 `agro COMMAND --help` lists every field of that command's config.
 """
@@ -231,7 +231,7 @@ def cmd_lab(argv: list[str]) -> int:
 def cmd_repro(argv: list[str]) -> int:
     from .config import ConfigError, ReproConfig, load_config
 
-    usage = "agro repro --list | agro repro c1..c7 --out DIR [--quick] [CONFIG.yaml] [key=value ...]"
+    usage = "agro repro --list | agro repro c1..c7 --out DIR [--quick] [--render] [CONFIG.yaml] [key=value ...]"
     if _help(argv, usage, ReproConfig):
         return 0
     if "--list" in argv:
@@ -246,7 +246,8 @@ def cmd_repro(argv: list[str]) -> int:
     yaml_path, overrides, rest = _split_args(argv)
     out, rest = _out_flag(rest)
     quick = ["quick=true"] if "--quick" in rest else []
-    rest = [r for r in rest if r != "--quick"]
+    quick += ["render=true"] if "--render" in rest else []
+    rest = [r for r in rest if r not in ("--quick", "--render")]
     pre = [f"claim={rest.pop(0)}"] if rest and not rest[0].startswith("-") else []
     if rest:
         return _die(f"unexpected arguments {rest}; fields are set as key=value "
@@ -263,7 +264,8 @@ def cmd_repro(argv: list[str]) -> int:
     try:
         verdict, left = run_sweep(cfg.claim, cfg.out, quick=cfg.quick, store=cfg.store or None,
                                   seeds=cfg.seeds or None, arms=cfg.arms or None,
-                                  max_runs=cfg.max_runs, reuse=cfg.reuse)
+                                  max_runs=cfg.max_runs, reuse=cfg.reuse,
+                                  render_only=cfg.render)
     except (SweepError, LedgerError) as e:
         return _die(str(e))
     print(f"agro repro {cfg.claim}: {verdict['verdict']}"

@@ -104,6 +104,10 @@ class Claim:
     arms: tuple[str, ...]
     x: str = "step"         # x-axis of the accuracy plot: "step" or "epoch"
     kl_plot: bool = True
+    # the plots' panels, side by side on a shared accuracy axis: (title, arms) each, together
+    # every arm once, in the same order of series in every panel (so a series keeps its colour);
+    # empty: one panel with every arm
+    panels: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 CLAIMS: dict[str, Claim] = {c.name: c for c in [
@@ -135,13 +139,17 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "With generation lagging the learner by k in {0, 2, 8} policy versions and no "
           "importance weights, agro keeps its lag-0 accuracy and does at least as well as "
           "kl_pg at equal staleness.",
-          ("agro", "stale2-agro", "stale8-agro", "kl_pg", "stale2-kl_pg", "stale8-kl_pg")),
+          ("agro", "stale2-agro", "stale8-agro", "kl_pg", "stale2-kl_pg", "stale8-kl_pg"),
+          panels=(("lag 0", ("agro", "kl_pg")), ("lag 2", ("stale2-agro", "stale2-kl_pg")),
+                  ("lag 8", ("stale8-agro", "stale8-kl_pg")))),
     Claim("c7", "Asynchronous actors at bounded staleness, no importance weights (ours, issue 10)",
           "With generation in Ray actors running ahead of the learner by max_staleness k in "
           "{0, 1, 4} policy versions, agro with no importance weights keeps its k = 0 accuracy "
           "and does at least as well as kl_pg (no importance weights) and as grpo with the "
           "peers' truncated/masked importance sampling at equal staleness.",
-          tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES)),
+          tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES),
+          panels=tuple((f"max_staleness k = {k}", tuple(f"async{k}-{n}" for n, _, _ in ASYNC_LOSSES))
+                       for k in ASYNC_K)),
 ]}
 
 

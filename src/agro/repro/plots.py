@@ -1,5 +1,6 @@
 """A claim's figures: held-out accuracy vs step (or epoch) and vs KL(pi || pi_ref), one line per
-arm, the mean over seeds with a band of +- one standard error."""
+arm, the mean over seeds with a band of +- one standard error; one panel per group of arms the
+claim compares (``Claim.panels``: e.g. the losses at one staleness), on a shared accuracy axis."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +22,16 @@ def _curves(recs_by_seed, x: str):
     return pts
 
 
+def panel_groups(claim) -> list[tuple[str, tuple[str, ...]]]:
+    """``claim.panels``, or one untitled panel of every arm; each arm in exactly one panel."""
+    groups = list(claim.panels) or [("", tuple(claim.arms))]
+    drawn = [a for _, arms in groups for a in arms]
+    if sorted(drawn) != sorted(claim.arms):
+        raise ValueError(f"claim {claim.name}: its panels hold {drawn}, not each of its arms "
+                         f"{list(claim.arms)} once")
+    return groups
+
+
 def write_plots(claim, recs, labels: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -31,27 +42,31 @@ def write_plots(claim, recs, labels: dict, out: Path) -> list[Path]:
     panels = [(claim.x, f"accuracy_vs_{claim.x}.png", claim.x)]
     if claim.kl_plot:
         panels.append(("kl", "accuracy_vs_kl.png", "held-out KL(pi || pi_ref), nats per completion"))
+    groups = panel_groups(claim)
     for kind, name, xlabel in panels:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for arm in claim.arms:
-            by = recs.get(arm, {})
-            if not by:
-                continue
-            pts = _curves(by, "epoch" if kind == "epoch" else "step")
-            if not pts:
-                continue
-            xs = [p[3] if kind == "kl" else p[0] for p in pts]
-            ys = [p[1] for p in pts]
-            se = [p[2] for p in pts]
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{labels.get(arm, arm)} (n={len(by)})")
-            ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)],
-                            color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out sampled accuracy")
-        ax.set_title(f"{claim.name}: {claim.title}", fontsize=9)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(groups), figsize=(6.4 if len(groups) == 1 else 4.2 * len(groups), 4.2),
+                                 sharex=True, sharey=True, squeeze=False)
+        for ax, (title, arms) in zip(axes[0], groups):
+            for arm in arms:
+                by = recs.get(arm, {})
+                pts = _curves(by, "epoch" if kind == "epoch" else "step") if by else []
+                if not pts:
+                    ax.plot([], [])          # keep the colour cycle: a series' colour never shifts
+                    continue
+                xs = [p[3] if kind == "kl" else p[0] for p in pts]
+                ys = [p[1] for p in pts]
+                se = [p[2] for p in pts]
+                line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{labels.get(arm, arm)} (n={len(by)})")
+                ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)],
+                                color=line.get_color(), alpha=0.2, lw=0)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if title:
+                ax.set_title(title, fontsize=9)
+            if any(line.get_label()[:1] != "_" for line in ax.lines):
+                ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("held-out sampled accuracy")
+        fig.suptitle(f"{claim.name}: {claim.title}", fontsize=9)
         fig.tight_layout()
         p = out / name
         fig.savefig(p, dpi=100)

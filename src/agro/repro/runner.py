@@ -393,9 +393,10 @@ class Sweep:
     def pending(self) -> list[tuple[Arm, int]]:
         return [(a, s) for a in self.arms for s in self.seeds if self.finished(a, s) is None]
 
-    def run(self, max_runs: int = 0) -> int:
-        """Run up to ``max_runs`` pending runs (0 = all); returns how many are still pending."""
-        todo = self.pending()
+    def run(self, max_runs: int = 0, render_only: bool = False) -> int:
+        """Run up to ``max_runs`` pending runs (0 = all; ``render_only``: none, and no base
+        evaluation for them); returns how many are still pending."""
+        todo = [] if render_only else self.pending()
         need_base = {s for _, s in todo}
         for a in self.arms:
             for s in self.seeds:
@@ -646,14 +647,15 @@ def _cell(v):
 
 def run_sweep(claim: str, out: str | Path, *, quick: bool = False, store: str | Path | None = None,
               seeds: list[int] | None = None, arms: list[str] | None = None, max_runs: int = 0,
-              log: Callable[[str], None] = print, reuse: bool = True) -> tuple[dict, int]:
-    """Run (up to ``max_runs`` pending runs of) a claim and write its outputs.
-    Returns (verdict, runs still pending)."""
+              log: Callable[[str], None] = print, reuse: bool = True,
+              render_only: bool = False) -> tuple[dict, int]:
+    """Run (up to ``max_runs`` pending runs of; ``render_only``: none of) a claim and write its
+    outputs. Returns (verdict, runs still pending)."""
     sweep = Sweep(claim, out, store=store, quick=quick, seeds=seeds, arms=arms, log=log,
                   reuse=reuse)
     sweep._check_out_dir()              # before any run: a wrong --out fails now, not in hours
     try:
-        left = sweep.run(max_runs)
+        left = sweep.run(max_runs, render_only=render_only)
         verdict = sweep.write_outputs()
     finally:
         sweep.close()
