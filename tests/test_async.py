@@ -48,6 +48,8 @@ class FakeActor:
         if self.pool.lose_push == version:   # a push that never arrives
             self.pool.lose_push = None
             return
+        if self.pool.bad_push:               # a push the actor cannot load (as Ray returns it)
+            return KeyError("rollout actor 0: pushed weights lack ['lm_head.weight']")
         self.pool.log.append(("push", self.i, version))
         self.version = version
 
@@ -59,9 +61,10 @@ class FakePool:
     ray = FakeRay
     max_restarts = 1
 
-    def __init__(self, actors=1, deaths=(), lose_push=None):
+    def __init__(self, actors=1, deaths=(), lose_push=None, bad_push=False):
         self.log = []
         self.lose_push = lose_push
+        self.bad_push = bad_push
         self.actors = [FakeActor(self, i) for i in range(actors)]
         self.deaths = set(deaths)
 
@@ -94,7 +97,7 @@ class FakePool:
         self.log.append(("revive", i))
 
     def get(self, ref, what):
-        if isinstance(ref, (Died, WrongWeights)):
+        if isinstance(ref, Exception):
             raise ref
         return ref
 
@@ -110,8 +113,8 @@ class FakeCollector:
         return exs, [[1]] * k
 
 
-def make_source(k, actors=1, deaths=(), seed=0, lose_push=None):
-    pool = FakePool(actors, deaths, lose_push)
+def make_source(k, actors=1, deaths=(), seed=0, lose_push=None, bad_push=False):
+    pool = FakePool(actors, deaths, lose_push, bad_push)
     policy = torch.nn.Linear(2, 2)
     return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None), pool
 
@@ -190,6 +193,14 @@ def test_a_lost_push_is_pushed_again_and_the_refused_request_re_sent():
     # step 3's request is re-sent after the push of version 3: sampled with 3, 0 versions old
     assert dates == [[0, 0], [1, 1], [1, 1], [0, 0], [1, 1]]
     assert src.stats.resent == 1 and src.stats.restarts == 0
+
+
+def test_a_push_the_actor_cannot_load_stops_with_its_own_error():
+    """Not 'refused 3 times': the push's own error, at the first refusal."""
+    src, pool = make_source(1, bad_push=True)
+    with pytest.raises(ActorError, match=r"could not take the weights of version 0: .*lack"):
+        src.take(2, 0)
+    assert ("refused", 0, 0, -1) in pool.log and src.stats.resent == 0   # stopped at once
 
 
 def test_the_worker_has_every_method_the_learner_calls():

@@ -360,6 +360,22 @@ class AsyncSource:
     def _send(self, actor: int, request: dict) -> _Part:
         return _Part(actor, request, self.pool.submit(actor, request), None, self.lives[actor])
 
+    def _push_and_wait(self, actor: int) -> None:
+        """Push the last pushed weights to one actor again and wait for it: pushes are otherwise
+        fire-and-forget, so a push that fails in the actor (not a lost one) would only show as
+        refused requests; its own error stops the run instead. A death is left to the request
+        sent next, which meets it (and the restart logic)."""
+        ref = self.pool.actors[actor].set_weights.remote(self.pushed, self._weights)
+        try:
+            self.pool.get(ref, what=f"weights of version {self.pushed} to actor {actor}")
+        except self.pool.ray.exceptions.RayActorError:
+            pass
+        except ActorError:
+            raise
+        except Exception as e:
+            raise ActorError(f"async_generation: rollout actor {actor} could not take the "
+                             f"weights of version {self.pushed}: {e}") from None
+
     def _wait(self, part: _Part, during_checkpoint: bool = False) -> dict:
         ray = self.pool.ray
         while part.result is None:
@@ -371,7 +387,7 @@ class AsyncSource:
                 part.refused += 1
                 if part.refused > 3:
                     raise ActorError(f"async_generation: {e}, still after 3 pushes") from None
-                self.pool.actors[part.actor].set_weights.remote(self.pushed, self._weights)
+                self._push_and_wait(part.actor)
                 part.request = {**part.request, "version": self.pushed}
                 fresh = self._send(part.actor, part.request)
                 part.ref, part.life = fresh.ref, fresh.life
