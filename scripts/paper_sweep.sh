@@ -18,7 +18,8 @@
 # on new code goes to its own directory (a claim always re-renders its own recorded runs, so
 # re-running into docs/paper/cN would re-render the old ones), e.g.
 #   PAPER_OUT=docs/paper/rerun AGRO_SRC=... scripts/paper_sweep.sh c1 c4 c5
-# Only a sweep into docs/paper regenerates PAPER.md's results table.
+# Only a sweep into docs/paper regenerates PAPER.md's results table. After every run,
+# scripts/paper_run_metrics.py adds the finished runs' extra per-step metrics to OUT/cN/run_metrics.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd -P)
@@ -51,6 +52,10 @@ for c in $CLAIMS; do
     fi
     left=$(echo "$out" | sed -n 's/.*runs still pending: \([0-9]*\).*/\1/p')
     verdict=$(echo "$out" | sed -n "s/^agro repro $c: //p")
+    # the per-step metrics runs.csv lacks (IS masking, staleness, grading timeouts, idle
+    # fractions), kept before the uncommitted store is lost; never fails the sweep
+    "$PY" scripts/paper_run_metrics.py "$OUT/$c" >/dev/null 2>>runs/repro/sweep.err \
+      || echo "paper_sweep: scripts/paper_run_metrics.py failed for $c (the sweep goes on)" >&2
     git add "$OUT/$c" >/dev/null 2>&1
     git commit -q -m "paper sweep $OUT/$c: one more run finished, $left pending; verdict so far: $verdict (code $REV)" \
       -- "$OUT/$c" >/dev/null 2>&1 || echo "paper_sweep: nothing committed for $c"
