@@ -5,11 +5,12 @@ uncommitted run store is lost.
     .venv/bin/python scripts/paper_run_metrics.py docs/paper/c7 [--store runs/repro]
 
 For every arm and seed of the claim's ``arms.yaml`` whose run in the store has finished
-(``STORE/<arm>-<digest>/seed<S>/done.json``) with the code revision ``arms.yaml`` records for it,
-the chosen keys of each step of its ``metrics.jsonl`` go into ``DIR/run_metrics.csv`` (one row per
-arm, seed and step; empty where a step lacks a key). Runs already in that file and absent from the
-store keep their rows, so the file grows across sessions whose stores are gone. Reads files only:
-safe to run beside a sweep.
+(``STORE/<arm>-<digest>/seed<S>/done.json``) and is the run ``arms.yaml`` records (the same code
+revision and wall time), the chosen keys of each step of its ``metrics.jsonl`` go into
+``DIR/run_metrics.csv`` (one row per arm, seed and step, with the run's code; empty where a step
+lacks a key). Runs already in that file and absent from the store keep their rows while arms.yaml
+still records that run's code, so the file grows across sessions whose stores are gone. Two store
+runs matching one recorded run is an error. Reads the store only: safe to run beside a sweep.
 """
 from __future__ import annotations
 
@@ -26,33 +27,42 @@ COLUMNS = ["staleness_mean", "stale_fraction", "on_policy_fraction",
            "async_actor_idle_fraction", "async_learner_idle_fraction",
            "async_actor_tokens_per_second", "async_learner_tokens_per_second",
            "async_actor_restarts", "async_requests_resent", "step_seconds"]
-KEY = ["arm", "seed", "step"]
+KEY = ["arm", "seed", "step", "code"]
 
 
-def finished_runs(claim_dir: Path, store: Path):
-    """(arm, seed, run directory) of every finished store run of the claim's arms made by the code
-    arms.yaml records for that arm and seed."""
+def recorded(claim_dir: Path) -> dict:
+    """{(arm, seed): (code, wall seconds)} of the runs the claim's arms.yaml records."""
     arms = yaml.safe_load((claim_dir / "arms.yaml").read_text())["arms"]
-    for arm, spec in arms.items():
-        codes = spec.get("code_by_seed") or {}
-        for done in sorted(store.glob(f"{arm}-*/seed*/done.json")):
+    return {(arm, int(seed)): (str(code), float((spec.get("wall_seconds_by_seed") or {}).get(seed, -1)))
+            for arm, spec in arms.items() for seed, code in (spec.get("code_by_seed") or {}).items()}
+
+
+def finished_runs(claim_dir: Path, store: Path) -> dict:
+    """{(arm, seed): run directory} of the store's finished runs that are the runs arms.yaml
+    records (same code, wall time equal at its 0.1 s rounding)."""
+    found: dict = {}
+    for (arm, seed), (code, wall) in recorded(claim_dir).items():
+        for done in sorted(store.glob(f"{arm}-*/seed{seed}/done.json")):
             d = done.parent
             if d.parent.name[len(arm) + 1:].count("-"):      # another arm whose name starts so
                 continue
-            seed = int(d.name[len("seed"):])
-            code = json.loads(done.read_text()).get("code")
-            if seed not in codes or str(codes[seed]) != str(code):
+            doc = json.loads(done.read_text())
+            if str(doc.get("code")) != code or abs(round(float(doc.get("wall_seconds", 0)), 1) - wall) > 1e-6:
                 continue                                      # not the run the claim records
-            yield arm, seed, d
+            if (arm, seed) in found:
+                raise SystemExit(f"paper_run_metrics: {found[arm, seed]} and {d} both match "
+                                 f"{claim_dir}'s record of {arm} seed {seed}")
+            found[arm, seed] = d
+    return found
 
 
-def rows_of(arm: str, seed: int, run: Path) -> list[dict]:
+def rows_of(arm: str, seed: int, code: str, run: Path) -> list[dict]:
     out = []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "step" not in rec or not any(k in rec for k in COLUMNS):
             continue
-        out.append({"arm": arm, "seed": seed, "step": int(rec["step"]),
+        out.append({"arm": arm, "seed": seed, "step": int(rec["step"]), "code": code,
                     **{k: rec.get(k, "") for k in COLUMNS}})
     return out
 
@@ -67,20 +77,23 @@ def main() -> None:
     if path.is_file():
         with path.open(newline="") as f:
             kept = list(csv.DictReader(f))
+    rec = recorded(a.claim_dir)
     new: list[dict] = []
-    for arm, seed, run in finished_runs(a.claim_dir, a.store):
-        new += rows_of(arm, seed, run)
-    fresh = {(r["arm"], str(r["seed"])) for r in new}
-    rows = [r for r in kept if (r["arm"], str(r["seed"])) not in fresh] + new
+    runs = finished_runs(a.claim_dir, a.store)
+    for (arm, seed), run in runs.items():
+        new += rows_of(arm, seed, rec[arm, seed][0], run)
+    # kept: rows of runs not read now that arms.yaml still records with the same code
+    rows = [r for r in kept if (r["arm"], int(r["seed"])) not in runs
+            and rec.get((r["arm"], int(r["seed"])), ("",))[0] == r.get("code")] + new
     rows.sort(key=lambda r: (r["arm"], int(r["seed"]), int(r["step"])))
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=KEY + COLUMNS, lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=KEY + COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
     print(f"{path}: {len(rows)} rows, {len({(r['arm'], str(r['seed'])) for r in rows})} runs "
-          f"({len(fresh)} read from {a.store} now)")
+          f"({len(runs)} read from {a.store} now)")
 
 
 if __name__ == "__main__":

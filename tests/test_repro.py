@@ -368,6 +368,62 @@ def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
     assert [x for x in t.splitlines() if x.startswith("| C1")][0].count("not run yet") == 1
 
 
+def test_paper_run_metrics_keeps_exactly_the_recorded_runs(tmp_path):
+    """scripts/paper_run_metrics.py: a store run is read only when it is the run arms.yaml records
+    (code and wall time; not a prefix-named arm's), rows of runs gone from the store stay while
+    still recorded with that code, and two store runs matching one record stop it."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_run_metrics", Path(__file__).resolve().parents[1] / "scripts" / "paper_run_metrics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    claim, store = tmp_path / "c7", tmp_path / "store"
+    claim.mkdir()
+
+    def record(walls, codes):
+        (claim / "arms.yaml").write_text(yaml.safe_dump({"arms": {
+            "a": {"code_by_seed": codes, "wall_seconds_by_seed": walls},
+            "a-b": {"code_by_seed": {0: "r1"}, "wall_seconds_by_seed": {0: 5.0}}}}))
+
+    def run(name, seed, code, wall, weight):
+        d = store / name / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "done.json").write_text(json.dumps({"code": code, "wall_seconds": wall}))
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(
+            {"step": s, "is_weight_mean": weight, "loss": 0.0}) for s in (1, 2)) + "\n")
+
+    def main(*args):
+        import sys
+        old, sys.argv = sys.argv, ["paper_run_metrics", str(claim), "--store", str(store)]
+        try:
+            mod.main()
+        finally:
+            sys.argv = old
+        return {(r["arm"], r["seed"], r["step"]): r["is_weight_mean"]
+                for r in _read_csv(claim / "run_metrics.csv")}
+
+    record({0: 10.0, 1: 7.0}, {0: "r1", 1: "r1"})
+    run("a-0abc", 0, "r1", 10.0412, 0.5)      # the recorded run of a, seed 0
+    run("a-0abd", 1, "r2", 7.0, 0.6)          # other code: not the recorded run
+    run("a-0abg", 1, "r1", 8.0, 0.6)          # same code, another wall time: a re-run, not it
+    run("a-b-0abc", 0, "r1", 5.0, 0.7)        # arm a-b, not a
+    assert main() == {("a", "0", "1"): "0.5", ("a", "0", "2"): "0.5",
+                      ("a-b", "0", "1"): "0.7", ("a-b", "0", "2"): "0.7"}
+    import shutil
+
+    shutil.rmtree(store / "a-0abc")           # the store is lost: the rows stay
+    assert main()[("a", "0", "1")] == "0.5"
+    record({0: 11.0, 1: 7.0}, {0: "r3", 1: "r1"})   # a re-run of seed 0 by other code: dropped
+    assert ("a", "0", "1") not in main()
+    run("a-0abe", 0, "r3", 11.0, 0.8)
+    run("a-0abf", 0, "r3", 11.0, 0.9)
+    with pytest.raises(SystemExit, match="both match"):
+        main()
+
+
 def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
     """A newer agro adds TrainConfig fields (at defaults that keep old behaviour) or renames one
     (config.RENAMED): its digest of an arm differs, but a finished run whose config.yaml lacks only
@@ -416,6 +472,18 @@ def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_ru
     sw.write_outputs()
     sw.close()
     before = (c1 / "runs.csv").read_bytes()
+    # --render of a store run whose base evaluation is nowhere: an error, not an evaluation
+    from agro.cli import main
+
+    (base,) = st.glob("base-*")
+    aside = tmp_path / "base-aside"
+    base.rename(aside)
+    capsys.readouterr()
+    assert main(["repro", "c1", "--out", str(tmp_path / "render-nobase" / "c1"), "--quick",
+                 "--render", f"store={st}", "arms=agro", "seeds=0"]) == 2
+    assert "--render: the base model's evaluation for seed 0" in capsys.readouterr().err
+    assert not list(st.glob("base-*"))
+    aside.rename(base)
     assert (c1 / "runs" / "agro-seed0.json").is_file()
     for d in st.iterdir():                    # the store is lost; the tiny model keeps its path
         if d.name != "tiny-model":
@@ -430,8 +498,6 @@ def test_a_clone_without_the_store_rerenders_from_the_ledger_and_claims_share_ru
 
     # --render: renders what is finished (a copy of the ledger: the same runs.csv), and with
     # nothing finished (an empty OUT) runs and evaluates nothing
-    from agro.cli import main
-
     shown, empty = tmp_path / "render" / "c1", tmp_path / "render-empty" / "c1"
     shutil.copytree(c1, shown)
     capsys.readouterr()

@@ -262,8 +262,9 @@ class ReproConfig:
     max_runs: int = _f(0, "Run at most this many pending runs, then write the outputs and stop "
                        "(0 = all). A sweep script commits between invocations.")
     render: bool = _f(False, "Run nothing: write the outputs from the runs finished so far (in "
-                      "the store or recorded in OUT/runs), e.g. while the sweep runs elsewhere "
-                      "(also the flag --render).")
+                      "the store or recorded in OUT/runs), e.g. while the sweep runs elsewhere; "
+                      "trains and evaluates nothing (a base-model evaluation found nowhere is an "
+                      "error). Also the flag --render.")
     reuse: bool = _f(True, "Take a finished run recorded in OUT/runs/ (whatever code made it) or "
                      "in a sibling claim's outputs (a directory beside OUT whose arms.yaml names "
                      "a claim; only runs made by the code running now) when its config matches, "

@@ -150,6 +150,7 @@ class Sweep:
         self._grader = None
         self._ledger: ledger_mod.Ledger | None = None
         self._code: str | None = None
+        self.render_only = False        # run(render_only=True): train and evaluate nothing
 
     @property
     def code(self) -> str:
@@ -309,6 +310,10 @@ class Sweep:
             p.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(p, json.dumps(found[1], sort_keys=True))
             return found[1]
+        if self.render_only:
+            raise SweepError(f"--render: the base model's evaluation for seed {seed} (step 0 of "
+                             f"every arm) is in neither {p.parent} nor a claim's ledger; run the "
+                             "sweep without --render to make it")
         from ..workflows import run_eval
 
         b = self.base()
@@ -396,6 +401,7 @@ class Sweep:
     def run(self, max_runs: int = 0, render_only: bool = False) -> int:
         """Run up to ``max_runs`` pending runs (0 = all; ``render_only``: none, and no base
         evaluation for them); returns how many are still pending."""
+        self.render_only = render_only
         todo = [] if render_only else self.pending()
         need_base = {s for _, s in todo}
         for a in self.arms:
