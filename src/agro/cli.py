@@ -245,8 +245,7 @@ def cmd_repro(argv: list[str]) -> int:
         return 0
     yaml_path, overrides, rest = _split_args(argv)
     out, rest = _out_flag(rest)
-    quick = ["quick=true"] if "--quick" in rest else []
-    quick += ["render=true"] if "--render" in rest else []
+    flags = [f"{f[2:]}=true" for f in ("--quick", "--render") if f in rest]
     rest = [r for r in rest if r not in ("--quick", "--render")]
     pre = [f"claim={rest.pop(0)}"] if rest and not rest[0].startswith("-") else []
     if rest:
@@ -255,7 +254,7 @@ def cmd_repro(argv: list[str]) -> int:
     if not pre and yaml_path is None and not any(o.startswith("claim=") for o in overrides):
         return _die(f"name the claim: {usage}")
     try:
-        cfg = load_config(ReproConfig, yaml_path, pre + out + quick + overrides)
+        cfg = load_config(ReproConfig, yaml_path, pre + out + flags + overrides)
     except ConfigError as e:
         return _die(str(e))
     from .repro.ledger import LedgerError

@@ -49,7 +49,7 @@ def write_plots(claim, recs, labels: dict, out: Path) -> list[Path]:
         for ax, (title, arms) in zip(axes[0], groups):
             for arm in arms:
                 by = recs.get(arm, {})
-                pts = _curves(by, "epoch" if kind == "epoch" else "step") if by else []
+                pts = _curves(by, "epoch" if kind == "epoch" else "step")
                 if not pts:
                     ax.plot([], [])          # keep the colour cycle: a series' colour never shifts
                     continue

@@ -134,7 +134,7 @@ class Sweep:
     def __init__(self, claim: Claim | str, out: str | Path, store: str | Path | None = None,
                  quick: bool = False, seeds: list[int] | None = None,
                  arms: list[str] | None = None, log: Callable[[str], None] = print,
-                 reuse: bool = True):
+                 reuse: bool = True, render_only: bool = False):
         self.claim = get_claim(claim) if isinstance(claim, str) else claim
         self.out = Path(out)
         self.quick = quick
@@ -150,7 +150,7 @@ class Sweep:
         self._grader = None
         self._ledger: ledger_mod.Ledger | None = None
         self._code: str | None = None
-        self.render_only = False        # run(render_only=True): train and evaluate nothing
+        self.render_only = render_only  # run() trains and base_eval() evaluates nothing
 
     @property
     def code(self) -> str:
@@ -398,11 +398,10 @@ class Sweep:
     def pending(self) -> list[tuple[Arm, int]]:
         return [(a, s) for a in self.arms for s in self.seeds if self.finished(a, s) is None]
 
-    def run(self, max_runs: int = 0, render_only: bool = False) -> int:
-        """Run up to ``max_runs`` pending runs (0 = all; ``render_only``: none, and no base
+    def run(self, max_runs: int = 0) -> int:
+        """Run up to ``max_runs`` pending runs (0 = all; a ``render_only`` sweep: none, and no base
         evaluation for them); returns how many are still pending."""
-        self.render_only = render_only
-        todo = [] if render_only else self.pending()
+        todo = [] if self.render_only else self.pending()
         need_base = {s for _, s in todo}
         for a in self.arms:
             for s in self.seeds:
@@ -658,10 +657,10 @@ def run_sweep(claim: str, out: str | Path, *, quick: bool = False, store: str | 
     """Run (up to ``max_runs`` pending runs of; ``render_only``: none of) a claim and write its
     outputs. Returns (verdict, runs still pending)."""
     sweep = Sweep(claim, out, store=store, quick=quick, seeds=seeds, arms=arms, log=log,
-                  reuse=reuse)
+                  reuse=reuse, render_only=render_only)
     sweep._check_out_dir()              # before any run: a wrong --out fails now, not in hours
     try:
-        left = sweep.run(max_runs, render_only=render_only)
+        left = sweep.run(max_runs)
         verdict = sweep.write_outputs()
     finally:
         sweep.close()
