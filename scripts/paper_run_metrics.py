@@ -11,6 +11,12 @@ revision and wall time), the chosen keys of each step of its ``metrics.jsonl`` g
 lacks a key). Runs already in that file and absent from the store keep their rows while arms.yaml
 still records that run's code, so the file grows across sessions whose stores are gone. Two store
 runs matching one recorded run is an error. Reads the store only: safe to run beside a sweep.
+
+Columns are metrics.jsonl's keys: ``staleness_mean`` is the mean lag in policy versions of the
+step's groups (an async run's lag); ``stale_fraction`` is the share of groups drawn from
+``source=stale`` (0 in async runs); ``is_weight_above_cap_fraction`` is grpo's share of
+completion tokens whose importance ratio is above the cap (token-weighted within each
+micro-batch, micro-batches weighted by their samples).
 """
 from __future__ import annotations
 
