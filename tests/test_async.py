@@ -113,10 +113,11 @@ class FakeCollector:
         return exs, [[1]] * k
 
 
-def make_source(k, actors=1, deaths=(), seed=0, lose_push=None, bad_push=False):
+def make_source(k, actors=1, deaths=(), seed=0, lose_push=None, bad_push=False, steps=None):
     pool = FakePool(actors, deaths, lose_push, bad_push)
     policy = torch.nn.Linear(2, 2)
-    return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None), pool
+    return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None,
+                       steps=steps), pool
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 4])
@@ -155,6 +156,27 @@ def test_checkpoint_then_resume_hands_out_the_same_groups():
         ga, gc = a.take(2, v), c.take(2, v)
         assert [g.to_dict() for g in ga] == [g.to_dict() for g in gc], v
     assert pool_c.log[0] == ("push", 0, 3)               # the resumed actors get weights first
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_no_request_is_sent_for_a_step_past_the_runs_end(k):
+    """The bound changes no group of the run (same prompts, seeds and versions as an unbounded
+    source), leaves nothing in flight at the end, and survives a checkpoint."""
+    free, _ = make_source(k, actors=2, seed=3)
+    bounded, pool = make_source(k, actors=2, seed=3, steps=5)
+    for v in range(5):
+        if v == 2:   # a checkpoint and resume mid-run keeps the count of steps taken
+            state = json.loads(json.dumps(bounded.state_dict()))
+            drawn = bounded.collector.drawn
+            bounded, pool = make_source(k, actors=2, seed=99, steps=5)
+            bounded.collector.drawn = drawn
+            bounded.load_state_dict(state)
+        ga, gb = free.take(4, v), bounded.take(4, v)
+        assert [g.to_dict() for g in ga] == [g.to_dict() for g in gb], v
+    assert bounded.queue == [] and len(free.queue) == k
+    assert bounded.collector.drawn == 5 * 4         # the prompts of exactly 5 steps were drawn
+    with pytest.raises(ValueError, match="step 6 of a run of 5 steps"):
+        bounded.take(4, 5)
 
 
 def test_a_dead_actor_is_restarted_with_current_weights_and_its_request_sent_again():
@@ -271,13 +293,31 @@ def ray_local():
     ray.shutdown()
 
 
-def train(tiny_model_dir, out, *extra, resume=False):
+class Crash(Exception):
+    pass
+
+
+def train(tiny_model_dir, out, *extra, resume=False, crash_after=None):
+    """One in-process run; ``crash_after=s``: the learner raises before its step s + 1 (its
+    checkpoints stay, like a crash's)."""
     from agro.trainer import Trainer
     from fakes import HashGrader
 
     cfg = load_config(TrainConfig, None, FAST + [f"model={tiny_model_dir}", f"output_dir={out}",
                                                  *extra])
     tr = Trainer(cfg, resume=resume, grader=HashGrader())
+    if crash_after is not None:
+        learn = tr.learn
+
+        def crashing(groups):
+            if tr.step == crash_after:
+                raise Crash(f"crash before step {crash_after + 1}")
+            return learn(groups)
+
+        tr.learn = crashing
+        with pytest.raises(Crash):
+            tr.train()
+        return tr, None, None
     res = tr.train()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return tr, res, rows
@@ -312,7 +352,7 @@ def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_p
 def test_resume_learns_on_the_same_groups_bit_identically(tiny_model_dir, tmp_path, ray_local):
     common = ["max_staleness=2", "save_every=2", "keep_checkpoints=3"]
     full, _, rows_full = train(tiny_model_dir, tmp_path / "full", "steps=5", *common)
-    train(tiny_model_dir, tmp_path / "half", "steps=2", *common)
+    train(tiny_model_dir, tmp_path / "half", "steps=5", *common, crash_after=2)
     res_tr, res, rows = train(tiny_model_dir, tmp_path / "half", "steps=5", *common, resume=True)
     assert res.steps_done == 5
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_full]
@@ -332,6 +372,35 @@ def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_pa
     assert res.steps_done == 2
     assert sum(r["async_actor_restarts"] for r in rows) == 1
     assert sum(r["async_requests_resent"] for r in rows) == 1
+
+
+def test_idle_actors_are_reset_to_the_next_runs_config_also_after_a_restart(
+        tiny_model_dir, tmp_path, monkeypatch, ray_local):
+    """keep_actors (agro repro): a finished run leaves its actor idle; the next run resets it to
+    its own config, and so does a restart of it (Ray restarts an actor with the arguments it was
+    created with, the first run's). Run b (another max_new_tokens and seed than run a, its actor
+    taken from a and killed at its 2nd request) must learn exactly what run c learns on a new
+    actor with no fault."""
+    from agro import async_actors as aa
+
+    monkeypatch.setenv("AGRO_FAULT", "actor:4")   # counts requests per actor process
+    common = ["max_staleness=0", "async_max_restarts=1"]
+    with aa.keep_actors():
+        ta, _, _ = train(tiny_model_dir, tmp_path / "a", "steps=2", *common)  # requests 1-2
+        assert sum(len(v) for v in aa._IDLE.values()) == 1
+        tb, _, rows_b = train(tiny_model_dir, tmp_path / "b", "steps=3", "max_new_tokens=3",
+                              "seed=5", *common)         # request 4 (its 2nd) dies
+        assert tb.async_source.pool.info[0]["pid"] == ta.async_source.pool.info[0]["pid"]
+        assert sum(r["async_actor_restarts"] for r in rows_b) == 1
+        assert not aa._IDLE            # a pool that saw a restart is not kept
+    monkeypatch.delenv("AGRO_FAULT")
+    tc, _, rows_c = train(tiny_model_dir, tmp_path / "c", "steps=3", "max_new_tokens=3",
+                          "seed=5", *common)
+    assert tc.async_source.pool.info[0]["pid"] != ta.async_source.pool.info[0]["pid"]
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_c]
+    b, c = weights(tb), weights(tc)
+    assert all(torch.equal(b[n], c[n]) for n in b), "a reset actor sampled otherwise"
+    assert max(r["completion_len_mean"] for r in rows_b) <= 3    # b's max_new_tokens, not a's
 
 
 def test_an_actor_that_keeps_dying_stops_the_run_with_an_error(tiny_model_dir, tmp_path,

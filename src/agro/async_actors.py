@@ -5,7 +5,8 @@ Data flow (one learner, ``A`` actors, each a separate process with its own copy 
 reference, the sampler and the grader)::
 
     learner step v:  push weights v (ray.put once, every actor's set_weights)
-                     draw the prompts of step v+k, split them over the actors (collect requests)
+                     draw the prompts of step v+k (never past the run's last step), split them
+                     over the actors (collect requests)
                      wait for the groups of step v (sampled at version v-k, or newer after a restart)
                      learn on them -> weights v+1
 
@@ -31,7 +32,9 @@ Departures from the paper: none in the loss. Groups keep the version that sample
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 import random
 import time
@@ -47,7 +50,8 @@ from .rollouts import Group
 from .sources import _rng_state, _set_rng_state
 from .tasks import Example
 
-__all__ = ["RolloutWorker", "AsyncSource", "ActorPool", "init_ray", "learner_threads"]
+__all__ = ["RolloutWorker", "AsyncSource", "ActorPool", "init_ray", "learner_threads",
+           "keep_actors"]
 
 
 # ------------------------------------------------------------------------------- actor side
@@ -158,11 +162,30 @@ class RolloutWorker:
                 "stats": stats, "busy_seconds": busy, "actor": self.index,
                 "request": request["id"]}
 
-    def close(self) -> None:
-        for obj in (self.generator, self.grader):
+    def close(self, keep_grader: bool = False) -> None:
+        """Close the sampler and the grader (``keep_grader``: the grader stays up, for
+        :meth:`reset`)."""
+        for obj in (self.generator, None if keep_grader else self.grader):
             close = getattr(obj, "close", None)
             if close is not None:
                 close()
+
+    def reset(self, cfg_dict: dict, index: int, threads: int, grader=None) -> dict:
+        """Become the worker a new actor with these arguments would be (an idle actor taken by
+        the next run of the same process: :func:`keep_actors`); the old parts are closed and
+        dropped first, except agro's own sandboxed grader when the new config builds an equal
+        one (its sandbox then need not start again). Returns :meth:`ping`'s answer."""
+        from .grading import Grader
+
+        old = getattr(self, "grader", None)
+        keep = (grader is None and type(old) is Grader
+                and old.timeout == float(cfg_dict.get("reward_timeout", -1)))
+        if hasattr(self, "collector"):
+            self.close(keep_grader=keep)
+        self.__dict__.clear()
+        gc.collect()
+        self.__init__(cfg_dict, index, threads, old if keep else grader)
+        return self.ping()
 
 
 # ------------------------------------------------------------------------------- Ray plumbing
@@ -190,6 +213,36 @@ def learner_threads(cfg) -> int | None:
     return max(1, (os.cpu_count() or 1) - cfg.async_actors * cfg.async_actor_cpus)
 
 
+# Idle actors a finished run of this process left for the next one (keep_actors), by the Ray
+# options they were created with.
+_IDLE: dict[tuple, list] = {}
+_KEEP = [False]
+
+
+@contextlib.contextmanager
+def keep_actors():
+    """Within this block, a run that took all its steps leaves its rollout actors idle for the
+    next run of this process with the same actor options, which resets them to its own config
+    (:meth:`RolloutWorker.reset`) instead of starting new processes: an actor's start (a Python
+    process importing torch and transformers) took ~6 s here, and ``agro repro`` runs many
+    async runs in one process. The idle actors are killed when the block ends."""
+    prev, _KEEP[0] = _KEEP[0], True
+    try:
+        yield
+    finally:
+        _KEEP[0] = prev
+        if not prev and _IDLE:
+            import ray
+
+            for actors in _IDLE.values():
+                for a in actors:
+                    try:
+                        ray.kill(a, no_restart=True)
+                    except Exception:
+                        pass
+            _IDLE.clear()
+
+
 class ActorError(RuntimeError):
     """An actor died more often than async_max_restarts, or did not answer in async_timeout."""
 
@@ -213,10 +266,27 @@ class ActorPool:
         remote = ray.remote(RolloutWorker).options(
             num_cpus=cfg.async_actor_cpus, num_gpus=cfg.async_actor_gpus,
             max_restarts=self.max_restarts, max_task_retries=0, runtime_env={"env_vars": env})
-        self.actors = [remote.remote(cfg_dict, i, cfg.async_actor_cpus, grader)
-                       for i in range(cfg.async_actors)]
+        # an idle actor (keep_actors) has the same options, so the same resources and restart
+        # budget; Ray restarts it with the arguments it was created with (another run's config):
+        # revive() resets a restarted one to this run's
+        self.key = (cfg.ray_address, cfg.async_actor_cpus, cfg.async_actor_gpus,
+                    self.max_restarts, tuple(sorted(env.items())))
+        idle = _IDLE.pop(self.key, []) if _KEEP[0] else []
+        idle_other = [a for actors in _IDLE.values() for a in actors]
+        _IDLE.clear()       # idle actors of other options: killed, their resources freed
+        self.args = [(cfg_dict, i, cfg.async_actor_cpus, grader) for i in range(cfg.async_actors)]
+        self.actors, self.reused, starting = [], [], []
+        for args in self.args:
+            reuse = bool(idle)
+            a = idle.pop() if reuse else remote.remote(*args)
+            starting.append(a.reset.remote(*args) if reuse else a.ping.remote())
+            self.actors.append(a)
+            self.reused.append(reuse)
+        self.restarted = False
+        for a in idle + idle_other:          # not taken by this run
+            ray.kill(a, no_restart=True)
         try:
-            self.info = self.get([a.ping.remote() for a in self.actors], what="actor start-up")
+            self.info = self.get(starting, what="actor start-up")
         except BaseException:
             self.close()
             raise
@@ -233,12 +303,18 @@ class ActorPool:
                              "already written are intact (--resume continues from the last).") from None
 
     def revive(self, i: int) -> None:
-        """Wait until Ray has restarted actor ``i`` (it answers a ping), at most async_timeout."""
+        """Wait until Ray has restarted actor ``i`` (it answers a ping), at most async_timeout.
+        An actor taken idle from an earlier run (:func:`keep_actors`) restarts with that run's
+        config, so it is reset to this run's."""
         ray = self.ray
+        self.restarted = True
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 self.get(self.actors[i].ping.remote(), what=f"restart of actor {i}")
+                if self.reused[i]:
+                    self.get(self.actors[i].reset.remote(*self.args[i]),
+                             what=f"reset of restarted actor {i}")
                 return
             except ray.exceptions.ActorUnavailableError:   # restarting: its calls fail for now
                 if time.monotonic() > deadline:
@@ -258,13 +334,20 @@ class ActorPool:
     def submit(self, i: int, request: dict):
         return self.actors[i].collect.remote(request)
 
-    def close(self) -> None:
+    def close(self, idle: bool = False) -> None:
         """Let each actor close its sampler and grader (a vLLM engine, the grading sandbox), for
-        at most 10 s, then kill it."""
+        at most 10 s, then kill it; or, with ``idle`` (nothing in flight) inside
+        :func:`keep_actors` and after no restart, leave it for the next run of this process."""
+        keep = idle and _KEEP[0] and not self.restarted
         try:
-            self.ray.get([a.close.remote() for a in self.actors], timeout=10)
+            self.ray.get([a.close.remote(keep_grader=keep) for a in self.actors], timeout=10)
+            closed = True
         except Exception:
-            pass
+            closed = False
+        if keep and closed:
+            _IDLE.setdefault(self.key, []).extend(self.actors)
+            self.actors = []
+            return
         for a in self.actors:
             try:
                 self.ray.kill(a, no_restart=True)
@@ -312,13 +395,17 @@ class AsyncSource:
     name = "fresh"
 
     def __init__(self, pool: ActorPool, collector, policy, max_staleness: int, seed: int,
-                 note=print):
+                 note=print, steps: int | None = None):
+        """``steps``: the run's number of steps; no request is sent for a step past it (None:
+        no bound), so a finished run leaves nothing in flight."""
         self.pool = pool
         self.collector = collector         # the learner's: draws prompts, receives the counters
         self.policy = policy
         self.k = int(max_staleness)
         self.rng = random.Random(seed + 2_147_483)
         self.queue: list[list[_Part]] = []   # oldest first; one entry per future step
+        self.steps = steps
+        self.taken = 0                       # steps whose groups take() has returned
         self.pushed = None                   # version the actors were last sent
         self.next_request = 0
         self.stats = AsyncStats()
@@ -434,9 +521,14 @@ class AsyncSource:
         self._last_take = k
         if self.pushed != version:
             self.push(version)
-        while len(self.queue) < self.k + 1:
+        while len(self.queue) < self.k + 1 and (self.steps is None
+                                                or self.taken + len(self.queue) < self.steps):
             self.queue.append(self._submit_step(k))
+        if not self.queue:
+            raise ValueError(f"async source: asked for step {self.taken + 1} of a run of "
+                             f"{self.steps} steps")
         parts = self.queue.pop(0)
+        self.taken += 1
         groups: list[Group] = []
         for part in parts:
             res = self._wait(part)
@@ -488,7 +580,8 @@ class AsyncSource:
                 step.append({"actor": part.actor, "request": part.request, "result": res})
             queue.append(step)
         return {"kind": "async", "rng": _rng_state(self.rng), "queue": queue,
-                "next_request": self.next_request, "last_take": self._last_take}
+                "next_request": self.next_request, "last_take": self._last_take,
+                "taken": self.taken}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("kind") != "async":
@@ -500,9 +593,16 @@ class AsyncSource:
         self.next_request = int(d["next_request"])
         self._last_take = d.get("last_take")
         self.pushed = None
+        if "taken" in d:
+            self.taken = int(d["taken"])
+        else:   # a checkpoint from before the step bound: its queue may reach past the end
+            self.steps = None
 
     def close(self) -> None:
-        self.pool.close()
+        """Close the actors; a run that took all its steps has nothing in flight, and leaves
+        them idle for the next run inside :func:`keep_actors`."""
+        done = self.steps is not None and self.taken >= self.steps and not self.queue
+        self.pool.close(idle=done)
 
 
 class FollowerSource:

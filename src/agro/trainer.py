@@ -245,7 +245,7 @@ class Trainer:
             self.note(f"async_generation: {len(pool)} rollout actor(s) ({who}), "
                       f"max_staleness={cfg.max_staleness}")
             src = AsyncSource(pool, self.collector, self.policy, cfg.max_staleness, cfg.seed,
-                              note=self.note)
+                              note=self.note, steps=cfg.steps)
             if self.dist.world > 1:
                 src = LeaderSource(src, self.dist)
         else:

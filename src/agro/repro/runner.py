@@ -414,8 +414,11 @@ class Sweep:
                              f"recorded in {p} (code {entry['done']['code']})")
         for s in sorted(need_base):
             self.base_eval(s)
-        for arm, seed in todo[:max_runs or None]:
-            self.run_one(arm, seed)
+        from ..async_actors import keep_actors
+
+        with keep_actors():     # async arms: the next run resets the last one's actors
+            for arm, seed in todo[:max_runs or None]:
+                self.run_one(arm, seed)
         return len(self.pending())
 
     def resumable(self, d: Path) -> tuple[bool, str]:
