@@ -3,6 +3,7 @@ masking, staleness, grading timeouts, actor/learner idle fractions) in a committ
 uncommitted run store is lost.
 
     .venv/bin/python scripts/paper_run_metrics.py docs/paper/c7 [--store runs/repro]
+    .venv/bin/python scripts/paper_run_metrics.py docs/paper/c7 --summary   # read the file only
 
 For every arm and seed of the claim's ``arms.yaml`` whose run in the store has finished
 (``STORE/<arm>-<digest>/seed<S>/done.json``) and is the run ``arms.yaml`` records (the same code
@@ -73,12 +74,42 @@ def rows_of(arm: str, seed: int, code: str, run: Path) -> list[dict]:
     return out
 
 
+def summary(path: Path) -> list[str]:
+    """Per arm of the file: runs, steps, and for each seed the steps where grpo masked any token
+    (``is_weight_above_cap_fraction`` > 0), the largest and the mean masked share, and the
+    grading timeouts summed; what PAPER.md quotes."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    def num(r, k):
+        return float(r[k]) if r.get(k, "") != "" else None
+    out = []
+    for arm in sorted({r["arm"] for r in rows}):
+        mine = [r for r in rows if r["arm"] == arm]
+        seeds = sorted({int(r["seed"]) for r in mine})
+        parts = []
+        for s in seeds:
+            steps = [r for r in mine if int(r["seed"]) == s]
+            masked = [x for x in (num(r, "is_weight_above_cap_fraction") for r in steps) if x is not None]
+            lags = sorted({x for x in (num(r, "staleness_mean") for r in steps) if x is not None})
+            t = sum(x or 0 for x in (num(r, "grade_timeouts") for r in steps))
+            m = (f"masked in {sum(x > 0 for x in masked)} of {len(masked)} steps, max "
+                 f"{max(masked):.3f}, mean {sum(masked) / len(masked):.4f}" if masked else "no IS")
+            parts.append(f"seed {s}: {len(steps)} steps, lag {lags}, {m}, grade timeouts {t:g}")
+        out.append(f"{arm}: " + "; ".join(parts))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("claim_dir", type=Path)
     ap.add_argument("--store", type=Path, default=Path("runs/repro"))
+    ap.add_argument("--summary", action="store_true",
+                    help="print the per-arm summary of DIR/run_metrics.csv and change nothing")
     a = ap.parse_args()
     path = a.claim_dir / "run_metrics.csv"
+    if a.summary:
+        print("\n".join(summary(path)))
+        return
     kept: list[dict] = []
     if path.is_file():
         with path.open(newline="") as f:

@@ -424,6 +424,26 @@ def test_paper_run_metrics_keeps_exactly_the_recorded_runs(tmp_path):
         main()
 
 
+def test_paper_run_metrics_summary_counts_the_masked_steps(tmp_path):
+    """--summary: per arm and seed, the steps where grpo masked any token, the largest and the
+    mean masked share, the lags seen and the grading timeouts (what PAPER.md quotes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_run_metrics", Path(__file__).resolve().parents[1] / "scripts" / "paper_run_metrics.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [("g", 0, 1, "0.0", "0.0", "0"), ("g", 0, 2, "1.0", "0.1", "2"),
+            ("g", 0, 3, "1.0", "0.0", "0"), ("a", 1, 1, "0.0", "", "0")]
+    (tmp_path / "run_metrics.csv").write_text(
+        "arm,seed,step,code,staleness_mean,is_weight_above_cap_fraction,grade_timeouts\n"
+        + "".join(f"{a},{s},{t},r1,{lag},{m},{to}\n" for a, s, t, lag, m, to in rows))
+    assert mod.summary(tmp_path / "run_metrics.csv") == [
+        "a: seed 1: 1 steps, lag [0.0], no IS, grade timeouts 0",
+        "g: seed 0: 3 steps, lag [0.0, 1.0], masked in 1 of 3 steps, max 0.100, mean 0.0333, "
+        "grade timeouts 2"]
+
+
 def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
     """A newer agro adds TrainConfig fields (at defaults that keep old behaviour) or renames one
     (config.RENAMED): its digest of an arm differs, but a finished run whose config.yaml lacks only
