@@ -9,12 +9,15 @@ sent again with the current weights, and too many deaths stop the run with an er
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 import types
 
 import pytest
 import torch
 
-from agro.async_actors import ActorError, AsyncSource, RolloutWorker, WrongWeights
+from agro.async_actors import ActorError, AsyncSource, RolloutWorker, WrongRun, WrongWeights
 from agro.collect import CollectStats
 from agro.config import ConfigError, TrainConfig, load_config
 from agro.tasks import Example
@@ -61,8 +64,9 @@ class FakePool:
     ray = FakeRay
     max_restarts = 1
 
-    def __init__(self, actors=1, deaths=(), lose_push=None, bad_push=False):
+    def __init__(self, actors=1, deaths=(), lose_push=None, bad_push=False, wrong_run=()):
         self.log = []
+        self.wrong_run = set(wrong_run)
         self.lose_push = lose_push
         self.bad_push = bad_push
         self.actors = [FakeActor(self, i) for i in range(actors)]
@@ -76,6 +80,10 @@ class FakePool:
             a.set_weights.remote(version, ref)
 
     def submit(self, i, request):
+        if request["id"] in self.wrong_run:  # a kept actor Ray restarted unseen (earlier run's)
+            self.wrong_run.discard(request["id"])
+            self.actors[i].version = -1
+            return WrongRun(f"actor {i} was set up for another run")
         if request["id"] in self.deaths:
             self.deaths.discard(request["id"])
             self.actors[i].version = -1    # the restarted actor holds the initial weights
@@ -113,8 +121,9 @@ class FakeCollector:
         return exs, [[1]] * k
 
 
-def make_source(k, actors=1, deaths=(), seed=0, lose_push=None, bad_push=False, steps=None):
-    pool = FakePool(actors, deaths, lose_push, bad_push)
+def make_source(k, actors=1, deaths=(), seed=0, lose_push=None, bad_push=False, steps=None,
+                wrong_run=()):
+    pool = FakePool(actors, deaths, lose_push, bad_push, wrong_run)
     policy = torch.nn.Linear(2, 2)
     return AsyncSource(pool, FakeCollector(), policy, k, seed, note=lambda m: None,
                        steps=steps), pool
@@ -175,8 +184,25 @@ def test_no_request_is_sent_for_a_step_past_the_runs_end(k):
         assert [g.to_dict() for g in ga] == [g.to_dict() for g in gb], v
     assert bounded.queue == [] and len(free.queue) == k
     assert bounded.collector.drawn == 5 * 4         # the prompts of exactly 5 steps were drawn
+    # after the resume at step 2, weights went out only while requests followed them
+    assert {e[2] for e in pool.log if e[0] == "push"} == set(range(2, 5 - k))
     with pytest.raises(ValueError, match="step 6 of a run of 5 steps"):
         bounded.take(4, 5)
+
+
+def test_a_request_refused_as_another_runs_is_handled_as_a_restart():
+    """A kept actor that Ray restarted unseen holds another run's config and refuses (WrongRun):
+    the source revives it (the pool resets it), pushes the weights again and re-sends; at k = 0
+    (the re-sent request then meets the weights it was sent with) the run learns the groups it
+    would have learned."""
+    a, _ = make_source(0, seed=4)
+    b, pool = make_source(0, seed=4, wrong_run={2})
+    for v in range(4):
+        assert [g.to_dict() for g in a.take(2, v)] == [g.to_dict() for g in b.take(2, v)], v
+    i = pool.log.index(("revive", 0))
+    assert pool.log[i + 1][:2] == ("push", 0) and pool.log[i + 2][:3] == ("collect", 0, 2)
+    st = b.pop_stats()
+    assert st.restarts == 1 and st.resent == 1
 
 
 def test_a_dead_actor_is_restarted_with_current_weights_and_its_request_sent_again():
@@ -297,15 +323,17 @@ class Crash(Exception):
     pass
 
 
-def train(tiny_model_dir, out, *extra, resume=False, crash_after=None):
+def train(tiny_model_dir, out, *extra, resume=False, crash_after=None, hook=None):
     """One in-process run; ``crash_after=s``: the learner raises before its step s + 1 (its
-    checkpoints stay, like a crash's)."""
+    checkpoints stay, like a crash's); ``hook(trainer)`` runs before training."""
     from agro.trainer import Trainer
     from fakes import HashGrader
 
     cfg = load_config(TrainConfig, None, FAST + [f"model={tiny_model_dir}", f"output_dir={out}",
                                                  *extra])
     tr = Trainer(cfg, resume=resume, grader=HashGrader())
+    if hook is not None:
+        hook(tr)
     if crash_after is not None:
         learn = tr.learn
 
@@ -334,8 +362,11 @@ def test_actors_train_with_bounded_staleness_and_report_it(tiny_model_dir, tmp_p
     assert [(r["staleness_0_groups"], r["staleness_1_groups"], r["staleness_2_groups"])
             for r in rows] == [(4, 0, 0), (0, 4, 0), (0, 0, 4), (0, 0, 4)]
     for key in ("async_actor_tokens_per_second", "async_learner_tokens_per_second",
-                "async_actor_busy_seconds", "async_wall_seconds", "async_push_seconds"):
+                "async_actor_busy_seconds", "async_wall_seconds"):
         assert all(r[key] > 0 for r in rows), key
+    # weights go out only before requests: steps 3-4's were sent at steps 1-2, none after
+    pushes = [r["async_push_seconds"] for r in rows]
+    assert all(x > 0 for x in pushes[:2]) and pushes[2:] == [0, 0], pushes
     for key in ("async_learner_idle_fraction", "async_actor_idle_fraction"):
         assert all(0 <= r[key] <= 1 for r in rows), key
     # step 1 waits for the whole first batch (about the actor's busy time on it); a fixed
@@ -374,33 +405,77 @@ def test_a_killed_actor_is_restarted_and_the_run_finishes(tiny_model_dir, tmp_pa
     assert sum(r["async_requests_resent"] for r in rows) == 1
 
 
-def test_idle_actors_are_reset_to_the_next_runs_config_also_after_a_restart(
-        tiny_model_dir, tmp_path, monkeypatch, ray_local):
-    """keep_actors (agro repro): a finished run leaves its actor idle; the next run resets it to
-    its own config, and so does a restart of it (Ray restarts an actor with the arguments it was
-    created with, the first run's). Run b (another max_new_tokens and seed than run a, its actor
-    taken from a and killed at its 2nd request) must learn exactly what run c learns on a new
-    actor with no fault."""
+def _kill_and_wait_for_restart(ray, actor, pid):
+    """SIGKILL an actor's process and wait until Ray has restarted it (a new pid answers)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            info = ray.get(actor.ping.remote(), timeout=30)
+            if info["pid"] != pid:
+                return info
+        except ray.exceptions.RayActorError:    # restarting
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the actor did not come back")
+
+
+def test_kept_actors_are_reset_for_the_next_run_and_after_an_unseen_restart(
+        tiny_model_dir, tmp_path, ray_local):
+    """keep_actors (agro repro): a finished run leaves its actor idle and the next run resets it
+    to its own config; a kept actor that died while idle is replaced by a new one; and one that
+    Ray restarts unseen mid-run (killed while nothing is in flight) comes back with the earlier
+    run's arguments, refuses the next request (another run's token) and is reset. Run b2 (another
+    max_new_tokens and seed than the runs before it) must learn exactly what run c learns on a new
+    actor with nothing killed."""
     from agro import async_actors as aa
 
-    monkeypatch.setenv("AGRO_FAULT", "actor:4")   # counts requests per actor process
-    common = ["max_staleness=0", "async_max_restarts=1"]
+    common = ["max_staleness=0", "async_max_restarts=2"]
+    pid = lambda tr: tr.async_source.pool.info[0]["pid"]   # noqa: E731
     with aa.keep_actors():
-        ta, _, _ = train(tiny_model_dir, tmp_path / "a", "steps=2", *common)  # requests 1-2
-        assert sum(len(v) for v in aa._IDLE.values()) == 1
-        tb, _, rows_b = train(tiny_model_dir, tmp_path / "b", "steps=3", "max_new_tokens=3",
-                              "seed=5", *common)         # request 4 (its 2nd) dies
-        assert tb.async_source.pool.info[0]["pid"] == ta.async_source.pool.info[0]["pid"]
+        ta, _, _ = train(tiny_model_dir, tmp_path / "a", "steps=1", *common)
+        ((actor, idle_pid),) = [x for v in aa._IDLE.values() for x in v]
+        assert idle_pid == pid(ta)
+        _kill_and_wait_for_restart(ray_local, actor, idle_pid)     # dies while idle
+        tb1, _, _ = train(tiny_model_dir, tmp_path / "b1", "steps=1", *common)
+        assert pid(tb1) not in (pid(ta), None) and not tb1.async_source.pool.reused[0]
+
+        def kill_before_step_2(tr):
+            learn = tr.learn
+
+            def wrapped(groups):
+                if tr.step == 1:
+                    pool = tr.async_source.pool
+                    _kill_and_wait_for_restart(ray_local, pool.actors[0], pool.info[0]["pid"])
+                return learn(groups)
+            tr.learn = wrapped
+
+        tb2, _, rows_b = train(tiny_model_dir, tmp_path / "b2", "steps=3", "max_new_tokens=3",
+                               "seed=5", *common, hook=kill_before_step_2)
+        assert pid(tb2) == pid(tb1) and tb2.async_source.pool.reused[0]
         assert sum(r["async_actor_restarts"] for r in rows_b) == 1
         assert not aa._IDLE            # a pool that saw a restart is not kept
-    monkeypatch.delenv("AGRO_FAULT")
     tc, _, rows_c = train(tiny_model_dir, tmp_path / "c", "steps=3", "max_new_tokens=3",
                           "seed=5", *common)
-    assert tc.async_source.pool.info[0]["pid"] != ta.async_source.pool.info[0]["pid"]
+    assert not tc.async_source.pool.reused[0]
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_c]
-    b, c = weights(tb), weights(tc)
+    b, c = weights(tb2), weights(tc)
     assert all(torch.equal(b[n], c[n]) for n in b), "a reset actor sampled otherwise"
-    assert max(r["completion_len_mean"] for r in rows_b) <= 3    # b's max_new_tokens, not a's
+    assert max(r["completion_len_mean"] for r in rows_b) <= 3    # b2's max_new_tokens, not a's
+
+
+def test_keep_actors_kills_the_idle_actors_when_it_ends(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from agro import async_actors as aa
+
+    killed = []
+    monkeypatch.setattr(ray, "kill", lambda a, no_restart=True: killed.append(a))
+    with aa.keep_actors():
+        with aa.keep_actors():           # nested: the outer block owns them
+            aa._IDLE[("k",)] = [("actor-1", 11)]
+        assert killed == [] and aa._IDLE
+        aa._IDLE[("k2",)] = [("actor-2", 12)]
+    assert sorted(killed) == ["actor-1", "actor-2"] and not aa._IDLE
 
 
 def test_an_actor_that_keeps_dying_stops_the_run_with_an_error(tiny_model_dir, tmp_path,

@@ -16,7 +16,8 @@ expects and the actor refuses any other): the groups learned at version v are ``
 versions old, fewer only for a request sent again after its actor died (it samples with the
 weights of that moment). The prompts are drawn by the learner (its sampler's state is in the
 checkpoint) and every request carries its own seed, so a run is reproducible whatever the timing,
-and a resumed run is bit-identical to an uninterrupted one: a checkpoint waits for the requests in
+and a resumed run is bit-identical to an uninterrupted one of the same ``steps`` (no request is
+sent for a step past the end): a checkpoint waits for the requests in
 flight and stores their groups (:meth:`AsyncSource.state_dict`); that wait is the price of the
 bit-identical resume (reported as ``async_checkpoint_wait_seconds``).
 
@@ -38,6 +39,7 @@ import gc
 import os
 import random
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -60,12 +62,20 @@ class WrongWeights(RuntimeError):
     e.g. around a restart): the learner pushes again and re-sends."""
 
 
+class WrongRun(RuntimeError):
+    """An actor got a request of another run than the one it was set up for: an idle actor taken
+    from an earlier run (:func:`keep_actors`) that Ray restarted, unseen, with that run's
+    arguments. The learner handles it as a restart: reset, weights, re-send."""
+
+
 class RolloutWorker:
     """What runs inside one actor process: the learner's parts, built from the learner's config
     (the concrete precision it chose), minus the optimizer. Plain Python, so tests can run it
     without Ray; :class:`ActorPool` wraps it in ``ray.remote``."""
 
-    def __init__(self, cfg_dict: dict, index: int, threads: int, grader=None):
+    def __init__(self, cfg_dict: dict, index: int, threads: int, grader=None, run: str = ""):
+        """``run``: the pool's token; every request names it and a worker of another run refuses
+        it (:class:`WrongRun`)."""
         from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
         from .config import TrainConfig, config_from_dict
         from .models import MasterWeights, is_peft
@@ -76,6 +86,7 @@ class RolloutWorker:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.cfg = cfg = setup_runtime(cfg, device=device)
         self.index = index
+        self.run = run
         self.policy, self.tok, self.reference = build_models(cfg, device=device)
         if cfg.precision == "bf16":
             self.reference.store_bf16(keep_digest=False)
@@ -95,7 +106,7 @@ class RolloutWorker:
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "index": self.index, "threads": torch.get_num_threads(),
-                "precision": self.cfg.precision}
+                "precision": self.cfg.precision, "run": self.run}
 
     def check_sampler(self, prompts: list[list[int]], rule: str, tol: float, previous) -> dict:
         """Measure this actor's sampler against its own copy of the policy (the learner's weights
@@ -143,6 +154,9 @@ class RolloutWorker:
         """Sample, grade and score one request's prompts with the weights held now."""
         t0 = time.perf_counter()
         maybe_crash("actor")
+        if request.get("run", self.run) != self.run:
+            raise WrongRun(f"rollout actor {self.index} was set up for run {self.run or '?'}, "
+                           f"request {request['id']} is of run {request['run']}")
         if self.version != request["version"]:   # a push was lost, or a new life got none yet
             raise WrongWeights(f"rollout actor {self.index} holds weights of version "
                                f"{self.version}, request {request['id']} expects version "
@@ -170,7 +184,7 @@ class RolloutWorker:
             if close is not None:
                 close()
 
-    def reset(self, cfg_dict: dict, index: int, threads: int, grader=None) -> dict:
+    def reset(self, cfg_dict: dict, index: int, threads: int, grader=None, run: str = "") -> dict:
         """Become the worker a new actor with these arguments would be (an idle actor taken by
         the next run of the same process: :func:`keep_actors`); the old parts are closed and
         dropped first, except agro's own sandboxed grader when the new config builds an equal
@@ -184,7 +198,7 @@ class RolloutWorker:
             self.close(keep_grader=keep)
         self.__dict__.clear()
         gc.collect()
-        self.__init__(cfg_dict, index, threads, old if keep else grader)
+        self.__init__(cfg_dict, index, threads, old if keep else grader, run)
         return self.ping()
 
 
@@ -214,7 +228,7 @@ def learner_threads(cfg) -> int | None:
 
 
 # Idle actors a finished run of this process left for the next one (keep_actors), by the Ray
-# options they were created with.
+# options they were created with: (actor, pid of its process when it was left).
 _IDLE: dict[tuple, list] = {}
 _KEEP = [False]
 
@@ -235,12 +249,16 @@ def keep_actors():
             import ray
 
             for actors in _IDLE.values():
-                for a in actors:
-                    try:
-                        ray.kill(a, no_restart=True)
-                    except Exception:
-                        pass
+                for a, _ in actors:
+                    _kill(ray, a)
             _IDLE.clear()
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:   # already dead, or a handle of an earlier Ray session
+        pass
 
 
 class ActorError(RuntimeError):
@@ -266,27 +284,48 @@ class ActorPool:
         remote = ray.remote(RolloutWorker).options(
             num_cpus=cfg.async_actor_cpus, num_gpus=cfg.async_actor_gpus,
             max_restarts=self.max_restarts, max_task_retries=0, runtime_env={"env_vars": env})
-        # an idle actor (keep_actors) has the same options, so the same resources and restart
-        # budget; Ray restarts it with the arguments it was created with (another run's config):
-        # revive() resets a restarted one to this run's
+        # An idle actor (keep_actors) has the same options, so the same resources and restart
+        # budget. Ray restarts an actor with the arguments it was created with, another run's
+        # for a kept one: every request names this pool's run token, a worker of another run
+        # refuses it (WrongRun) and revive() resets it. vLLM actors are never kept (an engine
+        # is not rebuilt in the same process).
         self.key = (cfg.ray_address, cfg.async_actor_cpus, cfg.async_actor_gpus,
                     self.max_restarts, tuple(sorted(env.items())))
-        idle = _IDLE.pop(self.key, []) if _KEEP[0] else []
-        idle_other = [a for actors in _IDLE.values() for a in actors]
-        _IDLE.clear()       # idle actors of other options: killed, their resources freed
-        self.args = [(cfg_dict, i, cfg.async_actor_cpus, grader) for i in range(cfg.async_actors)]
-        self.actors, self.reused, starting = [], [], []
-        for args in self.args:
-            reuse = bool(idle)
-            a = idle.pop() if reuse else remote.remote(*args)
-            starting.append(a.reset.remote(*args) if reuse else a.ping.remote())
-            self.actors.append(a)
-            self.reused.append(reuse)
+        self.keepable = cfg.generator != "vllm"
+        idle = _IDLE.pop(self.key, []) if _KEEP[0] and self.keepable else []
+        for a, _ in [x for actors in _IDLE.values() for x in actors] + idle[cfg.async_actors:]:
+            _kill(ray, a)                    # not taken by this run: their resources freed first
+        _IDLE.clear()
+        idle = idle[:cfg.async_actors]
+        self.run = uuid.uuid4().hex[:12]
+        self.args = [(cfg_dict, i, cfg.async_actor_cpus, grader, self.run)
+                     for i in range(cfg.async_actors)]
+        self.actors, self.reused, self.info = [], [], []
         self.restarted = False
-        for a in idle + idle_other:          # not taken by this run
-            ray.kill(a, no_restart=True)
         try:
-            self.info = self.get(starting, what="actor start-up")
+            starting = []
+            for args in self.args:
+                if idle:
+                    a, pid = idle.pop()
+                    starting.append((pid, a.reset.remote(*args)))
+                else:
+                    a, pid = remote.remote(*args), None
+                    starting.append((None, a.ping.remote()))
+                self.actors.append(a)
+                self.reused.append(pid is not None)
+            for i, (pid, ref) in enumerate(starting):
+                try:
+                    info = self.get(ref, what="actor start-up")
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+                    if not self.reused[i]:
+                        raise
+                    info = None
+                if self.reused[i] and (info is None or info["pid"] != pid):
+                    # a kept actor that died while idle (restarted or not): a new one instead
+                    _kill(ray, self.actors[i])
+                    self.actors[i], self.reused[i] = remote.remote(*self.args[i]), False
+                    info = self.get(self.actors[i].ping.remote(), what="actor start-up")
+                self.info.append(info)
         except BaseException:
             self.close()
             raise
@@ -305,16 +344,17 @@ class ActorPool:
     def revive(self, i: int) -> None:
         """Wait until Ray has restarted actor ``i`` (it answers a ping), at most async_timeout.
         An actor taken idle from an earlier run (:func:`keep_actors`) restarts with that run's
-        config, so it is reset to this run's."""
+        arguments, so it is reset to this run's."""
         ray = self.ray
         self.restarted = True
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                self.get(self.actors[i].ping.remote(), what=f"restart of actor {i}")
-                if self.reused[i]:
-                    self.get(self.actors[i].reset.remote(*self.args[i]),
-                             what=f"reset of restarted actor {i}")
+                info = self.get(self.actors[i].ping.remote(), what=f"restart of actor {i}")
+                if info.get("run") == self.run:
+                    return
+                self.get(self.actors[i].reset.remote(*self.args[i]),
+                         what=f"reset of restarted actor {i}")
                 return
             except ray.exceptions.ActorUnavailableError:   # restarting: its calls fail for now
                 if time.monotonic() > deadline:
@@ -338,14 +378,15 @@ class ActorPool:
         """Let each actor close its sampler and grader (a vLLM engine, the grading sandbox), for
         at most 10 s, then kill it; or, with ``idle`` (nothing in flight) inside
         :func:`keep_actors` and after no restart, leave it for the next run of this process."""
-        keep = idle and _KEEP[0] and not self.restarted
+        keep = idle and _KEEP[0] and self.keepable and not self.restarted
         try:
             self.ray.get([a.close.remote(keep_grader=keep) for a in self.actors], timeout=10)
             closed = True
         except Exception:
             closed = False
         if keep and closed:
-            _IDLE.setdefault(self.key, []).extend(self.actors)
+            _IDLE.setdefault(self.key, []).extend(
+                (a, info["pid"]) for a, info in zip(self.actors, self.info))
             self.actors = []
             return
         for a in self.actors:
@@ -438,7 +479,7 @@ class AsyncSource:
             if not ex:
                 continue
             req = {"id": self.next_request, "seed": self.rng.randrange(2**31),
-                   "version": self.pushed,
+                   "version": self.pushed, "run": getattr(self.pool, "run", ""),
                    "examples": [dataclasses.asdict(e) for e in ex], "prompt_ids": ids}
             self.next_request += 1
             parts.append(self._send(i, req))
@@ -479,8 +520,8 @@ class AsyncSource:
                 fresh = self._send(part.actor, part.request)
                 part.ref, part.life = fresh.ref, fresh.life
                 self.stats.resent += 1
-            except ray.exceptions.RayActorError as e:
-                a = part.actor
+            except (ray.exceptions.RayActorError, WrongRun) as e:   # died (seen, or unseen:
+                a = part.actor                                         # a kept actor restarted)
                 if part.life == self.lives[a]:   # a death not seen before (not a later request
                     self.lives[a] += 1           # of the same life failing with it)
                     self.stats.restarts += 1
@@ -519,21 +560,22 @@ class AsyncSource:
             raise ValueError(f"async source: asked for {k} groups after {self._last_take}; the "
                              "pipeline holds whole steps (source=fresh only)")
         self._last_take = k
-        if self.pushed != version:
+        if not self.queue and self.steps is not None and self.taken >= self.steps:
+            raise ValueError(f"async source: asked for step {self.taken + 1} of a run of "
+                             f"{self.steps} steps")
+        more = self.steps is None or self.taken + len(self.queue) < self.steps
+        if self.pushed != version and more:   # weights only for requests that will be sent
             self.push(version)
         while len(self.queue) < self.k + 1 and (self.steps is None
                                                 or self.taken + len(self.queue) < self.steps):
             self.queue.append(self._submit_step(k))
-        if not self.queue:
-            raise ValueError(f"async source: asked for step {self.taken + 1} of a run of "
-                             f"{self.steps} steps")
         parts = self.queue.pop(0)
-        self.taken += 1
         groups: list[Group] = []
         for part in parts:
             res = self._wait(part)
             groups += [Group.from_dict(g) for g in res["groups"]]
             self._account(res)
+        self.taken += 1          # only once its groups arrived: a failed last step is not done
         return groups
 
     def _account(self, res: dict) -> None:
@@ -581,7 +623,7 @@ class AsyncSource:
             queue.append(step)
         return {"kind": "async", "rng": _rng_state(self.rng), "queue": queue,
                 "next_request": self.next_request, "last_take": self._last_take,
-                "taken": self.taken}
+                "taken": self.taken if self.steps is not None else None, "steps": self.steps}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("kind") != "async":
@@ -593,10 +635,16 @@ class AsyncSource:
         self.next_request = int(d["next_request"])
         self._last_take = d.get("last_take")
         self.pushed = None
-        if "taken" in d:
+        if d.get("taken") is not None:
             self.taken = int(d["taken"])
         else:   # a checkpoint from before the step bound: its queue may reach past the end
             self.steps = None
+        old = d.get("steps")
+        if old is not None and self.steps is not None and self.steps > old and self.k > 0:
+            self.note(f"async_generation: the checkpoint's run had steps={old}, no request past "
+                      f"it was sent; steps {old + 1}-{old + self.k} are sampled at the current "
+                      f"version, not {self.k} versions back as in a run of {self.steps} steps "
+                      "from the start")
 
     def close(self) -> None:
         """Close the actors; a run that took all its steps has nothing in flight, and leaves
