@@ -104,6 +104,9 @@ class FakePool:
     def revive(self, i):
         self.log.append(("revive", i))
 
+    def close(self, idle=False):
+        self.log.append(("close", idle))
+
     def get(self, ref, what):
         if isinstance(ref, Exception):
             raise ref
@@ -188,6 +191,37 @@ def test_no_request_is_sent_for_a_step_past_the_runs_end(k):
     assert {e[2] for e in pool.log if e[0] == "push"} == set(range(2, 5 - k))
     with pytest.raises(ValueError, match="step 6 of a run of 5 steps"):
         bounded.take(4, 5)
+
+
+def test_only_a_run_that_took_all_its_steps_offers_its_actors_for_keeping():
+    src, pool = make_source(1, steps=2)
+    src.take(2, 0)
+    src.take(2, 1)
+    src.close()
+    assert pool.log[-1] == ("close", True)
+    src, pool = make_source(1, steps=2)
+    src.take(2, 0)
+    pool.submit = lambda i, req: RuntimeError("the actor failed")   # step 2's request fails
+    src.queue[-1][0].ref = RuntimeError("the actor failed")
+    with pytest.raises(RuntimeError, match="the actor failed"):
+        src.take(2, 1)
+    assert src.taken == 1 and len(src.queue) == 1    # the failed step is neither taken nor lost
+    src.close()
+    assert pool.log[-1] == ("close", False)
+
+
+def test_a_resume_with_more_steps_says_which_steps_are_sampled_otherwise():
+    notes = []
+    for steps, taken_at, expect in ((5, 5, "steps 6-7"), (5, 2, None), (4, 3, "steps 5-5")):
+        a, _ = make_source(2, steps=steps)
+        for v in range(taken_at):
+            a.take(2, v)
+        b, _ = make_source(2, steps=10)
+        b.note = notes.append
+        b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+        said = [n for n in notes if "sampled with newer weights" in n]
+        assert (expect in said[0]) if expect else not said, (steps, taken_at, said)
+        notes.clear()
 
 
 def test_a_request_refused_as_another_runs_is_handled_as_a_restart():

@@ -14,7 +14,7 @@ A Ray actor runs its calls one at a time in the order one caller sent them, so a
 after the push of version v is sampled with exactly version v (each request names the version it
 expects and the actor refuses any other): the groups learned at version v are ``min(v, k)``
 versions old, fewer only for a request sent again after its actor died (it samples with the
-weights of that moment). The prompts are drawn by the learner (its sampler's state is in the
+weights last pushed, and is dated so). The prompts are drawn by the learner (its sampler's state is in the
 checkpoint) and every request carries its own seed, so a run is reproducible whatever the timing,
 and a resumed run is bit-identical to an uninterrupted one of the same ``steps`` (no request is
 sent for a step past the end): a checkpoint waits for the requests in
@@ -316,10 +316,10 @@ class ActorPool:
             for i, (pid, ref) in enumerate(starting):
                 try:
                     info = self.get(ref, what="actor start-up")
-                except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
-                    if not self.reused[i]:
-                        raise
-                    info = None
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+                    if not self.reused[i]:   # a kept actor that died, or failed its reset:
+                        raise                # a new one instead (which fails on its own if
+                    info = None              # this run's config cannot be built)
                 if self.reused[i] and (info is None or info["pid"] != pid):
                     # a kept actor that died while idle (restarted or not): a new one instead
                     _kill(ray, self.actors[i])
@@ -569,13 +569,14 @@ class AsyncSource:
         while len(self.queue) < self.k + 1 and (self.steps is None
                                                 or self.taken + len(self.queue) < self.steps):
             self.queue.append(self._submit_step(k))
-        parts = self.queue.pop(0)
+        parts = self.queue[0]
         groups: list[Group] = []
         for part in parts:
             res = self._wait(part)
             groups += [Group.from_dict(g) for g in res["groups"]]
             self._account(res)
-        self.taken += 1          # only once its groups arrived: a failed last step is not done
+        self.queue.pop(0)        # only once its groups arrived: a failed step is not taken
+        self.taken += 1
         return groups
 
     def _account(self, res: dict) -> None:
@@ -639,12 +640,12 @@ class AsyncSource:
             self.taken = int(d["taken"])
         else:   # a checkpoint from before the step bound: its queue may reach past the end
             self.steps = None
-        old = d.get("steps")
-        if old is not None and self.steps is not None and self.steps > old and self.k > 0:
-            self.note(f"async_generation: the checkpoint's run had steps={old}, no request past "
-                      f"it was sent; steps {old + 1}-{old + self.k} are sampled at the current "
-                      f"version, not {self.k} versions back as in a run of {self.steps} steps "
-                      "from the start")
+        held = self.taken + len(self.queue)      # steps already requested
+        last = min(self.taken + self.k, self.steps or 0)
+        if d.get("steps") is not None and self.steps is not None and last > held:
+            self.note(f"async_generation: the checkpoint's run had steps={d['steps']} and sent "
+                      f"no request past it; steps {held + 1}-{last} are sampled with newer "
+                      f"weights than in a run of {self.steps} steps from the start")
 
     def close(self) -> None:
         """Close the actors; a run that took all its steps has nothing in flight, and leaves
