@@ -67,6 +67,7 @@ class FakePool:
     def __init__(self, actors=1, deaths=(), lose_push=None, bad_push=False, wrong_run=()):
         self.log = []
         self.wrong_run = set(wrong_run)
+        self.requests = []
         self.lose_push = lose_push
         self.bad_push = bad_push
         self.actors = [FakeActor(self, i) for i in range(actors)]
@@ -93,6 +94,7 @@ class FakePool:
             self.log.append(("refused", i, request["id"], v))
             return WrongWeights(f"actor {i} holds {v}, request wants {request['version']}")
         self.log.append(("collect", i, request["id"], v))
+        self.requests.append(request)
         groups = [{"prompt_id": e["id"], "prompt_ids": [1], "completion_ids": [[2], [3]],
                    "rewards": [0.0, 1.0], "policy_version": v, "meta": {"seed": request["seed"]}}
                   for e in request["examples"]]
@@ -222,6 +224,24 @@ def test_a_resume_with_more_steps_says_which_steps_are_sampled_otherwise():
         said = [n for n in notes if "sampled with newer weights" in n]
         assert (expect in said[0]) if expect else not said, (steps, taken_at, said)
         notes.clear()
+
+
+def test_every_request_carries_the_runs_sampler_decision_to_the_worker():
+    """An actor life that Ray restarted unseen starts with its sampler counted as drawing from pi;
+    the request, not only the set_exact call after a seen restart, tells it the run's decision."""
+    src, pool = make_source(0)
+    src._exact = False                       # what check_sampler decided
+    src.take(2, 0)
+    assert [r["exact"] for r in pool.requests] == [False]
+    gen = types.SimpleNamespace(exact=True)
+    col = types.SimpleNamespace(collect=lambda ex, ids, v, source: [], pop_stats=CollectStats)
+    w = types.SimpleNamespace(version=3, index=0, run="r", generator=gen, collector=col, busy=0.0)
+    w.set_exact = lambda e: RolloutWorker.set_exact(w, e)
+    req = {"id": 0, "seed": 1, "version": 3, "run": "r", "examples": [], "prompt_ids": []}
+    RolloutWorker.collect(w, dict(req, exact=False))
+    assert gen.exact is False
+    RolloutWorker.collect(w, dict(req, exact=None))   # no decision (no check ran): left as is
+    assert gen.exact is False
 
 
 def test_a_request_refused_as_another_runs_is_handled_as_a_restart():

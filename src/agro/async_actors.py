@@ -161,6 +161,8 @@ class RolloutWorker:
             raise WrongWeights(f"rollout actor {self.index} holds weights of version "
                                f"{self.version}, request {request['id']} expects version "
                                f"{request['version']}")
+        if request.get("exact") is not None:   # the run's sampler decision, also for a life
+            self.set_exact(request["exact"])    # that Ray restarted unseen (it starts at True)
         from .builders import seed_everything
 
         seed_everything(int(request["seed"]))
@@ -480,6 +482,7 @@ class AsyncSource:
                 continue
             req = {"id": self.next_request, "seed": self.rng.randrange(2**31),
                    "version": self.pushed, "run": getattr(self.pool, "run", ""),
+                   "exact": self._exact,
                    "examples": [dataclasses.asdict(e) for e in ex], "prompt_ids": ids}
             self.next_request += 1
             parts.append(self._send(i, req))
