@@ -76,8 +76,9 @@ def rows_of(arm: str, seed: int, code: str, run: Path) -> list[dict]:
 
 def summary(path: Path) -> list[str]:
     """Per arm of the file: runs, steps, and for each seed the steps where grpo masked any token
-    (``is_weight_above_cap_fraction`` > 0), the largest and the mean masked share, and the
-    grading timeouts summed; what PAPER.md quotes."""
+    (``is_weight_above_cap_fraction`` > 0), the largest and the mean masked share, the mean
+    importance weight (and its lowest step), and the grading timeouts summed; what PAPER.md
+    quotes."""
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     def num(r, k):
@@ -92,8 +93,11 @@ def summary(path: Path) -> list[str]:
             masked = [x for x in (num(r, "is_weight_above_cap_fraction") for r in steps) if x is not None]
             lags = sorted({x for x in (num(r, "staleness_mean") for r in steps) if x is not None})
             t = sum(x or 0 for x in (num(r, "grade_timeouts") for r in steps))
+            w = [x for x in (num(r, "is_weight_mean") for r in steps) if x is not None]
             m = (f"masked in {sum(x > 0 for x in masked)} of {len(masked)} steps, max "
                  f"{max(masked):.3f}, mean {sum(masked) / len(masked):.4f}" if masked else "no IS")
+            if w:
+                m += f", IS weight mean {sum(w) / len(w):.3f} (lowest step {min(w):.3f})"
             parts.append(f"seed {s}: {len(steps)} steps, lag {lags}, {m}, grade timeouts {t:g}")
         out.append(f"{arm}: " + "; ".join(parts))
     return out

@@ -433,15 +433,16 @@ def test_paper_run_metrics_summary_counts_the_masked_steps(tmp_path):
         "paper_run_metrics", Path(__file__).resolve().parents[1] / "scripts" / "paper_run_metrics.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = [("g", 0, 1, "0.0", "0.0", "0"), ("g", 0, 2, "1.0", "0.1", "2"),
-            ("g", 0, 3, "1.0", "0.0", "0"), ("a", 1, 1, "0.0", "", "0")]
+    rows = [("g", 0, 1, "0.0", "0.0", "1.0", "0"), ("g", 0, 2, "1.0", "0.1", "0.4", "2"),
+            ("g", 0, 3, "1.0", "0.0", "0.7", "0"), ("a", 1, 1, "0.0", "", "", "0")]
     (tmp_path / "run_metrics.csv").write_text(
-        "arm,seed,step,code,staleness_mean,is_weight_above_cap_fraction,grade_timeouts\n"
-        + "".join(f"{a},{s},{t},r1,{lag},{m},{to}\n" for a, s, t, lag, m, to in rows))
+        "arm,seed,step,code,staleness_mean,is_weight_above_cap_fraction,is_weight_mean,"
+        "grade_timeouts\n"
+        + "".join(f"{a},{s},{t},r1,{lag},{m},{w},{to}\n" for a, s, t, lag, m, w, to in rows))
     assert mod.summary(tmp_path / "run_metrics.csv") == [
         "a: seed 1: 1 steps, lag [0.0], no IS, grade timeouts 0",
         "g: seed 0: 3 steps, lag [0.0, 1.0], masked in 1 of 3 steps, max 0.100, mean 0.0333, "
-        "grade timeouts 2"]
+        "IS weight mean 0.700 (lowest step 0.400), grade timeouts 2"]
 
 
 def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
