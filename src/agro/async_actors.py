@@ -556,6 +556,10 @@ class AsyncSource:
                     self.stats.wait_seconds += dt
         return part.result
 
+    def _step_left(self) -> bool:
+        """Is there a step of the run not yet requested?"""
+        return self.steps is None or self.taken + len(self.queue) < self.steps
+
     def take(self, k: int, version: int) -> list[Group]:
         if k <= 0:
             return []
@@ -566,11 +570,9 @@ class AsyncSource:
         if not self.queue and self.steps is not None and self.taken >= self.steps:
             raise ValueError(f"async source: asked for step {self.taken + 1} of a run of "
                              f"{self.steps} steps")
-        more = self.steps is None or self.taken + len(self.queue) < self.steps
-        if self.pushed != version and more:   # weights only for requests that will be sent
+        if self.pushed != version and self._step_left():   # weights only before requests
             self.push(version)
-        while len(self.queue) < self.k + 1 and (self.steps is None
-                                                or self.taken + len(self.queue) < self.steps):
+        while len(self.queue) < self.k + 1 and self._step_left():
             self.queue.append(self._submit_step(k))
         parts = self.queue[0]
         groups: list[Group] = []
