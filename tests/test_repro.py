@@ -155,14 +155,69 @@ def test_c6_noninferiority_both_ways():
 def test_c7_noninferiority_both_ways():
     good = {f"async{k}-{n}": ([0.1, 0.3, acc], None) for k in (0, 1, 4)
             for n, acc in (("agro", 0.4), ("kl_pg", 0.35), ("grpo_is", 0.3))}
+    good.update({f"async{k}-{n}": ([0.1, 0.3, acc], None) for k in (1, 4)
+                 for n, acc in (("grpo_tis", 0.32), ("grpo", 0.25))})
     ok = _recs(good)
     v = verdicts.decide(CLAIMS["c7"], ok, [0, 1, 2])
-    assert v["verdict"] == stats.REPRODUCED and len(v["parts"]) == 5
-    bad = dict(ok, **_recs({"async4-agro": ([0.1, 0.2, 0.2], None)}))
-    parts = _parts(verdicts.decide(CLAIMS["c7"], bad, [0, 1, 2]))
+    assert v["verdict"] == stats.REPRODUCED and len(v["parts"]) == 7 and not v["missing"]
+    assert set(_parts(v)) == {f"agro does at least as well as {o} at k = {k}" for k in (1, 4)
+                              for o in ("kl_pg", "grpo_is", "grpo_tis")} | {
+        "agro keeps its k = 0 accuracy at k = 4"}
+    info = {p["part"]: p["verdict"] for p in v["info_parts"]}
+    assert info == {**{f"agro does at least as well as grpo without IS at k = {k}": stats.REPRODUCED
+                       for k in (1, 4)},
+                    **{f"grpo's {w} IS beats no IS at k = {k}": stats.REPRODUCED
+                       for k in (1, 4) for w in ("masked", "truncated")}}
+    bad = dict(ok, **_recs({"async4-agro": ([0.1, 0.2, 0.2], None),
+                            "async4-grpo": ([0.1, 0.3, 0.35], None)}))
+    v = verdicts.decide(CLAIMS["c7"], bad, [0, 1, 2])
+    parts = _parts(v)
     assert parts["agro does at least as well as grpo_is at k = 4"] == stats.NOT_REPRODUCED
+    assert parts["agro does at least as well as grpo_tis at k = 4"] == stats.NOT_REPRODUCED
     assert parts["agro keeps its k = 0 accuracy at k = 4"] == stats.NOT_REPRODUCED
     assert parts["agro does at least as well as kl_pg at k = 1"] == stats.REPRODUCED
+    info = {p["part"]: p["verdict"] for p in v["info_parts"]}
+    assert info["agro does at least as well as grpo without IS at k = 4"] == stats.NOT_REPRODUCED
+    assert info["grpo's masked IS beats no IS at k = 4"] == stats.NOT_REPRODUCED
+    text = verdicts.render(CLAIMS["c7"], v, {})
+    assert "not part of the verdict): grpo with no importance weights" in text
+    # the arms added later are part of the claim: without their runs the sweep is unfinished
+    short = {a: r for a, r in ok.items() if not a.endswith(("-grpo", "-grpo_tis"))}
+    v = verdicts.decide(CLAIMS["c7"], short, [0, 1, 2])
+    assert v["verdict"] == stats.INCONCLUSIVE and len(v["missing"]) == 4
+
+
+def test_an_out_dir_takes_its_own_sweep_extended_by_arms_and_nothing_else(tmp_path):
+    """OUT/arms.yaml's sweep may be continued by the same claim, mode and seeds with more arms
+    (a claim that gained arms keeps its recorded runs); another claim, mode or seed list, or a
+    subset of its arms (one arm re-run), is refused."""
+    import yaml
+
+    from agro.repro.runner import Sweep, SweepError
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def recorded(claim="c1", quick=True, seeds=(0, 1), arms=("agro",)):
+        (out / "arms.yaml").write_text(yaml.safe_dump(
+            {"claim": claim, "quick": quick, "seeds": list(seeds), "arms": {a: {} for a in arms}}))
+
+    def check(**kw):
+        Sweep("c1", out, store=tmp_path / "store", quick=True, **kw)._check_out_dir()
+
+    check(seeds=[0, 1], arms=["agro", "kl_pg"])            # nothing recorded yet
+    recorded()
+    check(seeds=[0, 1], arms=["agro"])                     # the same sweep
+    check(seeds=[0, 1], arms=["agro", "kl_pg"])            # extended by an arm
+    recorded(arms=("agro", "kl_pg"))
+    for kw in (dict(seeds=[0, 1], arms=["kl_pg"]), dict(seeds=[0], arms=["agro", "kl_pg"]),
+               dict(seeds=[0, 1, 2], arms=["agro", "kl_pg"])):
+        with pytest.raises(SweepError, match="holds the outputs of another sweep"):
+            check(**kw)
+    for prev in (dict(claim="c4", arms=("agro",)), dict(quick=False, arms=("agro",))):
+        recorded(**prev)
+        with pytest.raises(SweepError, match="another sweep"):
+            check(seeds=[0, 1], arms=["agro", "kl_pg"])
 
 
 def test_matched_kl_below_the_floor_is_inconclusive_not_a_free_verdict():
@@ -209,16 +264,25 @@ def test_list_names_every_claim(capsys):
 
 def test_every_claims_plot_panels_hold_each_arm_once_in_one_series_order():
     """Panels split a claim's arms (e.g. by staleness); each arm is drawn once, and every panel
-    lists its series in the same order of losses, so a loss keeps its colour across panels."""
+    lists its series in one order of learners (a panel may stop early: c7's k = 0 has no extra
+    grpo arms), so a learner keeps its colour across panels."""
     import dataclasses
 
     from agro.repro.plots import panel_groups
 
+    def learner(a):
+        o = ARMS[a].overrides
+        return o.get("loss", "agro"), (o.get("loss_options") or {}).get("is_mode")
+
     for c in CLAIMS.values():
         groups = panel_groups(c)
         assert sorted(a for _, arms in groups for a in arms) == sorted(c.arms), c.name
-        losses = [[ARMS[a].overrides.get("loss", "agro") for a in arms] for _, arms in groups]
-        assert all(x == losses[0] for x in losses), (c.name, losses)
+        series = [[learner(a) for a in arms] for _, arms in groups]
+        longest = max(series, key=len)
+        assert all(x == longest[:len(x)] for x in series), (c.name, series)
+        if len(series) > 1:        # one learner per series of a panel
+            assert len(set(longest)) == len(longest), (c.name, longest)
+    assert [len(arms) for _, arms in panel_groups(CLAIMS["c7"])] == [3, 5, 5]
     assert [t for t, _ in panel_groups(CLAIMS["c7"])] == [f"max_staleness k = {k}" for k in (0, 1, 4)]
     for bad in (CLAIMS["c7"].panels[:2], CLAIMS["c7"].panels + (("again", ("async0-agro",)),)):
         with pytest.raises(ValueError, match="c7: its panels"):

@@ -52,7 +52,19 @@ EQ6 = {"lr_coef": 1.0, "lr_baseline": "none", "reg_estimator": "vanilla", "logpr
 ASYNC_K = (0, 1, 4)
 GRPO_IS = {"is_mode": "sequence_mask", "is_cap": 3.0}
 ASYNC_LOSSES = (("agro", "agro", {}), ("kl_pg", "kl_pg", {"loss": "kl_pg"}),
-                ("grpo_is", "grpo + IS", {"loss": "grpo", "loss_options": GRPO_IS}))
+                ("grpo_is", "grpo + masked IS", {"loss": "grpo", "loss_options": GRPO_IS}))
+# ... and, at k = 1 and 4 (added after the first 27 runs, issue 10), the two arms that tell grpo's
+# loss from its correction: the same ratio truncated at 3 instead of masked, and no correction.
+# (At k = 0 the samples come from pi itself, the ratio is 1 and all three grpo arms are one.)
+GRPO_TIS = {"is_mode": "sequence_truncate", "is_cap": 3.0}
+ASYNC_K_GRPO = (4, 1)
+ASYNC_GRPO_EXTRA = (("grpo_tis", "grpo + truncated IS", {"loss": "grpo", "loss_options": GRPO_TIS}),
+                    ("grpo", "grpo, no IS", {"loss": "grpo"}))
+
+
+def _async_losses(k: int) -> tuple:
+    """c7's learners at max_staleness k: their (name, label, overrides)."""
+    return ASYNC_LOSSES + (ASYNC_GRPO_EXTRA if k in ASYNC_K_GRPO else ())
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in [
     # c7: Ray rollout actors ahead of the learner by max_staleness = k versions (issue 10)
     *[_arm(f"async{k}-{name}", f"{label}, async k={k}", async_generation=True, max_staleness=k,
            **over)
-      for k in ASYNC_K for name, label, over in ASYNC_LOSSES],
+      for k in ASYNC_K for name, label, over in _async_losses(k)],
 ]}
 
 
@@ -146,9 +158,12 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "With generation in Ray actors running ahead of the learner by max_staleness k in "
           "{0, 1, 4} policy versions, agro with no importance weights keeps its k = 0 accuracy "
           "and does at least as well as kl_pg (no importance weights) and as grpo with the "
-          "peers' truncated/masked importance sampling at equal staleness.",
-          tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES),
-          panels=tuple((f"max_staleness k = {k}", tuple(f"async{k}-{n}" for n, _, _ in ASYNC_LOSSES))
+          "peers' masked or truncated importance sampling at equal staleness.",
+          # the first 27 runs' arms, then the grpo arms added later (most stale first: the order
+          # they run in)
+          tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES)
+          + tuple(f"async{k}-{n}" for k in ASYNC_K_GRPO for n, _, _ in ASYNC_GRPO_EXTRA),
+          panels=tuple((f"max_staleness k = {k}", tuple(f"async{k}-{n}" for n, _, _ in _async_losses(k)))
                        for k in ASYNC_K)),
 ]}
 

@@ -597,7 +597,9 @@ class Sweep:
         return verdict
 
     def _check_out_dir(self) -> None:
-        """Refuse to overwrite OUT's record of one sweep with another's (e.g. one arm re-run)."""
+        """Refuse to overwrite OUT's record of one sweep with another's (e.g. one arm re-run). A
+        sweep of the same claim, mode and seeds with every recorded arm and more (a claim that
+        gained arms) is the same sweep extended: its recorded runs stay and the new arms run."""
         p = self.out / "arms.yaml"
         if not p.is_file():
             return
@@ -605,7 +607,7 @@ class Sweep:
         mine = (self.claim.name, bool(self.quick), list(self.seeds), [a.name for a in self.arms])
         theirs = (prev.get("claim"), bool(prev.get("quick")), list(prev.get("seeds", [])),
                   list(prev.get("arms", {})))
-        if mine != theirs:
+        if mine[:3] != theirs[:3] or not set(theirs[3]) <= set(mine[3]):
             raise SweepError(f"{self.out} holds the outputs of another sweep (claim, quick, seeds, "
                              f"arms = {theirs}); write this one ({mine}) to another --out")
 
