@@ -75,10 +75,10 @@ def rows_of(arm: str, seed: int, code: str, run: Path) -> list[dict]:
 
 
 def summary(path: Path) -> list[str]:
-    """Per arm of the file: runs, steps, and for each seed the steps where grpo masked any token
-    (``is_weight_above_cap_fraction`` > 0), the largest and the mean masked share, the mean
-    importance weight (and its lowest step), and the grading timeouts summed; what PAPER.md
-    quotes."""
+    """Per arm of the file: runs, steps, and for each seed the steps where grpo masked (or, in a
+    ``*_tis`` arm, truncated) any token (``is_weight_above_cap_fraction`` > 0), the largest and
+    the mean share, the mean importance weight (and its lowest step), and the grading timeouts
+    summed; what PAPER.md quotes."""
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     def num(r, k):
@@ -94,7 +94,9 @@ def summary(path: Path) -> list[str]:
             lags = sorted({x for x in (num(r, "staleness_mean") for r in steps) if x is not None})
             t = sum(x or 0 for x in (num(r, "grade_timeouts") for r in steps))
             w = [x for x in (num(r, "is_weight_mean") for r in steps) if x is not None]
-            m = (f"masked in {sum(x > 0 for x in masked)} of {len(masked)} steps, max "
+            # the share above the cap: masked (is_mode *_mask) or truncated (*_truncate)
+            how = "truncated" if arm.endswith("_tis") else "masked"
+            m = (f"{how} in {sum(x > 0 for x in masked)} of {len(masked)} steps, max "
                  f"{max(masked):.3f}, mean {sum(masked) / len(masked):.4f}" if masked else "no IS")
             if w:
                 m += f", IS weight mean {sum(w) / len(w):.3f} (lowest step {min(w):.3f})"

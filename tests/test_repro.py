@@ -169,22 +169,46 @@ def test_c7_noninferiority_both_ways():
                     **{f"grpo's {w} IS beats no IS at k = {k}": stats.REPRODUCED
                        for k in (1, 4) for w in ("masked", "truncated")}}
     bad = dict(ok, **_recs({"async4-agro": ([0.1, 0.2, 0.2], None),
-                            "async4-grpo": ([0.1, 0.3, 0.35], None)}))
+                            "async4-grpo": ([0.1, 0.3, 0.35], None),
+                            "async1-grpo_tis": ([0.1, 0.3, 0.9], None)}))
     v = verdicts.decide(CLAIMS["c7"], bad, [0, 1, 2])
     parts = _parts(v)
     assert parts["agro does at least as well as grpo_is at k = 4"] == stats.NOT_REPRODUCED
     assert parts["agro does at least as well as grpo_tis at k = 4"] == stats.NOT_REPRODUCED
+    assert parts["agro does at least as well as grpo_tis at k = 1"] == stats.NOT_REPRODUCED
+    assert parts["agro does at least as well as grpo_is at k = 1"] == stats.REPRODUCED
     assert parts["agro keeps its k = 0 accuracy at k = 4"] == stats.NOT_REPRODUCED
     assert parts["agro does at least as well as kl_pg at k = 1"] == stats.REPRODUCED
     info = {p["part"]: p["verdict"] for p in v["info_parts"]}
     assert info["agro does at least as well as grpo without IS at k = 4"] == stats.NOT_REPRODUCED
     assert info["grpo's masked IS beats no IS at k = 4"] == stats.NOT_REPRODUCED
+    # "IS beats no IS" is superiority (95 % interval above 0), not non-inferiority: a small
+    # noisy lead does not pass it
+    lead = dict(ok, **{f"async4-{a}": {sd: _rec(f"async4-{a}", sd, [0.1, acc])
+                                        for sd, acc in enumerate(accs)}
+                       for a, accs in (("grpo_is", (0.32, 0.30, 0.36)), ("grpo", (0.30, 0.31, 0.31)))})
+    info = {p["part"]: p["verdict"] for p in verdicts.decide(CLAIMS["c7"], lead, [0, 1, 2])["info_parts"]}
+    assert info["grpo's masked IS beats no IS at k = 4"] == stats.INCONCLUSIVE
     text = verdicts.render(CLAIMS["c7"], v, {})
     assert "not part of the verdict): grpo with no importance weights" in text
     # the arms added later are part of the claim: without their runs the sweep is unfinished
     short = {a: r for a, r in ok.items() if not a.endswith(("-grpo", "-grpo_tis"))}
     v = verdicts.decide(CLAIMS["c7"], short, [0, 1, 2])
     assert v["verdict"] == stats.INCONCLUSIVE and len(v["missing"]) == 4
+
+
+def test_c7_arms_configure_what_their_labels_say():
+    for k in (1, 4):
+        assert ARMS[f"async{k}-grpo_is"].overrides["loss_options"] == {"is_mode": "sequence_mask",
+                                                                        "is_cap": 3.0}
+        assert ARMS[f"async{k}-grpo_tis"].overrides["loss_options"] == {
+            "is_mode": "sequence_truncate", "is_cap": 3.0}
+        assert ARMS[f"async{k}-grpo"].overrides["loss"] == "grpo"
+        assert "loss_options" not in ARMS[f"async{k}-grpo"].overrides
+    assert "async0-grpo" not in ARMS and "async0-grpo_tis" not in ARMS
+    for a in CLAIMS["c7"].arms:
+        assert ARMS[a].overrides["async_generation"] is True
+        assert ARMS[a].overrides["max_staleness"] == int(a[5])
 
 
 def test_an_out_dir_takes_its_own_sweep_extended_by_arms_and_nothing_else(tmp_path):
@@ -372,6 +396,16 @@ def test_killed_sweep_resumes_skips_finished_runs_and_reproduces_rows(tmp_path, 
     assert "(resuming)" in r.stdout
     r = _repro(args)                    # nothing left: skipped, not re-run
     assert r.returncode == 0 and "(starting)" not in r.stdout and "(resuming)" not in r.stdout
+    # the same sweep extended by an arm (a claim that gained arms): the recorded agro run stays
+    # byte for byte, only kl_pg runs
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()
+              and "agro" in str(p.relative_to(tmp_path / "a")) and p.name != "arms.yaml"}
+    agro_rows = _rows(tmp_path / "a", "agro")
+    r = _repro(args[:-2] + ["arms=agro,kl_pg", "seeds=0"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "arm kl_pg seed 0 (starting)" in r.stdout and "arm agro seed 0 (" not in r.stdout
+    assert before and all(p.read_bytes() == b for p, b in before.items())
+    assert _rows(tmp_path / "a", "agro") == agro_rows and _rows(tmp_path / "a", "kl_pg")
     ref = tmp_path / "ref"
     assert _repro(["c1", "--out", str(ref), "--quick", f"store={store}", "arms=agro",
                    "seeds=0"]).returncode == 0

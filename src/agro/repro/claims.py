@@ -55,7 +55,8 @@ ASYNC_LOSSES = (("agro", "agro", {}), ("kl_pg", "kl_pg", {"loss": "kl_pg"}),
                 ("grpo_is", "grpo + masked IS", {"loss": "grpo", "loss_options": GRPO_IS}))
 # ... and, at k = 1 and 4 (added after the first 27 runs, issue 10), the two arms that tell grpo's
 # loss from its correction: the same ratio truncated at 3 instead of masked, and no correction.
-# (At k = 0 the samples come from pi itself, the ratio is 1 and all three grpo arms are one.)
+# (At k = 0 the samples come from pi itself: the ratio is ~1, within 1e-5 in C7's k = 0 runs
+# (docs/paper/c7/run_metrics.csv), so the three grpo arms would be one.)
 GRPO_TIS = {"is_mode": "sequence_truncate", "is_cap": 3.0}
 ASYNC_K_GRPO = (4, 1)
 ASYNC_GRPO_EXTRA = (("grpo_tis", "grpo + truncated IS", {"loss": "grpo", "loss_options": GRPO_TIS}),
@@ -117,8 +118,8 @@ class Claim:
     x: str = "step"         # x-axis of the accuracy plot: "step" or "epoch"
     kl_plot: bool = True
     # the plots' panels, side by side on a shared accuracy axis: (title, arms) each, together
-    # every arm once, in the same order of series in every panel (so a series keeps its colour);
-    # empty: one panel with every arm
+    # every arm once, each panel's series a prefix of one order of learners (so a learner keeps
+    # its colour); empty: one panel with every arm
     panels: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
@@ -158,7 +159,7 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in [
           "With generation in Ray actors running ahead of the learner by max_staleness k in "
           "{0, 1, 4} policy versions, agro with no importance weights keeps its k = 0 accuracy "
           "and does at least as well as kl_pg (no importance weights) and as grpo with the "
-          "peers' masked or truncated importance sampling at equal staleness.",
+          "peers' importance sampling, masked and truncated, at equal staleness.",
           # the first 27 runs' arms, then the grpo arms added later (most stale first: the order
           # they run in)
           tuple(f"async{k}-{n}" for k in ASYNC_K for n, _, _ in ASYNC_LOSSES)

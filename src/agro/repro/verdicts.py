@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from . import stats
-from .claims import BETA_SAFE, Claim
+from .claims import ASYNC_K_GRPO, BETA_SAFE, Claim
 from .stats import Estimate, REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE
 
 MARGIN = 0.05
@@ -263,11 +263,11 @@ def _c7(recs):
     what grpo's loss does from what its importance weights do)."""
     parts = [_not_worse(recs, f"agro does at least as well as {other} at k = {k}",
                         f"async{k}-agro", f"async{k}-{other}", f"async{k}-agro - async{k}-{other}")
-             for k in (1, 4) for other in ("kl_pg", "grpo_is", "grpo_tis")]
+             for k in sorted(ASYNC_K_GRPO) for other in ("kl_pg", "grpo_is", "grpo_tis")]
     parts.append(_not_worse(recs, "agro keeps its k = 0 accuracy at k = 4", "async4-agro",
                             "async0-agro", "async4-agro - async0-agro"))
     info = []
-    for k in (1, 4):
+    for k in sorted(ASYNC_K_GRPO):
         info.append(_not_worse(recs, f"agro does at least as well as grpo without IS at k = {k}",
                                f"async{k}-agro", f"async{k}-grpo", f"async{k}-agro - async{k}-grpo"))
         for arm, what in (("grpo_is", "masked"), ("grpo_tis", "truncated")):
