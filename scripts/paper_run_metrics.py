@@ -75,12 +75,16 @@ def rows_of(arm: str, seed: int, code: str, run: Path) -> list[dict]:
 
 
 def summary(path: Path) -> list[str]:
-    """Per arm of the file: runs, steps, and for each seed the steps where grpo masked (or, in a
-    ``*_tis`` arm, truncated) any token (``is_weight_above_cap_fraction`` > 0), the largest and
+    """Per arm of the file: runs, steps, and for each seed the steps where grpo masked (or, where the
+    arm's recorded ``is_mode`` truncates, truncated) any token (``is_weight_above_cap_fraction`` > 0), the largest and
     the mean share, the mean importance weight (and its lowest step), and the grading timeouts
     summed; what PAPER.md quotes."""
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
+    arms_yaml = path.parent / "arms.yaml"        # each arm's recorded settings, when there
+    settings = ({a: d.get("settings") or {} for a, d in
+                 (yaml.safe_load(arms_yaml.read_text()) or {}).get("arms", {}).items()}
+                if arms_yaml.is_file() else {})
     def num(r, k):
         return float(r[k]) if r.get(k, "") != "" else None
     out = []
@@ -95,7 +99,8 @@ def summary(path: Path) -> list[str]:
             t = sum(x or 0 for x in (num(r, "grade_timeouts") for r in steps))
             w = [x for x in (num(r, "is_weight_mean") for r in steps) if x is not None]
             # the share above the cap: masked (is_mode *_mask) or truncated (*_truncate)
-            how = "truncated" if arm.endswith("_tis") else "masked"
+            mode = (settings.get(arm, {}).get("loss_options") or {}).get("is_mode", "")
+            how = "truncated" if str(mode).endswith("truncate") else "masked"
             m = (f"{how} in {sum(x > 0 for x in masked)} of {len(masked)} steps, max "
                  f"{max(masked):.3f}, mean {sum(masked) / len(masked):.4f}" if masked else "no IS")
             if w:

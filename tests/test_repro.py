@@ -541,6 +541,11 @@ def test_paper_run_metrics_summary_counts_the_masked_steps(tmp_path):
         "a: seed 1: 1 steps, lag [0.0], no IS, grade timeouts 0",
         "g: seed 0: 3 steps, lag [0.0, 1.0], masked in 1 of 3 steps, max 0.100, mean 0.0333, "
         "IS weight mean 0.700 (lowest step 0.400), grade timeouts 2"]
+    # an arm whose recorded settings truncate (arms.yaml beside the file) says so
+    (tmp_path / "arms.yaml").write_text(
+        "arms:\n  g:\n    settings:\n      loss_options: {is_mode: sequence_truncate}\n")
+    assert mod.summary(tmp_path / "run_metrics.csv")[1].startswith(
+        "g: seed 0: 3 steps, lag [0.0, 1.0], truncated in 1 of 3 steps")
 
 
 def test_runs_made_before_a_field_was_added_are_still_found(tmp_path, tokenizer_dir):
