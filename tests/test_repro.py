@@ -466,6 +466,46 @@ def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
     assert [x for x in t.splitlines() if x.startswith("| C1")][0].count("not run yet") == 1
 
 
+def test_paper_compare_reads_each_seeds_last_evaluation_and_flags_a_difference(tmp_path):
+    """scripts/paper_compare.py: per arm, each seed's last evaluated row in either sweep (rows
+    out of order, unevaluated rows skipped), mean ± se, the independent-means difference flagged
+    beyond 2 se; parts side by side; a bad field names its file and line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_compare", Path(__file__).resolve().parents[1] / "scripts" / "paper_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = "arm,seed,step,eval_accuracy,eval_kl\n"
+
+    def sweep(root, rows, verdict, estimate):
+        d = root / "c1"
+        d.mkdir(parents=True)
+        (d / "runs.csv").write_text(head + "".join(rows))
+        (d / "verdict.json").write_text(json.dumps({
+            "verdict": verdict, "missing": [],
+            "parts": [{"part": "p", "estimate": estimate, "verdict": verdict}],
+            "sweep": {"runs_finished": 3, "runs_total": 3, "code_revisions": {"abc": 3}}}))
+
+    first, rerun = tmp_path / "a", tmp_path / "b"
+    # final accuracies 0.40, 0.50, 0.60 (seed 2's last row comes first; step 5 is unevaluated)
+    sweep(first, ["x,2,20,0.6,3.0\n", "x,0,0,0.1,0\n", "x,0,20,0.4,1.0\n", "x,1,20,0.5,2.0\n",
+                  "x,2,10,0.9,9.0\n", "x,1,5,,\n"], stats.INCONCLUSIVE, "e1")
+    # 0.90, 0.91, 0.92: +0.41 against se ~0.058, beyond 2 se; KL 1, 2, 3 both times
+    sweep(rerun, ["x,0,20,0.90,1.0\n", "x,1,20,0.91,2.0\n", "x,2,20,0.92,3.0\n"],
+          stats.REPRODUCED, "e2")
+    assert mod.finals(first / "c1" / "runs.csv")["x"] == {0: (0.4, 1.0), 1: (0.5, 2.0), 2: (0.6, 3.0)}
+    t = mod.compare(first, rerun, "c1")
+    row = [x for x in t.splitlines() if x.startswith("| x |")][0].split(" | ")
+    assert row[2:5] == ["0.500 ± 0.058", "0.910 ± 0.006", "+0.410 ± 0.058 (differs)"]
+    assert row[5:8] == ["2.000 ± 0.577", "2.000 ± 0.577", "+0.000 ± 0.816 |"]
+    assert "| p | e1 | inconclusive at this scale | e2 | reproduced |" in t
+    assert "code abc (3)" in t
+    (first / "c1" / "runs.csv").write_text(head + "x,0,20,high,1.0\n")
+    with pytest.raises(SystemExit, match=r"a/c1/runs.csv, line 2: bad field"):
+        mod.finals(first / "c1" / "runs.csv")
+
+
 def test_paper_run_metrics_keeps_exactly_the_recorded_runs(tmp_path):
     """scripts/paper_run_metrics.py: a store run is read only when it is the run arms.yaml records
     (code and wall time; not a prefix-named arm's), rows of runs gone from the store stay while
