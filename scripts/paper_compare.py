@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """Compare two sweeps of the same claims: the first runs (e.g. docs/paper) against a re-run
-(e.g. docs/paper/rerun), claim by claim. Standard library only (no torch); reads runs.csv and
-verdict.json, writes Markdown to stdout.
+(e.g. docs/paper/rerun), claim by claim. Standard library + PyYAML only (no torch); reads
+runs.csv, verdict.json and arms.yaml, writes Markdown to stdout.
 
     python scripts/paper_compare.py docs/paper docs/paper/rerun            # every claim in both
     python scripts/paper_compare.py docs/paper docs/paper/rerun c1 c4      # these claims
 
-For each claim: the two verdicts and the code revisions behind them; per arm, the final held-out
-accuracy and KL(pi||pi_ref) (each seed's last evaluation; mean ± standard error over seeds) in
-both sweeps and their difference; per verdict part, both estimates and verdicts.
+For each claim: the two verdicts (and the §4.6 prediction's, where the claim has one), the code
+revisions, pending and aborted runs; the arms whose recorded settings differ; per arm, the base
+(first evaluation), final held-out accuracy and final KL(pi||pi_ref) (each seed's first and last
+evaluated rows in runs.csv, in file order, as agro.repro.verdicts reads them; mean ± standard
+error over seeds) in both sweeps and their difference; per verdict part (and §4.6 and
+information parts), both estimates and verdicts.
 
 The two sweeps are not paired: other code draws other samples from the same seed, so a
 difference is of two independent means, with standard error sqrt(se_a^2 + se_b^2). A difference
-beyond 2 such errors is marked "differs"; with 3 seeds per arm that is a flag to read, not a test.
+beyond 2 such errors is marked "differs" (a non-zero difference with no spread at all, too). With
+3 seeds a side that fires by chance for about one arm in seven: a flag to read, not a test. A side
+with fewer than 2 seeds has no standard error and gets no flag.
 """
 from __future__ import annotations
 
@@ -22,24 +27,34 @@ import math
 import sys
 from pathlib import Path
 
+import yaml
 
-def finals(path: Path) -> dict[str, dict[int, tuple[float, float]]]:
-    """arm -> seed -> (accuracy, KL) of the last evaluated row of that run in runs.csv."""
-    out: dict[str, dict[int, tuple[float, float]]] = {}
+NEEDED = ("arm", "seed", "eval_accuracy")
+RUN_FIELDS = ("wall_seconds_by_seed", "code_by_seed", "status_by_seed", "adopted_from_by_seed")
+
+
+def evals(path: Path) -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """arm -> seed -> [(accuracy, KL)] of the rows of runs.csv that carry an evaluation, in file
+    order (KL nan where the row has none)."""
+    out: dict[str, dict[int, list[tuple[float, float]]]] = {}
     with path.open(newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            if not row.get("eval_accuracy"):
+        reader = csv.DictReader(f)
+        missing = [k for k in NEEDED if k not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"{path}, line 1: no column {', '.join(missing)}")
+        for row in reader:
+            if row["eval_accuracy"] in (None, ""):
                 continue
             try:
-                seed, step = int(row["seed"]), int(row["step"])
+                seed = int(row["seed"])
                 acc = float(row["eval_accuracy"])
                 kl = float(row["eval_kl"]) if row.get("eval_kl") else math.nan
-            except (KeyError, ValueError) as e:
-                raise SystemExit(f"{path}, line {line}: bad field ({e})")
-            prev = out.setdefault(row["arm"], {}).get(seed)
-            if prev is None or step >= prev[0]:
-                out[row["arm"]][seed] = (step, acc, kl)
-    return {a: {s: (v[1], v[2]) for s, v in by.items()} for a, by in out.items()}
+                if not math.isfinite(acc):
+                    raise ValueError(f"eval_accuracy {row['eval_accuracy']!r} is not finite")
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"{path}, line {reader.line_num}: bad field ({e})")
+            out.setdefault(row["arm"], {}).setdefault(seed, []).append((acc, kl))
+    return out
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -49,7 +64,10 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def fmt(m: float, se: float) -> str:
+def cell(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    m, se = mean_se(xs)
     return f"{m:.3f}" if math.isnan(se) else f"{m:.3f} ± {se:.3f}"
 
 
@@ -58,41 +76,78 @@ def diff(a: list[float], b: list[float]) -> str:
         return ""
     (ma, sa), (mb, sb) = mean_se(a), mean_se(b)
     se = math.sqrt(sa * sa + sb * sb)
-    s = f"{mb - ma:+.3f}" if math.isnan(se) else f"{mb - ma:+.3f} ± {se:.3f}"
-    if not math.isnan(se) and se > 0 and abs(mb - ma) > 2 * se:
-        s += " (differs)"
-    return s
+    if math.isnan(se):
+        return f"{mb - ma:+.3f}"
+    flag = abs(mb - ma) > 2 * se if se > 0 else mb != ma
+    return f"{mb - ma:+.3f} ± {se:.3f}" + (" (differs)" if flag else "")
+
+
+def load(d: Path, claim: str) -> tuple[dict, dict, dict]:
+    p = d / claim / "verdict.json"
+    try:
+        v = json.loads(p.read_text())
+        for k in ("verdict", "parts"):
+            if k not in v:
+                raise ValueError(f"no field '{k}'")
+        for i, part in enumerate(v["parts"] + v.get("pitfall_parts", []) + v.get("info_parts", [])):
+            if "part" not in part:
+                raise ValueError(f"a part (number {i + 1}) has no field 'part'")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{p}: {e}")
+    a = d / claim / "arms.yaml"
+    arms = (yaml.safe_load(a.read_text()) or {}).get("arms", {}) if a.is_file() else {}
+    return v, evals(d / claim / "runs.csv"), arms
 
 
 def compare(first: Path, rerun: Path, claim: str) -> str:
-    va = json.loads((first / claim / "verdict.json").read_text())
-    vb = json.loads((rerun / claim / "verdict.json").read_text())
-    fa, fb = finals(first / claim / "runs.csv"), finals(rerun / claim / "runs.csv")
+    va, ea, aa = load(first, claim)
+    vb, eb, ab = load(rerun, claim)
 
     def sweep(v: dict) -> str:
         s = v.get("sweep", {})
         revs = ", ".join(f"{r} ({n})" for r, n in sorted(s.get("code_revisions", {}).items()))
-        pending = " (pending)" if v.get("missing") else ""
-        return (f"{v['verdict']}{pending}; {s.get('runs_finished', 0)} of "
-                f"{s.get('runs_total', '?')} runs, code {revs or '?'}")
+        text = v["verdict"] + (" so far, runs pending" if v.get("missing") else "")
+        if "pitfall_verdict" in v:
+            text += f"; §4.6 prediction: {v['pitfall_verdict']}"
+        text += f"; {s.get('runs_finished', 0)} of {s.get('runs_total', '?')} runs"
+        text += f", code {revs or '?'}" + (" (quick mode)" if s.get("quick") else "")
+        if v.get("aborted"):
+            text += f"; aborted: {', '.join(map(str, v['aborted']))}"
+        return text
 
     out = [f"## {claim}", "", f"- first runs ({first}): {sweep(va)}",
-           f"- re-run ({rerun}): {sweep(vb)}", "",
-           "| arm | seeds | final accuracy, first | re-run | re-run − first "
-           "| final KL, first | re-run | re-run − first |",
-           "|---|---|---|---|---|---|---|---|"]
-    for arm in list(fa) + [a for a in fb if a not in fa]:
-        a, b = fa.get(arm, {}), fb.get(arm, {})
-        acc_a, acc_b = [v[0] for v in a.values()], [v[0] for v in b.values()]
-        kl_a = [v[1] for v in a.values() if not math.isnan(v[1])]
-        kl_b = [v[1] for v in b.values() if not math.isnan(v[1])]
-        cell = lambda xs: fmt(*mean_se(xs)) if xs else "—"   # noqa: E731
-        out.append(f"| {arm} | {len(a)} / {len(b)} | {cell(acc_a)} | {cell(acc_b)} | "
-                   f"{diff(acc_a, acc_b)} | {cell(kl_a)} | {cell(kl_b)} | {diff(kl_a, kl_b)} |")
-    pa = {p["part"]: p for p in va.get("parts", [])}
-    pb = {p["part"]: p for p in vb.get("parts", [])}
-    if pa or pb:
-        out += ["", "| part | first: estimate | verdict | re-run: estimate | verdict |",
+           f"- re-run ({rerun}): {sweep(vb)}"]
+    arms = list(ea) + [a for a in eb if a not in ea]
+    for arm in sorted(set(aa) | set(ab)):
+        x = {k: v for k, v in aa.get(arm, {}).items() if k not in RUN_FIELDS}
+        y = {k: v for k, v in ab.get(arm, {}).items() if k not in RUN_FIELDS}
+        if x != y:
+            keys = sorted(k for k in set(x.get("settings", {})) | set(y.get("settings", {}))
+                          if x.get("settings", {}).get(k) != y.get("settings", {}).get(k))
+            out.append(f"- **{arm}: recorded settings differ** "
+                       f"({', '.join(keys) if keys else 'label or other fields'})")
+    out += ["", "Per arm, mean ± se over seeds (seeds: first / re-run):", "",
+            "| arm | seeds | base, first | re-run | final accuracy, first | re-run "
+            "| re-run − first | final KL, first | re-run | re-run − first |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        a, b = ea.get(arm, {}), eb.get(arm, {})
+        col = lambda runs, i, j: [r[i][j] for r in runs.values() if not math.isnan(r[i][j])]  # noqa: E731
+        fa, fb, ka, kb = col(a, -1, 0), col(b, -1, 0), col(a, -1, 1), col(b, -1, 1)
+        seeds = f"{len(a)} / {len(b)}"
+        if (len(ka), len(kb)) != (len(a), len(b)):
+            seeds += f" (KL: {len(ka)} / {len(kb)})"
+        out.append(f"| {arm} | {seeds} | {cell(col(a, 0, 0))} | {cell(col(b, 0, 0))} | "
+                   f"{cell(fa)} | {cell(fb)} | {diff(fa, fb)} | {cell(ka)} | {cell(kb)} | "
+                   f"{diff(ka, kb)} |")
+    for key, title in (("parts", "verdict parts"), ("pitfall_parts", "§4.6 prediction's parts"),
+                       ("info_parts", "parts shown for information")):
+        pa = {p["part"]: p for p in va.get(key, [])}
+        pb = {p["part"]: p for p in vb.get(key, [])}
+        if not pa and not pb:
+            continue
+        out += ["", f"{title[0].upper()}{title[1:]}:", "",
+                "| part | first: estimate | verdict | re-run: estimate | verdict |",
                 "|---|---|---|---|---|"]
         for name in list(pa) + [n for n in pb if n not in pa]:
             x, y = pa.get(name, {}), pb.get(name, {})
@@ -113,9 +168,10 @@ def main(argv: list[str]) -> int:
         return 1
     for c in claims:
         for d in (first, rerun):
-            if not (d / c / "verdict.json").is_file() or not (d / c / "runs.csv").is_file():
-                print(f"{d / c}: no verdict.json and runs.csv", file=sys.stderr)
-                return 1
+            for f in ("verdict.json", "runs.csv"):
+                if not (d / c / f).is_file():
+                    print(f"{d / c}: no {f}", file=sys.stderr)
+                    return 1
     print("\n\n".join(compare(first, rerun, c) for c in claims))
     return 0
 

@@ -466,11 +466,14 @@ def test_paper_table_reports_each_claims_verdict_and_pending_runs(tmp_path):
     assert [x for x in t.splitlines() if x.startswith("| C1")][0].count("not run yet") == 1
 
 
-def test_paper_compare_reads_each_seeds_last_evaluation_and_flags_a_difference(tmp_path):
-    """scripts/paper_compare.py: per arm, each seed's last evaluated row in either sweep (rows
-    out of order, unevaluated rows skipped), mean ± se, the independent-means difference flagged
-    beyond 2 se; parts side by side; a bad field names its file and line."""
+def test_paper_compare_reads_each_seeds_first_and_last_evaluation_and_flags_a_difference(tmp_path):
+    """scripts/paper_compare.py: per arm, each seed's first (base) and last evaluated rows in file
+    order as agro.repro.verdicts reads them (unevaluated rows skipped), mean ± se, the
+    independent-means difference flagged beyond 2 se (either side of the cut), recorded settings
+    that differ, the §4.6 parts side by side; bad input names its file and line or field."""
     import importlib.util
+
+    import yaml
 
     spec = importlib.util.spec_from_file_location(
         "paper_compare", Path(__file__).resolve().parents[1] / "scripts" / "paper_compare.py")
@@ -478,32 +481,59 @@ def test_paper_compare_reads_each_seeds_last_evaluation_and_flags_a_difference(t
     spec.loader.exec_module(mod)
     head = "arm,seed,step,eval_accuracy,eval_kl\n"
 
-    def sweep(root, rows, verdict, estimate):
-        d = root / "c1"
+    def sweep(root, rows, verdict, estimate, beta=0.02):
+        d = root / "c2"
         d.mkdir(parents=True)
         (d / "runs.csv").write_text(head + "".join(rows))
         (d / "verdict.json").write_text(json.dumps({
-            "verdict": verdict, "missing": [],
+            "verdict": verdict, "missing": [], "pitfall_verdict": verdict,
             "parts": [{"part": "p", "estimate": estimate, "verdict": verdict}],
+            "pitfall_parts": [{"part": "q", "estimate": estimate + "q", "verdict": verdict}],
             "sweep": {"runs_finished": 3, "runs_total": 3, "code_revisions": {"abc": 3}}}))
+        (d / "arms.yaml").write_text(yaml.safe_dump({"arms": {
+            "x": {"settings": {"beta": beta, "lr": 1e-5}, "code_by_seed": {0: estimate}},
+            "y": {"settings": {"lr": 1e-5}, "wall_seconds_by_seed": {0: len(estimate)},
+                  "code_by_seed": {0: estimate}}}}))
 
     first, rerun = tmp_path / "a", tmp_path / "b"
-    # final accuracies 0.40, 0.50, 0.60 (seed 2's last row comes first; step 5 is unevaluated)
-    sweep(first, ["x,2,20,0.6,3.0\n", "x,0,0,0.1,0\n", "x,0,20,0.4,1.0\n", "x,1,20,0.5,2.0\n",
-                  "x,2,10,0.9,9.0\n", "x,1,5,,\n"], stats.INCONCLUSIVE, "e1")
-    # 0.90, 0.91, 0.92: +0.41 against se ~0.058, beyond 2 se; KL 1, 2, 3 both times
+    # seeds interleaved; step 5 unevaluated; base 0.1/0.2/0.3, final 0.40/0.50/0.60, se 0.0577
+    sweep(first, ["x,0,0,0.1,0\n", "x,1,0,0.2,0\n", "x,2,0,0.3,0\n", "x,0,20,0.4,1.0\n",
+                  "x,1,5,,\n", "x,1,20,0.5,2.0\n", "x,2,20,0.6,3.0\n"], stats.INCONCLUSIVE, "e1")
     sweep(rerun, ["x,0,20,0.90,1.0\n", "x,1,20,0.91,2.0\n", "x,2,20,0.92,3.0\n"],
-          stats.REPRODUCED, "e2")
-    assert mod.finals(first / "c1" / "runs.csv")["x"] == {0: (0.4, 1.0), 1: (0.5, 2.0), 2: (0.6, 3.0)}
-    t = mod.compare(first, rerun, "c1")
+          stats.REPRODUCED, "e2", beta=0.5)
+    assert mod.evals(first / "c2" / "runs.csv")["x"] == {
+        0: [(0.1, 0.0), (0.4, 1.0)], 1: [(0.2, 0.0), (0.5, 2.0)], 2: [(0.3, 0.0), (0.6, 3.0)]}
+    t = mod.compare(first, rerun, "c2")
     row = [x for x in t.splitlines() if x.startswith("| x |")][0].split(" | ")
-    assert row[2:5] == ["0.500 ± 0.058", "0.910 ± 0.006", "+0.410 ± 0.058 (differs)"]
-    assert row[5:8] == ["2.000 ± 0.577", "2.000 ± 0.577", "+0.000 ± 0.816 |"]
+    assert row[1:7] == ["3 / 3", "0.200 ± 0.058", "0.910 ± 0.006", "0.500 ± 0.058",
+                        "0.910 ± 0.006", "+0.410 ± 0.058 (differs)"]
+    assert row[7:] == ["2.000 ± 0.577", "2.000 ± 0.577", "+0.000 ± 0.816 |"]
     assert "| p | e1 | inconclusive at this scale | e2 | reproduced |" in t
-    assert "code abc (3)" in t
-    (first / "c1" / "runs.csv").write_text(head + "x,0,20,high,1.0\n")
-    with pytest.raises(SystemExit, match=r"a/c1/runs.csv, line 2: bad field"):
-        mod.finals(first / "c1" / "runs.csv")
+    assert "| q | e1q | inconclusive at this scale | e2q | reproduced |" in t
+    assert "§4.6 prediction: reproduced" in t and "code abc (3)" in t
+    assert "**x: recorded settings differ** (beta)" in t          # code_by_seed is not a setting
+    assert "y: recorded" not in t                                  # nor are the other run fields
+    # the cut at 2 se, from either side: se of the difference is 0.1 here
+    a = [-0.1 * math.sqrt(3), 0.0, 0.1 * math.sqrt(3)]            # mean 0, se 0.1
+    assert mod.mean_se(a)[1] == pytest.approx(0.1)
+    assert "differs" in mod.diff(a, [0.21, 0.21, 0.21])
+    assert "differs" not in mod.diff(a, [0.19, 0.19, 0.19])
+    assert "differs" in mod.diff([0.5] * 3, [0.6] * 3)             # no spread, yet not equal
+    assert mod.diff([0.5], [0.9, 0.8]) == "+0.350"                 # one seed: no se, no flag
+    (first / "c2" / "runs.csv").write_text(head + "\nx,0,20,0.4,1.0\nx,0,20,high,1.0\n")
+    with pytest.raises(SystemExit, match=r"a/c2/runs.csv, line 4: bad field"):
+        mod.evals(first / "c2" / "runs.csv")
+    (first / "c2" / "runs.csv").write_text(head + "x,0,20,nan,1.0\n")
+    with pytest.raises(SystemExit, match=r"line 2: bad field.*not finite"):
+        mod.evals(first / "c2" / "runs.csv")
+    (first / "c2" / "runs.csv").write_text("arm,seed,step,eval_acc\n")
+    with pytest.raises(SystemExit, match=r"runs.csv, line 1: no column eval_accuracy"):
+        mod.evals(first / "c2" / "runs.csv")
+    (first / "c2" / "runs.csv").write_text(head + "x,0,20,0.4,1.0\n")
+    (rerun / "c2" / "verdict.json").write_text(json.dumps(
+        {"verdict": "x", "parts": [{"part": "p"}], "pitfall_parts": [{}]}))
+    with pytest.raises(SystemExit, match=r"b/c2/verdict.json: a part \(number 2\) has no field 'part'"):
+        mod.compare(first, rerun, "c2")
 
 
 def test_paper_run_metrics_keeps_exactly_the_recorded_runs(tmp_path):
