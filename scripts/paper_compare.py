@@ -3,8 +3,8 @@
 (e.g. docs/paper/rerun), claim by claim. Standard library + PyYAML only (no torch); reads
 runs.csv, verdict.json and arms.yaml, writes Markdown to stdout.
 
-    python scripts/paper_compare.py docs/paper docs/paper/rerun            # every claim in both
-    python scripts/paper_compare.py docs/paper docs/paper/rerun c1 c4      # these claims
+    python scripts/paper_compare.py docs/paper/first docs/paper c1 c4 c5   # C1, C4, C5: re-run moved in
+    python scripts/paper_compare.py docs/paper docs/paper/rerun            # claims still being re-run
 
 For each claim: the two verdicts (and the §4.6 prediction's, where the claim has one), the code
 revisions, pending and aborted runs; the arms whose recorded settings differ; per arm, the base
