@@ -484,7 +484,7 @@ def _agro_on_pitfall(o: dict, beta: float) -> str:
     return (f"warning: loss agro_on with lr_coef={lam:g} at beta={beta:g}: at pi_ref its descent "
             f"lowers the success probability of every prompt with p < 1/2 - beta/lr_coef = "
             f"{0.5 - beta / lam:.3g} (agro_math.md §4.6). From a weak base model this collapses: "
-            "docs/PAPER.md C2 measured held-out accuracy 0.104 -> 0.024 at lr_coef=1, "
+            "docs/PAPER.md C2 measured held-out accuracy 0.116 -> 0.027 at lr_coef=1, "
             "beta=0.02. Use loss=agro (lr_coef = 0), or beta >= lr_coef/2.")
 
 
