@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Every speed and memory figure of issue 11's "done when" for the CPU at hand, in one command:
+#
+#     bench/cpu_report.sh TAG            # e.g. TAG=epyc-zen4-dec03; writes docs/bench/cpu/TAG/
+#     .venv/bin/python bench/cpu_report.py docs/bench/cpu/TAG   # the markdown tables
+#
+# Needs `make setup` and `make bench-setup`. Run it ALONE on the machine (a second torch process
+# on the same cores slows both 10-20x). About 75-90 min on a 2-core VM. Resumable: a piece whose
+# output exists is skipped, so after an interruption run the same command again (delete a
+# piece's file to redo it).
+#
+# Pieces, in order (each file holds its own command line at its top or in its JSON):
+#   cpu.txt              lscpu's model name and flags, torch's threads, the commit
+#   matmul.txt           bench/matmul.py: fp32 / bf16 GEMM rates
+#   {on,off}-{fp32,bf16}-r{1,2}/   8-step `agro train` runs, on-policy (fresh groups) and offline
+#                        (source=offline from one file sampled from pi_ref), no evaluation or
+#                        checkpoints; two rounds in the order on, off per precision, so the
+#                        VM's drift shows between rounds. metrics.jsonl has each phase's seconds,
+#                        FLOP, rate and fraction of the GEMM peak measured at the run's start.
+#   vs_trl-{fp32,bf16}.json        bench/vs_trl.py, agro vs TRL 1.16's GRPOTrainer side by side
+#   main-job/            `make train`'s job (`agro train`, precision=auto with an empty
+#                        calibration cache, as on a fresh machine) under /usr/bin/time -v;
+#   main-job-{fp32|bf16}/  the same job in the precision auto did not pick (RSS target: both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TAG=${1:?usage: bench/cpu_report.sh TAG}
+OUT=docs/bench/cpu/$TAG
+PY=.venv/bin/python
+BPY=.venv-bench/bin/python
+STEPS=${STEPS:-8}
+mkdir -p "$OUT"
+log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+if [[ ! -s $OUT/cpu.txt ]]; then
+  { echo "date: $(date -u +%FT%TZ)"; echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (src modified)')"
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|MHz"
+    echo "flags: $(grep -o -w -E 'avx2|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|amx_bf16|amx_tile|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    $PY -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())"
+  } > "$OUT/cpu.txt.tmp" && mv "$OUT/cpu.txt.tmp" "$OUT/cpu.txt"
+fi
+
+if [[ ! -s $OUT/matmul.txt ]]; then
+  log matmul
+  { echo "\$ $PY bench/matmul.py"; $PY bench/matmul.py; } > "$OUT/matmul.txt.tmp" && mv "$OUT/matmul.txt.tmp" "$OUT/matmul.txt"
+fi
+
+QUIET=(eval_prompts=0 save_every=0 save_final=false plot=false tensorboard=false progress=false overwrite=true)
+OFFLINE=$OUT/offline-pi_ref.jsonl
+if [[ ! -s $OFFLINE ]]; then
+  log "offline file"
+  # fp32 reference log-probs; 8 prompts per step x STEPS steps, each group once (no epoch repeats)
+  $PY -m agro.cli generate output="$OFFLINE.tmp.jsonl" num_prompts=$((8 * STEPS)) precision=fp32 \
+    > "$OUT/offline-generate.log" 2>&1
+  mv "$OFFLINE.tmp.jsonl" "$OFFLINE"
+fi
+
+run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped when it finished)
+  local name=$1; shift
+  [[ -s $OUT/$name/done ]] && return 0
+  log "$name"
+  rm -rf "$OUT/$name"; mkdir -p "$OUT/$name"
+  echo "\$ $PY -m agro.cli train steps=$STEPS $* ${QUIET[*]} output_dir=$OUT/$name" > "$OUT/$name/command.txt"
+  /usr/bin/time -v $PY -m agro.cli train steps="$STEPS" "$@" "${QUIET[@]}" output_dir="$OUT/$name" \
+    > "$OUT/$name/log.txt" 2>&1
+  date -u +%FT%TZ > "$OUT/$name/done"
+}
+for r in 1 2; do
+  for p in fp32 bf16; do
+    run on-$p-r$r precision=$p
+    run off-$p-r$r precision=$p source=offline offline_path="$OFFLINE"
+  done
+done
+
+for p in fp32 bf16; do
+  if [[ ! -s $OUT/vs_trl-$p.json ]]; then
+    log "vs_trl $p"
+    $BPY bench/vs_trl.py --steps 6 --micro-batch 32 --precision $p --quiet --json "$OUT/vs_trl-$p.json.tmp" \
+      > "$OUT/vs_trl-$p.log" 2>&1
+    mv "$OUT/vs_trl-$p.json.tmp" "$OUT/vs_trl-$p.json"
+  fi
+done
+
+main_job() {   # main_job NAME [ARGS...]: the default job (`make train`) under /usr/bin/time -v
+  local name=$1; shift
+  [[ -s $OUT/$name/done ]] && return 0
+  log "$name"
+  rm -rf "$OUT/$name" "$OUT/$name-cache"; mkdir -p "$OUT/$name-cache"
+  echo "\$ AGRO_CACHE_DIR=<empty dir> /usr/bin/time -v $PY -m agro.cli train $* output_dir=$OUT/$name progress=false" \
+    > "$OUT/$name.command.txt"
+  # exactly `make train`'s job (progress=false only hides the bar; an empty calibration cache as
+  # on a fresh machine); its checkpoints, exported final/ model and TensorBoard files (about
+  # 2 GB) are deleted afterwards, keeping the logs and curves.
+  AGRO_CACHE_DIR="$OUT/$name-cache" /usr/bin/time -v $PY -m agro.cli train "$@" output_dir="$OUT/$name" \
+    progress=false > "$OUT/$name.log" 2>&1
+  rm -rf "$OUT/$name-cache" "$OUT/$name/checkpoints" "$OUT/$name/final" "$OUT/$name/tb"
+  date -u +%FT%TZ > "$OUT/$name/done"
+}
+main_job main-job                       # precision=auto: what a user gets
+# the issue's RSS target holds "in either precision": the same job in the one auto did not pick
+chosen=$(sed -n 's/^precision: *//p' "$OUT/main-job/config.yaml" | head -1)
+other=$([[ $chosen == bf16 ]] && echo fp32 || echo bf16)
+main_job main-job-$other precision=$other
+log "done: .venv/bin/python bench/cpu_report.py $OUT"
