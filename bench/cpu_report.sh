@@ -13,7 +13,7 @@
 #   cpu.txt              lscpu's model name and flags, torch's threads, the commit
 #   matmul.txt           bench/matmul.py: fp32 / bf16 GEMM rates
 #   {on,off}-{fp32,bf16}-r{1,2}/   8-step `agro train` runs, on-policy (fresh groups) and offline
-#                        (source=offline from one file sampled from pi_ref), no evaluation or
+#                        (source=offline from a file sampled from pi_ref, one per precision), no evaluation or
 #                        checkpoints; two rounds in the order on, off per precision, so the
 #                        VM's drift shows between rounds. metrics.jsonl has each phase's seconds,
 #                        FLOP, rate and fraction of the GEMM peak measured at the run's start.
@@ -45,14 +45,19 @@ if [[ ! -s $OUT/matmul.txt ]]; then
 fi
 
 QUIET=(eval_prompts=0 save_every=0 save_final=false plot=false tensorboard=false progress=false overwrite=true)
-OFFLINE=$OUT/offline-pi_ref.jsonl
-if [[ ! -s $OFFLINE ]]; then
-  log "offline file"
-  # fp32 reference log-probs; 8 prompts per step x STEPS steps, each group once (no epoch repeats)
-  $PY -m agro.cli generate output="$OFFLINE.tmp.jsonl" num_prompts=$((8 * STEPS)) precision=fp32 \
-    > "$OUT/offline-generate.log" 2>&1
-  mv "$OFFLINE.tmp.jsonl" "$OFFLINE"
-fi
+offline_file() {   # offline_file PRECISION: groups sampled from pi_ref, reference log-probs in
+  # PRECISION (a run checks that its file's reference is its own, precision included); 8 prompts
+  # per step x STEPS steps, so each group is used once (no epoch repeats)
+  local f=$OUT/offline-pi_ref-$1.jsonl
+  if [[ ! -s $f ]]; then
+    log "offline file $1"
+    $PY -m agro.cli generate output="$f.tmp.jsonl" num_prompts=$((8 * STEPS)) precision=$1 \
+      > "$OUT/offline-generate-$1.log" 2>&1
+    mv "$f.tmp.jsonl" "$f"
+  fi
+}
+offline_file fp32
+offline_file bf16
 
 run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped when it finished)
   local name=$1; shift
@@ -67,7 +72,7 @@ run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped wh
 for r in 1 2; do
   for p in fp32 bf16; do
     run on-$p-r$r precision=$p
-    run off-$p-r$r precision=$p source=offline offline_path="$OFFLINE"
+    run off-$p-r$r precision=$p source=offline offline_path="$OUT/offline-pi_ref-$p.jsonl"
   done
 done
 
