@@ -67,6 +67,7 @@ run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped wh
   echo "\$ $PY -m agro.cli train steps=$STEPS $* ${QUIET[*]} output_dir=$OUT/$name" > "$OUT/$name/command.txt"
   /usr/bin/time -v $PY -m agro.cli train steps="$STEPS" "$@" "${QUIET[@]}" output_dir="$OUT/$name" \
     > "$OUT/$name/log.txt" 2>&1
+  rm -rf "$OUT/$name/checkpoints" "$OUT/$name/final" "$OUT/$name/tb"   # the last state (1.6 GB)
   date -u +%FT%TZ > "$OUT/$name/done"
 }
 for r in 1 2; do
