@@ -57,6 +57,8 @@ def time_v(log: Path) -> dict:
         out["auto"] = f"auto -> {m.group(1)} (estimated step fp32 {m.group(2)} s vs bf16 {m.group(3)} s)"
     m = re.search(r"Exit status: (\d+)", t)
     out["exit"] = int(m.group(1)) if m else None
+    if "Command terminated by signal" in t:      # GNU time then still says "Exit status: 0"
+        out["exit"] = "signal"
     return out
 
 
@@ -83,7 +85,10 @@ def fmt(x, spec=".2f", missing="-"):
 
 
 def mins(s):
-    return f"{int(s // 60)} min {s % 60:.0f} s" if s is not None else "missing"
+    if s is None:
+        return "missing"
+    s = round(s)
+    return f"{s // 60} min {s % 60} s"
 
 
 def main(d: Path) -> None:

@@ -5,7 +5,7 @@
 #     .venv/bin/python bench/cpu_report.py docs/bench/cpu/TAG   # the markdown tables
 #
 # Needs `make setup` and `make bench-setup`. Run it ALONE on the machine (a second torch process
-# on the same cores slows both 10-20x). About 75-90 min on a 2-core VM. Resumable: a piece whose
+# on the same cores slows both 10-20x). About 50-60 min on a 2-core VM (Zen 4, 2026-12-03). Resumable: a piece whose
 # output exists is skipped, so after an interruption run the same command again (delete a
 # piece's file to redo it).
 #
@@ -31,6 +31,17 @@ STEPS=${STEPS:-8}
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
+machine() { lscpu | sed -n 's/^Model name: *//p'; grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; }
+if [[ -s $OUT/machine.txt && "$(machine)" != "$(cat "$OUT/machine.txt")" ]]; then
+  echo "$OUT was started on another CPU ($(cat "$OUT/machine.txt")); this is $(machine): use a new TAG" >&2
+  exit 2
+fi
+machine > "$OUT/machine.txt"
+if [[ -s $OUT/src-commit.txt && "$(git log -1 --format=%h -- src)" != "$(cat "$OUT/src-commit.txt")" ]]; then
+  echo "$OUT was started on src/ at $(cat "$OUT/src-commit.txt"); src/ is now $(git log -1 --format=%h -- src): use a new TAG" >&2
+  exit 2
+fi
+git log -1 --format=%h -- src > "$OUT/src-commit.txt"
 if [[ ! -s $OUT/cpu.txt ]]; then
   { echo "date: $(date -u +%FT%TZ)"; echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (src modified)')"
     lscpu | grep -E "Model name|^CPU\(s\)|Thread|MHz"
@@ -51,6 +62,7 @@ offline_file() {   # offline_file PRECISION: groups sampled from pi_ref, referen
   local f=$OUT/offline-pi_ref-$1.jsonl
   if [[ ! -s $f ]]; then
     log "offline file $1"
+    echo "\$ $PY -m agro.cli generate output=$f num_prompts=$((8 * STEPS)) precision=$1" > "$OUT/offline-generate-$1.command.txt"
     $PY -m agro.cli generate output="$f.tmp.jsonl" num_prompts=$((8 * STEPS)) precision=$1 \
       > "$OUT/offline-generate-$1.log" 2>&1
     mv "$f.tmp.jsonl" "$f"
