@@ -30,8 +30,10 @@ BPY=.venv-bench/bin/python
 STEPS=${STEPS:-8}
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+prune() { rm -rf "$1/checkpoints" "$1/final" "$1/tb"; }   # a run's saved state (1.6-2 GB), not its logs
 
-machine() { lscpu | sed -n 's/^Model name: *//p'; grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; }
+# the CPU's identity as agro's calibration cache keys it (model, flags, threads, torch)
+machine() { $PY -c "from agro.perf import machine_key; print(machine_key())"; }
 if [[ -s $OUT/machine.txt && "$(machine)" != "$(cat "$OUT/machine.txt")" ]]; then
   echo "$OUT was started on another CPU ($(cat "$OUT/machine.txt")); this is $(machine): use a new TAG" >&2
   exit 2
@@ -79,7 +81,7 @@ run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped wh
   echo "\$ $PY -m agro.cli train steps=$STEPS $* ${QUIET[*]} output_dir=$OUT/$name" > "$OUT/$name/command.txt"
   /usr/bin/time -v $PY -m agro.cli train steps="$STEPS" "$@" "${QUIET[@]}" output_dir="$OUT/$name" \
     > "$OUT/$name/log.txt" 2>&1
-  rm -rf "$OUT/$name/checkpoints" "$OUT/$name/final" "$OUT/$name/tb"   # the last state (1.6 GB)
+  prune "$OUT/$name"
   date -u +%FT%TZ > "$OUT/$name/done"
 }
 for r in 1 2; do
@@ -110,7 +112,7 @@ main_job() {   # main_job NAME [ARGS...]: the default job (`make train`) under /
   # 2 GB) are deleted afterwards, keeping the logs and curves.
   AGRO_CACHE_DIR="$OUT/$name-cache" /usr/bin/time -v $PY -m agro.cli train "$@" output_dir="$OUT/$name" \
     progress=false > "$OUT/$name.log" 2>&1
-  rm -rf "$OUT/$name-cache" "$OUT/$name/checkpoints" "$OUT/$name/final" "$OUT/$name/tb"
+  rm -rf "$OUT/$name-cache"; prune "$OUT/$name"
   date -u +%FT%TZ > "$OUT/$name/done"
 }
 main_job main-job                       # precision=auto: what a user gets
