@@ -173,6 +173,63 @@ def test_chosen_logprobs_float64_gradcheck_and_bf16_input():
         logprobs._ROW_CHUNK_ELEMS = old
 
 
+def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypatch):
+    """_HeadChosenLogProb (the LM head fused with the log-prob kernel, logits recomputed in the
+    backward in vocabulary slices) gives the unfused head's log-probs and gradients: float64
+    exactly up to rounding, with several row chunks and vocabulary slices (one slice holding
+    no target); bf16 within bf16 rounding of the unfused bf16 head."""
+    monkeypatch.setattr(logprobs, "_HEAD_ROW_CHUNK", 4)       # 3 row chunks, the last short
+    monkeypatch.setattr(logprobs, "_HEAD_VOCAB_ELEMS", 1)     # slices of 256 columns
+    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMS", 600)    # 2-row sub-chunks
+    g0 = torch.Generator().manual_seed(0)
+    N, H, V = 10, 6, 700
+    h = torch.randn(N, H, dtype=torch.float64, generator=g0, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, generator=g0, requires_grad=True)
+    ids = torch.randint(0, 512, (N,), generator=g0)           # no target in columns 512..699
+    ids[3] = 699
+    w = torch.randn(N, dtype=torch.float64, generator=g0)
+    lp = logprobs._HeadChosenLogProb.apply(h, W, ids, torch.float64)
+    ref = F.log_softmax(h @ W.T, -1).gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-6, rtol=0)   # out is fp32
+    gh, gW = torch.autograd.grad((lp.double() * w).sum(), (h, W))
+    gh_ref, gW_ref = torch.autograd.grad((ref * w).sum(), (h, W))
+    torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gW, gW_ref, atol=1e-6, rtol=1e-6)
+    assert gW[512:699].abs().max() > 0     # the softmax term reaches every column
+    # bf16: same forward numbers as the unfused bf16 head, gradients within bf16 rounding
+    hb, Wb = h.detach().float().to(torch.bfloat16), W.detach().float().to(torch.bfloat16)
+    hb.requires_grad_(True), Wb.requires_grad_(True)
+    lpb = logprobs._HeadChosenLogProb.apply(hb, Wb, ids, torch.bfloat16)
+    unf = chosen_logprobs(F.linear(hb, Wb), ids)
+    torch.testing.assert_close(lpb, unf, atol=1e-6, rtol=0)
+    gb = torch.autograd.grad((lpb * w.float()).sum(), (hb, Wb))
+    gu = torch.autograd.grad((unf * w.float()).sum(), (hb, Wb))
+    assert gb[0].dtype == gb[1].dtype == torch.bfloat16
+    for a, b in zip(gb, gu):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.02 * b.float().abs().max().item(), rtol=0.02)
+
+
+def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head():
+    """A plain bias-free nn.Linear head takes the fused kernel; a head with a bias or a forward
+    hook (or any other module) runs as a module and gives the same numbers as head(h) + the log-prob kernel."""
+    torch.manual_seed(0)
+    h, ids = torch.randn(7, 5), torch.randint(0, 9, (7,))
+    for bias, hook in ((False, False), (True, False), (False, True)):
+        head = torch.nn.Linear(5, 9, bias=bias)
+        if hook:
+            head.register_forward_hook(lambda m, a, out: None)
+        calls = []
+        real = logprobs._HeadChosenLogProb.apply
+        logprobs._HeadChosenLogProb.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            lp = logprobs.head_chosen_logprobs(head, h, ids, "fp32")
+        finally:
+            logprobs._HeadChosenLogProb.apply = real
+        assert len(calls) == (0 if bias or hook else 1)
+        torch.testing.assert_close(lp, F.log_softmax(head(h), -1).gather(-1, ids[:, None]).squeeze(-1),
+                                   atol=1e-6, rtol=0)
+
+
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):
     batch = make_batch(tok.pad_token_id)
     lp, logits = completion_logprobs(llama, batch.input_ids, batch.attention_mask, batch.completion_ids,
@@ -585,12 +642,14 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     dec, _, head = logprobs._decoder_parts(llama)
     h1 = dec.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[:2]),
                                        with_kwargs=True)
-    h2 = head.register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[0]))
+    fused = logprobs._HeadChosenLogProb.apply                    # the head, fused (no hook)
+    monkeypatch.setattr(logprobs._HeadChosenLogProb, "apply",
+                        lambda h, *a: head_rows.append(h.shape[0]) or fused(h, *a))
     w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
     llama.zero_grad(set_to_none=True)
     lp = completion_logprobs(llama, *args, group_size=batch.group_size)
     (lp * w).sum().backward()
-    h1.remove(), h2.remove()
+    h1.remove()
     g_packed = {k: p.grad.clone() for k, p in llama.named_parameters()}
     B, T = batch.completion_ids.shape
     up = lambda x, most: min(-(-x // bucket) * bucket, most)  # noqa: E731

@@ -132,7 +132,7 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
     """Where bf16 is native, precision=auto calibrates and records why; the YAML still loads
     (comments), so --resume keeps the concrete choice."""
     from agro import trainer as trainer_mod
-    from agro.config import TrainConfig, load_config
+    from agro.config import MICRO_BATCH_TOKENS, TrainConfig, load_config
     from fakes import HashGrader
 
     import agro.models as models
@@ -152,6 +152,10 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
     assert text.startswith("# precision: auto -> fp32 (measured on this machine: estimated step "
                            "fp32 3.00 s vs bf16 6.00 s)")
     assert yaml.safe_load(text)["precision"] == "fp32"
+    # the default token budget (-1) follows the precision chosen, and config.yaml says so
+    assert tr.cfg.micro_batch_tokens == MICRO_BATCH_TOKENS["fp32"] == 768
+    assert "# micro_batch_tokens: -1 -> 768 (the default for fp32)" in text
+    assert yaml.safe_load(text)["micro_batch_tokens"] == 768
     tr.train()                                              # 1 step, checkpointed at the end
     resumed = load_config(TrainConfig, str(tmp_path / "run" / "config.yaml"),
                           [f"output_dir={tmp_path / 'run'}", "steps=2"])
@@ -200,3 +204,17 @@ def test_generate_and_eval_follow_the_precision_train_measured(tiny_model_dir, m
     assert out.precision == "bf16" and note is None
     perf._store_cache(key, head + "G=2 n=2 T=8 P=32", {"choice": "bf16"})
     assert perf.cached_precision_choice(model) is None               # timings disagree: no rule
+
+
+def test_micro_batch_tokens_default_is_per_precision_and_explicit_values_stay():
+    from agro.config import ConfigError, MICRO_BATCH_TOKENS, TrainConfig, load_config, micro_batch_tokens_for
+
+    cfg = load_config(TrainConfig, None, [])
+    assert cfg.micro_batch_tokens == -1
+    assert micro_batch_tokens_for(cfg, "bf16") == MICRO_BATCH_TOKENS["bf16"] == 4096
+    assert micro_batch_tokens_for(cfg, "fp32") == MICRO_BATCH_TOKENS["fp32"] == 768
+    for v in (0, 1000):
+        c = load_config(TrainConfig, None, [f"micro_batch_tokens={v}"])
+        assert micro_batch_tokens_for(c, "fp32") == micro_batch_tokens_for(c, "bf16") == v
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        load_config(TrainConfig, None, ["micro_batch_tokens=-2"])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .collect import Collector
+from .config import micro_batch_tokens_for
 from .generation import SamplingParams, make_generator
 from .logprobs import Reference
 from .models import DEFAULT_MODEL, apply_lora, load_model, load_tokenizer, resolve_precision
@@ -135,7 +136,7 @@ def build_collector(cfg, *, tokenizer, generator, grader, reference, sampler,
     """The :class:`Collector` that turns the sampler's prompts into scored groups."""
     # the reference pass splits groups as the learner does (agro train); agro generate keeps the
     # Collector's defaults (8 groups, 4096 tokens per pass)
-    split = dict(ref_micro_groups=cfg.micro_batch_groups, ref_micro_tokens=cfg.micro_batch_tokens) \
+    split = dict(ref_micro_groups=cfg.micro_batch_groups, ref_micro_tokens=micro_batch_tokens_for(cfg)) \
         if hasattr(cfg, "micro_batch_tokens") else {}
     return Collector(tokenizer=tokenizer, generator=generator, grader=grader, reference=reference,
                      sampler=sampler, template=cfg.prompt_template, params=sampling_params(cfg),

@@ -14,7 +14,8 @@ with sampling and cheap:
   each prompt runs once and no padded completion position is computed;
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
-  the chunk's softmax), also when the matmuls run in bf16.
+  the chunk's softmax), also when the matmuls run in bf16; in the packed path a plain linear
+  head is fused into that kernel (:class:`_HeadChosenLogProb`), so not even the logits are kept.
 
 Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
 same ``precision``; :class:`Reference` uses the precision it was built with. Measured on
@@ -112,6 +113,109 @@ def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     chunk = max(1, _ROW_CHUNK_ELEMS // V)
     out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk)
     return out.view(ids.shape)
+
+
+_HEAD_ROW_CHUNK = 256
+"""Rows of hidden states per LM-head GEMM in :class:`_HeadChosenLogProb`'s forward: each chunk
+reads the whole [V, H] head once (54 MB in bf16 on SmolLM2-135M), so chunks are large for the
+GEMM and its [256, V] output (25-50 MB) is then reduced ~10 rows at a time as in
+:class:`_ChosenLogProb`."""
+
+_HEAD_VOCAB_ELEMS = 1 << 22
+"""Elements of one [N, Vc] block of recomputed logits in :class:`_HeadChosenLogProb`'s backward
+(16 MB in fp32): the vocabulary slice Vc is ``_HEAD_VOCAB_ELEMS // N`` columns, at least 256."""
+
+
+class _HeadChosenLogProb(torch.autograd.Function):
+    """``log_softmax(h @ W.T)[r, ids[r]]`` in fp32, a linear LM head fused with the log-prob
+    kernel so that no [N, V] logits are kept for the backward pass (agro_math.md §0's
+    ``log pi_t``; the same numbers as ``chosen_logprobs(F.linear(h, W), ids)``).
+
+    Forward: the head's GEMM in chunks of _HEAD_ROW_CHUNK rows in ``dtype`` (bf16 under bf16, as
+    autocast would run it), each chunk's fp32 log-softmax taken ~10 rows at a time; it keeps
+    ``h``, ``W`` (both already alive: the last hidden state and the head's weight) and the
+    per-row ``lse`` = log-sum-exp of the logits [N] fp32.
+    Backward: for each slice of Vc vocabulary columns, the logits ``z = h @ W[v].T`` [N, Vc] are
+    recomputed and ``dz = g * (onehot(ids) - exp(z - lse))``; then ``dW[v] = dz.T @ h`` (one
+    GEMM over all N rows: one rounding, as the unfused head) and ``dh += dz @ W[v]`` (added in
+    fp32 over the slices, cast once at the end).
+
+    Why: the unfused head keeps the [N, V] logits for its backward and allocates their [N, V]
+    gradient at the start of the backward pass, when every activation is still alive: on the
+    default job (SmolLM2-135M, ~1,250 positions a step, V = 49,152) 2 x 118 MB in bf16 and
+    2 x 236 MB in fp32 at the learner's memory peak. The cost is one more head GEMM per
+    position (2 N H V FLOP; +33 % of the head's 6 N H V, ~+7 % of a SmolLM2-135M learner pass),
+    which agro.perf's learner FLOP count does not include (model FLOP, as MFU counts them).
+    Shapes: h [N, H], W [V, H], ids [N] long -> [N] fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, W: torch.Tensor, ids: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        N, V = h.shape[0], W.shape[0]
+        hc, Wc = h.to(dtype), W.to(dtype)
+        out = torch.empty(N, dtype=torch.float32, device=h.device)      # [N]
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)      # [N]
+        sub = max(1, _ROW_CHUNK_ELEMS // V)
+        for s in range(0, N, _HEAD_ROW_CHUNK):
+            z = F.linear(hc[s:s + _HEAD_ROW_CHUNK], Wc)                   # [r, V] dtype
+            for t in range(0, z.shape[0], sub):
+                zf = z[t:t + sub].float()                                 # [c, V] fp32
+                a, b = s + t, s + t + zf.shape[0]
+                i = ids[a:b, None]                                        # [c, 1]
+                ls = torch.log_softmax(zf, dim=-1)
+                out[a:b] = ls.gather(-1, i).squeeze(-1)
+                lse[a:b] = (zf.gather(-1, i) - ls.gather(-1, i)).squeeze(-1)
+                del zf, ls
+            del z
+        ctx.save_for_backward(h, W, ids, lse)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, W, ids, lse = ctx.saved_tensors
+        need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hc, Wc = h.to(ctx.dtype), W.to(ctx.dtype)
+        N, V = h.shape[0], W.shape[0]
+        g = g.float()
+        gh = torch.zeros(N, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
+        gW = torch.empty(W.shape, dtype=ctx.dtype, device=W.device) if need_W else None
+        vc = max(256, _HEAD_VOCAB_ELEMS // max(N, 1))
+        for v0 in range(0, V, vc):
+            v1 = min(V, v0 + vc)
+            dz = torch.exp_(F.linear(hc, Wc[v0:v1]).float().sub_(lse[:, None]))  # p [N, Vc]
+            dz.mul_(-g[:, None])                                          # -p * g
+            r = ((ids >= v0) & (ids < v1)).nonzero().squeeze(-1)             # + onehot * g
+            c = ids[r] - v0                                               # one entry per row
+            dz[r, c] = dz[r, c] + g[r]
+            dz = dz.to(ctx.dtype)
+            if need_W:
+                gW[v0:v1] = dz.t() @ hc                                   # [Vc, H]
+            if need_h:
+                gh += dz @ Wc[v0:v1]                                      # [N, H]
+        return (gh.to(h.dtype) if need_h else None, gW.to(W.dtype) if need_W else None,
+                None, None)
+
+
+def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: str) -> torch.Tensor:
+    """``log softmax(head(h))[r, ids[r]]`` in fp32 [N] for hidden states h [N, H] and ids [N].
+
+    A plain ``nn.Linear`` head without bias or forward hooks takes the fused kernel
+    (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass), in bf16 where
+    ``precision`` is bf16 (as autocast runs a linear layer) and in the weight's dtype otherwise;
+    any other head (a LoRA wrapper, a bias, a hooked module such as accelerate's offloading)
+    runs as a module and then :func:`chosen_logprobs`.
+    """
+    W = getattr(head, "weight", None)
+    hooked = head._forward_hooks or head._forward_pre_hooks       # e.g. accelerate's offloading
+    if type(head) is torch.nn.Linear and head.bias is None and not hooked \
+            and W is not None and W.dim() == 2:
+        dtype = torch.bfloat16 if precision == "bf16" else W.dtype
+        return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)
+    with autocast_ctx(precision, h.device):
+        logits = head(h)                                                  # [N, V]
+    return chosen_logprobs(logits, ids)
 
 
 @functools.lru_cache(maxsize=None)
@@ -431,10 +535,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
         hs = _packed_group_hidden(model, input_ids, attention_mask, T, prompt_len, group_size,
                                   precision, lengths, rows=idx)           # [N + pad, H]
         dev = hs.device
-        with autocast_ctx(precision, dev):
-            logits = _decoder_parts(model)[2](hs)                         # [N + pad, V]
         tgt = completion_ids.reshape(-1)[idx.to(completion_ids.device)].to(dev)  # [N + pad]
-        lp_real = chosen_logprobs(logits, tgt)[:N]                        # [N] fp32
+        lp_real = head_chosen_logprobs(_decoder_parts(model)[2], hs, tgt, precision)[:N]  # [N]
         return torch.zeros(B, T, dtype=lp_real.dtype, device=dev).masked_scatter(
             real.to(dev), lp_real)                                        # [B, T]
     logits = completion_logits(model, input_ids, attention_mask, T, prompt_len, precision,

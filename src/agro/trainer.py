@@ -39,7 +39,7 @@ from .checkpoint import (
     BackgroundSaver, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from .collect import CollectStats
-from .config import TrainConfig, dump_yaml, parse_source, to_dict
+from .config import TrainConfig, dump_yaml, micro_batch_tokens_for, parse_source, to_dict
 from .datafiles import read_groups
 from .distributed import Distributed
 from .evaluation import evaluate
@@ -152,6 +152,13 @@ class Trainer:
         self.sampler = self.task.train_sampler(cfg.seed + 7 * self.dist.rank)
         self.policy, self.tok, self.reference = build_models(cfg, device=self.device)
         self.precision_notes = self._auto_precision(requested_precision)
+        if self.cfg.micro_batch_tokens < 0:   # by precision, now that it is known (config.yaml)
+            self.cfg = dataclasses.replace(self.cfg,
+                                           micro_batch_tokens=micro_batch_tokens_for(self.cfg))
+            line = (f"micro_batch_tokens: -1 -> {self.cfg.micro_batch_tokens} "
+                    f"(the default for {self.cfg.precision})")
+            self.precision_notes.append(line)
+            self.note(line)
         cfg = self.cfg
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml", self.precision_notes)
@@ -291,8 +298,9 @@ class Trainer:
                    else f"no native bf16 matmuls on this {self.device.type}")
             return [f"precision: auto -> {rank0} ({why})"]
         per_mb = cfg.micro_batch_groups   # groups per micro-batch, at worst (longest completions)
-        if cfg.micro_batch_tokens:
-            per_mb = max(1, min(per_mb, cfg.micro_batch_tokens //
+        budget = micro_batch_tokens_for(cfg, "bf16")   # micro-batches count in bf16's estimate only
+        if budget:
+            per_mb = max(1, min(per_mb, budget //
                                 (CALIBRATION_PROMPT_LEN + cfg.group_size * cfg.max_new_tokens)))
         cal = calibrate_precision(self.policy, prompts_per_step=self.local_prompts,
                                   group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,

@@ -26,7 +26,7 @@ BETA_SAFE = 0.5                     # C2: above 1/2 - p for every prompt, where 
 
 FULL_BASE = dict(
     TASK, model="default", precision="fp32", steps=20, prompts_per_step=8, group_size=4,
-    micro_batch_groups=2, lr=2e-5, warmup_steps=2, beta=BETA, loss="agro",
+    micro_batch_groups=2, micro_batch_tokens=4096, lr=2e-5, warmup_steps=2, beta=BETA, loss="agro",
     eval_prompts=275, eval_samples=1, eval_every=10, eval_before=False,
     save_every=5, keep_checkpoints=1, save_final=False, tensorboard=False, plot=False,
     progress=False,
