@@ -28,6 +28,11 @@ OUT=docs/bench/cpu/$TAG
 PY=.venv/bin/python
 BPY=.venv-bench/bin/python
 STEPS=${STEPS:-8}
+# PIECES: which measurements after cpu.txt and matmul.txt, a comma list of steps (the offline
+# files and 8-step runs), trl (vs_trl) and main (the default job in both precisions); all three
+# by default. E.g. `PIECES=main bench/cpu_report.sh TAG` re-measures only the default job (~25 min).
+PIECES=${PIECES:-steps,trl,main}
+want() { [[ ",$PIECES," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 prune() { rm -rf "$1/checkpoints" "$1/final" "$1/tb"; }   # a run's saved state (1.6-2 GB), not its logs
@@ -70,8 +75,10 @@ offline_file() {   # offline_file PRECISION: groups sampled from pi_ref, referen
     mv "$f.tmp.jsonl" "$f"
   fi
 }
+if want steps; then
 offline_file fp32
 offline_file bf16
+fi
 
 run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped when it finished)
   local name=$1; shift
@@ -85,6 +92,7 @@ run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped wh
   date -u +%FT%TZ > "$OUT/$name/done"
 }
 for r in 1 2; do
+  want steps || break
   for p in fp32 bf16; do
     run on-$p-r$r precision=$p
     run off-$p-r$r precision=$p source=offline offline_path="$OUT/offline-pi_ref-$p.jsonl"
@@ -92,6 +100,7 @@ for r in 1 2; do
 done
 
 for p in fp32 bf16; do
+  want trl || break
   if [[ ! -s $OUT/vs_trl-$p.json ]]; then
     log "vs_trl $p"
     $BPY bench/vs_trl.py --steps 6 --micro-batch 32 --precision $p --quiet --json "$OUT/vs_trl-$p.json.tmp" \
@@ -115,9 +124,11 @@ main_job() {   # main_job NAME [ARGS...]: the default job (`make train`) under /
   rm -rf "$OUT/$name-cache"; prune "$OUT/$name"
   date -u +%FT%TZ > "$OUT/$name/done"
 }
+if want main; then
 main_job main-job                       # precision=auto: what a user gets
 # the RSS target holds "in either precision": the same job in the one auto did not pick
 chosen=$(sed -n 's/^precision: *//p' "$OUT/main-job/config.yaml" | head -1)
 other=$([[ $chosen == bf16 ]] && echo fp32 || echo bf16)
 main_job main-job-$other precision=$other
+fi
 log "done: .venv/bin/python bench/cpu_report.py $OUT"
