@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every timing here")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
-    tr = bench_trainer("microbatch", f"precision={a.precision}")
+    tr = bench_trainer("microbatch", f"precision={a.precision}",
+                       "micro_batch_tokens=0")   # groups only, as the reference arm
     col = tr.collector
     print(f"groups per micro-batch {sizes}")
     sampled = one_step_groups(tr, seed=1234)

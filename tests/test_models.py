@@ -180,13 +180,13 @@ def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypa
     no target); bf16 within bf16 rounding of the unfused bf16 head."""
     monkeypatch.setattr(logprobs, "_HEAD_ROW_CHUNK", 4)       # 3 row chunks, the last short
     monkeypatch.setattr(logprobs, "_HEAD_VOCAB_ELEMS", 1)     # slices of 256 columns
-    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMS", 600)    # 2-row sub-chunks
+    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMS", 2100)   # 3-row sub-chunks: 3 + 1 per chunk
     g0 = torch.Generator().manual_seed(0)
     N, H, V = 10, 6, 700
     h = torch.randn(N, H, dtype=torch.float64, generator=g0, requires_grad=True)
     W = torch.randn(V, H, dtype=torch.float64, generator=g0, requires_grad=True)
-    ids = torch.randint(0, 512, (N,), generator=g0)           # no target in columns 512..699
-    ids[3] = 699
+    ids = torch.randint(0, 256, (N,), generator=g0)           # no target in columns 256..511
+    ids[3] = 699                                              # one in the last, short slice
     w = torch.randn(N, dtype=torch.float64, generator=g0)
     lp = logprobs._HeadChosenLogProb.apply(h, W, ids, torch.float64)
     ref = F.log_softmax(h @ W.T, -1).gather(-1, ids[:, None]).squeeze(-1)
@@ -195,7 +195,11 @@ def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypa
     gh_ref, gW_ref = torch.autograd.grad((ref * w).sum(), (h, W))
     torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gW, gW_ref, atol=1e-6, rtol=1e-6)
-    assert gW[512:699].abs().max() > 0     # the softmax term reaches every column
+    assert gW[256:512].abs().max() > 0     # the softmax term reaches a slice with no target
+    # a frozen head (LoRA): no weight gradient asked for, the same hidden-state gradient
+    (gh_only,) = torch.autograd.grad((logprobs._HeadChosenLogProb.apply(h, W.detach(), ids,
+                                                                       torch.float64).double() * w).sum(), h)
+    torch.testing.assert_close(gh_only, gh_ref, atol=1e-6, rtol=1e-6)
     # bf16: same forward numbers as the unfused bf16 head, gradients within bf16 rounding
     hb, Wb = h.detach().float().to(torch.bfloat16), W.detach().float().to(torch.bfloat16)
     hb.requires_grad_(True), Wb.requires_grad_(True)
@@ -209,25 +213,34 @@ def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypa
         torch.testing.assert_close(a.float(), b.float(), atol=0.02 * b.float().abs().max().item(), rtol=0.02)
 
 
-def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head():
-    """A plain bias-free nn.Linear head takes the fused kernel; a head with a bias or a forward
-    hook (or any other module) runs as a module and gives the same numbers as head(h) + the log-prob kernel."""
+def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head(monkeypatch):
+    """A plain bias-free nn.Linear head takes the fused kernel; a head with a bias, a forward
+    hook or a replaced forward (or any other module) runs as a module and gives the same numbers as head(h) + the log-prob kernel."""
     torch.manual_seed(0)
     h, ids = torch.randn(7, 5), torch.randint(0, 9, (7,))
-    for bias, hook in ((False, False), (True, False), (False, True)):
+    calls = []
+    real = logprobs._HeadChosenLogProb.apply
+    monkeypatch.setattr(logprobs._HeadChosenLogProb, "apply", lambda *a: calls.append(1) or real(*a))
+    for bias, hook in ((False, None), (True, None), (False, "hook"), (False, "forward")):
         head = torch.nn.Linear(5, 9, bias=bias)
-        if hook:
+        if hook == "hook":
             head.register_forward_hook(lambda m, a, out: None)
-        calls = []
-        real = logprobs._HeadChosenLogProb.apply
-        logprobs._HeadChosenLogProb.apply = lambda *a: calls.append(1) or real(*a)
-        try:
-            lp = logprobs.head_chosen_logprobs(head, h, ids, "fp32")
-        finally:
-            logprobs._HeadChosenLogProb.apply = real
+        elif hook == "forward":                     # as accelerate's offloading does
+            head.forward = head.forward
+        calls.clear()
+        lp = logprobs.head_chosen_logprobs(head, h, ids, "fp32")
         assert len(calls) == (0 if bias or hook else 1)
         torch.testing.assert_close(lp, F.log_softmax(head(h), -1).gather(-1, ids[:, None]).squeeze(-1),
                                    atol=1e-6, rtol=0)
+    # bf16 precision over fp32 weights (LoRA's autocast): the fused head runs its GEMM in bf16,
+    # exactly as autocast runs the module
+    head = torch.nn.Linear(5, 9, bias=False)
+    calls.clear()
+    lp16 = logprobs.head_chosen_logprobs(head, h, ids, "bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16 = chosen_logprobs(head(h), ids)
+    assert calls == [1]
+    torch.testing.assert_close(lp16, ref16, atol=1e-6, rtol=0)
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _m
 
 from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load_model
 
@@ -90,6 +92,7 @@ class _ChosenLogProb(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: torch.Tensor):
         logits, ids = ctx.saved_tensors
         chunk = ctx.chunk
@@ -123,7 +126,9 @@ GEMM and its [256, V] output (25-50 MB) is then reduced ~10 rows at a time as in
 
 _HEAD_VOCAB_ELEMS = 1 << 22
 """Elements of one [N, Vc] block of recomputed logits in :class:`_HeadChosenLogProb`'s backward
-(16 MB in fp32): the vocabulary slice Vc is ``_HEAD_VOCAB_ELEMS // N`` columns, at least 256."""
+(16 MB in fp32): the vocabulary slice Vc is the power of two at most ``_HEAD_VOCAB_ELEMS // N``
+columns, at least 256 (few distinct GEMM shapes: each costs a cached oneDNN primitive, see
+SHAPE_BUCKET; 49,152 = 3 x 2^14 splits into equal slices)."""
 
 
 class _HeadChosenLogProb(torch.autograd.Function):
@@ -137,15 +142,18 @@ class _HeadChosenLogProb(torch.autograd.Function):
     per-row ``lse`` = log-sum-exp of the logits [N] fp32.
     Backward: for each slice of Vc vocabulary columns, the logits ``z = h @ W[v].T`` [N, Vc] are
     recomputed and ``dz = g * (onehot(ids) - exp(z - lse))``; then ``dW[v] = dz.T @ h`` (one
-    GEMM over all N rows: one rounding, as the unfused head) and ``dh += dz @ W[v]`` (added in
-    fp32 over the slices, cast once at the end).
+    GEMM over all N rows: one rounding, as the unfused head) and ``dh += dz @ W[v]`` (each
+    slice's product in ``dtype``, summed in fp32, cast to h's dtype at the end: in bf16 one
+    rounding per slice, where the unfused head's one GEMM rounds once).
 
     Why: the unfused head keeps the [N, V] logits for its backward and allocates their [N, V]
     gradient at the start of the backward pass, when every activation is still alive: on the
     default job (SmolLM2-135M, ~1,250 positions a step, V = 49,152) 2 x 118 MB in bf16 and
-    2 x 236 MB in fp32 at the learner's memory peak. The cost is one more head GEMM per
-    position (2 N H V FLOP; +33 % of the head's 6 N H V, ~+7 % of a SmolLM2-135M learner pass),
-    which agro.perf's learner FLOP count does not include (model FLOP, as MFU counts them).
+    2 x 236 MB in fp32 at the start of the backward pass (measured peak RSS of the default job's
+    learner step: -0.22 GiB in fp32, -0.07 GiB in bf16; docs/RESULTS.md). The cost is one more
+    head GEMM per position (2 N H V FLOP: +33 % of the head's 6 N H V, a few % of a
+    SmolLM2-135M learner pass), which agro.perf's learner FLOP count does not include (model
+    FLOP, as MFU counts them). Not twice-differentiable (``once_differentiable``).
     Shapes: h [N, H], W [V, H], ids [N] long -> [N] fp32.
     """
 
@@ -165,7 +173,8 @@ class _HeadChosenLogProb(torch.autograd.Function):
                 i = ids[a:b, None]                                        # [c, 1]
                 ls = torch.log_softmax(zf, dim=-1)
                 out[a:b] = ls.gather(-1, i).squeeze(-1)
-                lse[a:b] = (zf.gather(-1, i) - ls.gather(-1, i)).squeeze(-1)
+                top, j = zf.max(dim=-1, keepdim=True)                     # [c, 1]
+                lse[a:b] = (top - ls.gather(-1, j)).squeeze(-1)           # ls is ~0 there
                 del zf, ls
             del z
         ctx.save_for_backward(h, W, ids, lse)
@@ -173,6 +182,7 @@ class _HeadChosenLogProb(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: torch.Tensor):
         h, W, ids, lse = ctx.saved_tensors
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -181,7 +191,7 @@ class _HeadChosenLogProb(torch.autograd.Function):
         g = g.float()
         gh = torch.zeros(N, h.shape[1], dtype=torch.float32, device=h.device) if need_h else None
         gW = torch.empty(W.shape, dtype=ctx.dtype, device=W.device) if need_W else None
-        vc = max(256, _HEAD_VOCAB_ELEMS // max(N, 1))
+        vc = min(V, 1 << max(8, (_HEAD_VOCAB_ELEMS // max(N, 1)).bit_length() - 1))  # 2^k
         for v0 in range(0, V, vc):
             v1 = min(V, v0 + vc)
             dz = torch.exp_(F.linear(hc, Wc[v0:v1]).float().sub_(lse[:, None]))  # p [N, Vc]
@@ -204,11 +214,13 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
     A plain ``nn.Linear`` head without bias or forward hooks takes the fused kernel
     (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass), in bf16 where
     ``precision`` is bf16 (as autocast runs a linear layer) and in the weight's dtype otherwise;
-    any other head (a LoRA wrapper, a bias, a hooked module such as accelerate's offloading)
-    runs as a module and then :func:`chosen_logprobs`.
+    any other head (a LoRA wrapper, a bias, forward hooks, a replaced ``forward`` such as
+    accelerate's offloading) runs as a module and then :func:`chosen_logprobs`.
     """
     W = getattr(head, "weight", None)
-    hooked = head._forward_hooks or head._forward_pre_hooks       # e.g. accelerate's offloading
+    hooked = (head._forward_hooks or head._forward_pre_hooks or _m._global_forward_hooks
+              or _m._global_forward_pre_hooks or "forward" in head.__dict__
+              or hasattr(head, "_hf_hook"))     # accelerate replaces forward, sets _hf_hook
     if type(head) is torch.nn.Linear and head.bias is None and not hooked \
             and W is not None and W.dim() == 2:
         dtype = torch.bfloat16 if precision == "bf16" else W.dtype
@@ -315,10 +327,11 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 def _decoder_parts(model):
     """``(decoder, input_embeddings, lm_head)`` of a plain causal LM whose logits are
     ``lm_head(decoder(...).last_hidden_state)``; None for heads that do more (logit soft-capping,
-    logit scaling) or models without the standard accessors."""
+    logit scaling: Cohere's ``logit_scale``, Granite's ``logits_scaling``) or models without the standard accessors."""
     hf = hf_model(model)
     cfg = hf.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+    if getattr(cfg, "final_logit_softcapping", None) or any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")):
         return None
     dec = getattr(hf, getattr(hf, "base_model_prefix", "") or "", None)
     try:

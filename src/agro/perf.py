@@ -308,8 +308,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # Version of what precision=auto times: 2 = bf16 on a working copy over fp32 masters (entries of
 # version 1 timed autocast over fp32 weights and are ignored); 3 = sampling on agro.fast_decode's
 # static cache and SDPA's math kernel for the scoring passes on a CPU; 4 = the two-level
-# inverse-CDF sampler and the 2 MB-chunk log-prob kernel.
-CACHE_PREFIX = "precision/4:"
+# inverse-CDF sampler and the 2 MB-chunk log-prob kernel; 5 = the LM head fused with the log-prob
+# kernel (logits recomputed in the backward).
+CACHE_PREFIX = "precision/5:"
 
 
 def cached_precision_choice(model) -> str | None:

@@ -210,6 +210,9 @@ def split_groups(groups: Sequence[Group], groups_per_micro: int,
     1.38x and the reference pass 1.40x as fast as 2; docs/RESULTS.md), long ones keep its rows
     bounded. It does not count what grows faster than the positions (the attention's L x L
     scores, the full-vocabulary logits of token-KL losses): lower it for those."""
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 (0: no limit), got {max_tokens}: resolve "
+                         "micro_batch_tokens=-1 first (agro.config.micro_batch_tokens_for)")
     k = max(1, int(groups_per_micro))
     out: list[list[Group]] = []
     cur: list[Group] = []
