@@ -213,34 +213,57 @@ def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypa
         torch.testing.assert_close(a.float(), b.float(), atol=0.02 * b.float().abs().max().item(), rtol=0.02)
 
 
-def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head(monkeypatch):
-    """A plain bias-free nn.Linear head takes the fused kernel; a head with a bias, a forward
-    hook or a replaced forward (or any other module) runs as a module and gives the same numbers as head(h) + the log-prob kernel."""
+def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head_in_bf16(monkeypatch):
+    """A plain bias-free nn.Linear head takes the fused kernel where its GEMM runs in bf16, and
+    in fp32 runs as a module with the logits' gradient written over the logits; a head with a
+    bias, a forward hook or a replaced forward (or any other module) runs as a module with its
+    own gradient buffer. Every way gives the numbers of head(h) + the log-prob kernel."""
     torch.manual_seed(0)
     h, ids = torch.randn(7, 5), torch.randint(0, 9, (7,))
-    calls = []
+    calls, inplace = [], []
     real = logprobs._HeadChosenLogProb.apply
     monkeypatch.setattr(logprobs._HeadChosenLogProb, "apply", lambda *a: calls.append(1) or real(*a))
+    real_kernel = logprobs._ChosenLogProb.apply
+    monkeypatch.setattr(logprobs._ChosenLogProb, "apply",
+                        lambda *a: inplace.append(a[3]) or real_kernel(*a))
     for bias, hook in ((False, None), (True, None), (False, "hook"), (False, "forward")):
         head = torch.nn.Linear(5, 9, bias=bias)
         if hook == "hook":
             head.register_forward_hook(lambda m, a, out: None)
         elif hook == "forward":                     # as accelerate's offloading does
             head.forward = head.forward
-        calls.clear()
-        lp = logprobs.head_chosen_logprobs(head, h, ids, "fp32")
-        assert len(calls) == (0 if bias or hook else 1)
+        plain = not (bias or hook)
+        calls.clear(), inplace.clear()
+        hh = h.clone().requires_grad_(True)
+        lp = logprobs.head_chosen_logprobs(head, hh, ids, "fp32")
+        assert calls == [] and inplace == [plain]
         torch.testing.assert_close(lp, F.log_softmax(head(h), -1).gather(-1, ids[:, None]).squeeze(-1),
                                    atol=1e-6, rtol=0)
-    # bf16 precision over fp32 weights (LoRA's autocast): the fused head runs its GEMM in bf16,
-    # exactly as autocast runs the module
-    head = torch.nn.Linear(5, 9, bias=False)
-    calls.clear()
-    lp16 = logprobs.head_chosen_logprobs(head, h, ids, "bf16")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref16 = chosen_logprobs(head(h), ids)
-    assert calls == [1]
-    torch.testing.assert_close(lp16, ref16, atol=1e-6, rtol=0)
+        (gh,) = torch.autograd.grad(lp.sum(), hh)
+        h2 = h.clone().requires_grad_(True)
+        (gh_ref,) = torch.autograd.grad(F.log_softmax(head(h2), -1).gather(-1, ids[:, None]).sum(), h2)
+        torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-5)
+        calls.clear()
+        lpb = logprobs.head_chosen_logprobs(head, h, ids, "bf16")
+        assert len(calls) == (1 if plain else 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 over fp32 weights (LoRA's
+            ref16 = chosen_logprobs(head(h), ids)           # autocast): the same bf16 GEMM
+        torch.testing.assert_close(lpb, ref16, atol=1e-6, rtol=0)
+
+
+def test_inplace_logit_gradient_equals_the_allocated_one_and_a_second_backward_fails():
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (6,))
+    w = torch.randn(6, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad((chosen_logprobs(logits * 1, ids).double() * w).sum(), logits)
+    z = logits * 1                               # a fresh tensor nothing else keeps (a head's output)
+    z_before = z.detach().clone()
+    out = chosen_logprobs(z, ids, inplace_grad=True)
+    (g,) = torch.autograd.grad((out.double() * w).sum(), logits, retain_graph=True)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+    assert not torch.equal(z.detach(), z_before)  # the buffer now holds the gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out.sum(), logits)    # loud, never a wrong second gradient
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):
@@ -655,9 +678,9 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     dec, _, head = logprobs._decoder_parts(llama)
     h1 = dec.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[:2]),
                                        with_kwargs=True)
-    fused = logprobs._HeadChosenLogProb.apply                    # the head, fused (no hook)
-    monkeypatch.setattr(logprobs._HeadChosenLogProb, "apply",
-                        lambda h, *a: head_rows.append(h.shape[0]) or fused(h, *a))
+    head_fn = logprobs.head_chosen_logprobs                      # a hook would change the path
+    monkeypatch.setattr(logprobs, "head_chosen_logprobs",
+                        lambda head, h, *a: head_rows.append(h.shape[0]) or head_fn(head, h, *a))
     w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
     llama.zero_grad(set_to_none=True)
     lp = completion_logprobs(llama, *args, group_size=batch.group_size)

@@ -80,7 +80,8 @@ class _ChosenLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int,
+                inplace_grad: bool = False) -> torch.Tensor:
         N = logits.shape[0]
         out = torch.empty(N, dtype=torch.float32, device=logits.device)  # [N]
         for s in range(0, N, chunk):
@@ -89,6 +90,7 @@ class _ChosenLogProb(torch.autograd.Function):
             del ls
         ctx.save_for_backward(logits, ids)
         ctx.chunk = chunk
+        ctx.inplace_grad = inplace_grad
         return out
 
     @staticmethod
@@ -96,25 +98,32 @@ class _ChosenLogProb(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         logits, ids = ctx.saved_tensors
         chunk = ctx.chunk
-        grad = torch.empty_like(logits)                                   # [N, V]
+        # inplace_grad: the gradient overwrites the saved logits chunk by chunk (each chunk is
+        # read before it is written), so no second [N, V] buffer is allocated. Only for logits
+        # no other node keeps (a second backward then fails loudly on their version counter).
+        grad = logits if ctx.inplace_grad else torch.empty_like(logits)   # [N, V]
         g = g.float()
         for s in range(0, logits.shape[0], chunk):
             gs = g[s:s + chunk, None]                                     # [c, 1]
             gl = torch.softmax(logits[s:s + chunk].float(), dim=-1).mul_(-gs)  # -p * g
             gl.scatter_add_(-1, ids[s:s + chunk, None], gs)               # + onehot * g
             grad[s:s + chunk] = gl.to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, inplace_grad: bool = False) -> torch.Tensor:
     """``log softmax(logits)[..., ids]`` in fp32 without a full log-softmax copy.
 
     logits [..., V] (any float dtype), ids [...] long -> [...] fp32, differentiable.
+    ``inplace_grad``: the backward writes the logits' gradient over the logits themselves (one
+    [N, V] buffer fewer at the start of the backward pass); only for contiguous logits that
+    nothing else keeps or reads after the forward (a plain linear head's fresh output).
     """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     chunk = max(1, _ROW_CHUNK_ELEMS // V)
-    out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk)
+    inplace_grad = inplace_grad and flat.data_ptr() == logits.data_ptr() and flat.is_contiguous()
+    out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk, inplace_grad)
     return out.view(ids.shape)
 
 
@@ -211,23 +220,29 @@ class _HeadChosenLogProb(torch.autograd.Function):
 def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: str) -> torch.Tensor:
     """``log softmax(head(h))[r, ids[r]]`` in fp32 [N] for hidden states h [N, H] and ids [N].
 
-    A plain ``nn.Linear`` head without bias or forward hooks takes the fused kernel
-    (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass), in bf16 where
-    ``precision`` is bf16 (as autocast runs a linear layer) and in the weight's dtype otherwise;
-    any other head (a LoRA wrapper, a bias, forward hooks, a replaced ``forward`` such as
-    accelerate's offloading) runs as a module and then :func:`chosen_logprobs`.
+    A plain ``nn.Linear`` head without bias or forward hooks whose GEMM runs in bf16 (where
+    ``precision`` is bf16, as autocast runs a linear layer, or on bf16 weights) takes the fused
+    kernel (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass); in fp32
+    it runs as a module and :func:`chosen_logprobs` writes the logits' gradient over the logits
+    (``inplace_grad``). Why by dtype: the fused kernel's extra head GEMM made the default job's
+    learner step 0.905x as long in bf16 (less memory traffic) but 1.15x in fp32, where the head's
+    GEMMs are 2.7x slower (``bench/lean_ab.py``, docs/RESULTS.md). Any other head (a LoRA
+    wrapper, a bias, forward hooks, a replaced ``forward`` such as accelerate's offloading) runs
+    as a module and then :func:`chosen_logprobs`, its logits kept and a gradient allocated.
     """
     W = getattr(head, "weight", None)
     hooked = (head._forward_hooks or head._forward_pre_hooks or _m._global_forward_hooks
               or _m._global_forward_pre_hooks or "forward" in head.__dict__
               or hasattr(head, "_hf_hook"))     # accelerate replaces forward, sets _hf_hook
-    if type(head) is torch.nn.Linear and head.bias is None and not hooked \
-            and W is not None and W.dim() == 2:
+    plain = type(head) is torch.nn.Linear and head.bias is None and not hooked \
+        and W is not None and W.dim() == 2
+    if plain:
         dtype = torch.bfloat16 if precision == "bf16" else W.dtype
-        return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)
+        if dtype == torch.bfloat16:
+            return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)
     with autocast_ctx(precision, h.device):
         logits = head(h)                                                  # [N, V]
-    return chosen_logprobs(logits, ids)
+    return chosen_logprobs(logits, ids, inplace_grad=plain)
 
 
 @functools.lru_cache(maxsize=None)

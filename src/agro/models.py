@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import torch
 
+from . import lean
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -308,11 +310,13 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.floa
     compute on a bf16 working copy, :class:`MasterWeights`, or under autocast for LoRA). A GGUF checkpoint is dequantised by transformers and its quantization
     config dropped (so ``save_pretrained`` works). ``model.generation_config`` is replaced by
     :func:`neutral_generation_config`: plain ``model.generate()`` samples from pi (temperature 1,
-    top_k 0, top_p 1) and never inherits a checkpoint's sampling defaults.
+    top_k 0, top_p 1) and never inherits a checkpoint's sampling defaults. Llama, Mistral and
+    Qwen2 models get :mod:`agro.lean`'s RMSNorm and SwiGLU modules (same numbers, less memory).
     """
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, spec, "model", dtype=dtype)
+    lean.install(model)     # RMSNorm and SwiGLU that keep less for the backward (agro.lean)
     drop_quantization(model)
     model.generation_config = neutral_generation_config(model)
     if device is not None:
