@@ -2,7 +2,7 @@
 with and without agro.lean's RMSNorm/SwiGLU modules and agro.logprobs.head_chosen_logprobs (in
 bf16 the LM head fused with the log-prob kernel, in fp32 the logits' gradient written in place).
 
-    .venv/bin/python bench/lean_ab.py --precision bf16 --reps 5 --json docs/bench/lean-ab-bf16.json
+    .venv/bin/python bench/lean_ab.py --precision bf16 --reps 5 --json docs/bench/lean/lean-ab-bf16.json
 
 Builds the default job's trainer (SmolLM2-135M from the embedded GGUF, 8 prompts x 4 samples;
 the token budget of the precision), samples one step's groups, then in ``--reps`` rounds (arm
@@ -13,7 +13,8 @@ order rotated every round) times on those same groups:
   (the LM head as a module, then the log-prob kernel with its own gradient buffer: the code of
   2026-12-03);
 * ``ref_*``: the reference pass, ``all`` against ``no_fused_head`` (lean modules change nothing
-  without gradients).
+  without gradients). In fp32 the two ref arms run the same code (the head is not fused there,
+  and the in-place gradient has no meaning without one): their ratio shows the noise.
 
 The memory side is bench/learner_memory.py's (one process per setting: RSS peaks do not
 separate within one process). The optimizer steps change the weights between rounds; the groups

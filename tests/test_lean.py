@@ -99,3 +99,68 @@ def test_rmsnorm_and_silu_mul_float64_gradcheck():
     g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lean._SiluMulFn.apply, (g, u))
+
+
+def test_the_three_families_and_unpickling_where_install_never_ran(monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lean.install(plain_llama(layers=1))
+    assert len(lean.LEAN) == 6                       # Llama, Mistral, Qwen2 x (RMSNorm, MLP)
+    torch.manual_seed(0)
+    q = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2)).eval()
+    assert lean.install(q) == 2 * 2 + 1 + 2
+    blob = pickle.dumps(q)
+    # a process that never called install(): no Lean* globals, an empty LEAN; unpickling finds
+    # the classes through the module's __getattr__
+    monkeypatch.setattr(lean, "LEAN", {})
+    for name in [n for n in vars(lean) if n.startswith("Lean")]:
+        monkeypatch.delattr(lean, name)
+    back = pickle.loads(blob)
+    assert type(back.model.norm).__name__ == "LeanQwen2RMSNorm"
+    assert type(back.model.norm) is lean.LeanQwen2RMSNorm
+    with pytest.raises(AttributeError):
+        lean.LeanNoSuchModule
+
+
+def test_rmsnorm_mixed_dtypes_match_transformers():
+    """bf16 hidden states over fp32 weights (autocast's case): the same output and gradients as
+    transformers' LlamaRMSNorm, in fp32 as its promotion gives."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(3)
+    ref = LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.mul_(1 + 0.3 * torch.randn(64))
+    fast = copy.deepcopy(ref)
+    lean.install(fast)
+    assert type(fast).__name__ == "LeanLlamaRMSNorm"
+    x0 = torch.randn(5, 7, 64).to(torch.bfloat16)
+    dy = torch.randn(5, 7, 64)
+    out = {}
+    for name, m in (("ref", ref), ("fast", fast)):
+        x = x0.clone().requires_grad_(True)
+        y = m(x)
+        (y * dy).sum().backward()
+        out[name] = (y.detach(), x.grad, m.weight.grad)
+    assert out["ref"][0].dtype == out["fast"][0].dtype == torch.float32
+    assert torch.equal(out["ref"][0], out["fast"][0])
+    assert out["fast"][1].dtype == torch.bfloat16 and out["fast"][2].dtype == torch.float32
+    for a, b in zip(out["ref"][1:], out["fast"][1:]):
+        assert (a.float() - b.float()).norm() <= 0.01 * a.float().norm()
+
+
+def test_no_grad_passes_do_not_build_the_functions(monkeypatch):
+    m = plain_llama()
+    lean.install(m)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+
+    def boom(*a):
+        raise AssertionError("Function used under no_grad")
+    monkeypatch.setattr(lean._RMSNormFn, "apply", boom)
+    monkeypatch.setattr(lean._SiluMulFn, "apply", boom)
+    with torch.no_grad():
+        m(input_ids=ids)                             # sampling / reference: the plain path
+    with pytest.raises(AssertionError, match="under no_grad"):
+        m(input_ids=ids)                             # with grad: the Functions

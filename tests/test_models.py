@@ -264,6 +264,13 @@ def test_inplace_logit_gradient_equals_the_allocated_one_and_a_second_backward_f
     assert not torch.equal(z.detach(), z_before)  # the buffer now holds the gradient
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out.sum(), logits)    # loud, never a wrong second gradient
+    # a leaf, or a non-contiguous view, is never overwritten: the flag is ignored there
+    for z in (logits, (logits * 1).t().contiguous().t()):
+        before = z.detach().clone()
+        (g,) = torch.autograd.grad((chosen_logprobs(z, ids, inplace_grad=True).double() * w).sum(),
+                                   logits)
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+        assert torch.equal(z.detach(), before)
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):

@@ -11,8 +11,8 @@ Same forward numbers as transformers' modules; what changes is what the backward
 
 Measured on the default job's learner step (SmolLM2-135M, 8 groups of 4 in one micro-batch,
 ~1,300 packed positions; saved-tensor hooks): autograd kept 1.66 GiB, of which RMSNorm's fp32
-copies were 174 MiB and silu's outputs 114 MiB in bf16 (228 MiB in fp32) -- the two removed
-here. Their backward recomputes one elementwise pass each; no matmul is added.
+copies were 174 MiB and silu's outputs 114 MiB in bf16 (228 MiB for the same batch in fp32) --
+the two removed here. Their backward recomputes one elementwise pass each; no matmul is added.
 
 :func:`install` swaps the class of every module whose class is in :data:`LEAN` for a subclass
 with the lean forward (state dict, parameters, ``isinstance`` and ``save_pretrained`` unchanged),
@@ -134,8 +134,20 @@ def _is_silu(act) -> bool:
 LEAN: dict[type, type] = {}
 
 
+def __getattr__(name: str):
+    """``agro.lean.LeanLlamaRMSNorm`` and the others, built on first use: pickle and
+    ``torch.load`` find a swapped module's class by name, also in a process that has not called
+    :func:`install`."""
+    if name.startswith("Lean"):
+        if not LEAN:
+            LEAN.update(_lean_classes())
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def install(model) -> int:

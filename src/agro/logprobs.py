@@ -15,7 +15,9 @@ with sampling and cheap:
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
   the chunk's softmax), also when the matmuls run in bf16; in the packed path a plain linear
-  head is fused into that kernel (:class:`_HeadChosenLogProb`), so not even the logits are kept.
+  head whose GEMM runs in bf16 is fused into that kernel (:class:`_HeadChosenLogProb`), so not
+  even the logits are kept, and in fp32 the backward writes the logits' gradient over the logits
+  (:func:`head_chosen_logprobs`).
 
 Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
 same ``precision``; :class:`Reference` uses the precision it was built with. Measured on
@@ -122,7 +124,10 @@ def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, inplace_grad: bool 
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     chunk = max(1, _ROW_CHUNK_ELEMS // V)
-    inplace_grad = inplace_grad and flat.data_ptr() == logits.data_ptr() and flat.is_contiguous()
+    # only a fresh, contiguous autograd output (the head's): never a leaf or a view of a tensor
+    # someone else holds, whose values the in-place gradient would overwrite
+    inplace_grad = (inplace_grad and logits.grad_fn is not None and logits.is_contiguous()
+                    and flat.data_ptr() == logits.data_ptr() and flat.is_contiguous())
     out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk, inplace_grad)
     return out.view(ids.shape)
 
@@ -157,9 +162,10 @@ class _HeadChosenLogProb(torch.autograd.Function):
 
     Why: the unfused head keeps the [N, V] logits for its backward and allocates their [N, V]
     gradient at the start of the backward pass, when every activation is still alive: on the
-    default job (SmolLM2-135M, ~1,250 positions a step, V = 49,152) 2 x 118 MB in bf16 and
-    2 x 236 MB in fp32 at the start of the backward pass (measured peak RSS of the default job's
-    learner step: -0.22 GiB in fp32, -0.07 GiB in bf16; docs/RESULTS.md). The cost is one more
+    default job (SmolLM2-135M, ~930 completion positions a step, V = 49,152) 2 x 91 MB in bf16
+    and 2 x 183 MB in fp32 at the start of the backward pass (measured peak RSS of the default
+    job's learner step, 2026-12-04 in docs/RESULTS.md: -0.07 GiB in bf16; -0.22 GiB in fp32, where
+    :func:`head_chosen_logprobs` now takes the in-place path instead). The cost is one more
     head GEMM per position (2 N H V FLOP: +33 % of the head's 6 N H V, a few % of a
     SmolLM2-135M learner pass), which agro.perf's learner FLOP count does not include (model
     FLOP, as MFU counts them). Not twice-differentiable (``once_differentiable``).

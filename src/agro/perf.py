@@ -309,8 +309,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # version 1 timed autocast over fp32 weights and are ignored); 3 = sampling on agro.fast_decode's
 # static cache and SDPA's math kernel for the scoring passes on a CPU; 4 = the two-level
 # inverse-CDF sampler and the 2 MB-chunk log-prob kernel; 5 = the LM head fused with the log-prob
-# kernel (logits recomputed in the backward).
-CACHE_PREFIX = "precision/5:"
+# kernel (logits recomputed in the backward); 6 = agro.lean's RMSNorm / SwiGLU modules, the
+# fused head in bf16 only, fp32 writing the logits' gradient in place.
+CACHE_PREFIX = "precision/6:"
 
 
 def cached_precision_choice(model) -> str | None:
