@@ -153,9 +153,9 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
                            "fp32 3.00 s vs bf16 6.00 s)")
     assert yaml.safe_load(text)["precision"] == "fp32"
     # the default token budget (-1) follows the precision chosen, and config.yaml says so
-    assert tr.cfg.micro_batch_tokens == MICRO_BATCH_TOKENS["fp32"] == 768
-    assert "# micro_batch_tokens: -1 -> 768 (the default for fp32)" in text
-    assert yaml.safe_load(text)["micro_batch_tokens"] == 768
+    assert tr.cfg.micro_batch_tokens == MICRO_BATCH_TOKENS["fp32"] == 512
+    assert "# micro_batch_tokens: -1 -> 512 (the default for fp32)" in text
+    assert yaml.safe_load(text)["micro_batch_tokens"] == 512
     tr.train()                                              # 1 step, checkpointed at the end
     resumed = load_config(TrainConfig, str(tmp_path / "run" / "config.yaml"),
                           [f"output_dir={tmp_path / 'run'}", "steps=2"])
@@ -212,7 +212,7 @@ def test_micro_batch_tokens_default_is_per_precision_and_explicit_values_stay():
     cfg = load_config(TrainConfig, None, [])
     assert cfg.micro_batch_tokens == -1
     assert micro_batch_tokens_for(cfg, "bf16") == MICRO_BATCH_TOKENS["bf16"] == 4096
-    assert micro_batch_tokens_for(cfg, "fp32") == MICRO_BATCH_TOKENS["fp32"] == 768
+    assert micro_batch_tokens_for(cfg, "fp32") == MICRO_BATCH_TOKENS["fp32"] == 512
     for v in (0, 1000):
         c = load_config(TrainConfig, None, [f"micro_batch_tokens={v}"])
         assert micro_batch_tokens_for(c, "fp32") == micro_batch_tokens_for(c, "bf16") == v

@@ -116,12 +116,14 @@ class SamplingFields:
 
 
 # --------------------------------------------------------------------------- entry points
-MICRO_BATCH_TOKENS = {"bf16": 4096, "fp32": 768}
+MICRO_BATCH_TOKENS = {"bf16": 4096, "fp32": 512}
 """``micro_batch_tokens=-1`` (the default) by precision. Measured on the default job
 (SmolLM2-135M, 8 groups of 4, 2 cores, AMD EPYC Zen 4; docs/RESULTS.md): in bf16 one
-micro-batch for the whole step (4096) was the faster; in fp32, whose activations take twice the
-bytes, two micro-batches while completions are long (768) took 4-19 % less learner time and
-peaked 0.55 GiB lower than 4096."""
+micro-batch for the whole step (4096) was the faster. In fp32, whose activations take twice the
+bytes, 768 (two micro-batches while completions are long) took 4-19 % less learner time than
+4096 and peaked 0.55 GiB lower (2026-12-03). 512 (three groups at a time) then peaked another
+0.19 GiB lower, at 3.81-3.83 GiB against 4.01, with learner times 0.93-1.00x of 768's
+(2026-12-04, two rounds each)."""
 
 
 def micro_batch_tokens_for(cfg, precision: str | None = None) -> int:
@@ -147,7 +149,7 @@ class TrainConfig(ModelFields, TaskFields, SamplingFields):
     micro_batch_tokens: int = _f(-1, "At most this many positions per micro-batch: groups x "
                                  "the widest group's prompt + completions (a group wider than "
                                  "this is a micro-batch alone; 0: no limit; -1: by precision once "
-                                 "it is known, 4096 in bf16 and 768 in fp32, see "
+                                 "it is known, 4096 in bf16 and 512 in fp32, see "
                                  "MICRO_BATCH_TOKENS). Lower it if the learner runs out of "
                                  "memory; reference passes split by the same rule.")
     lr: float = _f(2e-5, "AdamW learning rate.")
