@@ -52,8 +52,10 @@ def test_install_swaps_norms_and_silu_mlps_only_and_can_be_turned_off(monkeypatc
     assert lean.install(m) == 0                      # already lean
     gelu = plain_llama(act="gelu")
     assert lean.install(gelu) == 2 * 2 + 1           # the norms only: not a SwiGLU with SiLU
+    for off in ("0", "OFF", " False "):
+        monkeypatch.setenv(lean.ENV, off)
+        assert lean.install(plain_llama()) == 0
     monkeypatch.setenv(lean.ENV, "0")
-    assert lean.install(plain_llama()) == 0
     # a lean model survives deepcopy, the bf16 working copy and pickling with its classes
     for c in (copy.deepcopy(m), bf16_copy(m), pickle.loads(pickle.dumps(m))):
         assert type(c.model.norm).__name__ == "LeanLlamaRMSNorm"
@@ -164,3 +166,19 @@ def test_no_grad_passes_do_not_build_the_functions(monkeypatch):
         m(input_ids=ids)                             # sampling / reference: the plain path
     with pytest.raises(AssertionError, match="under no_grad"):
         m(input_ids=ids)                             # with grad: the Functions
+    monkeypatch.undo()                               # the MLP's Function alone fires with grad
+    monkeypatch.setattr(lean._SiluMulFn, "apply", boom)
+    with torch.no_grad():
+        m(input_ids=ids)
+    with pytest.raises(AssertionError, match="under no_grad"):
+        m(input_ids=ids)
+
+
+def test_classes_are_built_once():
+    """A second build (an empty LEAN with the classes already defined) keeps the same classes:
+    instances made before stay picklable."""
+    m = plain_llama(layers=1)
+    lean.install(m)
+    first = dict(lean.LEAN)
+    assert lean._lean_classes() == first
+    assert pickle.loads(pickle.dumps(m)).model.norm.__class__ is type(m.model.norm)

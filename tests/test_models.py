@@ -271,6 +271,14 @@ def test_inplace_logit_gradient_equals_the_allocated_one_and_a_second_backward_f
                                    logits)
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
         assert torch.equal(z.detach(), before)
+    # nor a contiguous view of a tensor someone else holds (same data pointer, has a grad_fn)
+    big = torch.cat([logits, logits]) * 1
+    z, before = big[:6], big.detach().clone()
+    assert z.is_contiguous() and z.data_ptr() == big.data_ptr() and z.grad_fn is not None
+    (g,) = torch.autograd.grad((chosen_logprobs(z, ids, inplace_grad=True).double() * w).sum(),
+                               logits)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+    assert torch.equal(big.detach(), before)
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):

@@ -117,8 +117,11 @@ def _lean_classes() -> dict[type, type]:
         for name, fwd in (("RMSNorm", _lean_rmsnorm_forward), ("MLP", _lean_mlp_forward)):
             cls = getattr(mod, mod.__name__.rsplit("_", 1)[-1].capitalize() + name, None)
             if cls is not None:
-                lean = type("Lean" + cls.__name__, (cls,), {"forward": fwd, "__module__": __name__})
-                globals()[lean.__name__] = lean        # found by name: pickle, torch.save
+                name_ = "Lean" + cls.__name__
+                lean = globals().get(name_)            # built before: keep it (pickle identity)
+                if not (isinstance(lean, type) and issubclass(lean, cls)):
+                    lean = type(name_, (cls,), {"forward": fwd, "__module__": __name__})
+                    globals()[name_] = lean            # found by name: pickle, torch.save
                 out[cls] = lean
     return out
 
@@ -137,7 +140,8 @@ LEAN: dict[type, type] = {}
 def __getattr__(name: str):
     """``agro.lean.LeanLlamaRMSNorm`` and the others, built on first use: pickle and
     ``torch.load`` find a swapped module's class by name, also in a process that has not called
-    :func:`install`."""
+    :func:`install` (and whatever ``AGRO_LEAN_MODULES`` says: a pickled lean model unpickles
+    as lean). Looking one up imports transformers."""
     if name.startswith("Lean"):
         if not LEAN:
             LEAN.update(_lean_classes())

@@ -126,8 +126,9 @@ def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, inplace_grad: bool 
     chunk = max(1, _ROW_CHUNK_ELEMS // V)
     # only a fresh, contiguous autograd output (the head's): never a leaf or a view of a tensor
     # someone else holds, whose values the in-place gradient would overwrite
-    inplace_grad = (inplace_grad and logits.grad_fn is not None and logits.is_contiguous()
-                    and flat.data_ptr() == logits.data_ptr() and flat.is_contiguous())
+    inplace_grad = (inplace_grad and logits.grad_fn is not None and logits._base is None
+                    and logits.is_contiguous() and flat.data_ptr() == logits.data_ptr()
+                    and flat.is_contiguous())
     out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk, inplace_grad)
     return out.view(ids.shape)
 
@@ -231,8 +232,8 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
     kernel (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass); in fp32
     it runs as a module and :func:`chosen_logprobs` writes the logits' gradient over the logits
     (``inplace_grad``). Why by dtype: the fused kernel's extra head GEMM made the default job's
-    learner step 0.905x as long in bf16 (less memory traffic) but 1.15x in fp32, where the head's
-    GEMMs are 2.7x slower (``bench/lean_ab.py``, docs/RESULTS.md). Any other head (a LoRA
+    learner step 0.905x as long in bf16 (less memory traffic) but 1.15x in fp32, where GEMMs run
+    at ~0.4x bf16's rate on that CPU (``bench/lean_ab.py``, docs/RESULTS.md). Any other head (a LoRA
     wrapper, a bias, forward hooks, a replaced ``forward`` such as accelerate's offloading) runs
     as a module and then :func:`chosen_logprobs`, its logits kept and a gradient allocated.
     """
