@@ -19,48 +19,14 @@ grading, reference pass), ``save``. Prints each sub-phase's peak in GiB. Linux o
 from __future__ import annotations
 
 import collections
-import functools
 import sys
-import threading
-import time
 
 import torch
-
-phase = ["import"]
-peak: dict[str, float] = {}
-
-
-def rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
-
-
-def sample_forever() -> None:
-    while True:
-        p = phase[-1]
-        peak[p] = max(peak.get(p, 0.0), rss_gib())
-        time.sleep(0.01)
-
-
-def label(obj, name: str, what: str) -> None:
-    f = getattr(obj, name)
-
-    @functools.wraps(f)
-    def g(*a, **k):
-        prev = phase[-1]
-        phase.append(what)
-        try:
-            return f(*a, **k)
-        finally:
-            phase.append(prev)
-    setattr(obj, name, g)
+import rss_phases as rss  # bench/rss_phases.py (bench/ is on sys.path)
 
 
 def main() -> None:
-    threading.Thread(target=sample_forever, daemon=True).start()
+    rss.start(0.01)
     import agro.collect as C
     import agro.models as M
     import agro.trainer as T
@@ -81,10 +47,10 @@ def main() -> None:
     def micro_batch_loss(self, batch):
         seen.clear()
         tally.clear()
-        phase.append("forward")
+        rss.phase.append("forward")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = loss_fn(self, batch)
-        phase.append("backward")
+        rss.phase.append("backward")
         print(f"[saved] micro-batch of {batch.num_samples} samples, input {tuple(batch.input_ids.shape)}: "
               f"{sum(tally.values()) / 2**20:.0f} MiB kept for the backward; largest:", flush=True)
         for (shape, dtype), b in tally.most_common(12):
@@ -92,22 +58,20 @@ def main() -> None:
         return out
 
     T.Trainer.micro_batch_loss = micro_batch_loss
-    label(T.Trainer, "learn", "learn-other")
-    label(M.MasterWeights, "accumulate_grads", "accumulate")
-    label(M.MasterWeights, "refresh", "refresh")
-    label(torch.nn.utils, "clip_grad_norm_", "clip")
-    label(C.Collector, "collect", "collect")
-    label(T.Trainer, "save", "save")
+    rss.label(T.Trainer, "learn", "learn-other")
+    rss.label(M.MasterWeights, "accumulate_grads", "accumulate")
+    rss.label(M.MasterWeights, "refresh", "refresh")
+    rss.label(torch.nn.utils, "clip_grad_norm_", "clip")
+    rss.label(C.Collector, "collect", "collect")
+    rss.label(T.Trainer, "save", "save")
     cfg = load_config(TrainConfig, None, sys.argv[1:] + [
         "output_dir=runs/bench-learner-memory", "overwrite=true", "progress=false", "plot=false",
         "save_async=false", "eval_prompts=0"])
     tr = T.Trainer(cfg)
-    label(tr.optimizer, "step", "optimizer")     # the instance: the LR scheduler wraps it there
-    phase.append("other")
+    rss.label(tr.optimizer, "step", "optimizer")     # the instance: the LR scheduler wraps it there
+    rss.phase.append("other")
     tr.train()
-    print("peak RSS by sub-phase:")
-    for k, v in sorted(peak.items(), key=lambda x: -x[1]):
-        print(f"  {k:12s} {v:.2f} GiB")
+    rss.report("peak RSS by sub-phase:", "GiB", 12)
 
 
 if __name__ == "__main__":

@@ -12,68 +12,35 @@ Linux only (/proc/self/status). Run it alone on the machine.
 """
 from __future__ import annotations
 
-import functools
 import sys
-import threading
 import time
 
-phase = ["import"]
-peak: dict[str, float] = {}
-
-
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1e6
-    return 0.0
-
-
-def sample_forever() -> None:
-    while True:
-        p = phase[-1]
-        peak[p] = max(peak.get(p, 0.0), rss_gb())
-        time.sleep(0.05)
-
-
-def label(obj, name: str, what: str) -> None:
-    f = getattr(obj, name)
-
-    @functools.wraps(f)
-    def g(*a, **k):
-        phase.append(what)
-        try:
-            return f(*a, **k)
-        finally:
-            phase.append("other")
-    setattr(obj, name, g)
+import rss_phases as rss  # bench/rss_phases.py (bench/ is on sys.path)
 
 
 def main() -> None:
-    threading.Thread(target=sample_forever, daemon=True).start()
+    rss.start(0.05)
     import agro.collect as C
     import agro.perf as perf
     import agro.trainer as T
     from agro.config import TrainConfig, load_config
 
-    label(perf, "calibrate_precision", "calibrate")
+    rss.label(perf, "calibrate_precision", "calibrate", after="other")
     T.calibrate_precision = perf.calibrate_precision
     for name, what in (("run_eval", "eval"), ("learn", "learn"), ("save", "save"),
                        ("export_final", "export")):
-        label(T.Trainer, name, what)
-    label(C.Collector, "collect", "collect")
-    label(T, "build_models", "build_models")
+        rss.label(T.Trainer, name, what, after="other")
+    rss.label(C.Collector, "collect", "collect", after="other")
+    rss.label(T, "build_models", "build_models", after="other")
     cfg = load_config(TrainConfig, None, sys.argv[1:] + [
         "output_dir=runs/bench-memory", "overwrite=true", "progress=false", "plot=false",
         "save_async=false"])   # a background save would land in the next phase's peak
     t0 = time.time()
-    phase.append("init")
+    rss.phase.append("init")
     tr = T.Trainer(cfg)
-    phase.append("other")
+    rss.phase.append("other")
     tr.train()
-    print(f"wall {time.time() - t0:.0f} s; peak RSS by phase:")
-    for k, v in sorted(peak.items(), key=lambda x: -x[1]):
-        print(f"  {k:14s} {v:.2f} GB")
+    rss.report(f"wall {time.time() - t0:.0f} s; peak RSS by phase:", "GB", 14)
 
 
 if __name__ == "__main__":
