@@ -11,8 +11,8 @@ at most 32 new tokens; ``--precision`` fp32 or bf16), draws one batch of prompts
   from the same seed, so both sample the same prompts' groups;
 * the reference pass and the learner step (forward, backward, optimizer) on one fixed set of
   groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend, both forced
-  (``agro.logprobs.attention_backend`` itself picks math on a CPU for every scoring pass,
-  reference included).
+  (``agro.logprobs.attention_backend`` itself picks math on a CPU for fp32 scoring passes and
+  flash for bf16 ones, reference included).
 
 The learner's optimizer steps change the weights between rounds; the sampling rounds draw from
 the weights of that moment, so their completion lengths move a little: tokens per second is
@@ -50,9 +50,9 @@ def main() -> None:
     def forced(math_backend: bool):
         """attention_backend replaced: SDPA's math backend, or PyTorch's own (flash) choice."""
         if not math_backend:
-            return lambda dev: contextlib.nullcontext()
+            return lambda dev, precision="fp32": contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        return lambda dev: sdpa_kernel(SDPBackend.MATH)
+        return lambda dev, precision="fp32": sdpa_kernel(SDPBackend.MATH)
 
     def sample(static: bool) -> tuple[float, int]:
         tr.generator.static_cache = static

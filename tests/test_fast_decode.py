@@ -191,18 +191,24 @@ def test_when_finished_rows_leave_the_static_cache_does_not_change_the_samples(t
                 torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
 
 
-def test_scoring_passes_use_the_math_attention_kernel_on_cpu():
-    """On a CPU every log-prob pass (learner and reference: the same kernel, so log pi - log pi_ref
-    is exactly 0 where the weights are equal) runs SDPA's math backend (the flash kernel's backward
-    with a mask made the default job's learner step 1.15x slower in bf16: docs/RESULTS.md); other
-    devices keep PyTorch's own choice."""
+def test_scoring_passes_pick_the_attention_kernel_by_precision_on_cpu():
+    """On a CPU every fp32 log-prob pass (learner and reference: the same kernel, so log pi -
+    log pi_ref is exactly 0 where the weights are equal) runs SDPA's math backend; bf16 passes,
+    and other devices, keep PyTorch's own choice (flash on a CPU: the faster bf16 learner step,
+    docs/RESULTS.md)."""
     from agro.logprobs import attention_backend
 
     before = torch.backends.cuda.flash_sdp_enabled()
+    assert before                                    # PyTorch's default: flash allowed
     for grad in (True, False):
-        with torch.set_grad_enabled(grad), attention_backend("cpu"):
+        with torch.set_grad_enabled(grad), attention_backend("cpu", "fp32"):
             assert torch.backends.cuda.math_sdp_enabled()
             assert not torch.backends.cuda.flash_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() == before
-    with attention_backend("meta"):
-        assert torch.backends.cuda.flash_sdp_enabled() == before
+        with torch.set_grad_enabled(grad), attention_backend("cpu", "bf16"):
+            assert torch.backends.cuda.flash_sdp_enabled()
+    with attention_backend("cpu"):                   # the default precision is fp32
+        assert not torch.backends.cuda.flash_sdp_enabled()
+    for p in ("fp32", "bf16"):
+        with attention_backend("meta", p):
+            assert torch.backends.cuda.flash_sdp_enabled() == before

@@ -277,22 +277,25 @@ def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.
     return bool((ids == ids[:, :1]).all()) and bool((am == am[:, :1]).all())
 
 
-def attention_backend(dev):
-    """The scaled-dot-product-attention kernel for every scoring pass on ``dev`` (policy and
-    reference alike): on a CPU, PyTorch's math backend (plain matmuls and softmax); elsewhere
-    PyTorch's own choice.
+def attention_backend(dev, precision: str = "fp32"):
+    """The scaled-dot-product-attention kernel for every scoring pass on ``dev`` in ``precision``
+    (policy and reference alike): on a CPU in fp32, PyTorch's math backend (plain matmuls and
+    softmax); in bf16, and on other devices, PyTorch's own choice (on a CPU its flash kernel).
 
-    Why: on a CPU the fused flash kernel's backward is slow with an explicit mask, which every
-    pass here has (left padding, the packed groups' block mask). Measured on SmolLM2-135M, the
-    default job's step (8 groups x 4, packed, 2 cores, AMD EPYC Zen 4; ``bench/phases.py``, 5
-    interleaved rounds): the learner step 1.15x faster in bf16 and 1.05x in fp32 with the math
-    backend. The forward-only reference pass was 0.95-0.96x with it, yet it takes the same kernel:
-    with different kernels log pi - log pi_ref is not exactly 0 where the weights are equal
-    (at step 0: 5.5e-4 per sequence in a bf16 run, -4.8e-7 in fp32: tests
+    Why by precision: on a CPU the fused flash kernel's backward is slow with an explicit mask,
+    which every pass here has (left padding, the packed groups' block mask), and on 2026-12-02
+    (``bench/phases.py``, 5 interleaved rounds) the default job's learner step was 1.15x faster
+    in bf16 and 1.05x in fp32 with the math backend. On 2026-12-04, with the whole step's 8
+    groups in one micro-batch, the lean modules and the fused LM head, the same bench (7 rounds,
+    AMD EPYC Zen 4) gave: bf16 learner 0.92x with flash (faster in 7 of 7 rounds), reference
+    0.96x; fp32 learner 1.03x (math faster in 4 of 7), reference 0.98x. So bf16 takes flash and
+    fp32 keeps math. The reference pass takes the learner's kernel even where the other would be
+    faster for it alone: with different kernels log pi - log pi_ref is not exactly 0 where the
+    weights are equal (at step 0: 5.5e-4 per sequence in a bf16 run, -4.8e-7 in fp32: tests
     test_a_bf16_run_learns_on_bf16_weights_with_fp32_masters and
     test_dropout_never_enters_the_scored_logprobs), and every loss reads that ratio.
     """
-    if torch.device(dev).type != "cpu":
+    if torch.device(dev).type != "cpu" or precision == "bf16":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -300,7 +303,7 @@ def attention_backend(dev):
 
 
 def _forward(model, precision: str, dev, **kw):
-    with autocast_ctx(precision, dev), attention_backend(dev):
+    with autocast_ctx(precision, dev), attention_backend(dev, precision):
         return model(**kw)
 
 
@@ -483,7 +486,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
     mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
-    with autocast_ctx(precision, dev), attention_backend(dev):
+    with autocast_ctx(precision, dev), attention_backend(dev, precision):
         h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
                 use_cache=False).last_hidden_state                       # [G, L, H]
     src = src.reshape(-1)                                                # [B*T]
