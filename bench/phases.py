@@ -50,9 +50,9 @@ def main() -> None:
     def forced(math_backend: bool):
         """attention_backend replaced: SDPA's math backend, or PyTorch's own (flash) choice."""
         if not math_backend:
-            return lambda dev, precision="fp32": contextlib.nullcontext()
+            return lambda dev, precision: contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        return lambda dev, precision="fp32": sdpa_kernel(SDPBackend.MATH)
+        return lambda dev, precision: sdpa_kernel(SDPBackend.MATH)
 
     def sample(static: bool) -> tuple[float, int]:
         tr.generator.static_cache = static

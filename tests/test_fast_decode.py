@@ -207,8 +207,9 @@ def test_scoring_passes_pick_the_attention_kernel_by_precision_on_cpu():
         assert torch.backends.cuda.flash_sdp_enabled() == before
         with torch.set_grad_enabled(grad), attention_backend("cpu", "bf16"):
             assert torch.backends.cuda.flash_sdp_enabled()
-    with attention_backend("cpu"):                   # the default precision is fp32
-        assert not torch.backends.cuda.flash_sdp_enabled()
+    for bad in ("auto", None, "fp16"):
+        with pytest.raises(ValueError, match="precision"):
+            attention_backend("cpu", bad)
     for p in ("fp32", "bf16"):
         with attention_backend("meta", p):
             assert torch.backends.cuda.flash_sdp_enabled() == before

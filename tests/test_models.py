@@ -604,6 +604,50 @@ def test_shared_prompt_pass_logits_and_reference(llama, tok):
     assert torch.allclose(lg1[m], lg2[m], atol=1e-4) and torch.allclose(lp1, lp2, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_scoring_path_runs_its_precisions_attention_kernel(monkeypatch, llama, tok, precision):
+    """The learner (with gradients) and the reference (without), through the plain, the
+    shared-prompt and the packed pass, call SDPA with the kernel of their precision (on a CPU:
+    math in fp32, flash allowed in bf16): the same kernel on both sides, so log pi - log pi_ref
+    is exactly 0 at equal weights."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append((torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return real(*a, **k)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    ref = logprobs.Reference(llama, precision)
+    real_lengths = logprobs._packed_lengths_if_usable
+    paths = []
+    for g, packs in ((1, False), (batch.group_size, False), (batch.group_size, True)):
+        # the plain pass, the shared-prompt pass (packing refused), the packed pass
+        monkeypatch.setattr(logprobs, "_packed_lengths_if_usable",
+                            real_lengths if packs else (lambda *a, **k: None))
+        calls = []
+        monkeypatch.setattr(logprobs, "_packed_group_hidden",
+                            _counting(calls, logprobs._packed_group_hidden))
+        seen.clear()
+        lp = completion_logprobs(llama, *args, precision=precision, group_size=g)
+        lr = ref.token_logprobs(*args, group_size=g)
+        monkeypatch.undo()
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        paths.append(len(calls))
+        assert seen and {grad for grad, _ in seen} == {True, False}
+        assert all(flash == (precision == "bf16") for _, flash in seen), seen
+        assert torch.equal(lp.detach(), lr)     # same weights, same kernel: ratio exactly 0
+    assert paths == [0, 0, 2]                   # only the last went through the packed pass
+
+
+def _counting(calls, fn):
+    def wrapped(*a, **k):
+        calls.append(1)
+        return fn(*a, **k)
+    return wrapped
+
+
 def test_rows_with_different_prompts_are_not_shared(llama, tok):
     batch = make_batch(tok.pad_token_id)
     ids = batch.input_ids.clone()

@@ -277,7 +277,7 @@ def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.
     return bool((ids == ids[:, :1]).all()) and bool((am == am[:, :1]).all())
 
 
-def attention_backend(dev, precision: str = "fp32"):
+def attention_backend(dev, precision: str):
     """The scaled-dot-product-attention kernel for every scoring pass on ``dev`` in ``precision``
     (policy and reference alike): on a CPU in fp32, PyTorch's math backend (plain matmuls and
     softmax); in bf16, and on other devices, PyTorch's own choice (on a CPU its flash kernel).
@@ -285,16 +285,21 @@ def attention_backend(dev, precision: str = "fp32"):
     Why by precision: on a CPU the fused flash kernel's backward is slow with an explicit mask,
     which every pass here has (left padding, the packed groups' block mask), and on 2026-12-02
     (``bench/phases.py``, 5 interleaved rounds) the default job's learner step was 1.15x faster
-    in bf16 and 1.05x in fp32 with the math backend. On 2026-12-04, with the whole step's 8
-    groups in one micro-batch, the lean modules and the fused LM head, the same bench (7 rounds,
-    AMD EPYC Zen 4) gave: bf16 learner 0.92x with flash (faster in 7 of 7 rounds), reference
-    0.96x; fp32 learner 1.03x (math faster in 4 of 7), reference 0.98x. So bf16 takes flash and
-    fp32 keeps math. The reference pass takes the learner's kernel even where the other would be
+    in bf16 and 1.05x in fp32 with the math backend (2 groups per micro-batch then). On
+    2026-12-04, with the default token budgets (bf16: the step's 8 groups in one micro-batch;
+    fp32: 3 groups), the lean modules and the fused LM head, the same bench (7 rounds, AMD EPYC
+    Zen 4) gave: bf16 learner 0.92x with flash (faster in 7 of 7 rounds), reference 0.96x; fp32
+    learner 1.03x (math faster in 5 of 7), reference 0.98x. So bf16 takes flash and fp32 keeps
+    math. Passes scored before this choice changed (bf16 offline files' reference log-probs, a
+    replay buffer from an older version) used the math kernel: ~5e-4 nats per sequence apart at
+    equal weights, far below bf16's own rounding of a sequence log-prob. The reference pass takes the learner's kernel even where the other would be
     faster for it alone: with different kernels log pi - log pi_ref is not exactly 0 where the
     weights are equal (at step 0: 5.5e-4 per sequence in a bf16 run, -4.8e-7 in fp32: tests
     test_a_bf16_run_learns_on_bf16_weights_with_fp32_masters and
     test_dropout_never_enters_the_scored_logprobs), and every loss reads that ratio.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if torch.device(dev).type != "cpu" or precision == "bf16":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
