@@ -127,8 +127,7 @@ def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, inplace_grad: bool 
     # only a fresh, contiguous autograd output (the head's): never a leaf or a view of a tensor
     # someone else holds, whose values the in-place gradient would overwrite
     inplace_grad = (inplace_grad and logits.grad_fn is not None and logits._base is None
-                    and logits.is_contiguous() and flat.data_ptr() == logits.data_ptr()
-                    and flat.is_contiguous())
+                    and logits.is_contiguous())          # then flat is a view of the same memory
     out = _ChosenLogProb.apply(flat, ids.reshape(-1).long(), chunk, inplace_grad)
     return out.view(ids.shape)
 
@@ -282,9 +281,9 @@ def attention_backend(dev, precision: str):
     (policy and reference alike): on a CPU in fp32, PyTorch's math backend (plain matmuls and
     softmax); in bf16, and on other devices, PyTorch's own choice (on a CPU its flash kernel).
 
-    Why by precision: on a CPU the fused flash kernel's backward is slow with an explicit mask,
-    which every pass here has (left padding, the packed groups' block mask), and on 2026-12-02
-    (``bench/phases.py``, 5 interleaved rounds) the default job's learner step was 1.15x faster
+    Why by precision: every pass here has an explicit mask (left padding, the packed groups'
+    block mask), with which the flash kernel's backward was slow on 2026-12-02
+    (``bench/phases.py``, 5 interleaved rounds): the default job's learner step was 1.15x faster
     in bf16 and 1.05x in fp32 with the math backend (2 groups per micro-batch then). On
     2026-12-04, with the default token budgets (bf16: the step's 8 groups in one micro-batch;
     fp32: 3 groups), the lean modules and the fused LM head, the same bench (7 rounds, AMD EPYC
@@ -292,8 +291,9 @@ def attention_backend(dev, precision: str):
     learner 1.03x (math faster in 5 of 7), reference 0.98x. So bf16 takes flash and fp32 keeps
     math. Passes scored before this choice changed (bf16 offline files' reference log-probs, a
     replay buffer from an older version) used the math kernel: ~5e-4 nats per sequence apart at
-    equal weights, far below bf16's own rounding of a sequence log-prob. The reference pass takes the learner's kernel even where the other would be
-    faster for it alone: with different kernels log pi - log pi_ref is not exactly 0 where the
+    equal weights, far below bf16's own rounding of a sequence log-prob. The reference pass
+    takes the learner's kernel even where the other would be faster for it alone: with different
+    kernels log pi - log pi_ref is not exactly 0 where the
     weights are equal (at step 0: 5.5e-4 per sequence in a bf16 run, -4.8e-7 in fp32: tests
     test_a_bf16_run_learns_on_bf16_weights_with_fp32_masters and
     test_dropout_never_enters_the_scored_logprobs), and every loss reads that ratio.
