@@ -103,6 +103,26 @@ def test_rmsnorm_and_silu_mul_float64_gradcheck():
     assert torch.autograd.gradcheck(lean._SiluMulFn.apply, (g, u))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_gradients_are_autograds_bit_for_bit(dtype):
+    """The backward runs the kernels autograd runs for ``silu(g) * u`` in g's dtype (MulBackward,
+    SiluBackward): equal gradients, not merely close ones."""
+    gen = torch.Generator().manual_seed(5)
+    g0, u0, dp = [(3 * torch.randn(9, 40, generator=gen)).to(dtype) for _ in range(3)]
+    out = {}
+    for name, fn in (("autograd", lambda a, b: F.silu(a) * b), ("lean", lean._SiluMulFn.apply)):
+        g, u = g0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+        y = fn(g, u)
+        y.backward(dp)
+        out[name] = (y.detach(), g.grad, u.grad)
+    for a, b in zip(out["autograd"], out["lean"]):
+        assert a.dtype == dtype and torch.equal(a, b)
+    # only the gradient that is asked for is computed
+    g, u = g0.clone().requires_grad_(True), u0.clone()
+    lean._SiluMulFn.apply(g, u).backward(dp)
+    assert torch.equal(g.grad, out["autograd"][1])
+
+
 def test_the_three_families_and_unpickling_where_install_never_ran(monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
