@@ -1,5 +1,5 @@
-"""Shared by the A/B benches (bench/phases.py, bench/sampler_logprob_ab.py): interleaved rounds,
-medians, and the JSON record of every timing."""
+"""Shared by the A/B benches (bench/phases.py, sampler_logprob_ab.py, lean_ab.py,
+backward_ab.py and others): interleaved rounds, medians, and the JSON record of every timing."""
 from __future__ import annotations
 
 import json

@@ -18,9 +18,9 @@ the two removed here. Their backward recomputes one elementwise pass each; no ma
 with the lean forward (state dict, parameters, ``isinstance`` and ``save_pretrained`` unchanged),
 so every pass (learner, reference, sampler) and every copy (``deepcopy``, the bf16 working copy)
 runs it. ``AGRO_LEAN_MODULES=0`` in the environment turns it off (for A/B measurements).
-The MLP's gradients are autograd's bit for bit (the same kernels); RMSNorm's equal autograd's up
-to float rounding (in bf16 each is rounded once from fp32 where autograd rounds intermediate
-products): tests/test_lean.py. Not twice-differentiable.
+The MLP's gradients are autograd's bit for bit (the same kernels, g and u of one dtype);
+RMSNorm's equal autograd's up to float rounding (in bf16 each is rounded once from fp32 where
+autograd rounds intermediate products): tests/test_lean.py. Not twice-differentiable.
 
 Departure from the paper: none (an implementation of the same functions).
 """
@@ -74,9 +74,11 @@ class _SiluMulFn(torch.autograd.Function):
     """``silu(g) * u`` (SwiGLU's gate). Shapes: g, u [..., I] -> [..., I]. Saves g and u; the
     backward recomputes ``silu(g)``: d/du = dp * silu(g), d/dg = silu_backward(dp * u, g) =
     dp * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))). These are the kernels, in the input's dtype,
-    that autograd runs for ``F.silu(g) * u`` (MulBackward, then SiluBackward), so the gradients
-    are bit for bit autograd's (tests/test_lean.py). An earlier version computed them in fp32 op
-    by op: ~12 passes over [N, I] with 5 dtype casts, 19 % of the bf16 learner step's time."""
+    that autograd runs for ``F.silu(g) * u`` (MulBackward, then SiluBackward), so for g and u of
+    one dtype (gate and up projections always are) the gradients are bit for bit autograd's
+    (tests/test_lean.py). An earlier version computed them in fp32 op by op (14 elementwise
+    kernels over [N, I], 5 of them casts): the bf16 learner step took 1.24x as long with it
+    (jemalloc preloaded; bench/backward_ab.py, docs/bench/backward/)."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

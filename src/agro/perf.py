@@ -311,8 +311,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # inverse-CDF sampler and the 2 MB-chunk log-prob kernel; 5 = the LM head fused with the log-prob
 # kernel (logits recomputed in the backward); 6 = agro.lean's RMSNorm / SwiGLU modules, the
 # fused head in bf16 only, fp32 writing the logits' gradient in place; 7 = bf16 scoring passes on
-# SDPA's flash kernel (fp32 keeps math).
-CACHE_PREFIX = "precision/7:"
+# SDPA's flash kernel (fp32 keeps math); 8 = agro.lean's SwiGLU backward on autograd's own kernels
+# in the input's dtype (bf16 learner ~0.8x).
+CACHE_PREFIX = "precision/8:"
 
 
 def cached_precision_choice(model) -> str | None:
