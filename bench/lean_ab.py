@@ -1,20 +1,26 @@
 """The memory-lean kernels' cost in time, side by side: the learner step and the reference pass
-with and without agro.lean's RMSNorm/SwiGLU modules and agro.logprobs.head_chosen_logprobs (in
-bf16 the LM head fused with the log-prob kernel, in fp32 the logits' gradient written in place).
+with and without agro.lean's RMSNorm/SwiGLU modules, and with each way of running the LM head
+before agro.logprobs' log-prob kernel.
 
-    .venv/bin/python bench/lean_ab.py --precision bf16 --reps 5 --json docs/bench/lean/lean-ab-bf16.json
+    LD_PRELOAD=<jemalloc> .venv/bin/python bench/lean_ab.py --precision bf16 --reps 7 --json docs/bench/lean/lean-ab-bf16.json
 
-Builds the default job's trainer (SmolLM2-135M from the embedded GGUF, 8 prompts x 4 samples;
-the token budget of the precision), samples one step's groups, then in ``--reps`` rounds (arm
-order rotated every round) times on those same groups:
+(``agro train`` preloads jemalloc itself; the allocator changed this bench's verdict on the
+fused head, so measure with it.) Builds the default job's trainer (SmolLM2-135M from the
+embedded GGUF, 8 prompts x 4 samples; the token budget of the precision), samples one step's
+groups, then in ``--reps`` rounds (arm order rotated every round) times on those same groups:
 
-* ``learn_*``: ``Trainer.learn`` (forward, backward, optimizer step) with ``all`` (both, the
-  default), ``no_lean`` (transformers' own RMSNorm and MLP modules back) and ``no_fused_head``
-  (the LM head as a module, then the log-prob kernel with its own gradient buffer: the code of
-  2026-12-03);
-* ``ref_*``: the reference pass, ``all`` against ``no_fused_head`` (lean modules change nothing
-  without gradients). In fp32 the two ref arms run the same code (the head is not fused there,
-  and the in-place gradient has no meaning without one): their ratio shows the noise.
+* ``learn_*``: ``Trainer.learn`` (forward, backward, optimizer step) with ``all`` (the code as
+  it is: the lean modules, and on a CPU the head as a module whose logits' gradient is written
+  over the logits), ``no_lean`` (transformers' own RMSNorm and MLP modules back),
+  ``no_fused_head`` (the head as a module, then the log-prob kernel with its own gradient
+  buffer: the code of 2026-12-03) and ``fused_head`` (the head fused with the log-prob kernel,
+  ``_HeadChosenLogProb``, in the head's GEMM dtype: what bf16 ran on a CPU from f4b003b to
+  d626d16, and what it runs off the CPU);
+* ``ref_*``: the reference pass, ``all`` against ``fused_head`` (lean modules change nothing
+  without gradients).
+
+Files written on d626d16 (2026-12-04) or earlier had other arms: their ``all`` was the fused head in
+bf16, and their ``inplace_head`` what ``all`` is now.
 
 The memory side is bench/learner_memory.py's (one process per setting: RSS peaks do not
 separate within one process). The optimizer steps change the weights between rounds; the groups
@@ -26,7 +32,7 @@ import argparse
 import time
 
 import torch
-from abrounds import bench_trainer, medians, write_json  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
 
 import agro.lean as lean
 import agro.logprobs as lp
@@ -37,6 +43,12 @@ def unfused_head(head, h, ids, precision):
     with lp.autocast_ctx(precision, h.device):
         logits = head(h)
     return lp.chosen_logprobs(logits, ids)
+
+
+def fused_head(head, h, ids, precision):
+    """The head fused with the log-prob kernel, in the dtype its GEMM runs in."""
+    dtype = torch.bfloat16 if precision == "bf16" else head.weight.dtype
+    return lp._HeadChosenLogProb.apply(h, head.weight, ids.long(), dtype)
 
 
 def main() -> None:
@@ -53,12 +65,13 @@ def main() -> None:
     base = {v: k for k, v in lean.LEAN.items()}                   # lean class -> transformers'
     swapped = [(m, base[type(m)], type(m)) for m in tr.learner.modules() if type(m) in base]
     assert swapped, "no lean module in the learner (AGRO_LEAN_MODULES=0?)"
-    fused = lp.head_chosen_logprobs
+    current = lp.head_chosen_logprobs
 
     def setting(arm: str) -> None:
         for m, plain, lean_cls in swapped:
             m.__class__ = plain if arm == "no_lean" else lean_cls
-        lp.head_chosen_logprobs = unfused_head if arm == "no_fused_head" else fused
+        lp.head_chosen_logprobs = {"no_fused_head": unfused_head,
+                                   "fused_head": fused_head}.get(arm, current)
 
     def timed(arm: str, fn) -> float:
         setting(arm)
@@ -69,18 +82,18 @@ def main() -> None:
         finally:
             setting("all")
 
-    arms = ("all", "no_lean", "no_fused_head")
+    arms = ("all", "no_lean", "no_fused_head", "fused_head")
     rows: dict[str, list] = {f"learn_{x}": [] for x in arms}
-    rows.update({"ref_all": [], "ref_no_fused_head": []})
+    rows.update({"ref_all": [], "ref_fused_head": []})
     for x in arms:                                                 # warm-ups
         timed(x, lambda: tr.learn(groups))
-    for x in ("all", "no_fused_head"):
+    for x in ("all", "fused_head"):
         timed(x, lambda: col.attach_ref_logprobs(groups))
     for r in range(a.reps):
         k = r % len(arms)
         for x in arms[k:] + arms[:k]:
             rows[f"learn_{x}"].append(timed(x, lambda: tr.learn(groups)))
-        for x in (("all", "no_fused_head") if r % 2 == 0 else ("no_fused_head", "all")):
+        for x in order(r, "all", "fused_head"):
             rows[f"ref_{x}"].append(timed(x, lambda: col.attach_ref_logprobs(groups)))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
 
@@ -88,11 +101,11 @@ def main() -> None:
     print(f"\n{cpu_description()}\nmedians over {a.reps} rounds ({a.precision}, "
           f"micro_batch_tokens={cfg.micro_batch_tokens}, "
           f"{sum(len(c) for g in groups for c in g.completion_ids)} completion tokens):")
-    for x in ("no_lean", "no_fused_head"):
+    for x in arms[1:]:
         print(f"  learner step: all {med['learn_all']:.2f} s, {x} {med[f'learn_{x}']:.2f} s: "
               f"all/{x} = {med['learn_all'] / med[f'learn_{x}']:.3f}")
-    print(f"  reference pass: all {med['ref_all']:.2f} s, no_fused_head {med['ref_no_fused_head']:.2f} s: "
-          f"all/no_fused_head = {med['ref_all'] / med['ref_no_fused_head']:.3f}")
+    print(f"  reference pass: all {med['ref_all']:.2f} s, fused_head {med['ref_fused_head']:.2f} s: "
+          f"all/fused_head = {med['ref_all'] / med['ref_fused_head']:.3f}")
     write_json(a.json, cpu_description(), a.precision, torch.__version__, rows, med)
     tr.close_generator()
 

@@ -14,7 +14,9 @@ import json
 import pytest
 import torch
 
+from agro import logprobs
 from agro.config import TrainConfig, load_config
+from agro.logprobs import chosen_logprobs
 from agro.losses import compute_loss
 from agro.trainer import Trainer
 from fakes import HashGrader
@@ -110,3 +112,20 @@ def test_packed_gather_is_deterministic_on_cuda():
         torch.use_deterministic_algorithms(was)
     assert torch.equal(grads[0], grads[1])
     assert torch.equal(grads[0][3], (2 * x.detach()[3]) * 4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(not bf16_ok, reason="needs bf16 on the GPU")
+def test_head_chosen_logprobs_takes_the_fused_kernel_on_cuda_in_bf16():
+    """Off the CPU a plain head under bf16 takes the fused kernel (agro.logprobs.fused_head_dtype),
+    with the numbers of the bf16 head + the log-prob kernel."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False).cuda()
+    h = torch.randn(9, 64, device="cuda", requires_grad=True)
+    ids = torch.randint(0, 300, (9,), device="cuda")
+    lp = logprobs.head_chosen_logprobs(head, h, ids, "bf16")
+    assert lp.grad_fn is not None and "HeadChosenLogProb" in type(lp.grad_fn).__name__
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = chosen_logprobs(head(h), ids)
+    torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)

@@ -213,9 +213,18 @@ def test_fused_head_kernel_matches_the_unfused_head_in_float64_and_bf16(monkeypa
         torch.testing.assert_close(a.float(), b.float(), atol=0.02 * b.float().abs().max().item(), rtol=0.02)
 
 
-def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head_in_bf16(monkeypatch):
-    """A plain bias-free nn.Linear head takes the fused kernel where its GEMM runs in bf16, and
-    in fp32 runs as a module with the logits' gradient written over the logits; a head with a
+def test_fused_head_only_off_the_cpu_where_the_gemm_runs_in_bf16():
+    bf, f32 = torch.bfloat16, torch.float32
+    assert logprobs.fused_head_dtype("cuda", "bf16", f32) == bf      # autocast over fp32 (LoRA)
+    assert logprobs.fused_head_dtype("cuda", "fp32", bf) == bf       # bf16 working weights
+    assert logprobs.fused_head_dtype("cuda", "fp32", f32) is None
+    for precision, w in (("bf16", f32), ("bf16", bf), ("fp32", f32)):
+        assert logprobs.fused_head_dtype("cpu", precision, w) is None
+
+
+def test_head_chosen_logprobs_on_the_cpu_writes_a_plain_heads_gradient_in_place(monkeypatch):
+    """On a CPU a plain bias-free nn.Linear head runs as a module with the logits' gradient
+    written over the logits, in fp32 and in bf16 (never the fused kernel there); a head with a
     bias, a forward hook or a replaced forward (or any other module) runs as a module with its
     own gradient buffer. Every way gives the numbers of head(h) + the log-prob kernel."""
     torch.manual_seed(0)
@@ -243,9 +252,9 @@ def test_head_chosen_logprobs_fuses_only_a_plain_bias_free_linear_head_in_bf16(m
         h2 = h.clone().requires_grad_(True)
         (gh_ref,) = torch.autograd.grad(F.log_softmax(head(h2), -1).gather(-1, ids[:, None]).sum(), h2)
         torch.testing.assert_close(gh, gh_ref, atol=1e-6, rtol=1e-5)
-        calls.clear()
+        calls.clear(), inplace.clear()
         lpb = logprobs.head_chosen_logprobs(head, h, ids, "bf16")
-        assert len(calls) == (1 if plain else 0)
+        assert calls == [] and inplace == [plain]
         with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 over fp32 weights (LoRA's
             ref16 = chosen_logprobs(head(h), ids)           # autocast): the same bf16 GEMM
         torch.testing.assert_close(lpb, ref16, atol=1e-6, rtol=0)

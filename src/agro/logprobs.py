@@ -15,9 +15,9 @@ with sampling and cheap:
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
   the chunk's softmax), also when the matmuls run in bf16; in the packed path a plain linear
-  head whose GEMM runs in bf16 is fused into that kernel (:class:`_HeadChosenLogProb`), so not
-  even the logits are kept, and in fp32 the backward writes the logits' gradient over the logits
-  (:func:`head_chosen_logprobs`).
+  head writes the logits' gradient over the logits on a CPU, and on other devices, where its
+  GEMM runs in bf16, is fused into that kernel (:class:`_HeadChosenLogProb`), so not even the
+  logits are kept (:func:`head_chosen_logprobs`).
 
 Old and new log-probabilities of the same sample (reference vs policy) must be computed with the
 same ``precision``; :class:`Reference` uses the precision it was built with. Measured on
@@ -223,18 +223,32 @@ class _HeadChosenLogProb(torch.autograd.Function):
                 None, None)
 
 
+def fused_head_dtype(device_type: str, precision: str, weight_dtype: torch.dtype):
+    """The dtype a plain head's GEMM runs in under the fused kernel, or None where the head runs
+    as a module (see :func:`head_chosen_logprobs`): bf16 off the CPU, else None."""
+    dtype = torch.bfloat16 if precision == "bf16" else weight_dtype
+    return dtype if device_type != "cpu" and dtype == torch.bfloat16 else None
+
+
 def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: str) -> torch.Tensor:
     """``log softmax(head(h))[r, ids[r]]`` in fp32 [N] for hidden states h [N, H] and ids [N].
 
-    A plain ``nn.Linear`` head without bias or forward hooks whose GEMM runs in bf16 (where
-    ``precision`` is bf16, as autocast runs a linear layer, or on bf16 weights) takes the fused
-    kernel (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass); in fp32
-    it runs as a module and :func:`chosen_logprobs` writes the logits' gradient over the logits
-    (``inplace_grad``). Why by dtype: the fused kernel's extra head GEMM made the default job's
-    learner step 0.905x as long in bf16 (less memory traffic) but 1.15x in fp32, where GEMMs run
-    at ~0.4x bf16's rate on that CPU (``bench/lean_ab.py``, docs/RESULTS.md). Any other head (a LoRA
-    wrapper, a bias, forward hooks, a replaced ``forward`` such as accelerate's offloading) runs
-    as a module and then :func:`chosen_logprobs`, its logits kept and a gradient allocated.
+    A plain ``nn.Linear`` head without bias or forward hooks runs as a module, then
+    :func:`chosen_logprobs` writes the logits' gradient over the logits (``inplace_grad``) -- on
+    a CPU in either precision. On other devices, where its GEMM runs in bf16 (``precision`` bf16,
+    as autocast runs a linear layer, or bf16 weights), it takes the fused kernel
+    (:class:`_HeadChosenLogProb`: no [N, V] logits kept for the backward pass, the logits
+    recomputed in vocabulary slices).
+
+    Why by device: on the CPU it was measured on (Zen 4, 2026-12-04, ``bench/lean_ab.py`` with
+    jemalloc preloaded as ``agro train`` does) the fused kernel made the bf16 learner step 1.09x
+    and 1.155x as long as the unfused head in two runs (its extra head GEMM and slice loop), and
+    1.15x in fp32 earlier; the memory it saves on the default job is one [N, V] bf16 buffer (~94
+    MB). Measured with the system allocator it had been 0.905x, which is why bf16 used it until
+    then. On a GPU the fused kernel is chosen for memory, as fused linear-cross-entropy kernels
+    are, and its speed there was never measured (no GPU). Any other head (a LoRA wrapper, a bias,
+    forward hooks, a replaced ``forward`` such as accelerate's offloading) runs as a module and
+    then :func:`chosen_logprobs`, its logits kept and a gradient allocated.
     """
     W = getattr(head, "weight", None)
     hooked = (head._forward_hooks or head._forward_pre_hooks or _m._global_forward_hooks
@@ -242,10 +256,9 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
               or hasattr(head, "_hf_hook"))     # accelerate replaces forward, sets _hf_hook
     plain = type(head) is torch.nn.Linear and head.bias is None and not hooked \
         and W is not None and W.dim() == 2
-    if plain:
-        dtype = torch.bfloat16 if precision == "bf16" else W.dtype
-        if dtype == torch.bfloat16:
-            return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)
+    dtype = fused_head_dtype(h.device.type, precision, W.dtype) if plain else None
+    if dtype is not None:
+        return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)
     with autocast_ctx(precision, h.device):
         logits = head(h)                                                  # [N, V]
     return chosen_logprobs(logits, ids, inplace_grad=plain)
