@@ -32,6 +32,9 @@ STEPS=${STEPS:-8}
 # files and 8-step runs), trl (vs_trl) and main (the default job in both precisions); all three
 # by default. E.g. `PIECES=main bench/cpu_report.sh TAG` re-measures only the default job (~25 min).
 PIECES=${PIECES:-steps,trl,main}
+# PRECISIONS: the precisions of the step runs and TRL rounds, and of the default job's second run
+# (the one auto did not pick); both by default. E.g. `PRECISIONS=bf16` after a bf16-only change.
+PRECISIONS=${PRECISIONS:-fp32 bf16}
 want() { [[ ",$PIECES," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
@@ -76,8 +79,7 @@ offline_file() {   # offline_file PRECISION: groups sampled from pi_ref, referen
   fi
 }
 if want steps; then
-offline_file fp32
-offline_file bf16
+for p in $PRECISIONS; do offline_file "$p"; done
 fi
 
 run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped when it finished)
@@ -93,13 +95,13 @@ run() {   # run NAME ARGS...: one 8-step training run into $OUT/NAME (skipped wh
 }
 for r in 1 2; do
   want steps || break
-  for p in fp32 bf16; do
+  for p in $PRECISIONS; do
     run on-$p-r$r precision=$p
     run off-$p-r$r precision=$p source=offline offline_path="$OUT/offline-pi_ref-$p.jsonl"
   done
 done
 
-for p in fp32 bf16; do
+for p in $PRECISIONS; do
   want trl || break
   if [[ ! -s $OUT/vs_trl-$p.json ]]; then
     log "vs_trl $p"
@@ -129,6 +131,6 @@ main_job main-job                       # precision=auto: what a user gets
 # the RSS target holds "in either precision": the same job in the one auto did not pick
 chosen=$(sed -n 's/^precision: *//p' "$OUT/main-job/config.yaml" | head -1)
 other=$([[ $chosen == bf16 ]] && echo fp32 || echo bf16)
-main_job main-job-$other precision=$other
+[[ " $PRECISIONS " == *" $other "* ]] && main_job main-job-$other precision=$other
 fi
 log "done: .venv/bin/python bench/cpu_report.py $OUT"
