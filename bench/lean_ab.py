@@ -4,8 +4,9 @@ before agro.logprobs' log-prob kernel.
 
     LD_PRELOAD=<jemalloc> .venv/bin/python bench/lean_ab.py --precision bf16 --reps 7 --json docs/bench/lean/lean-ab-bf16.json
 
-(``agro train`` preloads jemalloc itself; the allocator changed this bench's verdict on the
-fused head, so measure with it.) Builds the default job's trainer (SmolLM2-135M from the
+(``agro train`` preloads jemalloc itself, so measure with it: this bench's verdict on the fused
+head turned between a run with the system allocator on older code and runs with jemalloc on
+later code.) Builds the default job's trainer (SmolLM2-135M from the
 embedded GGUF, 8 prompts x 4 samples; the token budget of the precision), samples one step's
 groups, then in ``--reps`` rounds (arm order rotated every round) times on those same groups:
 
@@ -14,13 +15,14 @@ groups, then in ``--reps`` rounds (arm order rotated every round) times on those
   over the logits), ``no_lean`` (transformers' own RMSNorm and MLP modules back),
   ``no_fused_head`` (the head as a module, then the log-prob kernel with its own gradient
   buffer: the code of 2026-12-03) and ``fused_head`` (the head fused with the log-prob kernel,
-  ``_HeadChosenLogProb``, in the head's GEMM dtype: what bf16 ran on a CPU from f4b003b to
-  d626d16, and what it runs off the CPU);
+  ``_HeadChosenLogProb``, in the head's GEMM dtype, called directly (no check that the head is
+  plain: the default model's is): what bf16 ran on a CPU from d7277b5 to d626d16, and what it
+  runs off the CPU. In fp32 this arm is a fused fp32 head, which no code has run since 7fa54da);
 * ``ref_*``: the reference pass, ``all`` against ``fused_head`` (lean modules change nothing
   without gradients).
 
 Files written on d626d16 (2026-12-04) or earlier had other arms: their ``all`` was the fused head in
-bf16, and their ``inplace_head`` what ``all`` is now.
+bf16 (and their ``inplace_head``, in one file from an uncommitted version, what ``all`` is now).
 
 The memory side is bench/learner_memory.py's (one process per setting: RSS peaks do not
 separate within one process). The optimizer steps change the weights between rounds; the groups

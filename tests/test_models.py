@@ -2,6 +2,8 @@
 policy, LoRA, saving, and loading (local dirs; the embedded GGUF in one slow test)."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 
 import pytest
@@ -288,6 +290,51 @@ def test_inplace_logit_gradient_equals_the_allocated_one_and_a_second_backward_f
                                logits)
     torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
     assert torch.equal(big.detach(), before)
+
+
+def test_bf16_heads_inplace_logit_gradient_is_the_allocated_ones_bit_for_bit():
+    """What a CPU runs for a plain head since 0a49b62, in both bf16 forms (autocast over fp32
+    weights, as LoRA; bf16 working weights): the in-place logit gradient gives the hidden
+    states' and the head's gradients of the allocated one exactly."""
+    torch.manual_seed(2)
+    h0, ids = torch.randn(13, 32), torch.randint(0, 300, (13,))
+    w = torch.randn(13)
+    for bf16_weights in (False, True):
+        head0 = torch.nn.Linear(32, 300, bias=False)
+        if bf16_weights:
+            head0 = head0.to(torch.bfloat16)
+        grads = []
+        for inplace in (False, True):
+            head = copy.deepcopy(head0)
+            h = h0.detach().to(head.weight.dtype).requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = head(h)
+            assert logits.dtype == torch.bfloat16
+            before = logits.detach().clone()
+            ((chosen_logprobs(logits, ids, inplace_grad=inplace) * w).sum()).backward()
+            assert torch.equal(logits.detach(), before) != inplace   # in place: overwritten
+            grads.append((h.grad, head.weight.grad))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+
+
+def test_off_the_cpu_a_plain_head_takes_the_fused_kernel_in_bf16(monkeypatch):
+    """The device wiring of head_chosen_logprobs without a GPU: on the meta device (a device
+    type other than cpu) a plain head under bf16 goes to the fused kernel with bf16 as its GEMM
+    dtype; in fp32, or a head with a bias, it does not."""
+    seen, module = [], []
+    monkeypatch.setattr(logprobs._HeadChosenLogProb, "apply",
+                        lambda h, W, ids, dtype: seen.append(dtype) or h[:, 0].float())
+    # the module path (autocast has no meta backend): record it instead of running it
+    monkeypatch.setattr(logprobs, "autocast_ctx", lambda precision, dev: contextlib.nullcontext())
+    monkeypatch.setattr(logprobs, "chosen_logprobs",
+                        lambda logits, ids, inplace_grad=False: module.append(inplace_grad))
+    h, ids = torch.empty(5, 8, device="meta"), torch.zeros(5, dtype=torch.long, device="meta")
+    logprobs.head_chosen_logprobs(torch.nn.Linear(8, 20, bias=False, device="meta"), h, ids, "bf16")
+    assert seen == [torch.bfloat16] and module == []
+    logprobs.head_chosen_logprobs(torch.nn.Linear(8, 20, bias=False, device="meta"), h, ids, "fp32")
+    logprobs.head_chosen_logprobs(torch.nn.Linear(8, 20, bias=True, device="meta"), h, ids, "bf16")
+    assert seen == [torch.bfloat16] and module == [True, False]
 
 
 def test_with_logits_returns_fp32_slice_consistent_with_logprobs(llama, tok):

@@ -164,8 +164,8 @@ class _HeadChosenLogProb(torch.autograd.Function):
     gradient at the start of the backward pass, when every activation is still alive: on the
     default job (SmolLM2-135M, ~930 completion positions a step, V = 49,152) 2 x 91 MB in bf16
     and 2 x 183 MB in fp32 at the start of the backward pass (measured peak RSS of the default
-    job's learner step, 2026-12-04 in docs/RESULTS.md: -0.07 GiB in bf16; -0.22 GiB in fp32, where
-    :func:`head_chosen_logprobs` now takes the in-place path instead). The cost is one more
+    job's learner step, 2026-12-04 in docs/RESULTS.md: -0.07 GiB in bf16; -0.22 GiB in fp32). On a
+    CPU :func:`head_chosen_logprobs` takes the in-place path instead, in both precisions. The cost is one more
     head GEMM per position (2 N H V FLOP: +33 % of the head's 6 N H V, a few % of a
     SmolLM2-135M learner pass), which agro.perf's learner FLOP count does not include (model
     FLOP, as MFU counts them). Not twice-differentiable (``once_differentiable``).
@@ -241,11 +241,12 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
     recomputed in vocabulary slices).
 
     Why by device: on the CPU it was measured on (Zen 4, 2026-12-04, ``bench/lean_ab.py`` with
-    jemalloc preloaded as ``agro train`` does) the fused kernel made the bf16 learner step 1.09x
-    and 1.155x as long as the unfused head in two runs (its extra head GEMM and slice loop), and
-    1.15x in fp32 earlier; the memory it saves on the default job is one [N, V] bf16 buffer (~94
-    MB). Measured with the system allocator it had been 0.905x, which is why bf16 used it until
-    then. On a GPU the fused kernel is chosen for memory, as fused linear-cross-entropy kernels
+    jemalloc preloaded as ``agro train`` does) the bf16 learner step took 1.09x and 1.155x as
+    long with the fused kernel as with an unfused head with its own gradient buffer, and the
+    in-place head 0.936x as long as the fused one; in fp32 the fused kernel took 1.15x earlier.
+    The memory it saves on the default job is one [N, V] bf16 buffer (+90 MiB of saved tensors
+    without it). On older code with the system allocator it had measured 0.905x, which is why
+    bf16 used it until then. On a GPU the fused kernel is chosen for memory, as fused linear-cross-entropy kernels
     are, and its speed there was never measured (no GPU). Any other head (a LoRA wrapper, a bias,
     forward hooks, a replaced ``forward`` such as accelerate's offloading) runs as a module and
     then :func:`chosen_logprobs`, its logits kept and a gradient allocated.

@@ -312,8 +312,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # kernel (logits recomputed in the backward); 6 = agro.lean's RMSNorm / SwiGLU modules, the
 # fused head in bf16 only, fp32 writing the logits' gradient in place; 7 = bf16 scoring passes on
 # SDPA's flash kernel (fp32 keeps math); 8 = agro.lean's SwiGLU backward on autograd's own kernels
-# in the input's dtype (bf16 learner ~0.8x).
-CACHE_PREFIX = "precision/8:"
+# in the input's dtype (bf16 learner ~0.8x); 9 = on a CPU the bf16 LM head unfused, its logits'
+# gradient written in place.
+CACHE_PREFIX = "precision/9:"
 
 
 def cached_precision_choice(model) -> str | None:
