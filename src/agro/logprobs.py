@@ -164,9 +164,9 @@ class _HeadChosenLogProb(torch.autograd.Function):
     gradient at the start of the backward pass, when every activation is still alive: on the
     default job (SmolLM2-135M, ~930 completion positions a step, V = 49,152) 2 x 91 MB in bf16
     and 2 x 183 MB in fp32 at the start of the backward pass (measured peak RSS of the default
-    job's learner step, 2026-12-04 in docs/RESULTS.md: -0.07 GiB in bf16; -0.22 GiB in fp32). On a
-    CPU :func:`head_chosen_logprobs` takes the in-place path instead, in both precisions. The cost is one more
-    head GEMM per position (2 N H V FLOP: +33 % of the head's 6 N H V, a few % of a
+    job's learner step, 2026-12-04 in docs/RESULTS.md: -0.07 GiB in bf16; -0.22 GiB in fp32). On
+    a CPU :func:`head_chosen_logprobs` takes the in-place path instead, in both precisions. The
+    cost is one more head GEMM per position (2 N H V FLOP: +33 % of the head's 6 N H V, a few % of a
     SmolLM2-135M learner pass), which agro.perf's learner FLOP count does not include (model
     FLOP, as MFU counts them). Not twice-differentiable (``once_differentiable``).
     Shapes: h [N, H], W [V, H], ids [N] long -> [N] fp32.
@@ -246,10 +246,11 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
     in-place head 0.936x as long as the fused one; in fp32 the fused kernel took 1.15x earlier.
     The memory it saves on the default job is one [N, V] bf16 buffer (+90 MiB of saved tensors
     without it). On older code with the system allocator it had measured 0.905x, which is why
-    bf16 used it until then. On a GPU the fused kernel is chosen for memory, as fused linear-cross-entropy kernels
-    are, and its speed there was never measured (no GPU). Any other head (a LoRA wrapper, a bias,
-    forward hooks, a replaced ``forward`` such as accelerate's offloading) runs as a module and
-    then :func:`chosen_logprobs`, its logits kept and a gradient allocated.
+    bf16 used it until then. On a GPU the fused kernel is chosen for memory, as fused
+    linear-cross-entropy kernels are, and its speed there was never measured (no GPU). Any other
+    head (a LoRA wrapper, a bias, forward hooks, a replaced ``forward`` such as accelerate's
+    offloading) runs as a module and then :func:`chosen_logprobs`, its logits kept and a
+    gradient allocated.
     """
     W = getattr(head, "weight", None)
     hooked = (head._forward_hooks or head._forward_pre_hooks or _m._global_forward_hooks
