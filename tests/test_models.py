@@ -61,6 +61,20 @@ def gpt2(tiny_gpt2_dir):
     return load_model(tiny_gpt2_dir).eval()
 
 
+@pytest.fixture(params=["dense", "blocks"])
+def attention(request, monkeypatch):
+    """Both ways a packed pass computes attention: over the dense [L, L] block mask, and by
+    blocks (PACKED_BLOCK_MIN_LEN 0: test batches are far shorter than its real value). With
+    blocks, every packed pass of the test must have run them on every layer."""
+    blocks = request.param == "blocks"
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0 if blocks else 10 ** 9)
+    ran, real = [], logprobs._block_attention_ran_everywhere
+    monkeypatch.setattr(logprobs, "_block_attention_ran_everywhere",
+                        lambda dec, lay: ran.append(real(dec, lay)) or ran[-1])
+    yield request.param
+    assert (bool(ran) and all(ran)) if blocks else not ran, ran
+
+
 # --------------------------------------------------------------------------- loading
 def test_load_tokenizer_and_model_from_local_dir(tiny_model_dir, tok):
     assert tok.padding_side == "left"
@@ -737,7 +751,7 @@ def test_shared_prompt_pass_without_decoder_split(monkeypatch, llama, tok):
     assert torch.allclose(whole, naive_logprobs(llama, batch), atol=1e-5)
 
 
-def test_packed_and_two_pass_group_paths_agree(llama, tok):
+def test_packed_and_two_pass_group_paths_agree(llama, tok, attention):
     """The packed pass (one padding-free sequence per group, block attention mask) and the
     two-pass one (a repeated KV cache: long groups, other heads) both equal the naive per-row
     answer."""
@@ -751,7 +765,8 @@ def test_packed_and_two_pass_group_paths_agree(llama, tok):
     assert torch.allclose(lp[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
 
 
-def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, monkeypatch):
+def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, attention,
+                                                                  monkeypatch):
     """bf16 autocast now packs each group too (one pass, one gradient per weight): its
     log-probs stay within bf16 noise of fp32 and of the unshared bf16 pass, gradients flow."""
     batch = make_batch(tok.pad_token_id)
@@ -776,6 +791,7 @@ def test_bf16_takes_the_packed_group_path_and_stays_close_to_fp32(llama, tok, mo
 
 @pytest.mark.parametrize("bucket", [1, 16])
 def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradients(llama, tok,
+                                                                                 attention,
                                                                                  monkeypatch,
                                                                                  bucket):
     """The padding-free packed pass: the decoder sees p_g + sum_i (l_i - 1) positions for the
@@ -819,7 +835,7 @@ def test_packed_path_computes_no_padding_and_matches_per_row_values_and_gradient
     [[[88, 99, 2], [5]], [[4000], [41]], [[7, 2], [31000, 31001, 31002]]],  # a group of 1-token
     [[[88, 99, 2], []], [[4000, 5], [41, 42, 43, 44]], [[7], [31000, 31001]]],  # an empty one
 ], ids=["one-token-group", "empty-completion"])
-def test_packed_path_with_one_token_and_empty_completions(llama, tok, completions):
+def test_packed_path_with_one_token_and_empty_completions(llama, tok, attention, completions):
     """Blocks of zero inputs (a 1-token completion is predicted from the prompt alone; an empty
     one has nothing to score): values equal the naive pass, empty rows are 0, gradients flow."""
     batch = make_batch(tok.pad_token_id, completions=completions)
@@ -857,7 +873,8 @@ def test_a_batch_the_packed_pass_cannot_take_gets_the_per_row_answer(llama, tok)
     assert logprobs._packed_lengths_if_usable(llama, batch.input_ids, empty, T, P, n) is None
 
 
-def test_lora_takes_the_packed_pass_with_per_row_values_and_adapter_gradients(tiny_model_dir, tok):
+def test_lora_takes_the_packed_pass_with_per_row_values_and_adapter_gradients(tiny_model_dir, tok,
+                                                                             attention):
     """A peft model (adapters enabled and disabled, as the LoRA reference runs it) through the
     packed pass: values and the adapters' gradients equal the per-row pass's."""
     model = apply_lora(load_model(tiny_model_dir), r=4, alpha=8, dropout=0.0)
@@ -921,7 +938,7 @@ def test_long_groups_take_the_two_pass_path(llama, tok, monkeypatch):
 
 
 
-def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok):
+def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok, attention):
     """The packed pass gathers each completion token's hidden state from one [G*L, H] tensor,
     and token 0 of every completion of a group reads the same prompt position. Gathered with
     advanced indexing (``h[src]``), the backward's accumulating ``index_put_`` added those
@@ -959,3 +976,123 @@ def test_packed_path_backward_runs_no_nondeterministic_cpu_op(llama, tok):
         torch.set_num_threads(threads)
         llama.zero_grad(set_to_none=True)
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
+def _long_groups_batch(tok, n=8, seed=3):
+    """4 prompts of 5-12 tokens, n completions of 15-29 tokens each (packed lengths ~150-250)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [[1] + torch.randint(100, 30000, (k,), generator=gen).tolist() for k in (9, 5, 12, 7)]
+    completions = [[torch.randint(100, 30000, (int(k),), generator=gen).tolist()
+                    for k in torch.randint(15, 30, (n,), generator=gen)] for _ in prompts]
+    return make_batch(tok.pad_token_id, prompts, completions)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_block_attention_equals_the_dense_block_mask_in_values_and_gradients(llama, tok,
+                                                                             monkeypatch,
+                                                                             precision):
+    """Attention by blocks (each prompt over itself, each completion over its prompt and
+    itself) gives the log-probs and every weight's gradient of attention over the dense [L, L]
+    block mask: in fp32 to float rounding, in bf16 to bf16's. A completion seeing another
+    completion, or a prompt key it should not, moves log-probs by O(1). The blocks pass builds
+    no dense mask and leaves the model's attention implementation as it found it."""
+    batch = _long_groups_batch(tok)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    dense_calls, real_dense = [], logprobs._dense_packed_hidden
+    monkeypatch.setattr(logprobs, "_dense_packed_hidden",
+                        lambda *a, **k: dense_calls.append(1) or real_dense(*a, **k))
+    out = {}
+    for arm, threshold in (("dense", 10 ** 9), ("blocks", 0)):
+        monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", threshold)
+        dense_calls.clear()
+        llama.zero_grad(set_to_none=True)
+        lp = completion_logprobs(llama, *args, precision=precision, group_size=batch.group_size)
+        (lp * w).sum().backward()
+        assert dense_calls == ([1] if arm == "dense" else [])
+        assert llama.config._attn_implementation == "sdpa"
+        out[arm] = lp.detach(), {k: p.grad.clone() for k, p in llama.named_parameters()}
+    mask = batch.completion_mask > 0
+    (lp_d, g_d), (lp_b, g_b) = out["dense"], out["blocks"]
+    assert (lp_b[~mask] == 0).all()
+    if precision == "fp32":
+        assert torch.allclose(lp_b[mask], naive_logprobs(llama, batch)[mask], atol=1e-5)
+        assert torch.allclose(lp_b, lp_d, atol=1e-5)
+        for k in g_d:
+            assert (g_b[k] - g_d[k]).abs().max() <= 1e-5 * g_d[k].abs().max(), k
+    else:
+        assert (lp_b - lp_d)[mask].abs().max() < 0.02
+        for k in g_d:
+            assert (g_b[k] - g_d[k]).abs().max() <= 0.03 * g_d[k].abs().max(), k
+
+
+def test_block_layout_of_a_small_group():
+    """The layout by hand: one group, prompt of 3, completions with 2 and 0 inputs, bucket 4."""
+    import agro.logprobs as lpm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lpm, "SHAPE_BUCKET", 4)
+        lay = lpm.BlockLayout.build(torch.tensor([3]), torch.tensor([2, 0]), torch.tensor([3, 5]),
+                                    2, 8, "cpu")
+    assert (lay.G, lay.L, lay.Pp, lay.Tm) == (1, 8, 4, 4)
+    assert lay.q_idx.tolist() == [3, 4, 5, 6, 5, 6, 7, 7]          # clamped at L - 1
+    assert lay.kv_idx.tolist() == [0, 1, 2, 3, 3, 4, 5, 6, 0, 1, 2, 3, 5, 6, 7, 7]
+    # prompt rows 0-2 from the prompt block (rows 0..3), completion 0's inputs from rows
+    # 4 + 0*4 + (0, 1); position 5.. is padding: the zero row 4 + 2*4 = 12
+    assert lay.inv.tolist() == [0, 1, 2, 4, 5, 12, 12, 12]
+    a = lay.allowed[:, 0].int()
+    assert a[0].tolist() == [[1, 1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 1, 0, 0],
+                             [1, 1, 1, 0, 1, 1, 0, 0], [1, 1, 1, 0, 1, 1, 0, 0]]
+    assert a[1].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] * 4         # no inputs: the prompt only
+    m = lay.mask(torch.bfloat16)
+    assert m.dtype == torch.bfloat16 and (m[lay.allowed] == 0).all()
+    assert (m[~lay.allowed] == torch.finfo(torch.bfloat16).min).all()
+
+
+def test_a_model_whose_attention_ignores_the_registry_falls_back_to_the_dense_mask(
+        tiny_model_dir, tok, monkeypatch):
+    """If a model's layers never call the registered block attention (here: the implementation
+    is not switched, so transformers runs plain causal SDPA over the packed sequence, which is
+    wrong), the pass notices, warns once, recomputes with the dense mask, and the model's later
+    passes go straight to the dense mask: the answer is the per-row one throughout."""
+    model = load_model(tiny_model_dir).eval()
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0)
+    monkeypatch.setattr(logprobs, "_attention_implementation",
+                        lambda dec, name: contextlib.nullcontext())
+    builds = []
+    real_build = logprobs.BlockLayout.build
+    monkeypatch.setattr(logprobs.BlockLayout, "build",
+                        staticmethod(lambda *a: builds.append(1) or real_build(*a)))
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    mask = batch.completion_mask > 0
+    naive = naive_logprobs(model, batch)
+    with pytest.warns(RuntimeWarning, match="0 of 2 attention layers ran agro's block attention"):
+        with torch.no_grad():
+            lp = completion_logprobs(model, *args, group_size=batch.group_size)
+    assert builds == [1] and torch.allclose(lp[mask], naive[mask], atol=1e-5)
+    with torch.no_grad():
+        lp = completion_logprobs(model, *args, group_size=batch.group_size)
+    assert builds == [1] and torch.allclose(lp[mask], naive[mask], atol=1e-5)
+
+
+def test_block_attention_needs_its_layout():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="without agro_block_layout"):
+        logprobs.packed_block_attention(None, q, q, q, None)
+
+
+def test_block_attention_stays_on_the_inputs_device():
+    """Device wiring without a GPU: a layout built for the meta device and q/k/v there give an
+    output there, of transformers' [G, L, Hq, d] shape."""
+    import types
+
+    lay = logprobs.BlockLayout.build(torch.tensor([3, 2]), torch.tensor([2, 1, 3, 0]),
+                                     torch.tensor([3, 5, 2, 5]), 2, 16, "meta")
+    assert {t.device.type for t in (lay.q_idx, lay.kv_idx, lay.allowed, lay.inv)} == {"meta"}
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    q = torch.empty(2, 4, 16, 8, device="meta")
+    kv = torch.empty(2, 2, 16, 8, device="meta")
+    out, _ = logprobs.packed_block_attention(module, q, kv, kv, None, scaling=8 ** -0.5,
+                                             agro_block_layout=lay)
+    assert out.device.type == "meta" and out.shape == (2, 16, 4, 8)

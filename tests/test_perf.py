@@ -65,6 +65,31 @@ def test_batch_flops_by_hand():
                                                         + 4 * 2 * 8 * (2 * L1 * L1))
 
 
+
+def test_batch_flops_count_the_pairs_attention_by_blocks_scores():
+    """From PACKED_BLOCK_MIN_LEN on, a packed pass scores each prompt over itself (Pp^2 per
+    group) and each completion over its prompt and itself (Tm (Pp + Tm) per row), Pp and Tm the
+    longest prompt and completion inputs rounded up to SHAPE_BUCKET; below it, and for a model
+    that does not take blocks, the dense G L^2."""
+    fm = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0)
+    g1 = Group(prompt_id="a", prompt_ids=[1, 2, 3], completion_ids=[[4, 5], [6]], rewards=[0, 1])
+    g2 = Group(prompt_id="b", prompt_ids=[7, 8], completion_ids=[[9, 10, 11, 13], [12]],
+               rewards=[0, 1])
+    b = collate([g1, g2], 0, current_version=0, require_ref=False)  # G=2, n=2, P=3, T=4
+    base = 2 * 1000 * (2 * 5) + 2 * 50 * 8                      # L = 5, 8 head rows (bucket 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(logprobs, "SHAPE_BUCKET", 1)
+        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 6)
+        assert perf.batch_flops(fm, b, backward=False) == base + 4 * 2 * 8 * (2 * 5 * 5)
+        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 5)
+        Pp, Tm, B, G = 3, 3, 4, 2                               # prompts 3, 2; inputs 1, 0, 3, 0
+        blocks = base + 4 * 2 * 8 * (G * Pp * Pp + B * Tm * (Pp + Tm))
+        assert perf.batch_flops(fm, b, backward=False) == blocks
+        dense_only = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8,
+                                    weight_bytes=0, block_attention=False)
+        assert perf.batch_flops(dense_only, b, backward=False) == base + 4 * 2 * 8 * (2 * 5 * 5)
+
+
 def test_phase_rates():
     r = perf.phase_rates(learn_flops=4e12, learn_seconds=2.0, ref_flops=1e12, ref_seconds=0.5,
                          gen_tokens=300, decode_steps=30, gen_seconds=3.0, weight_bytes=10**9,

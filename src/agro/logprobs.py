@@ -11,7 +11,10 @@ with sampling and cheap:
   them, so a left-padded prompt sees the same rotary positions when scored as when sampled;
 * the LM head runs only on the completion positions (``logits_to_keep``), and in the packed
   path (:func:`_packed_group_hidden`, every group of rows sharing a prompt) only on real tokens:
-  each prompt runs once and no padded completion position is computed;
+  each prompt runs once and no padded completion position is computed; from
+  ``PACKED_BLOCK_MIN_LEN`` packed tokens on, its attention runs by blocks (each prompt over
+  itself, each completion over its prompt and itself: :func:`packed_block_attention`) instead
+  of over the dense [L, L] block mask;
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
   the chunk's softmax), also when the matmuls run in bf16; in the packed path a plain linear
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
@@ -48,10 +52,11 @@ from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load
 
 # --------------------------------------------------------------------------- log-prob kernel
 PACKED_MAX_LEN = 4096
-"""Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`): its
-dense block mask and attention grow with the square of it (n times the attention of the
-two-pass path), so longer groups take the two-pass path (a prompt pass, then its KV cache
-repeated n times)."""
+"""Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`); longer
+groups take the two-pass path (a prompt pass, then its KV cache repeated n times). Over the
+dense block mask the attention grows with the square of the length (n times the two-pass
+path's); by blocks (from PACKED_BLOCK_MIN_LEN on) it does not, but the limit stays, as
+(among others) Mistral's 4096-token sliding window, which neither packed layout applies."""
 
 SHAPE_BUCKET = 16
 """The padding-free pass rounds its packed length L and its count of real completion tokens up
@@ -61,6 +66,15 @@ job's resident memory crept 0.3 GiB higher (4.1 GiB after 60 steps; SmolLM2-135M
 EPYC). The extra positions are padding (masked, their log-probs discarded): < 16 positions per
 group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per pass, and never
 more than the padded layout computes (:func:`packed_width`)."""
+
+PACKED_BLOCK_MIN_LEN = 384
+"""From this packed length L on, a packed pass computes attention by blocks
+(:func:`packed_block_attention`) instead of over the dense [L, L] block mask: each prompt
+causally over itself, and each completion over its prompt and itself, so the scores grow as
+``n l (p + l)`` instead of ``(p + n l)^2``. Measured per attention layer, forward + backward
+(``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64, 2 cores, AMD EPYC Zen 4):
+blocks took 1.3-1.4x as long at L = 160-272 (many small blocks: the default job's L is ~170)
+and 0.95x (bf16 flash) / 0.54x (fp32 math) at L = 448, 0.6-0.7x / 0.4x at L = 816-1120."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -481,6 +495,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     pos = torch.zeros(G, L, dtype=torch.long)
     blk = torch.full((G, L), -2, dtype=torch.long)                       # -2 pad, -1 prompt
     src = torch.empty(B, T, dtype=torch.long)                            # index into [G*L]
+    off = torch.empty(B, dtype=torch.long)                               # completion i's start
     for g in range(G):
         r0, pg = g * n, int(plen[g])
         ids[g, :pg] = ids_cpu[r0, :P][am_cpu[r0, :P]]
@@ -494,7 +509,29 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
             pos[g, o:o + k] = pg + torch.arange(k)
             blk[g, o:o + k] = i
             src[r0 + i, 1:1 + k] = g * L + o + torch.arange(k)
+            off[r0 + i] = o
             o += k
+    h = None
+    if L >= PACKED_BLOCK_MIN_LEN and _block_attention_usable(dec):
+        layout = BlockLayout.build(plen, (clen - 1).clamp(min=0), off, n, L, dev)
+        with autocast_ctx(precision, dev), attention_backend(dev, precision), \
+                _attention_implementation(dec, BLOCK_ATTENTION):
+            h = dec(inputs_embeds=emb(ids.to(dev)), position_ids=pos.to(dev), use_cache=False,
+                    agro_block_layout=layout).last_hidden_state         # [G, L, H]
+        if not _block_attention_ran_everywhere(dec, layout):
+            h = None                                                     # dense mask below
+    if h is None:
+        h = _dense_packed_hidden(dec, emb, ids, pos, blk, L, precision, dev)
+    src = src.reshape(-1)                                                # [B*T]
+    flat = h.reshape(G * L, -1)                                          # [G*L, H]
+    if rows is not None:
+        return _gather_rows(flat, src[rows].to(dev))                     # [K, H]
+    return _gather_rows(flat, src.to(dev)).reshape(B, T, -1)             # [B, T, H]
+
+
+def _dense_packed_hidden(dec, emb, ids, pos, blk, L: int, precision: str, dev) -> torch.Tensor:
+    """The decoder's last hidden state [G, L, H] of the packed groups under the dense block
+    mask [G, 1, L, L] built from ``blk`` [G, L] (-2 pad, -1 prompt, i completion i)."""
     ids, pos, blk = ids.to(dev), pos.to(dev), blk.to(dev)
     q = torch.arange(L, device=dev)
     causal = (q[None, :] <= q[:, None])[None]                            # [1, Lq, Lk]
@@ -504,16 +541,199 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     allowed = to_prompt | same_blk | torch.eye(L, dtype=torch.bool, device=dev)[None]  # [G, L, L]
     # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
     dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
-    mask = torch.zeros(G, 1, L, L, dtype=dtype, device=dev)
+    mask = torch.zeros(blk.shape[0], 1, L, L, dtype=dtype, device=dev)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
     with autocast_ctx(precision, dev), attention_backend(dev, precision):
-        h = dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
-                use_cache=False).last_hidden_state                       # [G, L, H]
-    src = src.reshape(-1)                                                # [B*T]
-    flat = h.reshape(G * L, -1)                                          # [G*L, H]
-    if rows is not None:
-        return _gather_rows(flat, src[rows].to(dev))                     # [K, H]
-    return _gather_rows(flat, src.to(dev)).reshape(B, T, -1)             # [B, T, H]
+        return dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
+                   use_cache=False).last_hidden_state                    # [G, L, H]
+
+
+# ------------------------------------------------------------ packed attention by blocks
+BLOCK_ATTENTION = "agro_packed_blocks"
+"""The name :func:`packed_block_attention` is registered under in transformers'
+``AttentionInterface``; a packed pass sets it as the decoder's attention implementation for
+the length of its forward (:func:`_attention_implementation`)."""
+
+
+@dataclasses.dataclass
+class BlockLayout:
+    """Where the attention of a micro-batch of packed groups (:func:`_packed_group_hidden`)
+    reads and writes, for :func:`packed_block_attention`. G groups of n rows, packed length L;
+    group g's prompt at positions ``0 .. p_g-1``, completion i's k_i inputs at
+    ``off_i .. off_i+k_i-1``. Pp = max p_g and Tm = max k_i, each rounded up to SHAPE_BUCKET.
+
+    * prompt block: queries ``[G, Pp]`` (positions 0 .. Pp-1), causal over themselves;
+    * completion blocks: queries ``q_idx`` [B*Tm] (row b's positions ``off_b + t``), keys and
+      values ``kv_idx`` [B*(Pp+Tm)] (the prompt's Pp positions, then its own Tm), under
+      ``allowed`` [B, 1, Tm, Pp+Tm]: prompt key j if j < p_g, own key t' if t' <= t and t' < k_b.
+      Query rows t >= k_b are padding (they see the prompt, so no row is empty);
+    * ``inv`` [G*L]: where each packed position's output is, in ``[prompt block outputs (G*Pp)
+      | completion block outputs (B*Tm) | a zero row]``; padding positions read the zero row.
+
+    Indices are flat positions ``g*L + j`` of the [G*L] packed tokens (long, on the model's
+    device); ``seen`` collects the attention modules that ran, so the pass can tell whether the
+    model routed every layer through it."""
+
+    G: int
+    L: int
+    Pp: int
+    Tm: int
+    q_idx: torch.Tensor
+    kv_idx: torch.Tensor
+    allowed: torch.Tensor
+    inv: torch.Tensor
+    seen: set = dataclasses.field(default_factory=set)
+    _masks: dict = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def build(plen: torch.Tensor, k: torch.Tensor, off: torch.Tensor, n: int, L: int,
+              dev) -> "BlockLayout":
+        """plen [G] prompt lengths, k [B] completion inputs (l_i - 1, >= 0), off [B] their start
+        in the packed sequence (CPU long tensors); L the packed length."""
+        G, B = plen.numel(), k.numel()
+        Pp, Tm = block_dims(plen, k, L)
+        g = torch.arange(B) // n                                         # [B] group of row b
+        t = torch.arange(Tm)
+        qpos = (off[:, None] + t[None]).clamp(max=L - 1)                 # [B, Tm]
+        q_idx = g[:, None] * L + qpos                                    # [B, Tm]
+        kv_idx = torch.cat([g[:, None] * L + torch.arange(Pp)[None], q_idx], 1)  # [B, Pp+Tm]
+        to_prompt = torch.arange(Pp)[None, None, :] < plen[g][:, None, None]     # [B, 1, Pp]
+        own = (t[None, None, :] <= t[None, :, None]) & (t[None, None, :] < k[:, None, None])
+        allowed = torch.cat([to_prompt.expand(B, Tm, Pp), own], -1)[:, None]     # [B,1,Tm,Pp+Tm]
+        inv = torch.full((G, L), G * Pp + B * Tm, dtype=torch.long)      # padding: zero row
+        for gg in range(G):
+            p = int(plen[gg])
+            inv[gg, :p] = gg * Pp + torch.arange(p)
+        for b in range(B):
+            kb, o = int(k[b]), int(off[b])
+            inv[int(g[b]), o:o + kb] = G * Pp + b * Tm + torch.arange(kb)
+        return BlockLayout(G, L, Pp, Tm, q_idx.reshape(-1).to(dev), kv_idx.reshape(-1).to(dev),
+                           allowed.to(dev), inv.reshape(-1).to(dev))
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The completion blocks' additive mask [B, 1, Tm, Pp+Tm] in ``dtype`` (0 or its min)."""
+        if dtype not in self._masks:
+            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            self._masks[dtype] = m.masked_fill_(~self.allowed, torch.finfo(dtype).min)
+        return self._masks[dtype]
+
+
+def block_dims(plen: torch.Tensor, k: torch.Tensor, L: int) -> tuple[int, int]:
+    """``(Pp, Tm)`` of a :class:`BlockLayout`: the longest prompt (at most L) and the most
+    completion inputs (at least 1), each rounded up to SHAPE_BUCKET. Attention by blocks then
+    scores ``G Pp^2 + B Tm (Pp + Tm)`` query-key pairs, against ``G L^2`` over the dense mask."""
+    Pp = min(-(-int(plen.max()) // SHAPE_BUCKET) * SHAPE_BUCKET, L)
+    Tm = max(-(-int(k.max()) // SHAPE_BUCKET) * SHAPE_BUCKET, SHAPE_BUCKET)
+    return Pp, Tm
+
+
+def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                           agro_block_layout: BlockLayout | None = None, **kwargs):
+    """Attention of packed groups by blocks (transformers' attention-function signature).
+
+    query [G, Hq, L, d], key/value [G, Hkv, L, d] of the packed sequences; returns [G, L, Hq, d]
+    as transformers' ``sdpa_attention_forward`` does, and runs it for both blocks (so grouped
+    heads, the SDPA kernel in force and ``scaling`` are handled as in every other pass):
+
+        prompt block      softmax(q_p k_p^T / sqrt(d) + causal) v_p        [G, Hq, Pp, d]
+        completion blocks softmax(q_c [k_p; k_c]^T / sqrt(d) + mask) [v_p; v_c]  [B, Hq, Tm, d]
+
+    Every real query attends to exactly the keys the dense block mask of
+    :func:`_dense_packed_hidden` allows, so the outputs are the same up to float rounding;
+    padding positions get 0 (their outputs are never read). Gathers and the final scatter are
+    index_select on a CPU (a deterministic backward: :func:`_gather_rows`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lay = agro_block_layout
+    if lay is None:
+        raise RuntimeError(f"attention implementation {BLOCK_ATTENTION!r} was called without "
+                           "agro_block_layout: only agro.logprobs' packed pass may set it")
+    lay.seen.add(id(module))
+    G, Hq, L, d = query.shape
+    Hkv = key.shape[1]
+    B = lay.q_idx.numel() // lay.Tm
+    kw = {"dropout": dropout, "scaling": scaling}
+    po, _ = sdpa_attention_forward(module, query[:, :, :lay.Pp], key[:, :, :lay.Pp],
+                                   value[:, :, :lay.Pp], None, is_causal=True, **kw)  # [G,Pp,Hq,d]
+
+    def rows(x, idx, m):                                                 # [G,H,L,d] -> [B,H,m,d]
+        h = x.shape[1]
+        flat = x.transpose(1, 2).reshape(G * L, h * d)
+        return _gather_rows(flat, idx).view(B, m, h, d).transpose(1, 2)
+
+    M = lay.Pp + lay.Tm
+    co, _ = sdpa_attention_forward(module, rows(query, lay.q_idx, lay.Tm),
+                                   rows(key, lay.kv_idx, M), rows(value, lay.kv_idx, M),
+                                   lay.mask(query.dtype), is_causal=False, **kw)  # [B,Tm,Hq,d]
+    out = torch.cat([po.reshape(G * lay.Pp, Hq * d), co.reshape(B * lay.Tm, Hq * d),
+                     query.new_zeros(1, Hq * d)])                        # [G*Pp + B*Tm + 1, Hq*d]
+    return _gather_rows(out, lay.inv).view(G, L, Hq, d), None
+
+
+def _register_block_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:                                                  # older transformers
+        return False
+    AttentionInterface.register(BLOCK_ATTENTION, packed_block_attention)
+    return True
+
+
+_BLOCKS_REGISTERED = _register_block_attention()
+
+
+def _block_attention_usable(dec) -> bool:
+    """Whether a packed pass of ``dec`` may try attention by blocks: transformers has the
+    attention registry, the model uses SDPA or eager attention (those compute exactly what the
+    dense mask asks; others, e.g. flash-attention, get the dense mask they were given before),
+    its forward takes ``**kwargs`` (the layout travels in them), and no earlier pass found that
+    it does not route every layer through the registry."""
+    cfg = getattr(dec, "config", None)
+    return (_BLOCKS_REGISTERED and cfg is not None
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+            and not getattr(dec, "_agro_no_block_attention", False)
+            and _passes_keywords_on(type(dec)))
+
+
+@functools.lru_cache(maxsize=None)
+def _passes_keywords_on(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``**kwargs`` (transformers hands them down to the attention
+    functions; a decoder without them would refuse the layout)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params)
+
+
+@contextlib.contextmanager
+def _attention_implementation(dec, name: str):
+    """Set ``dec``'s attention implementation to ``name`` for the duration, then restore it.
+    With a name transformers has no mask function for, the decoder builds no mask."""
+    cfg = dec.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def _block_attention_ran_everywhere(dec, layout: BlockLayout) -> bool:
+    """True if every decoder layer's attention ran :func:`packed_block_attention` in the pass
+    just made. A model whose attention ignores the registry ran plain causal attention over the
+    packed sequence, which is wrong: it is marked, warned about once, and its passes take the
+    dense mask from then on (the caller recomputes this one)."""
+    want = int(getattr(dec.config, "num_hidden_layers", 0) or 0)
+    if want and len(layout.seen) == want:
+        return True
+    import warnings
+    warnings.warn(f"{type(dec).__name__}: {len(layout.seen)} of {want} attention layers ran "
+                  f"agro's block attention; packed passes of this model use the dense block "
+                  f"mask instead", RuntimeWarning, stacklevel=3)
+    dec._agro_no_block_attention = True
+    return False
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

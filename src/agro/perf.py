@@ -41,6 +41,9 @@ class FlopModel:
     weight_bytes:   bytes of all parameters as stored (what a decode step reads).
     packable:       the model takes the padding-free packed pass (a plain LM head:
                     :func:`agro.logprobs._decoder_parts`); otherwise the padded two-pass one.
+    block_attention: its packed passes from ``PACKED_BLOCK_MIN_LEN`` on compute attention by
+                    blocks (:func:`agro.logprobs.packed_block_attention`), whose query-key pairs
+                    are :func:`agro.logprobs.block_dims`'s, not the dense mask's L^2.
     """
 
     decoder_params: int
@@ -50,6 +53,7 @@ class FlopModel:
     weight_bytes: int
     frozen_base: bool = False
     packable: bool = True
+    block_attention: bool = True
 
     @classmethod
     def of(cls, model) -> "FlopModel":
@@ -69,10 +73,12 @@ class FlopModel:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = 0 < trainable < 0.5 * sum(p.numel() for p in model.parameters())
-        from .logprobs import _decoder_parts
+        from .logprobs import _block_attention_usable, _decoder_parts
 
+        parts = _decoder_parts(model)
         return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen,
-                   packable=_decoder_parts(model) is not None)
+                   packable=parts is not None,
+                   block_attention=parts is not None and _block_attention_usable(parts[0]))
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
         """Forward FLOPs: ``tokens`` through the decoder, ``head_tokens`` through the LM head,
@@ -92,6 +98,7 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
     head runs on all B x T completion positions (a loss that needs the full logits,
     ``with_logits``). With the backward pass x3 (x2 when only adapters train: no weight
     gradients for the frozen base)."""
+    from . import logprobs as lp
     from .logprobs import PACKED_MAX_LEN, packed_group_len, packed_group_lengths, packed_width
 
     B, T = batch.completion_ids.shape
@@ -102,12 +109,17 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
     if lengths is not None and (int(lengths[0].min()) < 1
                                 or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN):
         lengths = None
+    pairs = None
     if lengths is not None:
         L = packed_width(int(packed_group_len(*lengths, n).max()), P + n * (T - 1))
         head = B * T if head_all else packed_width(int(lengths[1].sum()), B * T)
+        if fm.block_attention and L >= lp.PACKED_BLOCK_MIN_LEN:
+            Pp, Tm = lp.block_dims(lengths[0], (lengths[1] - 1).clamp(min=0), L)
+            pairs = G * Pp * Pp + B * Tm * (Pp + Tm)
     else:
         L, head = P + n * max(0, T - 1), B * T
-    fwd = fm.forward(tokens=G * L, head_tokens=head, attn_pairs=G * L * L)
+    fwd = fm.forward(tokens=G * L, head_tokens=head,
+                     attn_pairs=G * L * L if pairs is None else pairs)
     if not backward:
         return fwd
     return fwd * (2.0 if fm.frozen_base else 3.0)
