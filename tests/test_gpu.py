@@ -116,6 +116,40 @@ def test_packed_gather_is_deterministic_on_cuda():
 
 @pytest.mark.gpu
 @cuda
+def test_block_attention_equals_the_dense_mask_on_cuda(tiny_model_dir, monkeypatch):
+    """A packed pass with attention by blocks (PACKED_BLOCK_MIN_LEN 0) on a CUDA model gives
+    the dense block mask's log-probs and gradients (fp32), every layer through the blocks."""
+    from agro.logprobs import completion_logprobs
+    from agro.models import load_model
+    from agro.rollouts import Group, collate
+
+    model = load_model(tiny_model_dir).cuda().eval()
+    gen = torch.Generator().manual_seed(3)
+    groups = [Group(prompt_id=str(i),
+                    prompt_ids=[1] + torch.randint(100, 30000, (k,), generator=gen).tolist(),
+                    completion_ids=[torch.randint(100, 30000, (int(c),), generator=gen).tolist()
+                                    for c in torch.randint(5, 20, (4,), generator=gen)],
+                    rewards=[0.0] * 4) for i, k in enumerate((9, 5, 12))]
+    b = collate(groups, pad_token_id=0, current_version=0, require_ref=False)
+    args = (b.input_ids, b.attention_mask, b.completion_ids, b.prompt_len)
+    ran, real = [], logprobs._block_attention_ran_everywhere
+    monkeypatch.setattr(logprobs, "_block_attention_ran_everywhere",
+                        lambda dec, lay: ran.append(real(dec, lay)) or ran[-1])
+    out = []
+    for threshold in (10 ** 9, 0):
+        monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", threshold)
+        model.zero_grad(set_to_none=True)
+        lp = completion_logprobs(model, *args, group_size=4)
+        lp.sum().backward()
+        out.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert ran == [True]
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    for g0, g1 in zip(out[0][1], out[1][1]):
+        assert (g0 - g1).abs().max() <= 1e-5 * g0.abs().max()
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.skipif(not bf16_ok, reason="needs bf16 on the GPU")
 def test_head_chosen_logprobs_takes_the_fused_kernel_on_cuda_in_bf16():
     """Off the CPU a plain head under bf16 takes the fused kernel (agro.logprobs.fused_head_dtype),
