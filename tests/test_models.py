@@ -993,9 +993,9 @@ def test_block_attention_equals_the_dense_block_mask_in_values_and_gradients(lla
                                                                              precision):
     """Attention by blocks (each prompt over itself, each completion over its prompt and
     itself) gives the log-probs and every weight's gradient of attention over the dense [L, L]
-    block mask: in fp32 to float rounding, in bf16 to bf16's. A completion seeing another
-    completion, or a prompt key it should not, moves log-probs by O(1). The blocks pass builds
-    no dense mask and leaves the model's attention implementation as it found it."""
+    block mask: in fp32 to float rounding (the exact check: one key too many fails it, test
+    below), in bf16 to bf16's. The blocks pass builds no dense mask and leaves the model's
+    attention implementation as it found it."""
     batch = _long_groups_batch(tok)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(1))
@@ -1024,6 +1024,104 @@ def test_block_attention_equals_the_dense_block_mask_in_values_and_gradients(lla
         assert (lp_b - lp_d)[mask].abs().max() < 0.02
         for k in g_d:
             assert (g_b[k] - g_d[k]).abs().max() <= 0.03 * g_d[k].abs().max(), k
+
+
+def test_a_groups_attention_path_is_its_own_whatever_shares_its_micro_batch(llama, tok,
+                                                                           monkeypatch):
+    """The path (blocks or the dense mask) is chosen per group from its own packed length, so
+    the reference and the policy, whose micro-batches may be cut differently, score a group
+    alike: in a micro-batch holding groups on both sides of the threshold each takes its own
+    path (two passes), and every row's log-probs and the weights' gradients equal those of the
+    groups scored alone (fp32)."""
+    batch = _long_groups_batch(tok, n=4)
+    n, P, T = batch.group_size, batch.prompt_len, batch.completion_ids.shape[1]
+    glen = logprobs.packed_group_len(*logprobs.packed_group_lengths(batch.attention_mask, P, T, n),
+                                     n)
+    cut = int(glen.sort().values[2])                    # two groups below, two at or above
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", cut)
+    paths, real = [], logprobs._packed_path_hidden
+    monkeypatch.setattr(logprobs, "_packed_path_hidden",
+                        lambda *a: paths.append((a[2].shape[0] // n, a[-1])) or real(*a))
+    w = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(2))
+    llama.zero_grad(set_to_none=True)
+    lp = completion_logprobs(llama, batch.input_ids, batch.attention_mask, batch.completion_ids,
+                             P, group_size=n)
+    (lp * w).sum().backward()
+    assert paths == [(2, False), (2, True)]
+    g_mixed = {k: p.grad.clone() for k, p in llama.named_parameters()}
+    llama.zero_grad(set_to_none=True)
+    paths.clear()
+    for g in range(len(glen)):                          # each group alone
+        r = slice(g * n, (g + 1) * n)
+        lp_g = completion_logprobs(llama, batch.input_ids[r], batch.attention_mask[r],
+                                   batch.completion_ids[r], P, group_size=n)
+        (lp_g * w[r]).sum().backward()
+        assert torch.allclose(lp_g, lp[r].detach(), atol=1e-5)
+    assert sorted(paths) == sorted((1, bool(x >= cut)) for x in glen)
+    for k, p in llama.named_parameters():
+        assert (p.grad - g_mixed[k]).abs().max() <= 1e-5 * g_mixed[k].abs().max(), k
+
+
+def test_a_layer_that_drops_keyword_arguments_falls_back_to_the_dense_mask(tiny_model_dir, tok,
+                                                                           monkeypatch):
+    """A layer that does not hand the layout down to its attention: block attention refuses to
+    run without it, and the pass warns and recomputes with the dense mask (per-row values)."""
+    model = load_model(tiny_model_dir).eval()
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0)
+    att = model.model.layers[1].self_attn
+    fwd = att.forward
+    att.forward = lambda *a, **k: fwd(*a, **{x: v for x, v in k.items()
+                                             if x != "agro_block_layout"})
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    with pytest.warns(RuntimeWarning, match="without agro_block_layout"):
+        with torch.no_grad():
+            lp = completion_logprobs(model, *args, group_size=batch.group_size)
+    mask = batch.completion_mask > 0
+    assert torch.allclose(lp[mask], naive_logprobs(model, batch)[mask], atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    assert not logprobs._block_attention_usable(model.model)
+
+
+def test_only_sdpa_models_without_windows_take_block_attention(llama):
+    """Eager (and flash-attention) models keep the dense mask in the kernels they chose; so do
+    sliding windows shorter than a packed pass may be, hybrid layer types and gradient
+    checkpointing."""
+    dec = llama.model
+    assert logprobs._block_attention_usable(dec)
+    cfg = dec.config
+    for attr, value in (("_attn_implementation", "eager"), ("sliding_window", 256),
+                        ("layer_types", ["full_attention", "sliding_attention"])):
+        old = getattr(cfg, attr, None)
+        setattr(cfg, attr, value)
+        assert not logprobs._block_attention_usable(dec), attr
+        setattr(cfg, attr, old)
+    assert logprobs._block_attention_usable(dec)
+    dec.gradient_checkpointing = True
+    assert not logprobs._block_attention_usable(dec)
+
+
+def test_the_block_comparison_fails_on_a_layout_with_one_key_too_many(llama, tok, monkeypatch):
+    """Negative control for the comparisons above: a layout that lets each completion token see
+    the next one of its own completion gives fp32 log-probs outside their tolerance."""
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0)
+    real = logprobs.BlockLayout.build
+
+    def leaky(*a):
+        lay = real(*a)
+        Pp, Tm = lay.Pp, lay.Tm
+        t = torch.arange(Tm)
+        own = lay.allowed[:, :, :, Pp:].clone()
+        own[:, :, t[:-1], t[1:]] |= own[:, :, t[1:], t[1:]]     # token t sees token t+1
+        lay.allowed = torch.cat([lay.allowed[:, :, :, :Pp], own], -1)
+        return lay
+    monkeypatch.setattr(logprobs.BlockLayout, "build", staticmethod(leaky))
+    batch = _long_groups_batch(tok)
+    with torch.no_grad():
+        lp = completion_logprobs(llama, batch.input_ids, batch.attention_mask,
+                                 batch.completion_ids, batch.prompt_len, group_size=batch.group_size)
+    mask = batch.completion_mask > 0
+    assert (lp - naive_logprobs(llama, batch))[mask].abs().max() > 1e-3
 
 
 def test_block_layout_of_a_small_group():

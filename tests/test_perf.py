@@ -70,7 +70,8 @@ def test_batch_flops_count_the_pairs_attention_by_blocks_scores():
     """From PACKED_BLOCK_MIN_LEN on, a packed pass scores each prompt over itself (Pp^2 per
     group) and each completion over its prompt and itself (Tm (Pp + Tm) per row), Pp and Tm the
     longest prompt and completion inputs rounded up to SHAPE_BUCKET; below it, and for a model
-    that does not take blocks, the dense G L^2."""
+    that does not take blocks, the dense G L^2. Each group by its own length: a micro-batch
+    with both kinds is two passes, each padded to its own longest group."""
     fm = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8, weight_bytes=0)
     g1 = Group(prompt_id="a", prompt_ids=[1, 2, 3], completion_ids=[[4, 5], [6]], rewards=[0, 1])
     g2 = Group(prompt_id="b", prompt_ids=[7, 8], completion_ids=[[9, 10, 11, 13], [12]],
@@ -81,13 +82,21 @@ def test_batch_flops_count_the_pairs_attention_by_blocks_scores():
         mp.setattr(logprobs, "SHAPE_BUCKET", 1)
         mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 6)
         assert perf.batch_flops(fm, b, backward=False) == base + 4 * 2 * 8 * (2 * 5 * 5)
-        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 5)
+        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 4)          # both groups (4 and 5 long)
         Pp, Tm, B, G = 3, 3, 4, 2                               # prompts 3, 2; inputs 1, 0, 3, 0
         blocks = base + 4 * 2 * 8 * (G * Pp * Pp + B * Tm * (Pp + Tm))
         assert perf.batch_flops(fm, b, backward=False) == blocks
         dense_only = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8,
                                     weight_bytes=0, block_attention=False)
         assert perf.batch_flops(dense_only, b, backward=False) == base + 4 * 2 * 8 * (2 * 5 * 5)
+        # group 1 (4 long) over the dense mask, group 2 (5 long) by blocks: two passes
+        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 5)
+        g1_alone = collate([g1], 0, current_version=0, require_ref=False)
+        mixed = (2 * 1000 * (4 + 5) + 2 * 50 * 8
+                 + 4 * 2 * 8 * (4 * 4 + (2 * 2 + 2 * 3 * (2 + 3))))  # Pp 2, Tm 3 for group 2
+        assert perf.batch_flops(fm, b, backward=False) == mixed
+        assert perf.batch_flops(fm, g1_alone, backward=False) == (2 * 1000 * 4 + 2 * 50 * 3
+                                                                  + 4 * 2 * 8 * 4 * 4)
 
 
 def test_phase_rates():

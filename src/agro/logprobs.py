@@ -68,13 +68,15 @@ group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per p
 more than the padded layout computes (:func:`packed_width`)."""
 
 PACKED_BLOCK_MIN_LEN = 384
-"""From this packed length L on, a packed pass computes attention by blocks
+"""A group whose packed length ``L_g`` is at least this has its attention computed by blocks
 (:func:`packed_block_attention`) instead of over the dense [L, L] block mask: each prompt
-causally over itself, and each completion over its prompt and itself, so the scores grow as
-``n l (p + l)`` instead of ``(p + n l)^2``. Measured per attention layer, forward + backward
-(``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64, 2 cores, AMD EPYC Zen 4):
-blocks took 1.3-1.4x as long at L = 160-272 (many small blocks: the default job's L is ~170)
-and 0.95x (bf16 flash) / 0.54x (fp32 math) at L = 448, 0.6-0.7x / 0.4x at L = 816-1120."""
+causally over itself, each completion over its prompt and itself, so a micro-batch scores
+``G Pp^2 + B Tm (Pp + Tm)`` query-key pairs (Pp, Tm: its longest prompt and completion, rounded
+up) instead of ``G L^2`` with ``L ~ p + n l``. Measured per attention layer, forward + backward,
+blocks / dense (``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64, 2 cores, AMD
+EPYC Zen 4; bf16 on the flash kernel, fp32 on the math one): 1.41 / 1.24 at L = 160 (the default
+job's L is ~170), 1.38 / 1.00 at 240, 1.01 / 0.87 at 272; 0.92 / 0.56 at 448, 0.84 / 0.48 at
+464, 0.61-0.84 / 0.40-0.47 at 816-1120. Nothing was measured between 272 and 448."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -482,12 +484,51 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     where lengths vary within a micro-batch: one 32-token sample among ~9-token ones made every
     block 32 long (1.6x on such a micro-batch, forward and backward); with uniform lengths it
     is about even with the padded layout (``bench/packed_ab.py``, docs/RESULTS.md).
+
+    Attention runs over a dense [L, L] block mask, or by blocks (:func:`packed_block_attention`)
+    for each group whose own ``L_g`` is at least PACKED_BLOCK_MIN_LEN: a group's path depends
+    on its lengths alone, never on the groups it shares a micro-batch with, so the policy and
+    the reference (whose micro-batches may be cut differently: async actors, replay, offline
+    files) score it with the same kernels. A micro-batch holding both kinds runs two passes.
     """
+    dec = _decoder_parts(model)[0]
+    B = input_ids.shape[0]
+    plen, clen = lengths if lengths is not None else packed_group_lengths(attention_mask, P, T, n)
+    glen = packed_group_len(plen, clen, n)                               # [G]
+    blocks = glen >= PACKED_BLOCK_MIN_LEN                                # [G] bool
+    if not _block_attention_usable(dec):
+        blocks[:] = False
+    if bool(blocks.all()) or not bool(blocks.any()):
+        return _packed_path_hidden(model, input_ids, attention_mask, T, P, n, precision,
+                                   (plen, clen), rows, bool(blocks.all()))
+    parts, order = [], []
+    for use in (False, True):
+        gsel = blocks.nonzero().squeeze(-1) if use else (~blocks).nonzero().squeeze(-1)
+        rsel = (gsel[:, None] * n + torch.arange(n)).reshape(-1)         # [Bs] rows
+        ids_s = input_ids[rsel.to(input_ids.device)]
+        am_s = attention_mask[rsel.to(attention_mask.device)]
+        parts.append(_packed_path_hidden(model, ids_s, am_s, T, P, n, precision,
+                                         (plen[gsel], clen[rsel]), None, use))    # [Bs, T, H]
+        order.append(rsel)
+    hs = torch.cat(parts)                                                # [B, T, H], rows permuted
+    where = torch.empty(B, dtype=torch.long)
+    where[torch.cat(order)] = torch.arange(B)                            # row b is hs[where[b]]
+    idx = (where[:, None] * T + torch.arange(T)).reshape(-1)             # [B*T]
+    if rows is not None:
+        return _gather_rows(hs.reshape(B * T, -1), idx[rows].to(hs.device))  # [K, H]
+    return _gather_rows(hs.reshape(B * T, -1), idx.to(hs.device)).reshape(B, T, -1)
+
+
+def _packed_path_hidden(model, input_ids, attention_mask, T: int, P: int, n: int,
+                        precision: str, lengths, rows, blocks: bool):
+    """:func:`_packed_group_hidden` for groups that all take one path: attention by blocks
+    (``blocks``; if the model turns out not to run them, the dense mask after all) or over the
+    dense block mask."""
     dec, emb, head = _decoder_parts(model)
     dev = device_of(model)
     B = input_ids.shape[0]
     G = B // n
-    plen, clen = lengths if lengths is not None else packed_group_lengths(attention_mask, P, T, n)
+    plen, clen = lengths
     glen = packed_group_len(plen, clen, n)                               # [G]
     L = packed_width(int(glen.max()), P + n * (T - 1))                   # few distinct shapes
     ids_cpu, am_cpu = input_ids.to("cpu"), attention_mask.to("cpu") > 0
@@ -512,14 +553,18 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
             off[r0 + i] = o
             o += k
     h = None
-    if L >= PACKED_BLOCK_MIN_LEN and _block_attention_usable(dec):
+    if blocks:
         layout = BlockLayout.build(plen, (clen - 1).clamp(min=0), off, n, L, dev)
-        with autocast_ctx(precision, dev), attention_backend(dev, precision), \
-                _attention_implementation(dec, BLOCK_ATTENTION):
-            h = dec(inputs_embeds=emb(ids.to(dev)), position_ids=pos.to(dev), use_cache=False,
-                    agro_block_layout=layout).last_hidden_state         # [G, L, H]
-        if not _block_attention_ran_everywhere(dec, layout):
-            h = None                                                     # dense mask below
+        try:
+            with autocast_ctx(precision, dev), attention_backend(dev, precision), \
+                    _attention_implementation(dec, BLOCK_ATTENTION):
+                h = dec(inputs_embeds=emb(ids.to(dev)), position_ids=pos.to(dev),
+                        use_cache=False, agro_block_layout=layout).last_hidden_state  # [G, L, H]
+        except BlocksUnsupported as e:
+            _no_block_attention(dec, str(e))
+        else:
+            if not _block_attention_ran_everywhere(dec, layout):
+                h = None                                                 # dense mask below
     if h is None:
         h = _dense_packed_hidden(dec, emb, ids, pos, blk, L, precision, dev)
     src = src.reshape(-1)                                                # [B*T]
@@ -632,9 +677,10 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
                            agro_block_layout: BlockLayout | None = None, **kwargs):
     """Attention of packed groups by blocks (transformers' attention-function signature).
 
-    query [G, Hq, L, d], key/value [G, Hkv, L, d] of the packed sequences; returns [G, L, Hq, d]
-    as transformers' ``sdpa_attention_forward`` does, and runs it for both blocks (so grouped
-    heads, the SDPA kernel in force and ``scaling`` are handled as in every other pass):
+    query [G, Hq, L, d], key [G, Hkv, L, d], value [G, Hkv, L, dv] of the packed sequences;
+    returns [G, L, Hq, dv] as transformers' ``sdpa_attention_forward`` does, and runs it for both
+    blocks (so grouped heads, the SDPA kernel in force and ``scaling`` are handled as in every
+    other SDPA pass); anything else a model asks of attention raises :class:`BlocksUnsupported`:
 
         prompt block      softmax(q_p k_p^T / sqrt(d) + causal) v_p        [G, Hq, Pp, d]
         completion blocks softmax(q_c [k_p; k_c]^T / sqrt(d) + mask) [v_p; v_c]  [B, Hq, Tm, d]
@@ -647,28 +693,43 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
 
     lay = agro_block_layout
     if lay is None:
-        raise RuntimeError(f"attention implementation {BLOCK_ATTENTION!r} was called without "
-                           "agro_block_layout: only agro.logprobs' packed pass may set it")
+        raise BlocksUnsupported(f"attention implementation {BLOCK_ATTENTION!r} was called without "
+                                "agro_block_layout (a layer that does not hand its keyword "
+                                "arguments down?): only agro.logprobs' packed pass may set it")
+    G, Hq, L, _ = query.shape
+    extra = [k for k in ("s_aux", "softcap", "position_bias") if kwargs.get(k) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and int(window) < L:
+        extra.append(f"sliding_window={window}")
+    if extra or attention_mask is not None:
+        raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
+                                f"apply: {', '.join(extra) or 'an attention mask'}")
     lay.seen.add(id(module))
-    G, Hq, L, d = query.shape
-    Hkv = key.shape[1]
     B = lay.q_idx.numel() // lay.Tm
+    dv = value.shape[-1]
     kw = {"dropout": dropout, "scaling": scaling}
     po, _ = sdpa_attention_forward(module, query[:, :, :lay.Pp], key[:, :, :lay.Pp],
-                                   value[:, :, :lay.Pp], None, is_causal=True, **kw)  # [G,Pp,Hq,d]
+                                   value[:, :, :lay.Pp], None, is_causal=True, **kw)  # [G,Pp,Hq,dv]
 
-    def rows(x, idx, m):                                                 # [G,H,L,d] -> [B,H,m,d]
-        h = x.shape[1]
+    def rows(x, idx, m):                                                 # [G,h,L,d] -> [B,h,m,d]
+        h, d = x.shape[1], x.shape[-1]
         flat = x.transpose(1, 2).reshape(G * L, h * d)
         return _gather_rows(flat, idx).view(B, m, h, d).transpose(1, 2)
 
     M = lay.Pp + lay.Tm
     co, _ = sdpa_attention_forward(module, rows(query, lay.q_idx, lay.Tm),
                                    rows(key, lay.kv_idx, M), rows(value, lay.kv_idx, M),
-                                   lay.mask(query.dtype), is_causal=False, **kw)  # [B,Tm,Hq,d]
-    out = torch.cat([po.reshape(G * lay.Pp, Hq * d), co.reshape(B * lay.Tm, Hq * d),
-                     query.new_zeros(1, Hq * d)])                        # [G*Pp + B*Tm + 1, Hq*d]
-    return _gather_rows(out, lay.inv).view(G, L, Hq, d), None
+                                   lay.mask(query.dtype), is_causal=False, **kw)  # [B,Tm,Hq,dv]
+    out = torch.cat([po.reshape(G * lay.Pp, Hq * dv), co.reshape(B * lay.Tm, Hq * dv),
+                     query.new_zeros(1, Hq * dv)])                       # [G*Pp + B*Tm + 1, Hq*dv]
+    return _gather_rows(out, lay.inv).view(G, L, Hq, dv), None
+
+
+class BlocksUnsupported(RuntimeError):
+    """Raised inside a pass by :func:`packed_block_attention` when the model asks for what it
+    does not apply (attention sinks, logit soft-capping, a position bias, a sliding window
+    shorter than the pass, a mask) or calls it without the layout; the pass catches it and
+    takes the dense mask (:func:`_no_block_attention`)."""
 
 
 def _register_block_attention() -> bool:
@@ -685,14 +746,23 @@ _BLOCKS_REGISTERED = _register_block_attention()
 
 def _block_attention_usable(dec) -> bool:
     """Whether a packed pass of ``dec`` may try attention by blocks: transformers has the
-    attention registry, the model uses SDPA or eager attention (those compute exactly what the
-    dense mask asks; others, e.g. flash-attention, get the dense mask they were given before),
-    its forward takes ``**kwargs`` (the layout travels in them), and no earlier pass found that
-    it does not route every layer through the registry."""
+    attention registry; the model runs SDPA attention (eager and flash-attention models keep the
+    dense mask, in the kernels they chose), every layer is full attention with no sliding window
+    shorter than PACKED_MAX_LEN, its config has no sub-configs (composite models), gradient
+    checkpointing is off (its recomputation would run after the pass restored the attention
+    implementation), its forward takes ``**kwargs`` (the layout travels in them), and no earlier
+    pass found that it does not route every layer through the registry."""
     cfg = getattr(dec, "config", None)
-    return (_BLOCKS_REGISTERED and cfg is not None
-            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
-            and not getattr(dec, "_agro_no_block_attention", False)
+    if not _BLOCKS_REGISTERED or cfg is None or getattr(dec, "_agro_no_block_attention", False):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    return (getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and hasattr(cfg, "_attn_implementation_internal")
+            and not getattr(cfg, "sub_configs", None)
+            and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+            and not (window and getattr(cfg, "use_sliding_window", True)
+                     and int(window) < PACKED_MAX_LEN)
+            and not getattr(dec, "gradient_checkpointing", False)
             and _passes_keywords_on(type(dec)))
 
 
@@ -709,31 +779,40 @@ def _passes_keywords_on(cls: type) -> bool:
 
 @contextlib.contextmanager
 def _attention_implementation(dec, name: str):
-    """Set ``dec``'s attention implementation to ``name`` for the duration, then restore it.
-    With a name transformers has no mask function for, the decoder builds no mask."""
+    """Set ``dec``'s attention implementation to ``name`` for the duration, then restore it
+    (the config's own field, not its setter, which would also rewrite sub-configs). With a name
+    transformers has no mask function for, the decoder builds no mask. The config is the
+    model's: no other pass may run on the same model meanwhile (agro scores in one thread;
+    async actors hold their own copies)."""
     cfg = dec.config
-    old = cfg._attn_implementation
-    cfg._attn_implementation = name
+    old = cfg._attn_implementation_internal
+    cfg._attn_implementation_internal = name
     try:
         yield
     finally:
-        cfg._attn_implementation = old
+        cfg._attn_implementation_internal = old
 
 
 def _block_attention_ran_everywhere(dec, layout: BlockLayout) -> bool:
     """True if every decoder layer's attention ran :func:`packed_block_attention` in the pass
     just made. A model whose attention ignores the registry ran plain causal attention over the
-    packed sequence, which is wrong: it is marked, warned about once, and its passes take the
-    dense mask from then on (the caller recomputes this one)."""
+    packed sequence, which is wrong: the caller recomputes this pass with the dense mask, and
+    the model's later passes take it directly (:func:`_no_block_attention`)."""
     want = int(getattr(dec.config, "num_hidden_layers", 0) or 0)
     if want and len(layout.seen) == want:
         return True
-    import warnings
-    warnings.warn(f"{type(dec).__name__}: {len(layout.seen)} of {want} attention layers ran "
-                  f"agro's block attention; packed passes of this model use the dense block "
-                  f"mask instead", RuntimeWarning, stacklevel=3)
-    dec._agro_no_block_attention = True
+    _no_block_attention(dec, f"{len(layout.seen)} of {want} attention layers ran agro's block "
+                             f"attention")
     return False
+
+
+def _no_block_attention(dec, why: str) -> None:
+    """Mark ``dec`` so its packed passes take the dense block mask from now on, and warn once."""
+    import warnings
+
+    dec._agro_no_block_attention = True
+    warnings.warn(f"{type(dec).__name__}: {why}; packed passes of this model use the dense "
+                  f"block mask instead", RuntimeWarning, stacklevel=4)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,9 @@ class FlopModel:
                     :func:`agro.logprobs._decoder_parts`); otherwise the padded two-pass one.
     block_attention: its packed passes from ``PACKED_BLOCK_MIN_LEN`` on compute attention by
                     blocks (:func:`agro.logprobs.packed_block_attention`), whose query-key pairs
-                    are :func:`agro.logprobs.block_dims`'s, not the dense mask's L^2.
+                    are :func:`agro.logprobs.block_dims`'s, not the dense mask's L^2 (as the
+                    model was when this was made: a later fallback to the dense mask, which
+                    warns, is not seen here).
     """
 
     decoder_params: int
@@ -109,17 +111,28 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
     if lengths is not None and (int(lengths[0].min()) < 1
                                 or int(packed_group_len(*lengths, n).max()) > PACKED_MAX_LEN):
         lengths = None
-    pairs = None
     if lengths is not None:
-        L = packed_width(int(packed_group_len(*lengths, n).max()), P + n * (T - 1))
-        head = B * T if head_all else packed_width(int(lengths[1].sum()), B * T)
-        if fm.block_attention and L >= lp.PACKED_BLOCK_MIN_LEN:
-            Pp, Tm = lp.block_dims(lengths[0], (lengths[1] - 1).clamp(min=0), L)
-            pairs = G * Pp * Pp + B * Tm * (Pp + Tm)
+        plen, clen = lengths
+        glen = packed_group_len(plen, clen, n)                           # [G]
+        blocks = (glen >= lp.PACKED_BLOCK_MIN_LEN) & fm.block_attention  # each group's own path
+        tokens = pairs = 0
+        for use in (False, True):                                        # one pass per path
+            gsel = (blocks == use).nonzero().squeeze(-1)
+            if not len(gsel):
+                continue
+            rsel = (gsel[:, None] * n + torch.arange(n)).reshape(-1)
+            L = packed_width(int(glen[gsel].max()), P + n * (T - 1))
+            tokens += len(gsel) * L
+            if use:
+                Pp, Tm = lp.block_dims(plen[gsel], (clen[rsel] - 1).clamp(min=0), L)
+                pairs += len(gsel) * Pp * Pp + len(rsel) * Tm * (Pp + Tm)
+            else:
+                pairs += len(gsel) * L * L
+        head = B * T if head_all else packed_width(int(clen.sum()), B * T)
     else:
         L, head = P + n * max(0, T - 1), B * T
-    fwd = fm.forward(tokens=G * L, head_tokens=head,
-                     attn_pairs=G * L * L if pairs is None else pairs)
+        tokens, pairs = G * L, G * L * L
+    fwd = fm.forward(tokens=tokens, head_tokens=head, attn_pairs=pairs)
     if not backward:
         return fwd
     return fwd * (2.0 if fm.frozen_base else 3.0)
