@@ -8,8 +8,8 @@ PACKED_BLOCK_MIN_LEN forced to 0 (``block``: every packed pass by blocks) and to
 
 Builds the default job's trainer with the given ``key=value`` overrides (as bench/lean_ab.py;
 ``agro train`` preloads jemalloc, so measure with it), samples one step's groups, prints the
-packed length L of each learner micro-batch (the code as it is takes blocks where
-L >= PACKED_BLOCK_MIN_LEN), then in ``--reps`` rounds (arm order alternating) times
+packed length L of each learner micro-batch (the code as it is takes blocks for each group
+whose own packed length is at least PACKED_BLOCK_MIN_LEN), then in ``--reps`` rounds (arm order alternating) times
 ``Trainer.learn`` and the reference pass on those same groups in each arm, and reports how far
 apart the two arms' reference log-probs are. The optimizer steps change the weights between
 rounds; the groups are fixed. Medians over the rounds; run it alone on the machine.

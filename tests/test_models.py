@@ -1060,6 +1060,17 @@ def test_a_groups_attention_path_is_its_own_whatever_shares_its_micro_batch(llam
     assert sorted(paths) == sorted((1, bool(x >= cut)) for x in glen)
     for k, p in llama.named_parameters():
         assert (p.grad - g_mixed[k]).abs().max() <= 1e-5 * g_mixed[k].abs().max(), k
+    with torch.no_grad():                               # every position: the [B, T] layout
+        paths.clear()
+        logits = logprobs._packed_group_logits(llama, batch.input_ids, batch.attention_mask, T,
+                                               P, n)
+        assert paths == [(2, False), (2, True)]
+        mask = batch.completion_mask > 0
+        for g in range(len(glen)):
+            r = slice(g * n, (g + 1) * n)
+            alone = logprobs._packed_group_logits(llama, batch.input_ids[r],
+                                                  batch.attention_mask[r], T, P, n)
+            assert torch.allclose(alone[mask[r]], logits[r][mask[r]], atol=1e-4)
 
 
 def test_a_layer_that_drops_keyword_arguments_falls_back_to_the_dense_mask(tiny_model_dir, tok,
@@ -1097,8 +1108,34 @@ def test_only_sdpa_models_without_windows_take_block_attention(llama):
         assert not logprobs._block_attention_usable(dec), attr
         setattr(cfg, attr, old)
     assert logprobs._block_attention_usable(dec)
+    cfg._attn_implementation_internal = "flash_attention_2"
+    assert not logprobs._block_attention_usable(dec)
+    cfg._attn_implementation_internal = "sdpa"
+    with pytest.MonkeyPatch.context() as mp:            # a composite config
+        mp.setattr(type(cfg), "sub_configs", property(lambda self: {"text_config": None}))
+        assert not logprobs._block_attention_usable(dec)
+    cfg.sliding_window = 4096                            # Mistral-7B-v0.1: never shorter than L
+    assert logprobs._block_attention_usable(dec)
+    cfg.sliding_window, cfg.use_sliding_window = 256, False  # Qwen2's default: window off
+    assert logprobs._block_attention_usable(dec)
+    cfg.sliding_window, cfg.use_sliding_window = None, True
+    assert logprobs._block_attention_usable(dec)
     dec.gradient_checkpointing = True
     assert not logprobs._block_attention_usable(dec)
+
+
+def test_a_short_sliding_window_takes_the_two_pass_path(llama, tok):
+    """No packed layout applies a sliding window: a model whose window is shorter than
+    PACKED_MAX_LEN is scored by the two-pass path (transformers' own masks), one whose window
+    is PACKED_MAX_LEN or longer stays packed."""
+    batch = make_batch(tok.pad_token_id)
+    args = (llama, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
+            batch.prompt_len, batch.group_size)
+    assert logprobs._packed_lengths_if_usable(*args) is not None
+    llama.config.sliding_window = 256
+    assert logprobs._packed_lengths_if_usable(*args) is None
+    llama.config.sliding_window = logprobs.PACKED_MAX_LEN
+    assert logprobs._packed_lengths_if_usable(*args) is not None
 
 
 def test_the_block_comparison_fails_on_a_layout_with_one_key_too_many(llama, tok, monkeypatch):
@@ -1176,8 +1213,28 @@ def test_a_model_whose_attention_ignores_the_registry_falls_back_to_the_dense_ma
 
 def test_block_attention_needs_its_layout():
     q = torch.zeros(1, 2, 4, 8)
-    with pytest.raises(RuntimeError, match="without agro_block_layout"):
+    with pytest.raises(logprobs.BlocksUnsupported, match="without agro_block_layout"):
         logprobs.packed_block_attention(None, q, q, q, None)
+
+
+@pytest.mark.parametrize("kwargs,mask", [
+    ({"s_aux": torch.zeros(4)}, None), ({"sinks": torch.zeros(4)}, None),
+    ({"softcap": 30.0}, None), ({"position_bias": torch.zeros(1)}, None),
+    ({"sliding_window": 8}, None), ({}, torch.zeros(2, 1, 16, 16))])
+def test_block_attention_refuses_what_it_does_not_apply(kwargs, mask):
+    """Sinks, soft-capping, a position bias, a window shorter than the pass or a mask: refused
+    inside the pass (which then takes the dense mask), never silently dropped."""
+    import types
+
+    lay = logprobs.BlockLayout.build(torch.tensor([3, 2]), torch.tensor([2, 1, 3, 0]),
+                                     torch.tensor([3, 5, 2, 5]), 2, 16, "cpu")
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    q, kv = torch.zeros(2, 4, 16, 8), torch.zeros(2, 2, 16, 8)
+    with pytest.raises(logprobs.BlocksUnsupported, match="does not apply"):
+        logprobs.packed_block_attention(module, q, kv, kv, mask, agro_block_layout=lay, **kwargs)
+    out, _ = logprobs.packed_block_attention(module, q, kv, kv, None, agro_block_layout=lay,
+                                             sliding_window=16, softcap=None)   # allowed
+    assert out.shape == (2, 16, 4, 8)
 
 
 def test_block_attention_stays_on_the_inputs_device():

@@ -472,7 +472,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     ``[prompt | c_1[:l_1-1] | ... | c_n[:l_n-1]]`` with only real tokens: the prompt's ``p_g``
     tokens without its left padding and each completion's ``l_i`` tokens but its last (which is
     predicted, never an input), so its length is ``L_g = p_g + sum_i (l_i - 1)``; the groups of a
-    micro-batch are right-padded to the longest ``L_g``. Under the block attention mask prompt
+    pass are right-padded to its longest ``L_g``. Under the block attention mask prompt
     tokens attend causally to the prompt, completion i's tokens to the whole prompt and causally
     to completion i only, and no real query attends to padding (a pad query sees itself, so no
     row is empty). Positions: ``0 .. p_g-1`` in the prompt, ``p_g + t`` at token t of every
@@ -682,8 +682,8 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
     blocks (so grouped heads, the SDPA kernel in force and ``scaling`` are handled as in every
     other SDPA pass); anything else a model asks of attention raises :class:`BlocksUnsupported`:
 
-        prompt block      softmax(q_p k_p^T / sqrt(d) + causal) v_p        [G, Hq, Pp, d]
-        completion blocks softmax(q_c [k_p; k_c]^T / sqrt(d) + mask) [v_p; v_c]  [B, Hq, Tm, d]
+        prompt block      softmax(q_p k_p^T / sqrt(d) + causal) v_p        [G, Pp, Hq, dv]
+        completion blocks softmax(q_c [k_p; k_c]^T / sqrt(d) + mask) [v_p; v_c]  [B, Tm, Hq, dv]
 
     Every real query attends to exactly the keys the dense block mask of
     :func:`_dense_packed_hidden` allows, so the outputs are the same up to float rounding;
@@ -697,7 +697,8 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
                                 "agro_block_layout (a layer that does not hand its keyword "
                                 "arguments down?): only agro.logprobs' packed pass may set it")
     G, Hq, L, _ = query.shape
-    extra = [k for k in ("s_aux", "softcap", "position_bias") if kwargs.get(k) is not None]
+    extra = [k for k in ("s_aux", "sinks", "softcap", "position_bias")
+             if kwargs.get(k) is not None]
     window = kwargs.get("sliding_window")
     if window is not None and int(window) < L:
         extra.append(f"sliding_window={window}")
@@ -728,7 +729,8 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
 class BlocksUnsupported(RuntimeError):
     """Raised inside a pass by :func:`packed_block_attention` when the model asks for what it
     does not apply (attention sinks, logit soft-capping, a position bias, a sliding window
-    shorter than the pass, a mask) or calls it without the layout; the pass catches it and
+    shorter than the pass, a mask: a deny-list of what transformers 5.23's models pass) or calls
+    it without the layout; the pass catches it and
     takes the dense mask (:func:`_no_block_attention`)."""
 
 
@@ -755,15 +757,23 @@ def _block_attention_usable(dec) -> bool:
     cfg = getattr(dec, "config", None)
     if not _BLOCKS_REGISTERED or cfg is None or getattr(dec, "_agro_no_block_attention", False):
         return False
-    window = getattr(cfg, "sliding_window", None)
     return (getattr(cfg, "_attn_implementation", None) == "sdpa"
             and hasattr(cfg, "_attn_implementation_internal")
             and not getattr(cfg, "sub_configs", None)
             and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
-            and not (window and getattr(cfg, "use_sliding_window", True)
-                     and int(window) < PACKED_MAX_LEN)
+            and not _short_sliding_window(cfg)
             and not getattr(dec, "gradient_checkpointing", False)
             and _passes_keywords_on(type(dec)))
+
+
+def _short_sliding_window(cfg) -> bool:
+    """Whether ``cfg`` turns on a sliding attention window shorter than PACKED_MAX_LEN (e.g.
+    Phi-3-mini's 2047, Qwen2 with ``use_sliding_window``; Mistral-7B-v0.1's 4096 is not): no
+    packed layout applies one, so such models take the two-pass path, whose masks are
+    transformers' own."""
+    window = getattr(cfg, "sliding_window", None)
+    return bool(window) and bool(getattr(cfg, "use_sliding_window", True)) \
+        and int(window) < PACKED_MAX_LEN
 
 
 @functools.lru_cache(maxsize=None)
@@ -845,7 +855,8 @@ def _packed_lengths_if_usable(model, input_ids, attention_mask, T: int, P: int, 
         return None
     if not prompts_shared_within_groups(input_ids, attention_mask, P, n):
         return None
-    if _decoder_parts(model) is None:
+    parts = _decoder_parts(model)
+    if parts is None or _short_sliding_window(getattr(parts[0], "config", None)):
         return None
     lengths = packed_group_lengths(attention_mask, P, T, n)
     if lengths is None or int(lengths[0].min()) < 1 \

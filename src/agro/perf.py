@@ -40,7 +40,8 @@ class FlopModel:
                     but no weight gradients for the base, so it costs ~1x the forward, not 2x.
     weight_bytes:   bytes of all parameters as stored (what a decode step reads).
     packable:       the model takes the padding-free packed pass (a plain LM head:
-                    :func:`agro.logprobs._decoder_parts`); otherwise the padded two-pass one.
+                    :func:`agro.logprobs._decoder_parts`, no short sliding window); otherwise the
+                    padded two-pass one.
     block_attention: its packed passes from ``PACKED_BLOCK_MIN_LEN`` on compute attention by
                     blocks (:func:`agro.logprobs.packed_block_attention`), whose query-key pairs
                     are :func:`agro.logprobs.block_dims`'s, not the dense mask's L^2 (as the
@@ -75,11 +76,11 @@ class FlopModel:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = 0 < trainable < 0.5 * sum(p.numel() for p in model.parameters())
-        from .logprobs import _block_attention_usable, _decoder_parts
+        from .logprobs import _block_attention_usable, _decoder_parts, _short_sliding_window
 
         parts = _decoder_parts(model)
         return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen,
-                   packable=parts is not None,
+                   packable=parts is not None and not _short_sliding_window(parts[0].config),
                    block_attention=parts is not None and _block_attention_usable(parts[0]))
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
