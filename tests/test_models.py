@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agro import builders, logprobs, models
+from agro import builders, logprobs, models, perf
 from agro.logprobs import Reference, chosen_logprobs, completion_logprobs, token_kl
 from agro.models import (
     apply_lora, autocast_ctx, load_model, load_tokenizer, param_count, save_for_transformers,
@@ -1038,6 +1038,9 @@ def test_a_groups_attention_path_is_its_own_whatever_shares_its_micro_batch(llam
     glen = logprobs.packed_group_len(*logprobs.packed_group_lengths(batch.attention_mask, P, T, n),
                                      n)
     cut = int(glen.sort().values[2])                    # two groups below, two at or above
+    # blocks, dense, blocks, dense: the passes' rows [1, 3, 0, 2] are not their own inverse, so
+    # a reordering by the permutation instead of its inverse would show
+    assert (glen >= cut).tolist() == [True, False, True, False]
     monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", cut)
     paths, real = [], logprobs._packed_path_hidden
     monkeypatch.setattr(logprobs, "_packed_path_hidden",
@@ -1134,8 +1137,54 @@ def test_a_short_sliding_window_takes_the_two_pass_path(llama, tok):
     assert logprobs._packed_lengths_if_usable(*args) is not None
     llama.config.sliding_window = 256
     assert logprobs._packed_lengths_if_usable(*args) is None
+    assert not perf.FlopModel.of(llama).packable
     llama.config.sliding_window = logprobs.PACKED_MAX_LEN
     assert logprobs._packed_lengths_if_usable(*args) is not None
+    assert perf.FlopModel.of(llama).packable
+
+
+def test_which_window_settings_count_as_short():
+    """sliding_window (Qwen2's only with use_sliding_window), GPT-Neo's window_size, a composite
+    config's text config (Gemma3 for conditional generation); 0, -1 and None are no window; a
+    setting that is not an int is taken as short."""
+    import types
+
+    short = logprobs._short_sliding_window
+    ns = types.SimpleNamespace
+    assert not short(None) and not short(ns()) and not short(ns(sliding_window=None))
+    assert short(ns(sliding_window=2047)) and not short(ns(sliding_window=4096))
+    assert not short(ns(sliding_window=256, use_sliding_window=False))
+    assert not short(ns(sliding_window=-1)) and not short(ns(sliding_window=0))
+    assert short(ns(window_size=256)) and short(ns(sliding_window=[512, None]))
+    text = ns(sliding_window=1024)
+    assert short(ns(get_text_config=lambda decoder=False: text))
+    text.sliding_window = None
+    assert not short(ns(get_text_config=lambda decoder=False: text))
+
+
+def test_a_windowed_model_scores_groups_as_the_per_row_pass_does(tok):
+    """A tiny Mistral whose 4-token sliding window is shorter than its groups: the grouped pass
+    (the two-pass path) gives the per-row forward's log-probs, window applied; the packed
+    layout, which applies no window, would not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        sliding_window=4, max_position_embeddings=256)
+    torch.manual_seed(11)
+    model = MistralForCausalLM(cfg).eval()
+    batch = make_batch(tok.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
+    mask = batch.completion_mask > 0
+    naive = naive_logprobs(model, batch)
+    with torch.no_grad():
+        lp = completion_logprobs(model, *args, group_size=batch.group_size)
+        assert torch.allclose(lp[mask], naive[mask], atol=1e-5)
+        packed = logprobs._packed_group_logits(model, batch.input_ids, batch.attention_mask,
+                                               batch.completion_ids.shape[1], batch.prompt_len,
+                                               batch.group_size)
+    wrong = logprobs.chosen_logprobs(packed, batch.completion_ids)
+    assert (wrong - naive)[mask].abs().max() > 1e-3      # what the packed layout would give
 
 
 def test_the_block_comparison_fails_on_a_layout_with_one_key_too_many(llama, tok, monkeypatch):

@@ -52,11 +52,13 @@ from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load
 
 # --------------------------------------------------------------------------- log-prob kernel
 PACKED_MAX_LEN = 4096
-"""Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`); longer
-groups take the two-pass path (a prompt pass, then its KV cache repeated n times). Over the
-dense block mask the attention grows with the square of the length (n times the two-pass
-path's); by blocks (from PACKED_BLOCK_MIN_LEN on) it does not, but the limit stays, as
-(among others) Mistral's 4096-token sliding window, which neither packed layout applies."""
+"""Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`); a
+micro-batch with a longer group takes the two-pass path (a prompt pass, then its KV cache
+repeated n times). Over the dense block mask the attention grows with the square of the length
+(n times the two-pass path's); by blocks (from PACKED_BLOCK_MIN_LEN on) it does not. Models with
+a local window shorter than this take the two-pass path whatever the lengths
+(:func:`_short_sliding_window`); raising it would send Mistral-7B-v0.1 (window 4096) there
+too."""
 
 SHAPE_BUCKET = 16
 """The padding-free pass rounds its packed length L and its count of real completion tokens up
@@ -354,8 +356,8 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``group_size`` n > 1 with each group's n rows sharing their prompt (the
     :func:`agro.rollouts.collate` layout, checked): the prompt is run once per group, in one
     padding-free packed pass per group (:func:`_packed_group_hidden`) or, when T == 1, a
-    completion mask has holes, a group is longer than PACKED_MAX_LEN or the head is not a plain
-    linear map, by repeating its KV cache n times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
+    completion mask has holes, a group is longer than PACKED_MAX_LEN, the model has a short
+    sliding window or the head is not a plain linear map, by repeating its KV cache n times (:func:`_shared_prompt_logits`). Same numbers up to float rounding, gradients included;
     on the default job the prompt is more than half of every sequence, so this removes ~40 % of
     the tokens of every pass.
     """
@@ -390,10 +392,11 @@ def _decoder_parts(model):
     ``lm_head(decoder(...).last_hidden_state)``; None for heads that do more (logit soft-capping,
     logit scaling: Cohere's ``logit_scale``, Granite's ``logits_scaling``) or models without the standard accessors."""
     hf = hf_model(model)
-    cfg = hf.config
-    if getattr(cfg, "final_logit_softcapping", None) or any(
-            getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")):
-        return None
+    for cfg in {id(c): c for c in (hf.config, _text_config(hf.config))}.values():
+        if getattr(cfg, "final_logit_softcapping", None) or any(
+                getattr(cfg, k, None) not in (None, 1, 1.0)
+                for k in ("logit_scale", "logits_scaling")):
+            return None
     dec = getattr(hf, getattr(hf, "base_model_prefix", "") or "", None)
     try:
         emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
@@ -408,7 +411,8 @@ def _shared_prompt_logits(model, input_ids, attention_mask, T: int, P: int, prec
                           n: int) -> torch.Tensor:
     """:func:`completion_logits` with one prompt pass per group of ``n`` rows (used where the
     padding-free packed pass does not apply: one-token completions, completion masks with holes,
-    groups longer than PACKED_MAX_LEN, heads that are not a plain linear map).
+    groups longer than PACKED_MAX_LEN, short sliding windows, heads that are not a plain linear
+    map).
 
     Pass 1 runs the G = B/n distinct prompts [G, P] with a KV cache and keeps the last position's
     logits (they predict completion token 0). The cache is repeated n times along the batch
@@ -700,7 +704,7 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
     extra = [k for k in ("s_aux", "sinks", "softcap", "position_bias")
              if kwargs.get(k) is not None]
     window = kwargs.get("sliding_window")
-    if window is not None and int(window) < L:
+    if window is not None and not (isinstance(window, int) and window >= L):
         extra.append(f"sliding_window={window}")
     if extra or attention_mask is not None:
         raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
@@ -766,14 +770,36 @@ def _block_attention_usable(dec) -> bool:
             and _passes_keywords_on(type(dec)))
 
 
+def _text_config(cfg):
+    """The decoder's own config: a composite config's text config (where its window and
+    soft-capping live), else ``cfg``."""
+    get = getattr(cfg, "get_text_config", None)
+    try:
+        return get(decoder=True) if get is not None else cfg
+    except (TypeError, ValueError):
+        return cfg
+
+
+def _short_window(window) -> bool:
+    """A window setting that may cut attention within PACKED_MAX_LEN tokens: a positive int
+    below it, or anything else set that is not an int (unknown: assume it may)."""
+    if window is None or window is False or (isinstance(window, int) and window <= 0):
+        return False
+    return not isinstance(window, int) or window < PACKED_MAX_LEN
+
+
 def _short_sliding_window(cfg) -> bool:
-    """Whether ``cfg`` turns on a sliding attention window shorter than PACKED_MAX_LEN (e.g.
-    Phi-3-mini's 2047, Qwen2 with ``use_sliding_window``; Mistral-7B-v0.1's 4096 is not): no
-    packed layout applies one, so such models take the two-pass path, whose masks are
-    transformers' own."""
-    window = getattr(cfg, "sliding_window", None)
-    return bool(window) and bool(getattr(cfg, "use_sliding_window", True)) \
-        and int(window) < PACKED_MAX_LEN
+    """Whether ``cfg`` (or its text config) turns on a local attention window shorter than
+    PACKED_MAX_LEN: ``sliding_window`` (e.g. Phi-3-mini's 2047, Qwen2 with
+    ``use_sliding_window``, Gemma3's text config; Mistral-7B-v0.1's 4096 is not) or
+    ``window_size`` (GPT-Neo's local layers). No packed layout applies a window, so such models
+    take the two-pass path, whose masks are transformers' own."""
+    if cfg is None:
+        return False
+    cfgs = {id(c): c for c in (cfg, _text_config(cfg))}.values()
+    return any((_short_window(getattr(c, "sliding_window", None))
+                and bool(getattr(c, "use_sliding_window", True)))
+               or _short_window(getattr(c, "window_size", None)) for c in cfgs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -79,8 +79,9 @@ class FlopModel:
         from .logprobs import _block_attention_usable, _decoder_parts, _short_sliding_window
 
         parts = _decoder_parts(model)
+        windowed = parts is not None and _short_sliding_window(getattr(parts[0], "config", None))
         return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen,
-                   packable=parts is not None and not _short_sliding_window(parts[0].config),
+                   packable=parts is not None and not windowed,
                    block_attention=parts is not None and _block_attention_usable(parts[0]))
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
