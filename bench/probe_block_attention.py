@@ -44,13 +44,7 @@ def case(G, n, prange, crange, dtype, reps):
             blk[g, o:o + int(k[g * n + i])] = i
             off[g * n + i] = o
             o += int(k[g * n + i])
-    q_ = torch.arange(L)
-    causal = (q_[None] <= q_[:, None])[None]
-    bq, bk = blk[:, :, None], blk[:, None, :]
-    allowed = (((bk == -1) & ((bq >= 0) | causal)) | ((bq == bk) & (bk >= 0) & causal)
-               | torch.eye(L, dtype=torch.bool)[None])
-    dense_mask = torch.zeros(G, 1, L, L, dtype=dtype).masked_fill_(~allowed[:, None],
-                                                                   torch.finfo(dtype).min)
+    dense_mask = lp.dense_block_mask(blk, dtype)                         # what agro's dense pass uses
     layout = lp.BlockLayout.build(plen, k, off, n, L, "cpu")
     module = types.SimpleNamespace(num_key_value_groups=HQ // HKV, is_causal=True)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -582,19 +582,28 @@ def _dense_packed_hidden(dec, emb, ids, pos, blk, L: int, precision: str, dev) -
     """The decoder's last hidden state [G, L, H] of the packed groups under the dense block
     mask [G, 1, L, L] built from ``blk`` [G, L] (-2 pad, -1 prompt, i completion i)."""
     ids, pos, blk = ids.to(dev), pos.to(dev), blk.to(dev)
-    q = torch.arange(L, device=dev)
+    # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
+    dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
+    mask = dense_block_mask(blk, dtype)                                  # [G, 1, L, L]
+    with autocast_ctx(precision, dev), attention_backend(dev, precision):
+        return dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
+                   use_cache=False).last_hidden_state                    # [G, L, H]
+
+
+def dense_block_mask(blk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The packed groups' additive attention mask [G, 1, L, L] in ``dtype`` (0 where allowed,
+    its min elsewhere) from ``blk`` [G, L] (-2 pad, -1 prompt, i completion i): prompt tokens
+    attend causally to the prompt, completion i's tokens to the whole prompt and causally to
+    completion i; a pad query sees itself only, so no row is empty."""
+    G, L = blk.shape
+    q = torch.arange(L, device=blk.device)
     causal = (q[None, :] <= q[:, None])[None]                            # [1, Lq, Lk]
     bq, bk = blk[:, :, None], blk[:, None, :]                            # [G, L, 1], [G, 1, L]
     to_prompt = (bk == -1) & ((bq >= 0) | causal)
     same_blk = (bq == bk) & (bk >= 0) & causal
-    allowed = to_prompt | same_blk | torch.eye(L, dtype=torch.bool, device=dev)[None]  # [G, L, L]
-    # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
-    dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
-    mask = torch.zeros(blk.shape[0], 1, L, L, dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)         # [G, 1, L, L]
-    with autocast_ctx(precision, dev), attention_backend(dev, precision):
-        return dec(inputs_embeds=emb(ids), attention_mask=mask, position_ids=pos,
-                   use_cache=False).last_hidden_state                    # [G, L, H]
+    allowed = to_prompt | same_blk | torch.eye(L, dtype=torch.bool, device=blk.device)[None]
+    mask = torch.zeros(G, 1, L, L, dtype=dtype, device=blk.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
 # ------------------------------------------------------------ packed attention by blocks
