@@ -1,6 +1,6 @@
 """How far agro's own sampler's log-probs are from the learner's, per precision.
 
-    .venv/bin/python bench/sampler_mismatch.py --precision bf16 fp32 --prompts 16 --n 4
+    .venv/bin/python bench/sampler_mismatch.py --precision bf16 fp32 --prompts 16 --n 4 [--before-dec04-cache]
 
 Builds the default job's trainer at each precision and measures, with the same function the
 run's check uses (``agro.sampler_check.measure_mismatch``), ``log pi_sampler(y) - log
@@ -31,8 +31,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--before-dec04-cache", action="store_true",
+                    help="decode on an fp32 cache over all its columns, as agro.fast_decode did "
+                         "before 2026-12-04 (BF16_CACHE off, no slice)")
     a = ap.parse_args()
-    out = {"cpu": cpu_description(), "torch": torch.__version__, "runs": []}
+    if a.before_dec04_cache:
+        import agro.fast_decode as fd
+        fd.BF16_CACHE, fd.SLICE_COLUMNS = False, 10 ** 9
+    out = {"cpu": cpu_description(), "torch": torch.__version__, "runs": [],
+           "before_dec04_cache": a.before_dec04_cache}
     print(f"CPU: {out['cpu']}; torch {torch.__version__}")
     for prec in a.precision:
         cfg = load_config(TrainConfig, None, [

@@ -95,9 +95,10 @@ def test_static_decode_equals_the_full_forward_fp32(model, lazy):
 
 
 def test_static_decode_in_bf16_is_close_to_the_fp32_model(model):
-    """The bf16 copy decoded on the static (fp32) cache: its logits are within bf16 rounding of
-    the fp32 model's full forward, relative to their spread (measured 0.005-0.006 on both tiny
-    models; the prompts' padding left unmasked gives 0.09-0.54). The tiny random models attend
+    """The bf16 copy decoded on the static (bf16) cache: its logits are within bf16 rounding of
+    the fp32 model's full forward, relative to their spread (measured 0.0053-0.0063 on both tiny
+    models; 0.005-0.006 on the fp32 cache before 2026-12-04; the prompts' padding left unmasked
+    gives 0.09-0.54). The tiny random models attend
     almost uniformly, so rotary errors are the fp32 test's job."""
     _, ref = decode_both(model, n=2, steps=5)
     got, _ = decode_both(bf16_copy(model), n=2, steps=5)
@@ -136,7 +137,7 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
     tokens and records the same behaviour log-probs up to float rounding. In bf16 (the two
     attentions round differently, so draws may part) every recorded log-prob after the first
     token (which comes from the shared prefill) is within bf16 rounding of the fp32 model's
-    score of the same sample (mean 0.0007 measured here; the prompts' padding left unmasked gives
+    score of the same sample (mean 0.00075 measured here, on the bf16 cache; the prompts' padding left unmasked gives
     0.019; rotary errors are the fp32 tests' job: this tiny model attends almost uniformly)."""
     model = load_model(tiny_model_dir)
     stops = list(range(1000, 3000))           # rows finish at many lengths: rows leave the batch
@@ -213,3 +214,62 @@ def test_scoring_passes_pick_the_attention_kernel_by_precision_on_cpu():
     for p in ("fp32", "bf16"):
         with attention_backend("meta", p):
             assert torch.backends.cuda.flash_sdp_enabled() == before
+
+
+def static_logits(model, n: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """The static decoder's logits for ``steps`` random tokens after PROMPTS x n (no full forward)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, am = left_pad(PROMPTS, 0)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                      use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        am_r = am.repeat_interleave(n, 0)
+        dec = fast_decode.StaticDecoder.from_prefill(model, cache, am_r, steps)
+        pos = am_r.sum(-1)
+        out = []
+        for t in range(steps):
+            out.append(dec.step(torch.randint(100, 5000, (am_r.shape[0],), generator=g), pos + t).float())
+    return out
+
+
+def test_long_static_decode_equals_the_full_forward_fp32(model):
+    """Past SLICE_COLUMNS columns a step reads a slice of the cache (its written columns rounded
+    up): 80 steps after 7-column prompts cross two slice sizes and the cache's end."""
+    assert fast_decode.SLICE_COLUMNS < 7 + 80 < 2 * fast_decode.SLICE_COLUMNS
+    got, ref = decode_both(model, n=1, steps=80)
+    for t, (a, b) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reading_a_slice_of_the_cache_changes_no_logit(model, bf16, monkeypatch):
+    """The slice's extra columns are masked: its logits equal those of attention over every
+    column of the cache, bit for bit on a bf16 cache, and in fp32 up to the matmul's blocking
+    (measured at most 2.4e-7 on logits of size ~0.5)."""
+    m = bf16_copy(model) if bf16 else model
+    sliced = static_logits(m, n=2, steps=90)
+    monkeypatch.setattr(fast_decode, "SLICE_COLUMNS", 10 ** 6)
+    every = static_logits(m, n=2, steps=90)
+    for t, (a, b) in enumerate(zip(sliced, every)):
+        if bf16:
+            assert torch.equal(a, b), (t, float((a - b).abs().max()))
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=f"step {t}")
+
+
+def test_the_cache_is_kept_in_the_dtype_of_its_keys(model, monkeypatch):
+    """fp32 weights: fp32 cache; bf16 weights: bf16 cache (their keys and values are bf16 values,
+    so nothing is lost), and the mask stays fp32; BF16_CACHE=False gives the old fp32 cache."""
+    ids, am = left_pad(PROMPTS, 0)
+
+    def build(m):
+        with torch.no_grad():
+            cache = m(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
+        return fast_decode.StaticDecoder.from_prefill(m, cache, am, 3)
+
+    assert build(model).k.dtype == build(model).v.dtype == torch.float32
+    dec = build(bf16_copy(model))
+    assert dec.k.dtype == dec.v.dtype == torch.bfloat16 and dec.mask.dtype == torch.float32
+    monkeypatch.setattr(fast_decode, "BF16_CACHE", False)
+    assert build(bf16_copy(model)).k.dtype == torch.float32

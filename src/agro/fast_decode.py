@@ -12,10 +12,15 @@ What this does instead, per step:
 * keys and values go into a cache allocated once per sampling call (values ``[layers, rows,
   kv_heads, prompt + max_new_tokens, head_dim]``, keys stored transposed ``[..., head_dim,
   prompt + max_new_tokens]``); a step writes one column, with no concatenation;
-* attention is two batched fp32 matmuls over all the cache's columns with the key/value heads'
+* attention is two batched matmuls over the cache's written columns (rounded up to a multiple of
+  :data:`SLICE_COLUMNS`, so a step reads no more than 63 unwritten ones) with the key/value heads'
   query groups stacked (no ``repeat_kv`` copy) and an additive mask (the prompts' left padding
-  and the columns not written yet), then a softmax, all in fp32 (transformers' eager attention
-  takes only the softmax in fp32); the cache is fp32 too;
+  and the columns not written yet), the scores scaled and soft-maxed in fp32;
+* the cache holds the keys and values in the dtype they are computed in: bf16 for bf16 weights
+  (storing them in fp32 added no precision, and long completions' steps were bound by reading
+  it), fp32 otherwise. With a bf16 cache the two matmuls run in bf16 as transformers' eager
+  attention runs them (scores rounded to bf16 once, then scaled and soft-maxed in fp32; the
+  weights rounded to bf16 for the values' matmul); with fp32 weights all of it is fp32;
 * everything else calls the model's own modules (RMSNorm, rotary embedding, projections, MLP,
   final norm, LM head), so the numbers are the model's up to the attention's float rounding
   (``tests/test_fast_decode.py`` holds the logits against ``model(...)`` in fp32 and bf16).
@@ -23,8 +28,9 @@ What this does instead, per step:
 Only plain decoder-only models of the Llama family are taken (:func:`supports`); anything else
 (LoRA-wrapped, sliding-window, QK-norm, other layouts) keeps the transformers path, and so do
 GPUs (:func:`applies`; never measured there). The prompt's prefill is transformers' own forward;
-its cache is copied into the static one. Memory: the cache is fp32 and sized for the prompt plus
-``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 106 MB, keys and values). Finished
+its cache is copied into the static one. Memory: the cache is sized for the prompt plus
+``max_new_tokens`` (for SmolLM2-135M, 32 rows x 72 columns: 106 MB in fp32, 53 MB in bf16, keys
+and values). Finished
 rows stay in the cache and decode a dummy token (:meth:`StaticDecoder.step_rows`) until the
 sampler drops them (:meth:`StaticDecoder.select` copies the kept rows; ``CachedGenerator`` does
 it once a quarter of the rows are done). Models split over devices (``device_map``) are not supported: agro never loads one.
@@ -39,6 +45,17 @@ from .models import hf_model
 # model_type -> the module layout below (decoder layers with input_layernorm, self_attn.{q,k,v,o}_proj,
 # post_attention_layernorm, mlp; model.norm; lm_head; model.rotary_emb(x, position_ids) -> cos, sin).
 _SUPPORTED = ("llama", "qwen2")
+
+# A step's attention reads the first ``filled`` columns rounded up to a multiple of this (never
+# past the cache's end; the columns read but not written are masked). Measured on Zen 4
+# (bench/probe_cache_attention.py, one step's 30 layers at 32 rows, docs/bench/decode/): 256 of
+# 400 columns took 0.80x (fp32) and 0.84x (bf16) the time of all 400, 448 of 800 0.62x and 0.66x.
+# The rounding keeps short completions (the default job's ~100 columns) on the whole cache, as
+# before, and the matmuls' shapes few.
+SLICE_COLUMNS = 64
+# bf16 weights keep a bf16 cache (False: fp32 cache and attention whatever the weights; the code
+# before 2026-12-04, kept for bench/decode_cache_ab.py).
+BF16_CACHE = True
 
 
 def supports(model) -> bool:
@@ -102,7 +119,9 @@ class StaticDecoder:
         self.P = int(P)
         cap = self.P + int(max_new)
         dev = keys[0].device
-        dt = torch.float32    # the cache and the attention in fp32, whatever the weights' dtype
+        # the cache in the dtype its keys and values are computed in (bf16 weights: bf16), else fp32
+        dt = torch.bfloat16 if BF16_CACHE and keys[0].dtype == torch.bfloat16 else torch.float32
+        self.dtype = dt
         L = len(self.layers)
         # keys transposed [L, B, kvh, hd, cap] and values [L, B, kvh, cap, hd]: both matmuls of
         # the attention then read contiguous operands (a transposed view is copied by bmm).
@@ -116,7 +135,7 @@ class StaticDecoder:
         # negative number for the prompts' left padding and for the columns not written yet.
         # Attention runs over all `cap` columns: slicing the filled ones out of the cache makes a
         # strided view that every matmul would copy (measured slower than the masked columns).
-        mask = torch.full((B, 1, 1, cap), torch.finfo(dt).min, dtype=dt, device=dev)
+        mask = torch.full((B, 1, 1, cap), torch.finfo(torch.float32).min, device=dev)   # fp32
         mask[:, 0, 0, :P].masked_fill_(prompt_mask.to(dev) != 0, 0)
         self.mask = mask
         self.filled = self.P          # columns holding keys/values
@@ -163,7 +182,9 @@ class StaticDecoder:
         cos, sin = inner.rotary_emb(h, pos[:, None])                     # [b, 1, hd] each
         kvh, hd = self.kv_heads, self.head_dim
         self.mask[:, :, :, c] = 0
-        mask = self.mask                                                 # [b, 1, 1, cap]
+        n = min(self.v.shape[3], -(-(c + 1) // SLICE_COLUMNS) * SLICE_COLUMNS)   # columns read
+        mask = self.mask[..., :n]                                        # [b, 1, 1, n] fp32
+        dt = self.dtype
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             x = layer.input_layernorm(h)                                 # [b, 1, H]
@@ -174,10 +195,10 @@ class StaticDecoder:
             k = k * cos + _rotate_half(k) * sin
             self.k[i, :, :, :, c] = k
             self.v[i, :, :, c] = v
-            qg = q.view(b, kvh, -1, hd).float()                          # [b, kvh, g, hd] fp32
-            w = torch.matmul(qg, self.k[i]) * self.scaling               # [b, kvh, g, cap]
-            w = torch.softmax(w + mask, dim=-1)
-            a = torch.matmul(w, self.v[i]).reshape(b, 1, -1)             # [b, 1, nh*hd] fp32
+            qg = q.view(b, kvh, -1, hd).to(dt)                           # [b, kvh, g, hd]
+            w = torch.matmul(qg, self.k[i][..., :n]).float() * self.scaling   # [b, kvh, g, n] fp32
+            w = torch.softmax(w + mask, dim=-1).to(dt)
+            a = torch.matmul(w, self.v[i][:, :, :n]).reshape(b, 1, -1)    # [b, 1, nh*hd]
             h = h + att.o_proj(a.to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         self.filled = c + 1

@@ -340,8 +340,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # fused head in bf16 only, fp32 writing the logits' gradient in place; 7 = bf16 scoring passes on
 # SDPA's flash kernel (fp32 keeps math); 8 = agro.lean's SwiGLU backward on autograd's own kernels
 # in the input's dtype (bf16 learner ~0.8x); 9 = on a CPU the bf16 LM head unfused, its logits'
-# gradient written in place.
-CACHE_PREFIX = "precision/9:"
+# gradient written in place; 10 = the static decode cache in bf16 for bf16 weights, attention over
+# the written columns only.
+CACHE_PREFIX = "precision/10:"
 
 
 def cached_precision_choice(model) -> str | None:
