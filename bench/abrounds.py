@@ -13,6 +13,19 @@ def order(r: int, a, b) -> tuple:
     return (a, b) if r % 2 == 0 else (b, a)
 
 
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` after two warm-up calls."""
+    import time
+
+    fn(), fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 def medians(rows: dict[str, list]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rows.items()}
 

@@ -13,7 +13,9 @@ vocabulary 49152; random weights: a kernel's speed does not depend on the values
   ``torch.ops.mkl._mkl_linear`` on MKL-packed fp32 weights: what inductor's freezing pass
   uses), with the time to pack all of them once (a new weight version after each optimizer step
   needs it again) and whether the outputs are bit-identical;
-* ``step``: one :class:`agro.fast_decode.StaticDecoder` step at 32 rows and ~100 cache columns,
+* ``step``: one :class:`agro.fast_decode.StaticDecoder` step at 32 rows and ~100 cache columns
+  (the decoder as it is: a bf16 cache for bf16 weights since 2026-12-04; the recorded JSONs of
+  2026-12-02 timed the fp32 cache),
   split by the torch profiler into weight matmuls, the attention's matmuls over the cache and the
   rest;
 * ``--compile``: ``torch.compile(dynamic=True)`` on every decoder layer of the learner's
@@ -26,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from abrounds import timed  # bench/abrounds.py (bench/ is on sys.path)
 
 from agro.perf import machine_key
 
@@ -47,17 +49,6 @@ def model(dtype: torch.dtype):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(dtype)
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``reps`` calls after two warm-up calls."""
-    fn(), fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def gemms(dtype: torch.dtype, reps: int) -> dict:

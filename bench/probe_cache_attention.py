@@ -2,33 +2,24 @@
 side by side: 30 layers x 32 rows x 3 key-value heads x 3 query heads each x head_dim 64
 (SmolLM2-135M's shapes; random values), the code of :meth:`agro.fast_decode.StaticDecoder.step`'s
 attention with the cache in fp32 or bf16, over all the cache's columns or over the first
-``filled`` (the rest masked either way).
+``filled`` rounded up to a multiple of 64, as the decoder slices (the rest masked either way).
 
     .venv/bin/python bench/probe_cache_attention.py
 
 Prints milliseconds per step for each (columns, filled) pair and each arm (the median over 5
-rounds, the arms' order rotated each round, of each round's median of 3 calls after 2 warm-ups), and each arm's largest error against a float64 attention over the same bf16-valued
+rounds, the arms' order rotated each round, of each round's median of 3 calls after 2
+warm-ups), and each arm's largest error against a float64 attention over the same bf16-valued
 keys and values at one layer. Run it alone on the machine."""
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+from abrounds import timed  # bench/abrounds.py (bench/ is on sys.path)
 
 from agro.perf import machine_key
 
 B, KVH, G, HD, LAYERS = 32, 3, 3, 64, 30
-
-
-def timed(fn, reps: int = 3) -> float:
-    fn(), fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def attention(q, kt, v, mask, n: int, dt):
@@ -60,8 +51,8 @@ def main() -> None:
         for r in range(5):
             for a in names[r % 4:] + names[:r % 4]:
                 k_, v_, dt, n = arms[a]
-                rounds[a].append(timed(lambda: [attention(q, k_[i], v_[i], mask, n, dt)
-                                                for i in range(LAYERS)]))
+                rounds[a].append(1e3 * timed(lambda: [attention(q, k_[i], v_[i], mask, n, dt)
+                                                       for i in range(LAYERS)], 3))
         ms = {a: statistics.median(t) for a, t in rounds.items()}
         base = ms["fp32 all"]
         print(f"{cap} columns, {filled} written (slice {sliced}): " + "; ".join(

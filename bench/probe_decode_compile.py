@@ -4,10 +4,14 @@ on a SmolLM2-135M-shaped model with random weights, 32 rows.
 
     PYTHONPATH=src .venv/bin/python bench/probe_decode_compile.py bf16   # or fp32
 
-Run it alone on the machine; compiling takes minutes."""
+Run it alone on the machine; compiling takes minutes. Its functional core is the decoder of
+2026-12-02 (an fp32 cache over all columns), so the eager arm runs that too (BF16_CACHE off,
+no slice: the code of 2026-12-04 decodes bf16 weights on a bf16 cache, bench/decode_cache_ab.py)."""
 import torch, time, sys
 from transformers import LlamaConfig, LlamaForCausalLM
+import agro.fast_decode as fd
 from agro.fast_decode import StaticDecoder, _rotate_half
+fd.BF16_CACHE, fd.SLICE_COLUMNS = False, 10 ** 9
 torch.manual_seed(0)
 dt = torch.bfloat16 if sys.argv[1]=="bf16" else torch.float32
 cfg=LlamaConfig(hidden_size=576,intermediate_size=1536,num_hidden_layers=30,num_attention_heads=9,num_key_value_heads=3,vocab_size=49152,tie_word_embeddings=True,rms_norm_eps=1e-5,max_position_embeddings=8192, rope_theta=100000)

@@ -137,8 +137,8 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
     tokens and records the same behaviour log-probs up to float rounding. In bf16 (the two
     attentions round differently, so draws may part) every recorded log-prob after the first
     token (which comes from the shared prefill) is within bf16 rounding of the fp32 model's
-    score of the same sample (mean 0.00075 measured here, on the bf16 cache; the prompts' padding left unmasked gives
-    0.019; rotary errors are the fp32 tests' job: this tiny model attends almost uniformly)."""
+    score of the same sample (mean 0.00075 measured here, on the bf16 cache; the prompts'
+    padding left unmasked gives 0.019; rotary errors are the fp32 tests' job: this tiny model attends almost uniformly)."""
     model = load_model(tiny_model_dir)
     stops = list(range(1000, 3000))           # rows finish at many lengths: rows leave the batch
     model.generation_config.eos_token_id = [tok.eos_token_id, *stops]
@@ -234,10 +234,14 @@ def static_logits(model, n: int, steps: int, seed: int = 0) -> list[torch.Tensor
 
 
 def test_long_static_decode_equals_the_full_forward_fp32(model):
-    """Past SLICE_COLUMNS columns a step reads a slice of the cache (its written columns rounded
-    up): 80 steps after 7-column prompts cross two slice sizes and the cache's end."""
-    assert fast_decode.SLICE_COLUMNS < 7 + 80 < 2 * fast_decode.SLICE_COLUMNS
-    got, ref = decode_both(model, n=1, steps=80)
+    """Past 2 x SLICE_COLUMNS columns a step reads a slice of the cache (its written columns
+    rounded up): 200 steps after 7-column prompts read 64, then 128 of the 207 columns, then all,
+    and one of the three rows leaves after step 100 (the Llama drops it from the cache, the
+    Qwen2 leaves it in and skips it)."""
+    lazy = model.config.model_type == "qwen2"
+    P, S = max(map(len, PROMPTS)), fast_decode.SLICE_COLUMNS
+    assert 3 * S < P + 200 < 4 * S
+    got, ref = decode_both(model, n=1, steps=200, keep_after=100, lazy=lazy)
     for t, (a, b) in enumerate(zip(got, ref)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {t}")
 
@@ -245,20 +249,49 @@ def test_long_static_decode_equals_the_full_forward_fp32(model):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_reading_a_slice_of_the_cache_changes_no_logit(model, bf16, monkeypatch):
     """The slice's extra columns are masked: its logits equal those of attention over every
-    column of the cache, bit for bit on a bf16 cache, and in fp32 up to the matmul's blocking
-    (measured at most 2.4e-7 on logits of size ~0.5)."""
+    column of the cache up to the matmuls' blocking (fp32: measured at most 2.4e-7 on logits of
+    size ~0.5; bf16: bit for bit on Zen 4, held to 1e-2, a few bf16 steps at that size, in case
+    another CPU's bf16 kernels block by the column count). 200 steps: slices of 64 and 128."""
     m = bf16_copy(model) if bf16 else model
-    sliced = static_logits(m, n=2, steps=90)
+    sliced = static_logits(m, n=2, steps=200)
     monkeypatch.setattr(fast_decode, "SLICE_COLUMNS", 10 ** 6)
-    every = static_logits(m, n=2, steps=90)
+    every = static_logits(m, n=2, steps=200)
     for t, (a, b) in enumerate(zip(sliced, every)):
-        if bf16:
-            assert torch.equal(a, b), (t, float((a - b).abs().max()))
-        else:
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=f"step {t}")
+        torch.testing.assert_close(a, b, atol=1e-2 if bf16 else 1e-6, rtol=0, msg=f"step {t}")
 
 
-def test_the_cache_is_kept_in_the_dtype_of_its_keys(model, monkeypatch):
+def test_which_columns_a_step_reads(tiny_model_dir, monkeypatch):
+    """The slice rule: the written columns rounded up to SLICE_COLUMNS while that leaves at least
+    SLICE_COLUMNS unread, else the whole cache (the default job's ~70 columns: always whole)."""
+    model = load_model(tiny_model_dir).eval()
+    seen = []                       # the key operand's columns of each step's first matmul
+    real = torch.matmul
+
+    def spy(a, b):
+        seen.append(b.shape[-1])
+        return real(a, b)
+
+    ids, am = left_pad([[1] * 7], 0)
+
+    def reads(max_new: int) -> list[int]:
+        with torch.no_grad():
+            cache = model(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
+            dec = fast_decode.StaticDecoder.from_prefill(model, cache, am, max_new)
+            out = []
+            with monkeypatch.context() as mp:
+                mp.setattr(torch, "matmul", spy)
+                for t in range(max_new):
+                    seen.clear()
+                    dec.step(torch.tensor([5]), torch.tensor([7 + t]))
+                    out.append(seen[0])
+        return out
+
+    # columns 0..c (c = 7 + t) must be read: 64 while c < 64, then 128, then all 207
+    assert reads(200) == [64] * 57 + [128] * 64 + [207] * 79
+    assert reads(63) == [70] * 63         # a 70-column cache (the default job's size): whole
+
+
+def test_the_cache_is_bf16_for_bf16_weights_else_fp32(model, monkeypatch):
     """fp32 weights: fp32 cache; bf16 weights: bf16 cache (their keys and values are bf16 values,
     so nothing is lost), and the mask stays fp32; BF16_CACHE=False gives the old fp32 cache."""
     ids, am = left_pad(PROMPTS, 0)

@@ -12,15 +12,17 @@ What this does instead, per step:
 * keys and values go into a cache allocated once per sampling call (values ``[layers, rows,
   kv_heads, prompt + max_new_tokens, head_dim]``, keys stored transposed ``[..., head_dim,
   prompt + max_new_tokens]``); a step writes one column, with no concatenation;
-* attention is two batched matmuls over the cache's written columns (rounded up to a multiple of
-  :data:`SLICE_COLUMNS`, so a step reads no more than 63 unwritten ones) with the key/value heads'
-  query groups stacked (no ``repeat_kv`` copy) and an additive mask (the prompts' left padding
-  and the columns not written yet), the scores scaled and soft-maxed in fp32;
-* the cache holds the keys and values in the dtype they are computed in: bf16 for bf16 weights
-  (storing them in fp32 added no precision, and long completions' steps were bound by reading
-  it), fp32 otherwise. With a bf16 cache the two matmuls run in bf16 as transformers' eager
-  attention runs them (scores rounded to bf16 once, then scaled and soft-maxed in fp32; the
-  weights rounded to bf16 for the values' matmul); with fp32 weights all of it is fp32;
+* attention is two batched matmuls over the cache's written columns, rounded up to a multiple of
+  :data:`SLICE_COLUMNS` (the whole cache when that would leave fewer than SLICE_COLUMNS unread),
+  with the key/value heads' query groups stacked (no ``repeat_kv`` copy) and an additive mask
+  (the prompts' left padding and the columns not written yet), the scores scaled and
+  soft-maxed in fp32;
+* the cache is bf16 for bf16 weights (their keys and values are bf16 values, so storing them in
+  fp32 added no precision, and long completions' steps were bound by reading it) and fp32
+  otherwise (fp32 weights; fp16 keys are cast). With a bf16 cache the two matmuls run in bf16,
+  which rounds the scores to bf16 as transformers' eager attention does (then they are scaled,
+  masked and soft-maxed in fp32; eager scales and masks in bf16), and the weights are rounded
+  to bf16 for the values' matmul; with fp32 weights all of it is fp32;
 * everything else calls the model's own modules (RMSNorm, rotary embedding, projections, MLP,
   final norm, LM head), so the numbers are the model's up to the attention's float rounding
   (``tests/test_fast_decode.py`` holds the logits against ``model(...)`` in fp32 and bf16).
@@ -46,15 +48,15 @@ from .models import hf_model
 # post_attention_layernorm, mlp; model.norm; lm_head; model.rotary_emb(x, position_ids) -> cos, sin).
 _SUPPORTED = ("llama", "qwen2")
 
-# A step's attention reads the first ``filled`` columns rounded up to a multiple of this (never
-# past the cache's end; the columns read but not written are masked). Measured on Zen 4
-# (bench/probe_cache_attention.py, one step's 30 layers at 32 rows, docs/bench/decode/): 256 of
-# 400 columns took 0.80x (fp32) and 0.84x (bf16) the time of all 400, 448 of 800 0.62x and 0.66x.
-# The rounding keeps short completions (the default job's ~100 columns) on the whole cache, as
-# before, and the matmuls' shapes few.
+# A step's attention reads the first ``filled`` columns rounded up to a multiple of this, when
+# that leaves at least this many columns of the cache unread; otherwise all of them (the columns
+# read but not written are masked). Measured on Zen 4 (bench/probe_cache_attention.py, one
+# step's 30 layers at 32 rows, docs/bench/decode/): 256 of 400 columns took 0.80x (fp32) and
+# 0.84x (bf16) the time of all 400, 448 of 800 0.62x and 0.66x. A cache of fewer than
+# 2 x SLICE_COLUMNS columns (the default job's ~70) is read whole, as before 2026-12-04.
 SLICE_COLUMNS = 64
-# bf16 weights keep a bf16 cache (False: fp32 cache and attention whatever the weights; the code
-# before 2026-12-04, kept for bench/decode_cache_ab.py).
+# bf16 weights keep a bf16 cache. False: an fp32 cache and attention whatever the weights (the
+# code before 2026-12-04; the benches' `before` arms and tests set it).
 BF16_CACHE = True
 
 
@@ -129,12 +131,11 @@ class StaticDecoder:
         self.k = torch.zeros((L, B, self.kv_heads, self.head_dim, cap), dtype=dt, device=dev)
         self.v = torch.zeros((L, B, self.kv_heads, cap, self.head_dim), dtype=dt, device=dev)
         for i in range(L):
-            self.k[i, :, :, :, :P] = keys[i].transpose(-1, -2)      # (a bf16 prefill: cast)
+            self.k[i, :, :, :, :P] = keys[i].transpose(-1, -2)      # (cast if dtypes differ)
             self.v[i, :, :, :P] = values[i]
         # additive key mask [B, 1, 1, cap]: 0 where a column holds a key of the row, a large
         # negative number for the prompts' left padding and for the columns not written yet.
-        # Attention runs over all `cap` columns: slicing the filled ones out of the cache makes a
-        # strided view that every matmul would copy (measured slower than the masked columns).
+        # A step reads a slice of the columns (SLICE_COLUMNS), so the mask is sliced with them.
         mask = torch.full((B, 1, 1, cap), torch.finfo(torch.float32).min, device=dev)   # fp32
         mask[:, 0, 0, :P].masked_fill_(prompt_mask.to(dev) != 0, 0)
         self.mask = mask
@@ -182,7 +183,10 @@ class StaticDecoder:
         cos, sin = inner.rotary_emb(h, pos[:, None])                     # [b, 1, hd] each
         kvh, hd = self.kv_heads, self.head_dim
         self.mask[:, :, :, c] = 0
-        n = min(self.v.shape[3], -(-(c + 1) // SLICE_COLUMNS) * SLICE_COLUMNS)   # columns read
+        cap = self.v.shape[3]
+        n = -(-(c + 1) // SLICE_COLUMNS) * SLICE_COLUMNS                 # columns read
+        if n + SLICE_COLUMNS > cap:
+            n = cap
         mask = self.mask[..., :n]                                        # [b, 1, 1, n] fp32
         dt = self.dtype
         for i, layer in enumerate(self.layers):

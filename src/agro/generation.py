@@ -356,7 +356,7 @@ class CachedGenerator(HFGenerator):
     * one uniform per row and an inverse-CDF draw (:func:`sample_from_logprobs`) instead of
       ``torch.multinomial``'s exponential variate per vocabulary entry;
     * for Llama-family models on a CPU (:func:`agro.fast_decode.applies`), the decode steps run
-      on a preallocated KV cache with the attention in fp32
+      on a preallocated KV cache (bf16 for bf16 weights, else fp32; scores soft-maxed in fp32)
       (:class:`agro.fast_decode.StaticDecoder`); other models, LoRA and GPUs keep transformers'
       forward and cache (``static_cache = False`` forces that path).
 

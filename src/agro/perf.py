@@ -305,7 +305,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
             out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
                           use_cache=True, **keep1)
         cache, pos = out.past_key_values, m.sum(-1)
-        if static:      # outside autocast, as CachedGenerator runs it (its attention is fp32)
+        if static:      # outside autocast, as CachedGenerator runs it
             dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps)
             with torch.no_grad():
                 for _ in range(decode_steps):

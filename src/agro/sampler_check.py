@@ -4,8 +4,8 @@
 regularization estimators) hold for samples of pi, the distribution the learner scores. A sampler
 whose numerics are not the learner's draws from a distribution close to pi, not pi: vLLM (other
 kernels), and agro's own sampler in bf16 (the same bf16 weights, but another layout of the
-computation, whose bf16 rounding differs: measured 0.35 nats per completion on the default model,
-against 2e-5 in fp32; docs/RESULTS.md, `bench/sampler_mismatch.py`). :func:`measure_mismatch`
+computation, whose bf16 rounding differs: measured 0.2-0.35 nats per completion on the default
+model, against 2e-5 in fp32; docs/RESULTS.md, `bench/sampler_mismatch.py`). :func:`measure_mismatch`
 samples with the run's generator and compares the behaviour log-probs it recorded with the
 learner's scoring of the same tokens at the run's precision (the collector's scoring pass, the
 one the reference log-probs use; the loss's pass is the same kernel with gradients);
