@@ -2,7 +2,8 @@
 side by side: 30 layers x 32 rows x 3 key-value heads x 3 query heads each x head_dim 64
 (SmolLM2-135M's shapes; random values), the code of :meth:`agro.fast_decode.StaticDecoder.step`'s
 attention with the cache in fp32 or bf16, over all the cache's columns or over the first
-``filled`` rounded up to a multiple of 64, as the decoder slices (the rest masked either way).
+``filled`` as the decoder slices them (:func:`agro.fast_decode.columns_read`; the rest masked
+either way).
 
     .venv/bin/python bench/probe_cache_attention.py
 
@@ -17,6 +18,7 @@ import statistics
 import torch
 from abrounds import timed  # bench/abrounds.py (bench/ is on sys.path)
 
+from agro.fast_decode import columns_read
 from agro.perf import machine_key
 
 B, KVH, G, HD, LAYERS = 32, 3, 3, 64, 30
@@ -33,14 +35,14 @@ def attention(q, kt, v, mask, n: int, dt):
 def main() -> None:
     torch.manual_seed(0)
     print(f"{machine_key()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    for cap, filled in ((100, 75), (400, 200), (400, 350), (800, 400)):
+    for cap, filled in ((100, 75), (400, 200), (400, 300), (800, 400)):
         kt = torch.randn(LAYERS, B, KVH, HD, cap).bfloat16()        # bf16 values, as bf16 weights make
         v = torch.randn(LAYERS, B, KVH, cap, HD).bfloat16()
         q = torch.randn(B, KVH, G, HD).bfloat16()
         mask = torch.zeros(B, 1, 1, cap)
         mask[..., filled:] = torch.finfo(torch.float32).min
         caches = {"fp32": (kt.float(), v.float(), torch.float32), "bf16": (kt, v, torch.bfloat16)}
-        sliced = min(cap, -(-filled // 64) * 64)
+        sliced = columns_read(filled, cap)
         arms = {f"{name} {cols}": (k_, v_, dt, n) for name, (k_, v_, dt) in caches.items()
                 for cols, n in (("all", cap), ("slice", sliced))}
         exact = torch.softmax(q.double() @ kt[0].double() * HD ** -0.5 + mask.double(), -1) @ v[0].double()

@@ -51,9 +51,10 @@ _SUPPORTED = ("llama", "qwen2")
 # A step's attention reads the first ``filled`` columns rounded up to a multiple of this, when
 # that leaves at least this many columns of the cache unread; otherwise all of them (the columns
 # read but not written are masked). Measured on Zen 4 (bench/probe_cache_attention.py, one
-# step's 30 layers at 32 rows, docs/bench/decode/): 256 of 400 columns took 0.80x (fp32) and
-# 0.84x (bf16) the time of all 400, 448 of 800 0.62x and 0.66x. A cache of fewer than
-# 2 x SLICE_COLUMNS columns (the default job's ~70) is read whole, as before 2026-12-04.
+# step's 30 layers at 32 rows, three runs in docs/bench/decode/): 256 of 400 columns took
+# 0.80-0.86x (fp32) and 0.84-0.92x (bf16) the time of all 400, 448 of 800 0.62-0.87x and
+# 0.59-0.66x (one bf16 run 1.50x: the VM's noise, as its other rows show). A cache of fewer
+# than 2 x SLICE_COLUMNS columns (the default job's ~70) is read whole, as before 2026-12-04.
 SLICE_COLUMNS = 64
 # bf16 weights keep a bf16 cache. False: an fp32 cache and attention whatever the weights (the
 # code before 2026-12-04; the benches' `before` arms and tests set it).
@@ -92,6 +93,14 @@ def applies(model, precision: str) -> bool:
 
     return supports(model) and device_of(model).type == "cpu" and \
         (precision != "bf16" or is_bf16(model))
+
+
+def columns_read(filled: int, cap: int) -> int:
+    """How many of a ``cap``-column cache's leading columns a step reads when ``filled`` of them
+    hold keys: ``filled`` rounded up to a multiple of :data:`SLICE_COLUMNS` if that leaves at
+    least SLICE_COLUMNS columns unread, else all ``cap``."""
+    n = -(-filled // SLICE_COLUMNS) * SLICE_COLUMNS
+    return cap if n + SLICE_COLUMNS > cap else n
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -183,10 +192,7 @@ class StaticDecoder:
         cos, sin = inner.rotary_emb(h, pos[:, None])                     # [b, 1, hd] each
         kvh, hd = self.kv_heads, self.head_dim
         self.mask[:, :, :, c] = 0
-        cap = self.v.shape[3]
-        n = -(-(c + 1) // SLICE_COLUMNS) * SLICE_COLUMNS                 # columns read
-        if n + SLICE_COLUMNS > cap:
-            n = cap
+        n = columns_read(c + 1, self.v.shape[3])
         mask = self.mask[..., :n]                                        # [b, 1, 1, n] fp32
         dt = self.dtype
         for i, layer in enumerate(self.layers):

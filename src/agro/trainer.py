@@ -277,8 +277,9 @@ class Trainer:
         if requested != "auto":
             return [f"precision: {cfg.precision} (set explicitly)"]
         if self._on_policy_terms_in_use() and cfg.sampler_on_policy == "auto":
-            # correctness before speed: in bf16 agro's own sampler is 0.35 nats per completion
-            # from the learner (docs/RESULTS.md), so the sampler check would turn these terms off
+            # correctness before speed: in bf16 agro's own sampler is 0.2-0.35 nats per
+            # completion from the learner (docs/RESULTS.md), so the sampler check would turn these
+            # terms off
             if cfg.precision != "fp32":
                 self.cfg = dataclasses.replace(cfg, precision="fp32")
                 self.reference.precision = "fp32"
