@@ -170,6 +170,29 @@ def test_cached_generator_samples_the_same_with_and_without_the_static_cache(pre
     assert len(diffs) >= 20 and sum(diffs) / len(diffs) < 0.005, sum(diffs) / len(diffs)
 
 
+def test_long_samples_past_the_slices_are_the_transformers_paths(tiny_model_dir, tok):
+    """fp32, same seed, 150 new tokens after <= 7-column prompts (a 157-column cache: steps read
+    64, then 128 columns, then all): the static-cache loop draws the transformers-cache loop's
+    tokens, with rows finishing at many lengths (they leave the cache once a quarter are done),
+    and records the same behaviour log-probs up to float rounding."""
+    model = load_model(tiny_model_dir)
+    model.generation_config.eos_token_id = [tok.eos_token_id, *range(1000, 1400)]
+    outs = []
+    for static in (False, True):
+        gen = CachedGenerator(model, tok, precision="fp32", batch_size=64)
+        gen.static_cache = static
+        assert not static or fast_decode.applies(gen.model, "fp32")
+        torch.manual_seed(3)
+        outs.append(gen.generate(PROMPTS, 4, SamplingParams(150)))
+    a, b = outs
+    lengths = sorted(len(c) for g in b for c in g.completion_ids)
+    assert lengths[0] < 64 and lengths[-1] > 130 and len(set(lengths)) >= 6, lengths
+    assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+    for x, y in zip(a, b):
+        for la, lb in zip(x.logprobs, y.logprobs):
+            torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)
+
+
 def test_when_finished_rows_leave_the_static_cache_does_not_change_the_samples(tiny_model_dir, tok):
     """fp32, same seed: dropping finished rows at every finish (compact_at=1), once a quarter are
     done (the default) or never (compact_at=0) draws the same tokens and records the same
