@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import json
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def decoder_before_dec04(on: bool = True):
+    """Within it, agro.fast_decode decodes as before 2026-12-04: an fp32 cache read over all its
+    columns whatever the weights (``on=False``: the code as it is). Restores the settings."""
+    import agro.fast_decode as fd
+
+    now = (fd.SLICE_COLUMNS, fd.BF16_CACHE)
+    if on:
+        fd.SLICE_COLUMNS, fd.BF16_CACHE = 10 ** 9, False
+    try:
+        yield
+    finally:
+        fd.SLICE_COLUMNS, fd.BF16_CACHE = now
 
 
 def order(r: int, a, b) -> tuple:

@@ -16,7 +16,7 @@ import argparse
 import time
 
 import torch
-from abrounds import medians, order, write_json  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import decoder_before_dec04, medians, order, write_json  # bench/abrounds.py
 
 import agro.fast_decode as fd
 from agro.generation import left_pad
@@ -48,29 +48,24 @@ def main() -> None:
     n = 4
     gen = torch.Generator().manual_seed(0)
     toks = torch.randint(100, 40000, (a.steps, ids.shape[0] * n), generator=gen)
-    now = (fd.SLICE_COLUMNS, fd.BF16_CACHE)
     probe = sorted({0, a.steps // 4, a.steps // 2, a.steps - 1})
 
     def run(arm: str):
-        fd.SLICE_COLUMNS, fd.BF16_CACHE = (10 ** 9, False) if arm == "before" else now
-        try:
-            with torch.no_grad():
-                out = model(input_ids=ids, attention_mask=am,
-                            position_ids=position_ids_from_mask(am), use_cache=True)
-                cache = out.past_key_values
-                cache.batch_repeat_interleave(n)
-                m = am.repeat_interleave(n, 0)
-                t0 = time.perf_counter()
-                dec = fd.StaticDecoder.from_prefill(model, cache, m, a.steps)
-                pos = m.sum(-1)
-                kept = {}
-                for t in range(a.steps):
-                    logits = dec.step(toks[t], pos + t)
-                    if t in probe:
-                        kept[t] = logits.float().log_softmax(-1)
-                return time.perf_counter() - t0, kept
-        finally:
-            fd.SLICE_COLUMNS, fd.BF16_CACHE = now
+        with decoder_before_dec04(arm == "before"), torch.no_grad():
+            out = model(input_ids=ids, attention_mask=am,
+                        position_ids=position_ids_from_mask(am), use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            m = am.repeat_interleave(n, 0)
+            t0 = time.perf_counter()
+            dec = fd.StaticDecoder.from_prefill(model, cache, m, a.steps)
+            pos = m.sum(-1)
+            kept = {}
+            for t in range(a.steps):
+                logits = dec.step(toks[t], pos + t)
+                if t in probe:
+                    kept[t] = logits.float().log_softmax(-1)
+            return time.perf_counter() - t0, kept
 
     _, lb = run("before")
     _, ln = run("now")

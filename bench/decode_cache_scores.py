@@ -21,7 +21,7 @@ import argparse
 import json
 
 import torch
-from abrounds import bench_trainer  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, decoder_before_dec04  # bench/abrounds.py
 
 import agro.fast_decode as fd
 from agro.collect import attach_ref_logprobs
@@ -71,14 +71,10 @@ def main() -> None:
     for name, model, prec in (("learner bf16", tr.learner, "bf16"), ("fp32 masters", tr.policy, "fp32")):
         attach_ref_logprobs(groups, Reference(model, prec), pad, 4)
         passes[name] = [lp for g in groups for lp in g.ref_logprobs]
-    now = (fd.SLICE_COLUMNS, fd.BF16_CACHE)
     arms = {}
-    for arm, knobs in (("before", (10 ** 9, False)), ("now", now)):
-        fd.SLICE_COLUMNS, fd.BF16_CACHE = knobs
-        try:
+    for arm in ("before", "now"):
+        with decoder_before_dec04(arm == "before"):
             arms[arm] = teacher_forced(tr.learner, rows, pad)
-        finally:
-            fd.SLICE_COLUMNS, fd.BF16_CACHE = now
     n_tok = sum(len(rows[i][1]) - 1 for i in keep)
     print(f"{len(keep)} completions, {n_tok} scored tokens (the second on), bf16 weights")
     res = {"cpu": machine_key(), "torch": torch.__version__, "completions": len(keep),

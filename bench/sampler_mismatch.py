@@ -36,8 +36,8 @@ def main() -> None:
                          "before 2026-12-04 (BF16_CACHE off, no slice)")
     a = ap.parse_args()
     if a.before_dec04_cache:
-        import agro.fast_decode as fd
-        fd.BF16_CACHE, fd.SLICE_COLUMNS = False, 10 ** 9
+        from abrounds import decoder_before_dec04  # bench/abrounds.py (bench/ is on sys.path)
+        decoder_before_dec04().__enter__()     # for the whole process
     out = {"cpu": cpu_description(), "torch": torch.__version__, "runs": [],
            "before_dec04_cache": a.before_dec04_cache}
     print(f"CPU: {out['cpu']}; torch {torch.__version__}")

@@ -132,7 +132,6 @@ class StaticDecoder:
         dev = keys[0].device
         # the cache in the dtype its keys and values are computed in (bf16 weights: bf16), else fp32
         dt = torch.bfloat16 if BF16_CACHE and keys[0].dtype == torch.bfloat16 else torch.float32
-        self.dtype = dt
         L = len(self.layers)
         # keys transposed [L, B, kvh, hd, cap] and values [L, B, kvh, cap, hd]: both matmuls of
         # the attention then read contiguous operands (a transposed view is copied by bmm).
@@ -194,7 +193,7 @@ class StaticDecoder:
         self.mask[:, :, :, c] = 0
         n = columns_read(c + 1, self.v.shape[3])
         mask = self.mask[..., :n]                                        # [b, 1, 1, n] fp32
-        dt = self.dtype
+        dt = self.k.dtype                                                # the cache's dtype
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             x = layer.input_layernorm(h)                                 # [b, 1, H]
