@@ -554,6 +554,43 @@ def test_default_gguf_loads_generates_and_saves(tmp_path):
 
 
 @pytest.mark.slow
+def test_gguf_parsed_once_memoizes_readers_and_name_maps_within_the_block(tmp_path):
+    """gguf_parsed_once: one reader per file version and one tensor-name map per (arch, blocks)
+    inside the block; a rewritten file, or a writable mode, is read again; gguf's own functions
+    are back after the block, also after an error in it."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+
+    def write(n: int) -> None:
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_uint32("agro.test", n)
+        w.add_tensor("t", torch.arange(4 * n, dtype=torch.float32).numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(1)
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models.gguf_parsed_once():
+        a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert a is b and int(a.fields["agro.test"].parts[-1][0]) == 1
+        assert gguf.GGUFReader(path, "c") is not a                   # not the read-only mode
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 3) is not gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2).get_name("model.layers.1.mlp.up_proj") == "blk.1.ffn_up"
+        del a, b
+        write(2)                                                     # a new version of the file
+        c = gguf.GGUFReader(path)
+        assert int(c.fields["agro.test"].parts[-1][0]) == 2 and c.tensors[0].n_elements == 8
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    with pytest.raises(RuntimeError, match="inside"):
+        with models.gguf_parsed_once():
+            raise RuntimeError("inside")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+
+
 def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypatch):
     """The default GGUF loads through a transformers-format copy in agro's cache: same tokenizer
     (ids, chat template, special tokens) and bit-identical weights and logits as loading the GGUF
@@ -564,12 +601,19 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
         pytest.skip(str(e))
     from agro.provenance import tokenizer_sha256
 
+    import gguf as gguf_py
+
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
+    parses = []
+    real_reader = gguf_py.GGUFReader
+    monkeypatch.setattr(gguf_py, "GGUFReader", lambda *a, **kw: parses.append(a) or real_reader(*a, **kw))
     real = models.converted_gguf
     monkeypatch.setattr(models, "converted_gguf", lambda p: None)      # the GGUF file itself
     tk0, m0 = load_tokenizer("default"), load_model("default").eval()
+    assert len(parses) == 2        # tokenizer; config and weights share one (gguf_parsed_once)
     monkeypatch.setattr(models, "converted_gguf", real)
     tk1, m1 = load_tokenizer("default"), load_model("default").eval()
+    assert len(parses) == 3        # the conversion: tokenizer, config and weights from one parse
     copies = list((tmp_path / "cache" / "gguf").iterdir())
     assert len(copies) == 1 and (copies[0] / "agro-gguf.json").is_file()
     assert copies[0].name.startswith(gguf.stem) and (copies[0] / "model.safetensors").is_file()

@@ -85,6 +85,55 @@ GGUF_CACHE_MAX_BYTES = 1 << 30
 _GGUF_MARKER = "agro-gguf.json"
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within the block, each GGUF file's metadata is parsed once, and gguf's tensor-name map is
+    built once per (architecture, blocks).
+
+    Why: transformers' GGUF loading constructs a ``gguf.GGUFReader`` for each from_pretrained step
+    (tokenizer, config, weights: three parses of ~2.5 s each for SmolLM2-135M on 2 cores, most of
+    it its 49k-token vocabulary in Python) and a ``TensorNameMap`` for each submodule (397 for
+    SmolLM2, ~10 ms each), ~12 s of the first start-up's ~18 s conversion
+    (``bench/gguf_convert.py``). Both objects are read-only once built (a reader opened with
+    mode "r" maps the file read-only). transformers imports both names from ``gguf`` at call
+    time, so the module's attributes are replaced for the block; a gguf without them, or without
+    the ``gguf`` package, is left alone. Not thread-safe against another thread's GGUF loading.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader_cls, name_map = getattr(gguf, "GGUFReader", None), getattr(gguf, "get_tensor_name_map", None)
+    if reader_cls is None or name_map is None:
+        yield
+        return
+    readers: dict = {}
+    maps: dict = {}
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return reader_cls(path, mode)
+        st = Path(path).stat()
+        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
+        maps.clear()
+
+
 def _gguf_source(path: Path) -> tuple[str, dict[str, Any]]:
     d = converted_gguf(path)
     return (str(d), {}) if d is not None else (str(path.parent), {"gguf_file": path.name})
@@ -152,8 +201,9 @@ def _convert_gguf(p: Path, out: Path) -> Path | None:
         tmp.mkdir()                                # an unwritable cache fails here, before parsing
         log.info("converting %s to transformers' format once (cached in %s)", p, out)
         kw = {"gguf_file": p.name}
-        tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=torch.float32, **kw)
+        with gguf_parsed_once():                   # one parse for tokenizer, config and weights
+            tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=torch.float32, **kw)
         drop_quantization(model)
         model.save_pretrained(str(tmp))            # dequantised weights: exact in fp32
         tok.save_pretrained(str(tmp))
@@ -193,8 +243,9 @@ def converted_gguf(path: str | Path) -> Path | None:
 
     Why: transformers parses a GGUF file's metadata in Python once for the tokenizer and twice
     for the model (config, then weights): ~27 s of every start-up for SmolLM2-135M on 2 cores
-    (AMD EPYC Zen 4), against ~2 s for the converted copy. The first load pays the conversion
-    (the same parses, plus ~2 s of writing). The copy holds what transformers dequantised, so a
+    (AMD EPYC Zen 4), against ~2 s for the converted copy. The first load pays the conversion:
+    8.1-8.4 s with one parse (:func:`gguf_parsed_once`), 17.9-18.4 s with transformers' three
+    (``bench/gguf_convert.py``, docs/RESULTS.md). The copy holds what transformers dequantised, so a
     model loaded from it equals one loaded from the GGUF (``tests/test_models.py``). A copy whose
     files do not match its marker is replaced; copies can be deleted at any time.
     """
@@ -215,7 +266,8 @@ def converted_gguf(path: str | Path) -> Path | None:
 def _from_pretrained(loader, spec: str | Path, what: str, **kw):
     name, extra = _resolve(spec)
     try:
-        return loader.from_pretrained(name, **extra, **kw)
+        with gguf_parsed_once() if "gguf_file" in extra else contextlib.nullcontext():
+            return loader.from_pretrained(name, **extra, **kw)
     except OSError as e:
         raise OSError(
             f"could not load the {what} from {spec!r}: it is not 'default', a local directory or "
