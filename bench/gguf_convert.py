@@ -1,7 +1,7 @@
 """The first start-up's GGUF conversion (agro.models.converted_gguf into an empty cache), with
-and without agro.models.gguf_parsed_once: interleaved rounds, each conversion in a fresh
-process (imports and transformers' lazy modules paid alike), its wall time and how many times
-gguf parsed the file and built its tensor-name map.
+and without agro.models.one_gguf_reader: interleaved rounds, each conversion in a fresh
+process (imports and transformers' lazy modules paid alike), its wall time and how many
+gguf.GGUFReader objects (each parses all of the file's metadata) and tensor-name maps gguf built.
 
     .venv/bin/python bench/gguf_convert.py --rounds 3 [--json docs/bench/gguf/convert.json]
 
@@ -22,7 +22,7 @@ from abrounds import medians, order, write_json  # noqa: E402
 
 
 def child(arm: str, cache: str) -> None:
-    """One conversion into ``cache``; prints {"seconds", "parses", "name_maps"} as JSON."""
+    """One conversion into ``cache``; prints {"seconds", "readers", "name_maps"} as JSON."""
     import os
     import time
 
@@ -31,11 +31,11 @@ def child(arm: str, cache: str) -> None:
 
     from agro import models
 
-    counts = {"parses": 0, "name_maps": 0}
+    counts = {"readers": 0, "name_maps": 0}
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
     def counted_reader(*a, **kw):
-        counts["parses"] += 1
+        counts["readers"] += 1
         return reader(*a, **kw)
 
     def counted_map(*a, **kw):
@@ -45,7 +45,7 @@ def child(arm: str, cache: str) -> None:
     # count the real constructions: under the memo only its misses reach these
     gguf.GGUFReader, gguf.get_tensor_name_map = counted_reader, counted_map
     if arm == "before":
-        models.gguf_parsed_once = contextlib.nullcontext
+        models.one_gguf_reader = contextlib.nullcontext
     path = models.default_gguf_path()
     t = time.perf_counter()
     out = models.converted_gguf(path)
@@ -70,7 +70,7 @@ def main() -> None:
     cpu = machine_key()
     print(f"CPU: {cpu}")
     rows: dict[str, list] = {"before": [], "after": []}
-    counts: dict[str, dict] = {}
+    counts: dict[str, list] = {"before": [], "after": []}
     for r in range(a.rounds):
         for arm in order(r, "before", "after"):
             with tempfile.TemporaryDirectory(prefix="agro-gguf-bench-") as cache:
@@ -78,8 +78,8 @@ def main() -> None:
                                      capture_output=True, text=True, check=True).stdout
             res = json.loads(out.strip().splitlines()[-1])
             rows[arm].append(res["seconds"])
-            counts[arm] = {"parses": res["parses"], "name_maps": res["name_maps"]}
-            print(f"round {r} {arm:6s} {res['seconds']:6.2f} s  (GGUF parses {res['parses']}, "
+            counts[arm].append({"readers": res["readers"], "name_maps": res["name_maps"]})
+            print(f"round {r} {arm:6s} {res['seconds']:6.2f} s  (GGUFReaders {res['readers']}, "
                   f"tensor-name maps {res['name_maps']})", flush=True)
     med = medians(rows)
     print(f"medians: before {med['before']:.2f} s, after {med['after']:.2f} s, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -553,26 +554,26 @@ def test_default_gguf_loads_generates_and_saves(tmp_path):
         torch.testing.assert_close(completion_logprobs(m2, *args), lp, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-def test_gguf_parsed_once_memoizes_readers_and_name_maps_within_the_block(tmp_path):
-    """gguf_parsed_once: one reader per file version and one tensor-name map per (arch, blocks)
+def test_one_gguf_reader_memoizes_readers_and_name_maps_within_the_block(tmp_path):
+    """one_gguf_reader: one reader per file version and one tensor-name map per (arch, blocks)
     inside the block; a rewritten file, or a writable mode, is read again; gguf's own functions
     are back after the block, also after an error in it."""
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "tiny.gguf"
 
-    def write(n: int) -> None:
-        w = gguf.GGUFWriter(str(path), "llama")
+    def write(n: int) -> None:       # a new file put in place (a reader may still map the old)
+        w = gguf.GGUFWriter(str(tmp_path / "new.gguf"), "llama")
         w.add_uint32("agro.test", n)
         w.add_tensor("t", torch.arange(4 * n, dtype=torch.float32).numpy())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.replace(tmp_path / "new.gguf", path)
 
     write(1)
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    with models.gguf_parsed_once():
+    with models.one_gguf_reader():
         a, b = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
         assert a is b and int(a.fields["agro.test"].parts[-1][0]) == 1
         assert gguf.GGUFReader(path, "c") is not a                   # not the read-only mode
@@ -586,11 +587,12 @@ def test_gguf_parsed_once_memoizes_readers_and_name_maps_within_the_block(tmp_pa
         assert int(c.fields["agro.test"].parts[-1][0]) == 2 and c.tensors[0].n_elements == 8
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
     with pytest.raises(RuntimeError, match="inside"):
-        with models.gguf_parsed_once():
+        with models.one_gguf_reader():
             raise RuntimeError("inside")
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
 
 
+@pytest.mark.slow
 def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypatch):
     """The default GGUF loads through a transformers-format copy in agro's cache: same tokenizer
     (ids, chat template, special tokens) and bit-identical weights and logits as loading the GGUF
@@ -610,7 +612,7 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
     real = models.converted_gguf
     monkeypatch.setattr(models, "converted_gguf", lambda p: None)      # the GGUF file itself
     tk0, m0 = load_tokenizer("default"), load_model("default").eval()
-    assert len(parses) == 2        # tokenizer; config and weights share one (gguf_parsed_once)
+    assert len(parses) == 2        # tokenizer; config and weights share one (one_gguf_reader)
     monkeypatch.setattr(models, "converted_gguf", real)
     tk1, m1 = load_tokenizer("default"), load_model("default").eval()
     assert len(parses) == 3        # the conversion: tokenizer, config and weights from one parse

@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -85,53 +86,64 @@ GGUF_CACHE_MAX_BYTES = 1 << 30
 _GGUF_MARKER = "agro-gguf.json"
 
 
-@contextlib.contextmanager
-def gguf_parsed_once():
-    """Within the block, each GGUF file's metadata is parsed once, and gguf's tensor-name map is
-    built once per (architecture, blocks).
+_GGUF_LOCK = threading.RLock()
 
-    Why: transformers' GGUF loading constructs a ``gguf.GGUFReader`` for each from_pretrained step
-    (tokenizer, config, weights: three parses of ~2.5 s each for SmolLM2-135M on 2 cores, most of
-    it its 49k-token vocabulary in Python) and a ``TensorNameMap`` for each submodule (397 for
-    SmolLM2, ~10 ms each), ~12 s of the first start-up's ~18 s conversion
-    (``bench/gguf_convert.py``). Both objects are read-only once built (a reader opened with
-    mode "r" maps the file read-only). transformers imports both names from ``gguf`` at call
-    time, so the module's attributes are replaced for the block; a gguf without them, or without
-    the ``gguf`` package, is left alone. Not thread-safe against another thread's GGUF loading.
+
+@contextlib.contextmanager
+def one_gguf_reader():
+    """Within the block, transformers' GGUF loading builds one ``gguf.GGUFReader`` per file
+    version and one gguf tensor-name map per (architecture, blocks), instead of one per step.
+
+    Why: transformers constructs a ``GGUFReader`` for each from_pretrained step (tokenizer,
+    config, weights; each construction parses all of the file's metadata in Python, ~2.5 s for
+    SmolLM2-135M's 49k-token vocabulary on 2 cores) and a ``TensorNameMap`` for each submodule
+    (397 for SmolLM2, ~10 ms each). With the block, the first conversion of the default model
+    takes 8.3-8.6 s instead of 17.0-18.7 s (``bench/gguf_convert.py``, docs/RESULTS.md). Not
+    reached: transformers' own metadata reader (``transformers.integrations.gguf``), which the
+    tokenizer and config steps also run, and ``load_gguf_checkpoint``'s conversion of every
+    field to Python values, still done per step.
+
+    Both objects are read-only once built (a reader opened with mode "r" maps the file
+    read-only; other modes are not shared). transformers imports both names from ``gguf`` when
+    it calls them, so the module's attributes are replaced for the block (a gguf without them,
+    or no gguf, is left alone). A lock held for the block keeps another thread's block from
+    interleaving with it (its loads wait); the originals are restored on any exit.
     """
     try:
         import gguf
     except ImportError:
         yield
         return
-    reader_cls, name_map = getattr(gguf, "GGUFReader", None), getattr(gguf, "get_tensor_name_map", None)
-    if reader_cls is None or name_map is None:
-        yield
-        return
-    readers: dict = {}
-    maps: dict = {}
+    with _GGUF_LOCK:
+        reader_cls = getattr(gguf, "GGUFReader", None)
+        name_map = getattr(gguf, "get_tensor_name_map", None)
+        if reader_cls is None or name_map is None:
+            yield
+            return
+        readers: dict = {}
+        maps: dict = {}
 
-    def reader(path, mode="r"):
-        if mode != "r":
-            return reader_cls(path, mode)
-        st = Path(path).stat()
-        key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-        if key not in readers:
-            readers[key] = reader_cls(path, mode)
-        return readers[key]
+        def reader(path, mode="r"):
+            if mode != "r":
+                return reader_cls(path, mode)
+            st = Path(path).stat()
+            key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+            if key not in readers:
+                readers[key] = reader_cls(path, mode)
+            return readers[key]
 
-    def tensor_name_map(arch, n_blocks):
-        if (arch, n_blocks) not in maps:
-            maps[arch, n_blocks] = name_map(arch, n_blocks)
-        return maps[arch, n_blocks]
+        def tensor_name_map(arch, n_blocks):
+            if (arch, n_blocks) not in maps:
+                maps[arch, n_blocks] = name_map(arch, n_blocks)
+            return maps[arch, n_blocks]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
-        readers.clear()
-        maps.clear()
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+            readers.clear()
+            maps.clear()
 
 
 def _gguf_source(path: Path) -> tuple[str, dict[str, Any]]:
@@ -201,7 +213,7 @@ def _convert_gguf(p: Path, out: Path) -> Path | None:
         tmp.mkdir()                                # an unwritable cache fails here, before parsing
         log.info("converting %s to transformers' format once (cached in %s)", p, out)
         kw = {"gguf_file": p.name}
-        with gguf_parsed_once():                   # one parse for tokenizer, config and weights
+        with one_gguf_reader():                    # one reader for tokenizer, config and weights
             tok = AutoTokenizer.from_pretrained(str(p.parent), **kw)
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), dtype=torch.float32, **kw)
         drop_quantization(model)
@@ -243,9 +255,10 @@ def converted_gguf(path: str | Path) -> Path | None:
 
     Why: transformers parses a GGUF file's metadata in Python once for the tokenizer and twice
     for the model (config, then weights): ~27 s of every start-up for SmolLM2-135M on 2 cores
-    (AMD EPYC Zen 4), against ~2 s for the converted copy. The first load pays the conversion:
-    8.1-8.4 s with one parse (:func:`gguf_parsed_once`), 17.9-18.4 s with transformers' three
-    (``bench/gguf_convert.py``, docs/RESULTS.md). The copy holds what transformers dequantised, so a
+    under cProfile (AMD EPYC Zen 4, docs/RESULTS.md 2026-12-02), against ~2 s for the converted
+    copy. The first load pays the conversion, reading, dequantising and writing: 8.3-8.6 s with
+    one reader (:func:`one_gguf_reader`), 17.0-18.7 s with transformers' three
+    (``bench/gguf_convert.py``). The copy holds what transformers dequantised, so a
     model loaded from it equals one loaded from the GGUF (``tests/test_models.py``). A copy whose
     files do not match its marker is replaced; copies can be deleted at any time.
     """
@@ -266,7 +279,7 @@ def converted_gguf(path: str | Path) -> Path | None:
 def _from_pretrained(loader, spec: str | Path, what: str, **kw):
     name, extra = _resolve(spec)
     try:
-        with gguf_parsed_once() if "gguf_file" in extra else contextlib.nullcontext():
+        with one_gguf_reader() if "gguf_file" in extra else contextlib.nullcontext():
             return loader.from_pretrained(name, **extra, **kw)
     except OSError as e:
         raise OSError(
