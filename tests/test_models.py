@@ -606,16 +606,16 @@ def test_gguf_converted_copy_equals_the_gguf_and_is_made_once(tmp_path, monkeypa
     import gguf as gguf_py
 
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
-    parses = []
+    readers = []                   # GGUFReader objects built (each parses all the metadata)
     real_reader = gguf_py.GGUFReader
-    monkeypatch.setattr(gguf_py, "GGUFReader", lambda *a, **kw: parses.append(a) or real_reader(*a, **kw))
+    monkeypatch.setattr(gguf_py, "GGUFReader", lambda *a, **kw: readers.append(a) or real_reader(*a, **kw))
     real = models.converted_gguf
     monkeypatch.setattr(models, "converted_gguf", lambda p: None)      # the GGUF file itself
     tk0, m0 = load_tokenizer("default"), load_model("default").eval()
-    assert len(parses) == 2        # tokenizer; config and weights share one (one_gguf_reader)
+    assert len(readers) == 2       # tokenizer; config and weights share one (one_gguf_reader)
     monkeypatch.setattr(models, "converted_gguf", real)
     tk1, m1 = load_tokenizer("default"), load_model("default").eval()
-    assert len(parses) == 3        # the conversion: tokenizer, config and weights from one parse
+    assert len(readers) == 3       # the conversion: tokenizer, config and weights share one
     copies = list((tmp_path / "cache" / "gguf").iterdir())
     assert len(copies) == 1 and (copies[0] / "agro-gguf.json").is_file()
     assert copies[0].name.startswith(gguf.stem) and (copies[0] / "model.safetensors").is_file()

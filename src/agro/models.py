@@ -92,7 +92,8 @@ _GGUF_LOCK = threading.RLock()
 @contextlib.contextmanager
 def one_gguf_reader():
     """Within the block, transformers' GGUF loading builds one ``gguf.GGUFReader`` per file
-    version and one gguf tensor-name map per (architecture, blocks), instead of one per step.
+    version (instead of one per step) and one gguf tensor-name map per (architecture, blocks)
+    (instead of one per submodule).
 
     Why: transformers constructs a ``GGUFReader`` for each from_pretrained step (tokenizer,
     config, weights; each construction parses all of the file's metadata in Python, ~2.5 s for
@@ -100,14 +101,16 @@ def one_gguf_reader():
     (397 for SmolLM2, ~10 ms each). With the block, the first conversion of the default model
     takes 8.3-8.6 s instead of 17.0-18.7 s (``bench/gguf_convert.py``, docs/RESULTS.md). Not
     reached: transformers' own metadata reader (``transformers.integrations.gguf``), which the
-    tokenizer and config steps also run, and ``load_gguf_checkpoint``'s conversion of every
+    tokenizer, config and weights steps also run, and ``load_gguf_checkpoint``'s conversion of every
     field to Python values, still done per step.
 
     Both objects are read-only once built (a reader opened with mode "r" maps the file
     read-only; other modes are not shared). transformers imports both names from ``gguf`` when
     it calls them, so the module's attributes are replaced for the block (a gguf without them,
     or no gguf, is left alone). A lock held for the block keeps another thread's block from
-    interleaving with it (its loads wait); the originals are restored on any exit.
+    interleaving with it (its loads wait); another thread's GGUF load outside a block would use
+    (and fill) this block's memo while it lasts, which is harmless. The originals are restored on
+    any exit.
     """
     try:
         import gguf
