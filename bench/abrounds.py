@@ -47,13 +47,14 @@ def medians(rows: dict[str, list]) -> dict[str, float]:
 
 
 def write_json(path: str | None, cpu: str, precision: str, torch_version: str,
-               rows: dict[str, list], med: dict[str, float]) -> None:
-    """Every round's timings and their medians, with the CPU and torch they ran on."""
+               rows: dict[str, list], med: dict[str, float], **extra) -> None:
+    """Every round's timings and their medians, with the CPU and torch they ran on (and any
+    ``extra`` fields the bench records)."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"cpu": cpu, "precision": precision, "torch": torch_version,
-                                      "rounds": rows, "medians": med}, indent=1))
+                                      "rounds": rows, "medians": med, **extra}, indent=1))
 
 
 def bench_trainer(name: str, *overrides: str):

@@ -84,10 +84,7 @@ def main() -> None:
     med = medians(rows)
     print(f"medians: before {med['before']:.2f} s, after {med['after']:.2f} s, "
           f"after/before {med['after'] / med['before']:.3f}")
-    write_json(a.json, cpu, "fp32", torch.__version__, rows, med)
-    if a.json:
-        d = json.loads(Path(a.json).read_text())
-        Path(a.json).write_text(json.dumps({**d, "counts": counts}, indent=1))
+    write_json(a.json, cpu, "fp32", torch.__version__, rows, med, counts=counts)
 
 
 if __name__ == "__main__":

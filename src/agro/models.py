@@ -115,16 +115,15 @@ def one_gguf_reader():
     try:
         import gguf
     except ImportError:
-        yield
-        return
-    with _GGUF_LOCK:
+        gguf = None
+    with _GGUF_LOCK:       # the originals are read under the lock: never another block's memo
         reader_cls = getattr(gguf, "GGUFReader", None)
         name_map = getattr(gguf, "get_tensor_name_map", None)
         if reader_cls is None or name_map is None:
             yield
             return
         readers: dict = {}
-        maps: dict = {}
+        tensor_name_map = functools.cache(name_map)
 
         def reader(path, mode="r"):
             if mode != "r":
@@ -135,18 +134,13 @@ def one_gguf_reader():
                 readers[key] = reader_cls(path, mode)
             return readers[key]
 
-        def tensor_name_map(arch, n_blocks):
-            if (arch, n_blocks) not in maps:
-                maps[arch, n_blocks] = name_map(arch, n_blocks)
-            return maps[arch, n_blocks]
-
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
         try:
             yield
         finally:
             gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
-            readers.clear()
-            maps.clear()
+            readers.clear()                    # unmap the files now
+            tensor_name_map.cache_clear()
 
 
 def _gguf_source(path: Path) -> tuple[str, dict[str, Any]]:
