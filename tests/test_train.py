@@ -477,6 +477,70 @@ def test_held_out_kl_skips_scoring_only_when_the_policy_is_the_reference(tiny_mo
         tr.grader.close()
 
 
+def test_evaluations_do_not_move_the_training_runs_samples(tiny_model_dir, tmp_path):
+    """Held-out evaluations draw from their own RNG stream (agro.evaluation.eval_seed): a run that
+    evaluates before training and after every step trains exactly as one that never evaluates
+    (the same samples, so the same weights), and so does one whose evaluation is laid out in
+    other calls."""
+    runs = {}
+    for name, extra in (("none", ["eval_prompts=0"]),
+                        ("every", ["eval_prompts=4", "eval_samples=2", "eval_every=1"]),
+                        ("small_calls", ["eval_prompts=4", "eval_samples=2", "eval_every=1",
+                                         "eval_batch_size=2"])):
+        cfg = make_cfg(tiny_model_dir, tmp_path / name, "steps=2", *extra)
+        tr, before, _ = run_steps(cfg)
+        runs[name] = params_of(tr.policy)
+    assert moved_between(before, runs["none"]) > 0
+    for name in ("every", "small_calls"):
+        assert all(torch.equal(runs["none"][k], runs[name][k]) for k in runs["none"]), name
+
+
+def moved_between(a, b):
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def test_every_evaluation_of_a_run_draws_the_same_random_numbers(tiny_model_dir, tmp_path):
+    """Two evaluations of the same weights sample the same completions (one stream per run, the
+    same at each evaluation), and evaluating leaves the training stream where it was."""
+    cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3",
+                   "max_new_tokens=12")
+    tr = Trainer(cfg, grader=HashGrader())
+    state = torch.get_rng_state()
+    a, b = tr.run_eval("before"), tr.run_eval("during")
+    assert torch.equal(state, torch.get_rng_state())
+    keys = ("sampled_accuracy", "sampled_len_mean", "sampled_samples")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+
+
+def test_agro_eval_samples_what_a_runs_evaluation_samples(tiny_model_dir, tmp_path, monkeypatch):
+    """`agro eval` (agro.workflows.run_eval) draws from the stream a training run's evaluation
+    draws from: the same model, seed and settings give the same completions, wherever training's
+    own stream stands."""
+    from agro.config import EvalConfig
+    from agro.generation import CachedGenerator
+    from agro.workflows import run_eval
+
+    seen = []
+    real = CachedGenerator.generate
+
+    def recording(self, *a, **k):
+        out = real(self, *a, **k)
+        seen.append([c for g in out for c in g.completion_ids])
+        return out
+
+    monkeypatch.setattr(CachedGenerator, "generate", recording)
+    common = ["max_new_tokens=12", "seed=3", "precision=fp32", f"model={tiny_model_dir}"]
+    run_eval(load_config(EvalConfig, None, common + ["num_prompts=4", "samples=3",
+                                                     "greedy=false"]))
+    cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3", *common)
+    tr = Trainer(cfg, grader=HashGrader())
+    torch.rand(1000)                       # training's stream has moved on (a step sampled)
+    seen_by_eval = len(seen)
+    tr.run_eval("during")
+    assert len(seen) == 2 * seen_by_eval and sum(map(len, seen[:seen_by_eval])) == 12
+    assert seen[:seen_by_eval] == seen[seen_by_eval:]
+
+
 def test_background_checkpoints_equal_blocking_ones_and_wait_for_their_write(tiny_model_dir,
                                                                               tmp_path, monkeypatch):
     """save_async writes each step's checkpoint on a thread: the files hold that step's state

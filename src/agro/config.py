@@ -115,6 +115,14 @@ class SamplingFields:
                                             "device). Never run by the project (no GPU here).")
 
 
+@dataclass
+class EvalBatchFields:
+    eval_batch_size: int = _f(0, "Max sequences per generate() call in held-out evaluations (0 = "
+                              "auto: as many as ~1 GiB of the sampler's estimated KV cache and "
+                              "logits holds, all of them with vLLM; calls of equal size). Fewer, "
+                              "larger calls are faster: each decodes to its longest completion.")
+
+
 # --------------------------------------------------------------------------- entry points
 MICRO_BATCH_TOKENS = {"bf16": 4096, "fp32": 512}
 """``micro_batch_tokens=-1`` (the default) by precision. Measured on the default job
@@ -134,7 +142,7 @@ def micro_batch_tokens_for(cfg, precision: str | None = None) -> int:
 
 
 @dataclass
-class TrainConfig(ModelFields, TaskFields, SamplingFields):
+class TrainConfig(ModelFields, TaskFields, SamplingFields, EvalBatchFields):
     """`agro train`: RL fine-tuning with AGRO (or a baseline loss)."""
 
     loss: str = _f("agro", "Registered loss: agro (off-policy AGRO, Eq. 4), agro_on (on-policy "
@@ -241,7 +249,7 @@ class GenerateConfig(ModelFields, TaskFields, SamplingFields):
 
 
 @dataclass
-class EvalConfig(ModelFields, TaskFields, SamplingFields):
+class EvalConfig(ModelFields, TaskFields, SamplingFields, EvalBatchFields):
     """`agro eval`: held-out accuracy, greedy and sampled."""
 
     num_prompts: int = _f(100, "Held-out prompts.")
@@ -621,6 +629,8 @@ def validate(cfg, where: dict[str, str] | None = None) -> None:
         c(cfg.sampler_mismatch_tol >= 0, "sampler_mismatch_tol", w, "must be >= 0")
         c(cfg.vllm_kv_cache_gib >= 1, "vllm_kv_cache_gib", w, "must be >= 1")
         c(0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", w, "must be in (0, 1]")
+    if isinstance(cfg, EvalBatchFields):
+        c(cfg.eval_batch_size >= 0, "eval_batch_size", w, "must be >= 0 (0 = auto)")
     if isinstance(cfg, TrainConfig):
         from . import losses
 

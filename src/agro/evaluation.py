@@ -4,15 +4,29 @@ Sampled accuracy uses temperature-1 samples from pi (no top-k/top-p), the same d
 RL objective is about; greedy accuracy is reported beside it. When a reference is given, the
 k1 estimate of KL(pi||pi_ref) = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] is computed on the
 sampled held-out completions (an unbiased estimate of the sequence-level KL).
+
+Rows per generate() call: each call decodes until its longest completion, and a decode step's
+cost grows far less than its rows, so fewer, larger calls are faster (one call of the default
+job's 180 rows took 0.60-0.79x the time of three of 64, docs/RESULTS.md). ``batch_size=0`` (the
+configs' ``eval_batch_size=0``) takes as many rows per call as :data:`AUTO_SAMPLER_BYTES` of
+estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), and every row at
+once for a sampler that schedules its own memory (vLLM); the calls are then balanced (180 rows
+under a cap of 120: two calls of 90, not 120 + 60).
+
+Randomness: the trainer runs every evaluation on its own RNG stream (:func:`eval_seed`, under
+``torch.random.fork_rng``), so evaluating (``eval_before``, ``eval_every``, the rows per call)
+never moves the training run's samples.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from typing import Callable
 
 import torch
 
-from .generation import SamplingParams
+from .generation import SamplingParams, sampler_row_bytes
 from .rollouts import Group, collate, samples_from_pi, split_groups
 from .tasks import Example, render_prompt
 
@@ -20,12 +34,15 @@ from .tasks import Example, render_prompt
 @torch.no_grad()
 def evaluate(*, tokenizer, generator, grader, examples: list[Example], template: str,
              samples: int, greedy: bool, max_new_tokens: int,
-             reference=None, temperature: float = 1.0, batch_size: int = 64,
+             reference=None, temperature: float = 1.0, batch_size: int = 0,
              on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Accuracy of the generator's model on `examples`. Returns plain floats (and counts).
 
-    Each generate() call holds up to ``batch_size`` sequences (``batch_size // n`` prompts): small
-    calls are bound by per-token overhead, so one sample per prompt would be slow at 16 prompts."""
+    Each generate() call holds up to ``batch_size`` sequences (at least one prompt's ``n``), or
+    with ``batch_size=0`` as many as :func:`rows_per_call` allows; the prompts are split into
+    calls of equal size (``eval_generate_calls`` in the result counts them)."""
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0 (0 = auto), got {batch_size}")
     t0 = time.perf_counter()
     prompt_ids = [tokenizer(render_prompt(tokenizer, ex, template), add_special_tokens=False)
                   ["input_ids"] for ex in examples]
@@ -44,13 +61,15 @@ def evaluate(*, tokenizer, generator, grader, examples: list[Example], template:
     if greedy:
         modes.append(("greedy", 1, SamplingParams(max_new_tokens, greedy=True)))
     total = len(modes) * len(examples)
-    done = 0
+    done = calls = 0
+    columns = max((len(p) for p in prompt_ids), default=0) + max_new_tokens
     for mode, n, params in modes:
         correct, lengths, kls, timeouts = [], [], [], 0
-        batch_prompts = max(1, batch_size // n)
-        for s in range(0, len(examples), batch_prompts):
-            exs = examples[s:s + batch_prompts]
-            gens = generator.generate(prompt_ids[s:s + batch_prompts], n, params)
+        cap = batch_size or rows_per_call(generator, columns, n * len(examples))
+        for s, e in balanced_calls(len(examples), max(1, cap // n)):
+            exs = examples[s:e]
+            gens = generator.generate(prompt_ids[s:e], n, params, max_rows=(e - s) * n)
+            calls += 1
             texts = [t for g in gens for t in g.texts]
             answers = [ex.answer for ex in exs for _ in range(n)]
             res = grader.grade(texts, answers)
@@ -68,8 +87,51 @@ def evaluate(*, tokenizer, generator, grader, examples: list[Example], template:
         out[f"{mode}_grade_timeouts"] = timeouts
         if kls:
             out["kl_pi_ref"] = sum(kls) / len(kls)
+    out["eval_generate_calls"] = calls
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+AUTO_SAMPLER_BYTES = 1 << 30
+"""``batch_size=0``: rows per call such that their estimated sampler memory
+(:func:`agro.generation.sampler_row_bytes`) stays within 1 GiB. The default job's evaluation
+(SmolLM2-135M, 180 rows of <= ~100 positions): one call in bf16, two of 90 in fp32."""
+
+
+def rows_per_call(generator, columns: int, rows: int,
+                  budget: int = AUTO_SAMPLER_BYTES) -> int:
+    """The automatic cap on rows per generate() call for ``rows`` rows of ``columns`` positions:
+    all of them for a sampler that schedules its own memory (``schedules_memory``, vLLM), else as
+    many as ``budget`` bytes hold by :func:`agro.generation.sampler_row_bytes` (at least 1). A
+    generator without a model config to estimate from keeps its own ``batch_size``."""
+    if getattr(generator, "schedules_memory", False):
+        return max(1, rows)
+    model = getattr(generator, "model", None)
+    per_row = sampler_row_bytes(model, getattr(generator, "precision", "fp32"), columns) \
+        if model is not None else None
+    if not per_row:
+        return max(1, int(getattr(generator, "batch_size", 64)))
+    return max(1, min(rows, budget // per_row))
+
+
+def balanced_calls(items: int, cap: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges splitting ``items`` into the fewest calls of at most ``cap``, of
+    sizes differing by at most one (each call decodes to its longest completion, so 120 + 60
+    would cost about as much as 120 + 120)."""
+    if items <= 0:
+        return []
+    k = math.ceil(items / max(1, cap))
+    bounds = [round(i * items / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def eval_seed(seed: int, rank: int = 0) -> int:
+    """The seed of every held-out evaluation of a run (and process): one fixed stream, apart from
+    training's (``seed + 1000 * rank``), so evaluating never moves training's samples, and each
+    evaluation of a run draws the same random numbers (its before/after comparison is not also a
+    comparison of two draws)."""
+    digest = hashlib.sha256(f"agro-eval:{int(seed)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _kl_k1(reference, tokenizer, gens, temperature: float, generator=None) -> list[float]:

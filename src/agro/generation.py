@@ -80,8 +80,11 @@ class Generator(Protocol):
 
     name: str
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
-        """``n`` completions for each prompt, in prompt order."""
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 max_rows: int | None = None) -> list[Generation]:
+        """``n`` completions for each prompt, in prompt order. ``max_rows``: sequences per
+        internal batch for this call (default the generator's ``batch_size``; a sampler that
+        schedules its own memory, vLLM, ignores it)."""
         ...
 
     def sync_weights(self, model) -> None:
@@ -137,6 +140,40 @@ def _warpers(params: SamplingParams) -> list:
     if params.top_p < 1.0:
         out.append(TopPLogitsWarper(top_p=float(params.top_p)))
     return out
+
+
+def _rows_per_call(batch_size: int, max_rows: int | None) -> int:
+    if max_rows is None:
+        return batch_size
+    if int(max_rows) < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    return int(max_rows)
+
+
+def sampler_row_bytes(model, precision: str, columns: int) -> int | None:
+    """Estimated bytes one sampled row holds at its peak in a call of agro's samplers
+    (:class:`CachedGenerator`, :class:`HFGenerator`): its keys and values over ``columns``
+    positions (prompt + new tokens; bf16/fp16 for those precisions, else fp32), counted twice
+    (the prefill's cache and the static one it is copied into coexist for a moment, as do a
+    growing cache and its concatenation), and four fp32 vocabulary-wide vectors (logits, warped
+    scores, log-probs, probabilities). None when the model's config does not say its layers,
+    heads and vocabulary."""
+    cfg = getattr(hf_model(model), "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden, vocab)):
+        return None
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    width = 2 if precision in ("bf16", "fp16") else 4
+    kv = 2 * layers * kv_heads * head_dim * width * int(columns)     # keys and values
+    return 2 * kv + 4 * vocab * 4
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,14 +306,17 @@ class HFGenerator:
         lps = recorder.finish(new)                                       # [b, Tg] fp32
         return new.cpu(), lps.float().cpu()
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
-        """``n`` completions per prompt; rows ``prompts x n`` are batched ``batch_size`` at a time."""
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 max_rows: int | None = None) -> list[Generation]:
+        """``n`` completions per prompt; rows ``prompts x n`` are batched ``max_rows`` (default
+        ``batch_size``) at a time."""
         _check_request(prompt_ids, n)
+        per_call = _rows_per_call(self.batch_size, max_rows)
         flat = [i for i in range(len(prompt_ids)) for _ in range(n)]    # prompt index per row
         comp: list[list[int]] = []
         lps: list[list[float]] = []
-        for s in range(0, len(flat), self.batch_size):
-            rows = flat[s:s + self.batch_size]
+        for s in range(0, len(flat), per_call):
+            rows = flat[s:s + per_call]
             new, lp = self._generate_batch([list(prompt_ids[i]) for i in rows], params)
             for r in range(new.shape[0]):
                 toks = new[r].tolist()
@@ -372,9 +412,10 @@ class CachedGenerator(HFGenerator):
     """Static cache: drop finished rows once the live ones are at most this fraction of its rows
     (1.0: at every finish)."""
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 max_rows: int | None = None) -> list[Generation]:
         _check_request(prompt_ids, n)
-        per_call = max(1, self.batch_size // n)                          # prompts per batch
+        per_call = max(1, _rows_per_call(self.batch_size, max_rows) // n)  # prompts per batch
         out: list[Generation] = []
         for s in range(0, len(prompt_ids), per_call):
             chunk = [list(p) for p in prompt_ids[s:s + per_call]]

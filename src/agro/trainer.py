@@ -42,7 +42,7 @@ from .collect import CollectStats
 from .config import TrainConfig, dump_yaml, micro_batch_tokens_for, parse_source, to_dict
 from .datafiles import read_groups
 from .distributed import Distributed
-from .evaluation import evaluate
+from .evaluation import eval_seed, evaluate
 from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
@@ -765,20 +765,26 @@ class Trainer:
         force_sync = getattr(self.generator, "force_sync", None)
         if force_sync is not None:   # a sampler that may lag (vllm_sync_every > 1): current weights
             force_sync(self.learner, only_if_behind=True)
-        res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
-                       examples=examples, template=cfg.prompt_template, samples=cfg.eval_samples,
-                       greedy=False, max_new_tokens=cfg.max_new_tokens, reference=self.reference,
-                       batch_size=cfg.generation_batch_size)
+        # its own RNG stream, the same at every evaluation (agro.evaluation.eval_seed): training's
+        # samples do not depend on whether, how often or in how many calls the run evaluates
+        with keep_random_state(self.device):
+            torch.manual_seed(eval_seed(cfg.seed, self.dist.rank))
+            res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
+                           examples=examples, template=cfg.prompt_template,
+                           samples=cfg.eval_samples, greedy=False,
+                           max_new_tokens=cfg.max_new_tokens, reference=self.reference,
+                           batch_size=cfg.eval_batch_size)
         counts = {k: float(v) for k, v in res.items()
                   if k in ("eval_prompts", "eval_prompts_too_long", "sampled_samples",
-                           "sampled_grade_timeouts")}
+                           "sampled_grade_timeouts", "eval_generate_calls")}
         w = counts.get("sampled_samples", 0.0)
         rates = {k: float(v) * w for k, v in res.items() if k not in counts and k != "eval_seconds"}
         res = {**self.dist.weighted_mean(rates, w), **self.dist.sum_dict(counts),
                "eval_seconds": max(self.dist.all_gather(float(res["eval_seconds"])))}
         self.note(f"held-out sampled accuracy ({when}): {res['sampled_accuracy']:.3f} "
                   f"(KL(pi||pi_ref) ~ {res.get('kl_pi_ref', 0.0):.4f}, "
-                  f"{res['eval_seconds']:.0f} s)")
+                  f"{res['eval_seconds']:.0f} s, {res['eval_generate_calls']:.0f} sampling "
+                  f"call{'s' if res['eval_generate_calls'] != 1 else ''})")
         return res
 
     # ------------------------------------------------------------------------------ state

@@ -132,6 +132,8 @@ class VLLMGenerator:
     """
 
     name = "vllm"
+    schedules_memory = True
+    """Its engine fits requests into its own KV cache: callers need not cap rows per call."""
 
     def __init__(self, model, tokenizer, precision: str = "fp32", batch_size: int = 64,
                  sync_every: int = 1, max_model_len: int = 2048, kv_cache_gib: int = 2,
@@ -263,7 +265,9 @@ class VLLMGenerator:
         return VSP(temperature=float(params.temperature), top_p=float(params.top_p),
                    top_k=int(params.top_k), **common)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                 max_rows: int | None = None) -> list[Generation]:
+        """``max_rows`` is ignored: vLLM schedules every request within its own KV cache."""
         _check_request(prompt_ids, n)
         if not prompt_ids:
             return []
