@@ -1,6 +1,7 @@
 """The held-out evaluation's sampling (45 prompts x 4 samples, agro's own sampler) with up to
-``--small`` rows per generate() call (the default generation_batch_size, 64: three calls) and
-with ``--large`` (one call), interleaved rounds, the default job's trainer in bf16 on MODEL
+``--small`` rows per generate() call (64: three calls of 60, as the evaluation ran at the default
+generation_batch_size before eval_batch_size existed) and with ``--large`` (one call; what
+``eval_batch_size=0`` picks for this evaluation in bf16), interleaved rounds, the default job's trainer in bf16 on MODEL
 (``default``: the untrained model, ~29-token completions; a run's ``final/`` directory: ~9).
 
     .venv/bin/python bench/eval_batch.py [--model DIR] --rounds 3 [--json FILE]
@@ -36,7 +37,6 @@ def main() -> None:
     examples = tr.task.eval_examples(45)
 
     def run(rows: int) -> tuple[float, dict]:
-        tr.generator.batch_size = rows           # the sampler's own cap per call
         torch.manual_seed(0)
         t = time.perf_counter()
         res = evaluate(tokenizer=tr.tok, generator=tr.generator, grader=tr.grader,

@@ -87,7 +87,8 @@ class SamplingFields:
                             "terms switch off and this is logged).")
     top_p: float = _f(1.0, "Nucleus sampling. < 1 makes samples off-policy.")
     top_k: int = _f(0, "Top-k sampling (0 = off). > 0 makes samples off-policy.")
-    generation_batch_size: int = _f(64, "Max sequences per generate() call.")
+    generation_batch_size: int = _f(64, "Max sequences per generate() call of training's sampler "
+                                    "and `agro generate` (evaluations: eval_batch_size).")
     generator: str = _f("cached", "Sampler: 'cached' (agro's KV-cache loop: one prefill per prompt, "
                         "finished samples leave the batch), 'hf' (transformers generate()) or "
                         "'vllm' (an in-process vLLM engine; optional, `make vllm-setup` on CPU). "
@@ -142,7 +143,7 @@ def micro_batch_tokens_for(cfg, precision: str | None = None) -> int:
 
 
 @dataclass
-class TrainConfig(ModelFields, TaskFields, SamplingFields, EvalBatchFields):
+class TrainConfig(EvalBatchFields, ModelFields, TaskFields, SamplingFields):
     """`agro train`: RL fine-tuning with AGRO (or a baseline loss)."""
 
     loss: str = _f("agro", "Registered loss: agro (off-policy AGRO, Eq. 4), agro_on (on-policy "
@@ -249,7 +250,7 @@ class GenerateConfig(ModelFields, TaskFields, SamplingFields):
 
 
 @dataclass
-class EvalConfig(ModelFields, TaskFields, SamplingFields, EvalBatchFields):
+class EvalConfig(EvalBatchFields, ModelFields, TaskFields, SamplingFields):
     """`agro eval`: held-out accuracy, greedy and sampled."""
 
     num_prompts: int = _f(100, "Held-out prompts.")

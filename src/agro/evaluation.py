@@ -15,7 +15,10 @@ under a cap of 120: two calls of 90, not 120 + 60).
 
 Randomness: the trainer runs every evaluation on its own RNG stream (:func:`eval_seed`, under
 ``torch.random.fork_rng``), so evaluating (``eval_before``, ``eval_every``, the rows per call)
-never moves the training run's samples.
+does not move the training run's samples. (With ``generator=vllm`` and ``vllm_sync_every > 1`` an
+evaluation also pushes the current weights into the engine, as the run's log says, and so moves
+the lag of the groups sampled after it.) ``agro eval`` at a run's seed draws from the stream of a
+one-process run's evaluation.
 """
 from __future__ import annotations
 
@@ -98,12 +101,13 @@ AUTO_SAMPLER_BYTES = 1 << 30
 (SmolLM2-135M, 180 rows of <= ~100 positions): one call in bf16, two of 90 in fp32."""
 
 
-def rows_per_call(generator, columns: int, rows: int,
-                  budget: int = AUTO_SAMPLER_BYTES) -> int:
+def rows_per_call(generator, columns: int, rows: int, budget: int | None = None) -> int:
     """The automatic cap on rows per generate() call for ``rows`` rows of ``columns`` positions:
     all of them for a sampler that schedules its own memory (``schedules_memory``, vLLM), else as
-    many as ``budget`` bytes hold by :func:`agro.generation.sampler_row_bytes` (at least 1). A
-    generator without a model config to estimate from keeps its own ``batch_size``."""
+    many as ``budget`` bytes (default :data:`AUTO_SAMPLER_BYTES`) hold by
+    :func:`agro.generation.sampler_row_bytes` (at least 1). A generator without a model config to
+    estimate from keeps its own ``batch_size``."""
+    budget = AUTO_SAMPLER_BYTES if budget is None else int(budget)
     if getattr(generator, "schedules_memory", False):
         return max(1, rows)
     model = getattr(generator, "model", None)

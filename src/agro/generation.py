@@ -157,12 +157,16 @@ def sampler_row_bytes(model, precision: str, columns: int) -> int | None:
     (the prefill's cache and the static one it is copied into coexist for a moment, as do a
     growing cache and its concatenation), and four fp32 vocabulary-wide vectors (logits, warped
     scores, log-probs, probabilities). None when the model's config does not say its layers,
-    heads and vocabulary."""
+    heads and vocabulary. Assumes keys and values of ``hidden_size / num_attention_heads`` (or
+    ``head_dim``) per KV head: a model with compressed or differently sized keys and values
+    (DeepSeek's latent attention) is estimated from its config's fields as if it had none."""
     cfg = getattr(hf_model(model), "config", None)
     if cfg is None:
         return None
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
+    try:                                   # a multimodal config's decoder (the one sampled)
+        cfg = cfg.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):
+        pass
     layers = getattr(cfg, "num_hidden_layers", None)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)

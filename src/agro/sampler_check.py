@@ -115,6 +115,21 @@ def decide(generator, model, tokenizer, precision: str, prompt_ids: list[list[in
     return [f"{name}: " + m.line(), f"{name} samples {verdict}: {why}"]
 
 
+def seed_random_state(device, seed: int) -> None:
+    """Seed the CPU generator, and ``device``'s when it is an accelerator: the generators
+    :func:`keep_random_state` restores (``torch.manual_seed`` would reseed every GPU)."""
+    device = torch.device(device)
+    torch.default_generator.manual_seed(int(seed))
+    if device.type != "cpu":
+        mod = getattr(torch, device.type)
+        select = getattr(mod, "device", None)       # CUDA/XPU: the given device's generator
+        if device.index is not None and select is not None:
+            with select(device.index):
+                mod.manual_seed(int(seed))
+        else:
+            mod.manual_seed(int(seed))              # the current device's (MPS: its only one)
+
+
 def keep_random_state(device) -> contextlib.AbstractContextManager:
     """Restore the CPU random state, and the accelerator's when ``device`` is one, on exit: a
     measurement samples, and must not move the run's own samples."""

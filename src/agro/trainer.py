@@ -51,7 +51,7 @@ from .perf import (CALIBRATION_PROMPT_LEN, FlopModel, batch_flops, calibrate_pre
                    matmul_peak, phase_rates)
 from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
-from .sampler_check import keep_random_state
+from .sampler_check import keep_random_state, seed_random_state
 from .sources import build_mixer
 from .tasks import build_task
 
@@ -768,7 +768,7 @@ class Trainer:
         # its own RNG stream, the same at every evaluation (agro.evaluation.eval_seed): training's
         # samples do not depend on whether, how often or in how many calls the run evaluates
         with keep_random_state(self.device):
-            torch.manual_seed(eval_seed(cfg.seed, self.dist.rank))
+            seed_random_state(self.device, eval_seed(cfg.seed, self.dist.rank))
             res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                            examples=examples, template=cfg.prompt_template,
                            samples=cfg.eval_samples, greedy=False,

@@ -287,8 +287,7 @@ class Sweep:
     def _eval_settings(self) -> dict:
         b = self.base()
         keep = ("model", "precision", "task", "arithmetic_range", "arithmetic_level",
-                "prompt_template", "max_new_tokens", "generation_batch_size", "eval_batch_size",
-                "group_size")
+                "prompt_template", "max_new_tokens", "generation_batch_size", "group_size")
         return {k: b[k] for k in keep if k in b}
 
     def _base_key(self) -> dict:
