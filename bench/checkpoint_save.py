@@ -64,14 +64,17 @@ def main() -> None:
     m2 = load_model("default")
     o2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=1e-6, fused=True)
     ck.load_checkpoint(path, m2, o2, None, verify=True)
-    same = all(torch.equal(x, y) for x, y in zip(opt.state_dict()["state"][0].values(),
-                                                  o2.state_dict()["state"][0].values()))
+    a_state, b_state = opt.state_dict()["state"], o2.state_dict()["state"]
+    same = a_state.keys() == b_state.keys() and all(
+        a_state[i].keys() == b_state[i].keys()
+        and all(torch.equal(a_state[i][k], b_state[i][k]) for k in a_state[i]) for i in a_state)
+    same = same and all(torch.equal(x, y) for x, y in zip(model.parameters(), m2.parameters()))
     med = medians(rows)
     cpu = machine_key()
     print(f"{cpu}\nmedians over {a.rounds} rounds: with CRC32 wall {med['crc32_wall']:.2f} s, "
           f"cpu {med['crc32_cpu']:.2f} s; without wall {med['no_crc32_wall']:.2f} s, cpu "
           f"{med['no_crc32_cpu']:.2f} s ({med['no_crc32_cpu'] / med['crc32_cpu']:.3f}x cpu); "
-          f"a save without CRC32s loads with sha256 verified, AdamW state equal: {same}")
+          f"a save without CRC32s loads with sha256 verified, weights and AdamW state equal: {same}")
     write_json(a.json, cpu, "fp32", torch.__version__, rows, med, loaded_equal=same)
     import shutil
     shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The held-out evaluation's sampling (45 prompts x 4 samples, agro's own sampler) with up to
-``--small`` rows per generate() call (64: three calls of 60, as the evaluation ran at the default
-generation_batch_size before eval_batch_size existed) and with ``--large`` (one call; what
-``eval_batch_size=0`` picks for this evaluation in bf16), interleaved rounds, the default job's trainer in bf16 on MODEL
+``--small`` rows per generate() call (64: since the calls are of equal size, three of 60; before
+eval_batch_size existed the evaluation ran 64 + 64 + 52, which "2026-12-04 (sixth)" measured)
+and with ``--large`` (one call; what ``eval_batch_size=0`` picks for this evaluation in bf16),
+interleaved rounds, the default job's trainer in bf16 on MODEL
 (``default``: the untrained model, ~29-token completions; a run's ``final/`` directory: ~9).
 
     .venv/bin/python bench/eval_batch.py [--model DIR] --rounds 3 [--json FILE]

@@ -71,9 +71,9 @@ def test_the_row_estimate_reads_other_config_layouts(tiny_gpt2_dir):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_row_estimate_covers_the_static_cache_it_stands_for(tiny_model_dir, precision,
                                                                 monkeypatch):
-    """The estimate's terms are the real cache's: its layers, KV heads, head size, columns and
-    dtype as the static decode cache allocates them (per row, at least that cache plus one fp32
-    vocabulary-wide row; at most twice it plus four, the estimate's own margins)."""
+    """The estimate's KV term is the real cache's: its layers, KV heads, head size, columns and
+    dtype as the static decode cache allocates them, counted twice (the estimate's margin for
+    the prefill's cache beside it), plus four fp32 vocabulary-wide rows."""
     model = load_model(tiny_model_dir)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -92,7 +92,7 @@ def test_the_row_estimate_covers_the_static_cache_it_stands_for(tiny_model_dir, 
     cache = (dec.k.numel() * dec.k.element_size() + dec.v.numel() * dec.v.element_size()) / rows
     vocab_row = model.config.vocab_size * 4
     est = sampler_row_bytes(model, precision, columns)
-    assert cache + vocab_row <= est <= 2 * cache + 4 * vocab_row
+    assert est == 2 * cache + 4 * vocab_row      # the KV term is exactly the cache's bytes
 
 
 def _examples(k):

@@ -490,6 +490,12 @@ def test_evaluations_do_not_move_the_training_runs_samples(tiny_model_dir, tmp_p
         cfg = make_cfg(tiny_model_dir, tmp_path / name, "steps=2", *extra)
         tr, before, _ = run_steps(cfg)
         runs[name] = params_of(tr.policy)
+        run = tmp_path / name / "run"
+        evals = [x for x in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+                 if x.get("kind") == "eval"]                       # before and after
+        during = [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if "eval_sampled_accuracy" in x]                 # after step 1 of 2
+        assert (len(evals), len(during)) == ((0, 0) if name == "none" else (2, 1)), name
     assert moved_between(before, runs["none"]) > 0
     for name in ("every", "small_calls"):
         assert all(torch.equal(runs["none"][k], runs[name][k]) for k in runs["none"]), name
@@ -505,13 +511,22 @@ def test_every_evaluation_of_a_run_draws_the_same_random_numbers(tiny_model_dir,
     cfg = make_cfg(tiny_model_dir, tmp_path, "eval_prompts=4", "eval_samples=3",
                    "max_new_tokens=12")
     tr = Trainer(cfg, grader=HashGrader())
+    seen = []
+    real = tr.generator.generate
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        seen.append([c for g in out for c in g.completion_ids])
+        return out
+
+    tr.generator.generate = recording
     state = torch.get_rng_state()
     a = tr.run_eval("before")
     assert torch.equal(state, torch.get_rng_state())
     torch.rand(1000)                       # training's stream moves on between evaluations
     b = tr.run_eval("during")
-    keys = ("sampled_accuracy", "sampled_len_mean", "sampled_samples")
-    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert len(seen) == 2 and len(seen[0]) == 12 and seen[0] == seen[1]   # 4 prompts x 3
+    assert a["sampled_accuracy"] == b["sampled_accuracy"]
 
 
 def test_agro_eval_samples_what_a_runs_evaluation_samples(tiny_model_dir, tmp_path, monkeypatch):

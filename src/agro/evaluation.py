@@ -11,7 +11,7 @@ job's 180 rows took 0.60-0.79x the time of three of 64, docs/RESULTS.md). ``batc
 configs' ``eval_batch_size=0``) takes as many rows per call as :data:`AUTO_SAMPLER_BYTES` of
 estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), and every row at
 once for a sampler that schedules its own memory (vLLM); the calls are then balanced (180 rows
-under a cap of 120: two calls of 90, not 120 + 60).
+under a cap of 120 rows at 4 samples per prompt: 22 and 23 prompts, 88 + 92 rows, not 120 + 60).
 
 Randomness: the trainer runs every evaluation on its own RNG stream (:func:`eval_seed`, under
 ``torch.random.fork_rng``), so evaluating (``eval_before``, ``eval_every``, the rows per call)
@@ -98,7 +98,7 @@ def evaluate(*, tokenizer, generator, grader, examples: list[Example], template:
 AUTO_SAMPLER_BYTES = 1 << 30
 """``batch_size=0``: rows per call such that their estimated sampler memory
 (:func:`agro.generation.sampler_row_bytes`) stays within 1 GiB. The default job's evaluation
-(SmolLM2-135M, 180 rows of <= ~100 positions): one call in bf16, two of 90 in fp32."""
+(SmolLM2-135M, 180 rows of <= ~100 positions): one call in bf16, two (88 + 92 rows) in fp32."""
 
 
 def rows_per_call(generator, columns: int, rows: int, budget: int | None = None) -> int:

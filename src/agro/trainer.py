@@ -784,7 +784,8 @@ class Trainer:
         self.note(f"held-out sampled accuracy ({when}): {res['sampled_accuracy']:.3f} "
                   f"(KL(pi||pi_ref) ~ {res.get('kl_pi_ref', 0.0):.4f}, "
                   f"{res['eval_seconds']:.0f} s, {res['eval_generate_calls']:.0f} sampling "
-                  f"call{'s' if res['eval_generate_calls'] != 1 else ''})")
+                  f"call{'s' if res['eval_generate_calls'] != 1 else ''}"
+                  f"{f' over {self.dist.world} processes' if self.dist.world > 1 else ''})")
         return res
 
     # ------------------------------------------------------------------------------ state
