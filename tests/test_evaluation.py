@@ -37,7 +37,7 @@ def test_eval_seed_is_fixed_per_run_and_rank_and_apart_from_training():
 class _Fake:
     """A generator-shaped object for rows_per_call (no sampling)."""
 
-    def __init__(self, model=None, precision="fp32", batch_size=64, schedules_memory=False):
+    def __init__(self, model=None, precision="fp32", batch_size=1, schedules_memory=False):
         self.model, self.precision, self.batch_size = model, precision, batch_size
         if schedules_memory:
             self.schedules_memory = True
@@ -56,6 +56,10 @@ def test_rows_per_call_follows_the_budget_and_the_model(tiny_model_dir):
     long32 = sampler_row_bytes(model, "fp32", 4000)     # where the cache outweighs the logits
     assert rows_per_call(_Fake(model, "bf16"), 4000, 1000, budget=10 * long32) > 15
     assert rows_per_call(_Fake(schedules_memory=True), 100, 1000) == 1000   # vLLM: all at once
+    # never fewer rows than the run's own sampling calls hold (generation_batch_size) ...
+    assert rows_per_call(_Fake(model, batch_size=64), 100, 1000, budget=10 * per32) == 64
+    assert rows_per_call(_Fake(model, batch_size=64), 100, 1000, budget=100 * per32) == 100
+    assert rows_per_call(_Fake(model, batch_size=64), 100, 40, budget=10 * per32) == 40  # ... nor rows
     assert rows_per_call(_Fake(None, batch_size=24), 100, 1000) == 24        # nothing to estimate
 
 

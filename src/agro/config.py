@@ -120,8 +120,9 @@ class SamplingFields:
 class EvalBatchFields:
     eval_batch_size: int = _f(0, "Max sequences per generate() call in held-out evaluations (0 = "
                               "auto: as many as ~1 GiB of the sampler's estimated KV cache and "
-                              "logits holds, all of them with vLLM; calls of equal size). Fewer, "
-                              "larger calls are faster: each decodes to its longest completion.")
+                              "logits holds, at least generation_batch_size; all of them with "
+                              "vLLM; calls of equal size). Fewer, larger calls are faster: each "
+                              "decodes to its longest completion.")
 
 
 # --------------------------------------------------------------------------- entry points

@@ -9,8 +9,9 @@ Rows per generate() call: each call decodes until its longest completion, and a 
 cost grows far less than its rows, so fewer, larger calls are faster (one call of the default
 job's 180 rows took 0.60-0.79x the time of three of 64, docs/RESULTS.md). ``batch_size=0`` (the
 configs' ``eval_batch_size=0``) takes as many rows per call as :data:`AUTO_SAMPLER_BYTES` of
-estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), and every row at
-once for a sampler that schedules its own memory (vLLM); the calls are then balanced (180 rows
+estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), never fewer than the
+sampler's ``generation_batch_size``, and every row at once for a sampler that schedules its own
+memory (vLLM); the calls are then balanced (180 rows
 under a cap of 120 rows at 4 samples per prompt: 22 and 23 prompts, 88 + 92 rows, not 120 + 60).
 
 Randomness: the trainer runs every evaluation on its own RNG stream (:func:`eval_seed`, under
@@ -105,17 +106,21 @@ def rows_per_call(generator, columns: int, rows: int, budget: int | None = None)
     """The automatic cap on rows per generate() call for ``rows`` rows of ``columns`` positions:
     all of them for a sampler that schedules its own memory (``schedules_memory``, vLLM), else as
     many as ``budget`` bytes (default :data:`AUTO_SAMPLER_BYTES`) hold by
-    :func:`agro.generation.sampler_row_bytes` (at least 1). A generator without a model config to
-    estimate from keeps its own ``batch_size``."""
+    :func:`agro.generation.sampler_row_bytes`, and never fewer than the generator's own
+    ``batch_size`` (``generation_batch_size``: what the run's sampling calls already hold, with
+    prompts and completions of the same limits; a large model's rows can need more than the
+    budget, and a GPU has room for them), nor more than ``rows``. A generator without a model
+    config to estimate from keeps its ``batch_size``."""
     budget = AUTO_SAMPLER_BYTES if budget is None else int(budget)
     if getattr(generator, "schedules_memory", False):
         return max(1, rows)
+    floor = max(1, int(getattr(generator, "batch_size", 64)))
     model = getattr(generator, "model", None)
     per_row = sampler_row_bytes(model, getattr(generator, "precision", "fp32"), columns) \
         if model is not None else None
     if not per_row:
-        return max(1, int(getattr(generator, "batch_size", 64)))
-    return max(1, min(rows, budget // per_row))
+        return floor
+    return max(1, min(rows, max(floor, budget // per_row)))
 
 
 def balanced_calls(items: int, cap: int) -> list[tuple[int, int]]:
