@@ -107,7 +107,7 @@ def _examples(k):
 def test_evaluate_splits_its_rows_into_calls_of_at_most_batch_size(tiny_model_dir, batch_size,
                                                                    calls, monkeypatch):
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    gen = CachedGenerator(model, tok, precision="fp32", batch_size=2)   # never used as the cap
+    gen = CachedGenerator(model, tok, precision="fp32", batch_size=2)   # auto's floor: not binding
     sizes = []
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda p, n, params, max_rows=None:
@@ -128,3 +128,21 @@ def test_evaluate_refuses_a_negative_batch_size(tiny_model_dir):
         evaluate(tokenizer=tok, generator=CachedGenerator(model, tok), grader=HashGrader(),
                  examples=_examples(2), template="bare", samples=2, greedy=False,
                  max_new_tokens=4, batch_size=-1)
+
+
+def test_auto_never_caps_below_the_samplers_batch_size(tiny_model_dir, monkeypatch):
+    """With a budget too small for one row, auto still takes generation_batch_size rows per call
+    (6 here: two prompts of 3 samples), as the evaluation did before eval_batch_size."""
+    import agro.evaluation as ev
+
+    monkeypatch.setattr(ev, "AUTO_SAMPLER_BYTES", 1)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    gen = CachedGenerator(model, tok, precision="fp32", batch_size=6)
+    sizes = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda p, n, params, max_rows=None:
+                        sizes.append(len(p) * n) or real(p, n, params, max_rows))
+    torch.manual_seed(0)
+    res = evaluate(tokenizer=tok, generator=gen, grader=HashGrader(), examples=_examples(10),
+                   template="bare", samples=3, greedy=False, max_new_tokens=4, batch_size=0)
+    assert sizes == [6] * 5 and res["eval_generate_calls"] == 5

@@ -88,7 +88,8 @@ class SamplingFields:
     top_p: float = _f(1.0, "Nucleus sampling. < 1 makes samples off-policy.")
     top_k: int = _f(0, "Top-k sampling (0 = off). > 0 makes samples off-policy.")
     generation_batch_size: int = _f(64, "Max sequences per generate() call of training's sampler "
-                                    "and `agro generate` (evaluations: eval_batch_size).")
+                                    "and `agro generate` (evaluations: eval_batch_size, whose "
+                                    "auto cap is never below this).")
     generator: str = _f("cached", "Sampler: 'cached' (agro's KV-cache loop: one prefill per prompt, "
                         "finished samples leave the batch), 'hf' (transformers generate()) or "
                         "'vllm' (an in-process vLLM engine; optional, `make vllm-setup` on CPU). "
@@ -120,7 +121,7 @@ class SamplingFields:
 class EvalBatchFields:
     eval_batch_size: int = _f(0, "Max sequences per generate() call in held-out evaluations (0 = "
                               "auto: as many as ~1 GiB of the sampler's estimated KV cache and "
-                              "logits holds, at least generation_batch_size; all of them with "
+                              "logits holds, a cap never below generation_batch_size; all with "
                               "vLLM; calls of equal size). Fewer, larger calls are faster: each "
                               "decodes to its longest completion.")
 

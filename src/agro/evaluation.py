@@ -9,8 +9,8 @@ Rows per generate() call: each call decodes until its longest completion, and a 
 cost grows far less than its rows, so fewer, larger calls are faster (one call of the default
 job's 180 rows took 0.60-0.79x the time of three of 64, docs/RESULTS.md). ``batch_size=0`` (the
 configs' ``eval_batch_size=0``) takes as many rows per call as :data:`AUTO_SAMPLER_BYTES` of
-estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), never fewer than the
-sampler's ``generation_batch_size``, and every row at once for a sampler that schedules its own
+estimated sampler memory hold (:func:`agro.generation.sampler_row_bytes`), a cap never below
+the sampler's ``generation_batch_size``, and every row at once for a sampler that schedules its own
 memory (vLLM); the calls are then balanced (180 rows
 under a cap of 120 rows at 4 samples per prompt: 22 and 23 prompts, 88 + 92 rows, not 120 + 60).
 
@@ -106,11 +106,12 @@ def rows_per_call(generator, columns: int, rows: int, budget: int | None = None)
     """The automatic cap on rows per generate() call for ``rows`` rows of ``columns`` positions:
     all of them for a sampler that schedules its own memory (``schedules_memory``, vLLM), else as
     many as ``budget`` bytes (default :data:`AUTO_SAMPLER_BYTES`) hold by
-    :func:`agro.generation.sampler_row_bytes`, and never fewer than the generator's own
-    ``batch_size`` (``generation_batch_size``: what the run's sampling calls already hold, with
-    prompts and completions of the same limits; a large model's rows can need more than the
-    budget, and a GPU has room for them), nor more than ``rows``. A generator without a model
-    config to estimate from keeps its ``batch_size``."""
+    :func:`agro.generation.sampler_row_bytes`, and never below the generator's own ``batch_size``
+    (``generation_batch_size``: the cap on the run's own sampling calls, and what an evaluation's
+    calls took before ``eval_batch_size`` existed; without this floor a large model's rows, e.g.
+    ~400 MB each for a 32-layer, 8-KV-head, 128-dim model at 1536 positions in bf16, would get
+    far fewer rows per call than before), nor above ``rows``. A generator without a model config
+    to estimate from keeps its ``batch_size``."""
     budget = AUTO_SAMPLER_BYTES if budget is None else int(budget)
     if getattr(generator, "schedules_memory", False):
         return max(1, rows)

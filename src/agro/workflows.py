@@ -76,7 +76,8 @@ def eval_defaults_from_run(spec: str) -> list[str]:
         saved = yaml.safe_load((p / "config.yaml").read_text()) or {}
         keep = ("task", "data_path", "eval_data_path", "arithmetic_level", "arithmetic_range",
                 "prompt_template",
-                "max_new_tokens", "precision", "seed", "eval_batch_size")
+                "max_new_tokens", "precision", "seed", "eval_batch_size",
+                "generation_batch_size")   # eval_batch_size=0's floor
         return [f"{k}={saved[k]}" for k in keep if k in saved and saved[k] != ""] + \
             [f"model={p / 'final'}"]
     return [f"model={spec}"]
