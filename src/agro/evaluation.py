@@ -23,6 +23,7 @@ one-process run's evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -32,6 +33,7 @@ import torch
 
 from .generation import SamplingParams, sampler_row_bytes
 from .rollouts import Group, collate, samples_from_pi, split_groups
+from .sampler_check import keep_random_state, seed_random_state
 from .tasks import Example, render_prompt
 
 
@@ -133,6 +135,16 @@ def balanced_calls(items: int, cap: int) -> list[tuple[int, int]]:
     k = math.ceil(items / max(1, cap))
     bounds = [round(i * items / k) for i in range(k + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+@contextlib.contextmanager
+def eval_random_stream(device, seed: int, rank: int = 0):
+    """Within it, torch's CPU generator (and ``device``'s) draw the evaluation's own stream
+    (:func:`eval_seed`); on exit they are as they were, so the caller's stream has not moved.
+    Used by the trainer's evaluations and by ``agro eval``."""
+    with keep_random_state(device):
+        seed_random_state(device, eval_seed(seed, rank))
+        yield
 
 
 def eval_seed(seed: int, rank: int = 0) -> int:

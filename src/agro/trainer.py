@@ -42,7 +42,7 @@ from .collect import CollectStats
 from .config import TrainConfig, dump_yaml, micro_batch_tokens_for, parse_source, to_dict
 from .datafiles import read_groups
 from .distributed import Distributed
-from .evaluation import eval_seed, evaluate
+from .evaluation import eval_random_stream, evaluate
 from .faults import maybe_crash
 from .logging_utils import MetricsLogger, TrainProgress
 from .logprobs import batch_logprobs, token_kl
@@ -51,7 +51,7 @@ from .perf import (CALIBRATION_PROMPT_LEN, FlopModel, batch_flops, calibrate_pre
                    matmul_peak, phase_rates)
 from .provenance import check_offline_groups, reference_identity
 from .rollouts import Group, collate, samples_from_pi, split_groups
-from .sampler_check import keep_random_state, seed_random_state
+from .sampler_check import keep_random_state
 from .sources import build_mixer
 from .tasks import build_task
 
@@ -767,8 +767,7 @@ class Trainer:
             force_sync(self.learner, only_if_behind=True)
         # its own RNG stream, the same at every evaluation (agro.evaluation.eval_seed): training's
         # samples do not depend on whether, how often or in how many calls the run evaluates
-        with keep_random_state(self.device):
-            seed_random_state(self.device, eval_seed(cfg.seed, self.dist.rank))
+        with eval_random_stream(self.device, cfg.seed, self.dist.rank):
             res = evaluate(tokenizer=self.tok, generator=self.generator, grader=self.grader,
                            examples=examples, template=cfg.prompt_template,
                            samples=cfg.eval_samples, greedy=False,

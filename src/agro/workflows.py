@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import yaml
 
 from .builders import (build_collector, build_generator, build_grader, default_device,
                        follow_train_precision, setup_runtime)
 from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
-from .evaluation import eval_seed, evaluate
+from .evaluation import eval_random_stream, evaluate
 from .logprobs import Reference
 from .models import load_model, load_tokenizer
 from .provenance import META_KEY, reference_identity
@@ -98,8 +97,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     examples = task.eval_examples(cfg.num_prompts)
     # the stream agro train's evaluations draw from (agro.evaluation.eval_seed): this model's
     # `agro eval` samples what a run's evaluation of it at the same seed and settings samples
-    torch.manual_seed(eval_seed(cfg.seed))
-    with build_grader(cfg) as grader, Progress(transient=True) as prog:
+    with eval_random_stream(device, cfg.seed), build_grader(cfg) as grader, \
+            Progress(transient=True) as prog:
         bar = prog.add_task("evaluating", total=len(examples) * ((cfg.samples > 0) + cfg.greedy))
         return evaluate(tokenizer=tok, generator=generator, grader=grader,
                         examples=examples, template=cfg.prompt_template, samples=cfg.samples,
