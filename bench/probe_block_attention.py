@@ -1,13 +1,16 @@
 """Attention of packed groups, one layer, forward + backward: agro.logprobs' attention by
-blocks (``packed_block_attention`` on a ``BlockLayout``) against SDPA over the dense [L, L]
-block mask, on the shapes of SmolLM2-135M (9 query heads, 3 key/value heads, head dim 64), for
+blocks (``packed_block_attention`` on a ``BlockLayout``) against attention over the dense [L, L]
+block mask, each on SDPA (the kernel ``attention_backend`` picks on a CPU, ``CPU_ATTENTION``
+off) and on agro's CPU kernel (``agro.cpu_attention``; dense: ``packed_dense_attention``), on the shapes of SmolLM2-135M (9 query heads, 3 key/value heads, head dim 64), for
 group sizes, prompt and completion lengths from the default job's (L ~ 160) to long math
 completions (L ~ 1000). Random lengths in the ranges shown, seeded; each arm timed twice per
 case in alternation, best of the two means of --reps runs.
 
     .venv/bin/python bench/probe_block_attention.py --reps 10
 
-Its table is what ``agro.logprobs.PACKED_BLOCK_MIN_LEN`` was chosen from. Run it alone."""
+Its table is what ``agro.logprobs.PACKED_BLOCK_MIN_LEN`` was chosen from (the columns
+"agro dense" and "agro block" since 2026-12-05, when the packed passes' attention moved to
+agro's kernel on a CPU). Run it alone."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +56,18 @@ def case(G, n, prange, crange, dtype, reps):
         return sdpa_attention_forward(module, q, kk, v, dense_mask, scaling=D ** -0.5)[0]
 
     def block(q, kk, v):
+        lp.CPU_ATTENTION = False
+        try:
+            return lp.packed_block_attention(module, q, kk, v, None, scaling=D ** -0.5,
+                                             agro_block_layout=layout)[0]
+        finally:
+            lp.CPU_ATTENTION = True
+
+    def agro_dense(q, kk, v):
+        return lp.packed_dense_attention(module, q, kk, v, None, scaling=D ** -0.5,
+                                         agro_dense_layout=lp.DenseLayout(dense_mask))[0]
+
+    def agro_block(q, kk, v):
         return lp.packed_block_attention(module, q, kk, v, None, scaling=D ** -0.5,
                                          agro_block_layout=layout)[0]
 
@@ -68,18 +83,23 @@ def case(G, n, prange, crange, dtype, reps):
         (o * go).sum().backward()
         return o.detach(), q.grad, kk.grad, v.grad
 
-    a, b = run(dense), run(block)
+    arms = (("dense", dense), ("block", block), ("agro_dense", agro_dense),
+            ("agro_block", agro_block))
+    a = run(dense)
     real = (blk >= -1)[:, :, None, None]
-    err = max(float(((x - y) * (real if i == 0 else 1)).abs().max() / x.abs().max())
-              for i, (x, y) in enumerate(zip(a, b)))
-    for name, f in (("dense", dense), ("block", block)) * 2:
+    err = {}
+    for name, f in arms[1:]:
+        b = run(f)
+        err[name] = max(float(((x - y) * (real if i == 0 else 1)).abs().max() / x.abs().max())
+                        for i, (x, y) in enumerate(zip(a, b)))
+    for name, f in arms * 2:
         for _ in range(2):
             run(f)
         t0 = time.perf_counter()
         for _ in range(reps):
             run(f)
         out[name] = min(out.get(name, 1e9), (time.perf_counter() - t0) / reps * 1e3)
-    return L, layout.Pp, layout.Tm, out["dense"], out["block"], err
+    return L, layout.Pp, layout.Tm, out, err
 
 
 def main() -> None:
@@ -87,14 +107,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
     print(f"{machine_key()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print("precision kernel | groups n prompt completion | L Pp Tm | dense ms block ms "
-          "block/dense | max rel. difference (output, dq, dk, dv)")
+    print("precision SDPA kernel | groups n prompt completion | L Pp Tm | ms: SDPA dense, "
+          "SDPA block, agro dense, agro block | each / SDPA dense | max rel. difference from "
+          "SDPA dense (output, dq, dk, dv): SDPA block, agro dense, agro block")
     for G, n, pr, cr in CASES:
         for name, dtype, backend in KERNELS:
             with sdpa_kernel(backend):
-                L, Pp, Tm, d, b, err = case(G, n, pr, cr, dtype, a.reps)
+                L, Pp, Tm, t, err = case(G, n, pr, cr, dtype, a.reps)
+            ms = [t[k] for k in ("dense", "block", "agro_dense", "agro_block")]
             print(f"{name} {backend.name.lower()} | {G} {n} {pr} {cr} | {L} {Pp} {Tm} | "
-                  f"{d:.2f} {b:.2f} {b / d:.2f} | {err:.1e}", flush=True)
+                  + " ".join(f"{x:.2f}" for x in ms) + " | "
+                  + " ".join(f"{x / ms[0]:.2f}" for x in ms[1:]) + " | "
+                  + " ".join(f"{e:.1e}" for e in err.values()), flush=True)
 
 
 if __name__ == "__main__":

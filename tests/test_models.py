@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agro import builders, logprobs, models, perf
+from agro import builders, cpu_attention, logprobs, models, perf
 from agro.logprobs import Reference, chosen_logprobs, completion_logprobs, token_kl
 from agro.models import (
     apply_lora, autocast_ctx, load_model, load_tokenizer, param_count, save_for_transformers,
@@ -62,18 +62,25 @@ def gpt2(tiny_gpt2_dir):
     return load_model(tiny_gpt2_dir).eval()
 
 
-@pytest.fixture(params=["dense", "blocks"])
+@pytest.fixture(params=["dense", "blocks", "dense-sdpa"])
 def attention(request, monkeypatch):
-    """Both ways a packed pass computes attention: over the dense [L, L] block mask, and by
-    blocks (PACKED_BLOCK_MIN_LEN 0: test batches are far shorter than its real value). With
-    blocks, every packed pass of the test must have run them on every layer."""
+    """Every way a packed pass computes attention: over the dense [L, L] block mask, and by
+    blocks (PACKED_BLOCK_MIN_LEN 0: test batches are far shorter than its real value), both on
+    agro's CPU kernel (agro.cpu_attention), and over the dense mask on SDPA (CPU_ATTENTION off:
+    what other devices, and models that do not route attention through the registry, run).
+    Every packed pass of the test must have run the chosen kernel on every layer."""
     blocks = request.param == "blocks"
     monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0 if blocks else 10 ** 9)
+    monkeypatch.setattr(logprobs, "CPU_ATTENTION", request.param != "dense-sdpa")
     ran, real = [], logprobs._block_attention_ran_everywhere
     monkeypatch.setattr(logprobs, "_block_attention_ran_everywhere",
-                        lambda dec, lay: ran.append(real(dec, lay)) or ran[-1])
+                        lambda dec, lay: ran.append((type(lay), real(dec, lay))) or ran[-1][1])
     yield request.param
-    assert (bool(ran) and all(ran)) if blocks else not ran, ran
+    want = {"dense": logprobs.DenseLayout, "blocks": logprobs.BlockLayout}.get(request.param)
+    if want is None:
+        assert not ran, ran
+    else:
+        assert ran and all(kind is want and ok for kind, ok in ran), ran
 
 
 # --------------------------------------------------------------------------- loading
@@ -723,21 +730,32 @@ def test_shared_prompt_pass_logits_and_reference(llama, tok):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_scoring_path_runs_its_precisions_attention_kernel(monkeypatch, llama, tok, precision):
     """The learner (with gradients) and the reference (without), through the plain, the
-    shared-prompt and the packed pass, call SDPA with the kernel of their precision (on a CPU:
-    math in fp32, flash allowed in bf16): the same kernel on both sides, so log pi - log pi_ref
-    is exactly 0 at equal weights."""
+    shared-prompt and the packed pass, run the same attention kernel: on a CPU SDPA with the
+    kernel of their precision (math in fp32, flash allowed in bf16) in the plain and
+    shared-prompt passes, and agro's own (agro.cpu_attention) in every layer of the packed
+    pass, so log pi - log pi_ref is exactly 0 at equal weights."""
     seen = []
     real = F.scaled_dot_product_attention
+    real_agro = cpu_attention.masked_attention
 
     def spy(*a, **k):
-        seen.append((torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        seen.append(("sdpa", torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled()))
         return real(*a, **k)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+    def spy_agro(*a, **k):
+        seen.append(("agro", torch.is_grad_enabled(), None))
+        return real_agro(*a, **k)
+
+    def spies():
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(cpu_attention, "masked_attention", spy_agro)
+    spies()
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     ref = logprobs.Reference(llama, precision)
     real_lengths = logprobs._packed_lengths_if_usable
     paths = []
+    layers = llama.config.num_hidden_layers
     for g, packs in ((1, False), (batch.group_size, False), (batch.group_size, True)):
         # the plain pass, the shared-prompt pass (packing refused), the packed pass
         monkeypatch.setattr(logprobs, "_packed_lengths_if_usable",
@@ -749,10 +767,13 @@ def test_every_scoring_path_runs_its_precisions_attention_kernel(monkeypatch, ll
         lp = completion_logprobs(llama, *args, precision=precision, group_size=g)
         lr = ref.token_logprobs(*args, group_size=g)
         monkeypatch.undo()
-        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        spies()
         paths.append(len(calls))
-        assert seen and {grad for grad, _ in seen} == {True, False}
-        assert all(flash == (precision == "bf16") for _, flash in seen), seen
+        assert seen and {grad for _, grad, _ in seen} == {True, False}
+        if packs:    # every layer, learner and reference, on agro's kernel
+            assert [k for k, _, _ in seen] == ["agro"] * (2 * layers), seen
+        else:
+            assert all(k == "sdpa" and flash == (precision == "bf16") for k, _, flash in seen), seen
         assert torch.equal(lp.detach(), lr)     # same weights, same kernel: ratio exactly 0
     assert paths == [0, 0, 2]                   # only the last went through the packed pass
 
@@ -1279,31 +1300,34 @@ def test_block_layout_of_a_small_group():
     assert (m[~lay.allowed] == torch.finfo(torch.bfloat16).min).all()
 
 
+@pytest.mark.parametrize("path", ["blocks", "dense"])
 def test_a_model_whose_attention_ignores_the_registry_falls_back_to_the_dense_mask(
-        tiny_model_dir, tok, monkeypatch):
-    """If a model's layers never call the registered block attention (here: the implementation
+        tiny_model_dir, tok, monkeypatch, path):
+    """If a model's layers never call the registered packed attention (here: the implementation
     is not switched, so transformers runs plain causal SDPA over the packed sequence, which is
-    wrong), the pass notices, warns once, recomputes with the dense mask, and the model's later
-    passes go straight to the dense mask: the answer is the per-row one throughout."""
+    wrong), the pass notices, warns once, recomputes with the dense mask on SDPA, and the
+    model's later passes go straight there: the answer is the per-row one throughout. Both for
+    attention by blocks and for agro's CPU kernel over the dense mask."""
     model = load_model(tiny_model_dir).eval()
-    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0)
+    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0 if path == "blocks" else 10 ** 9)
     monkeypatch.setattr(logprobs, "_attention_implementation",
                         lambda dec, name: contextlib.nullcontext())
-    builds = []
-    real_build = logprobs.BlockLayout.build
-    monkeypatch.setattr(logprobs.BlockLayout, "build",
-                        staticmethod(lambda *a: builds.append(1) or real_build(*a)))
+    checks = []
+    real_check = logprobs._block_attention_ran_everywhere
+    monkeypatch.setattr(logprobs, "_block_attention_ran_everywhere",
+                        lambda dec, lay: checks.append(type(lay)) or real_check(dec, lay))
+    want = [logprobs.BlockLayout if path == "blocks" else logprobs.DenseLayout]
     batch = make_batch(tok.pad_token_id)
     args = (batch.input_ids, batch.attention_mask, batch.completion_ids, batch.prompt_len)
     mask = batch.completion_mask > 0
     naive = naive_logprobs(model, batch)
-    with pytest.warns(RuntimeWarning, match="0 of 2 attention layers ran agro's block attention"):
+    with pytest.warns(RuntimeWarning, match="0 of 2 attention layers ran agro's packed attention"):
         with torch.no_grad():
             lp = completion_logprobs(model, *args, group_size=batch.group_size)
-    assert builds == [1] and torch.allclose(lp[mask], naive[mask], atol=1e-5)
+    assert checks == want and torch.allclose(lp[mask], naive[mask], atol=1e-5)
     with torch.no_grad():
         lp = completion_logprobs(model, *args, group_size=batch.group_size)
-    assert builds == [1] and torch.allclose(lp[mask], naive[mask], atol=1e-5)
+    assert checks == want and torch.allclose(lp[mask], naive[mask], atol=1e-5)
 
 
 def test_block_attention_needs_its_layout():

@@ -14,7 +14,9 @@ with sampling and cheap:
   each prompt runs once and no padded completion position is computed; from
   ``PACKED_BLOCK_MIN_LEN`` packed tokens on, its attention runs by blocks (each prompt over
   itself, each completion over its prompt and itself: :func:`packed_block_attention`) instead
-  of over the dense [L, L] block mask;
+  of over the dense [L, L] block mask; on a CPU both compute attention on agro's kernel
+  (:mod:`agro.cpu_attention`: batched matmuls, an fp32 softmax, a hand-written backward),
+  elsewhere on SDPA;
 * the log-softmax is taken in fp32 over chunks of ~10 rows at a time and only the chosen token's
   entry kept (a custom autograd function that saves only the logits; its backward recomputes
   the chunk's softmax), also when the matmuls run in bf16; in the packed path a plain linear
@@ -69,16 +71,18 @@ EPYC). The extra positions are padding (masked, their log-probs discarded): < 16
 group beyond the micro-batch's longest group, < 16 duplicated LM-head rows per pass, and never
 more than the padded layout computes (:func:`packed_width`)."""
 
-PACKED_BLOCK_MIN_LEN = 384
+PACKED_BLOCK_MIN_LEN = 256
 """A group whose packed length ``L_g`` is at least this has its attention computed by blocks
 (:func:`packed_block_attention`) instead of over the dense [L, L] block mask: each prompt
 causally over itself, each completion over its prompt and itself, so a micro-batch scores
 ``G Pp^2 + B Tm (Pp + Tm)`` query-key pairs (Pp, Tm: its longest prompt and completion, rounded
 up) instead of ``G L^2`` with ``L ~ p + n l``. Measured per attention layer, forward + backward,
-blocks / dense (``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64, 2 cores, AMD
-EPYC Zen 4; bf16 on the flash kernel, fp32 on the math one): 1.41 / 1.24 at L = 160 (the default
-job's L is ~170), 1.38 / 1.00 at 240, 1.01 / 0.87 at 272; 0.92 / 0.56 at 448, 0.84 / 0.48 at
-464, 0.61-0.84 / 0.40-0.47 at 816-1120. Nothing was measured between 272 and 448."""
+blocks / dense, both on agro's CPU kernel (:mod:`agro.cpu_attention`, what every packed pass on
+a CPU runs since 2026-12-05; ``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64,
+2 cores, AMD EPYC Zen 4), bf16 / fp32: 0.99 / 1.12 at L = 160 (the default job's L is ~170),
+0.99 / 0.99 at 240, 0.78 / 0.81 at 272, 0.40 / 0.49 at 448, 0.29 / 0.49 at 464, 0.27-0.38 /
+0.30-0.34 at 816-1120. (On SDPA, before: 1.41 / 1.24 at 160, 1.01 / 0.87 at 272, 0.92 / 0.56 at
+448; the threshold was 384.) On other devices, where both paths run SDPA, nothing was measured."""
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -311,8 +315,12 @@ def prompts_shared_within_groups(input_ids: torch.Tensor, attention_mask: torch.
 
 def attention_backend(dev, precision: str):
     """The scaled-dot-product-attention kernel for every scoring pass on ``dev`` in ``precision``
-    (policy and reference alike): on a CPU in fp32, PyTorch's math backend (plain matmuls and
-    softmax); in bf16, and on other devices, PyTorch's own choice (on a CPU its flash kernel).
+    that runs SDPA (policy and reference alike): on a CPU in fp32, PyTorch's math backend (plain
+    matmuls and softmax); in bf16, and on other devices, PyTorch's own choice (on a CPU its
+    flash kernel). Since 2026-12-05 the packed passes on a CPU run agro's own kernel instead
+    (:mod:`agro.cpu_attention`, :func:`_cpu_kernel_applies`); this choice is left to the plain
+    and shared-prompt passes there, to models that do not route attention through transformers'
+    registry, and to other devices. The measurements below predate that.
 
     Why by precision: every pass here has an explicit mask (left padding, the packed groups'
     block mask), with which the flash kernel's backward was slow on 2026-12-02
@@ -580,8 +588,24 @@ def _packed_path_hidden(model, input_ids, attention_mask, T: int, P: int, n: int
 
 def _dense_packed_hidden(dec, emb, ids, pos, blk, L: int, precision: str, dev) -> torch.Tensor:
     """The decoder's last hidden state [G, L, H] of the packed groups under the dense block
-    mask [G, 1, L, L] built from ``blk`` [G, L] (-2 pad, -1 prompt, i completion i)."""
+    mask [G, 1, L, L] built from ``blk`` [G, L] (-2 pad, -1 prompt, i completion i).
+
+    On a CPU, where the model routes its attention through transformers' registry
+    (:func:`_block_attention_usable`), every layer's attention is agro's kernel
+    (:func:`packed_dense_attention`, :mod:`agro.cpu_attention`); elsewhere, or if the model
+    turns out not to run it, SDPA under the kernel :func:`attention_backend` picks."""
     ids, pos, blk = ids.to(dev), pos.to(dev), blk.to(dev)
+    if _cpu_kernel_applies(dec, dev):
+        layout = DenseLayout(dense_block_mask(blk, torch.float32))       # scores are fp32
+        try:
+            with autocast_ctx(precision, dev), _attention_implementation(dec, DENSE_ATTENTION):
+                h = dec(inputs_embeds=emb(ids), position_ids=pos, use_cache=False,
+                        agro_dense_layout=layout).last_hidden_state     # [G, L, H]
+        except BlocksUnsupported as e:
+            _no_block_attention(dec, str(e))
+        else:
+            if _block_attention_ran_everywhere(dec, layout):
+                return h
     # the additive mask in the dtype attention computes in (bf16 under bf16 autocast)
     dtype = torch.bfloat16 if precision == "bf16" else next(dec.parameters()).dtype
     mask = dense_block_mask(blk, dtype)                                  # [G, 1, L, L]
@@ -685,6 +709,67 @@ def block_dims(plen: torch.Tensor, k: torch.Tensor, L: int) -> tuple[int, int]:
     return Pp, Tm
 
 
+@dataclasses.dataclass
+class DenseLayout:
+    """What :func:`packed_dense_attention` reads in a packed pass over the dense block mask:
+    ``mask`` [G, 1, L, L] additive (:func:`dense_block_mask`, fp32), and ``seen``, the attention
+    modules that ran (as :class:`BlockLayout`'s)."""
+
+    mask: torch.Tensor
+    seen: set = dataclasses.field(default_factory=set)
+
+
+def _cpu_kernel_applies(dec, dev) -> bool:
+    """Whether a packed pass of ``dec`` on ``dev`` runs its attention on agro's CPU kernel
+    (:mod:`agro.cpu_attention`): on a CPU, for a model whose attention goes through
+    transformers' registry (the conditions of :func:`_block_attention_usable`)."""
+    return torch.device(dev).type == "cpu" and CPU_ATTENTION and _block_attention_usable(dec)
+
+
+CPU_ATTENTION = True
+"""Packed passes on a CPU compute attention with :func:`agro.cpu_attention.masked_attention`
+(over the dense block mask and in both blocks of attention by blocks) instead of SDPA. A switch
+for benches (``bench/cpu_attention_ab.py``) and tests; runs never change it."""
+
+
+def _plain_attention_call(module, L: int, attention_mask, dropout: float, kwargs: dict) -> None:
+    """Raise :class:`BlocksUnsupported` if an attention call asks for what agro's packed
+    attention functions do not apply: attention sinks, soft-capping, a position bias, a sliding
+    window shorter than the pass (L), a mask of the model's own, or dropout."""
+    extra = [k for k in ("s_aux", "sinks", "softcap", "position_bias")
+             if kwargs.get(k) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and window >= L):
+        extra.append(f"sliding_window={window}")
+    if dropout:
+        extra.append(f"dropout={dropout}")
+    if extra or attention_mask is not None:
+        raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
+                                f"apply: {', '.join(extra) or 'an attention mask'}")
+
+
+def packed_dense_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                           agro_dense_layout: DenseLayout | None = None, **kwargs):
+    """Attention of packed groups over their dense block mask on agro's CPU kernel
+    (transformers' attention-function signature; :func:`agro.cpu_attention.masked_attention`).
+
+    query [G, Hq, L, d], key and value [G, Hkv, L, d]; the mask is the layout's (the decoder is
+    given none); returns [G, L, Hq, dv] as ``sdpa_attention_forward`` does. Anything else a
+    model asks of attention raises :class:`BlocksUnsupported` (the pass then takes SDPA)."""
+    from .cpu_attention import masked_attention
+
+    lay = agro_dense_layout
+    if lay is None:
+        raise BlocksUnsupported(f"attention implementation {DENSE_ATTENTION!r} was called "
+                                "without agro_dense_layout (a layer that does not hand its "
+                                "keyword arguments down?): only agro.logprobs' packed pass may "
+                                "set it")
+    _plain_attention_call(module, query.shape[2], attention_mask, dropout, kwargs)
+    lay.seen.add(id(module))
+    return masked_attention(query, key, value, lay.mask, scaling), None
+
+
 def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask, dropout: float = 0.0, scaling: float | None = None,
                            agro_block_layout: BlockLayout | None = None, **kwargs):
@@ -710,20 +795,23 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
                                 "agro_block_layout (a layer that does not hand its keyword "
                                 "arguments down?): only agro.logprobs' packed pass may set it")
     G, Hq, L, _ = query.shape
-    extra = [k for k in ("s_aux", "sinks", "softcap", "position_bias")
-             if kwargs.get(k) is not None]
-    window = kwargs.get("sliding_window")
-    if window is not None and not (isinstance(window, int) and window >= L):
-        extra.append(f"sliding_window={window}")
-    if extra or attention_mask is not None:
-        raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
-                                f"apply: {', '.join(extra) or 'an attention mask'}")
+    _plain_attention_call(module, L, attention_mask, dropout, kwargs)
     lay.seen.add(id(module))
     B = lay.q_idx.numel() // lay.Tm
     dv = value.shape[-1]
-    kw = {"dropout": dropout, "scaling": scaling}
-    po, _ = sdpa_attention_forward(module, query[:, :, :lay.Pp], key[:, :, :lay.Pp],
-                                   value[:, :, :lay.Pp], None, is_causal=True, **kw)  # [G,Pp,Hq,dv]
+    if query.device.type == "cpu" and CPU_ATTENTION:
+        from .cpu_attention import causal_mask, masked_attention
+
+        def attend(q, k, v, mask, is_causal):                            # -> [*, Lq, Hq, dv]
+            if is_causal:
+                mask = causal_mask(q.shape[2], torch.float32, q.device)
+            return masked_attention(q, k, v, mask, scaling)
+    else:
+        def attend(q, k, v, mask, is_causal):
+            return sdpa_attention_forward(module, q, k, v, mask, is_causal=is_causal,
+                                          dropout=dropout, scaling=scaling)[0]
+    po = attend(query[:, :, :lay.Pp], key[:, :, :lay.Pp], value[:, :, :lay.Pp], None,
+                True)                                                    # [G, Pp, Hq, dv]
 
     def rows(x, idx, m):                                                 # [G,h,L,d] -> [B,h,m,d]
         h, d = x.shape[1], x.shape[-1]
@@ -731,9 +819,8 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
         return _gather_rows(flat, idx).view(B, m, h, d).transpose(1, 2)
 
     M = lay.Pp + lay.Tm
-    co, _ = sdpa_attention_forward(module, rows(query, lay.q_idx, lay.Tm),
-                                   rows(key, lay.kv_idx, M), rows(value, lay.kv_idx, M),
-                                   lay.mask(query.dtype), is_causal=False, **kw)  # [B,Tm,Hq,dv]
+    co = attend(rows(query, lay.q_idx, lay.Tm), rows(key, lay.kv_idx, M),
+                rows(value, lay.kv_idx, M), lay.mask(query.dtype), False)  # [B, Tm, Hq, dv]
     out = torch.cat([po.reshape(G * lay.Pp, Hq * dv), co.reshape(B * lay.Tm, Hq * dv),
                      query.new_zeros(1, Hq * dv)])                       # [G*Pp + B*Tm + 1, Hq*dv]
     return _gather_rows(out, lay.inv).view(G, L, Hq, dv), None
@@ -747,12 +834,18 @@ class BlocksUnsupported(RuntimeError):
     takes the dense mask (:func:`_no_block_attention`)."""
 
 
+DENSE_ATTENTION = "agro_packed_dense"
+"""The name :func:`packed_dense_attention` is registered under (set by a packed pass over the
+dense block mask on a CPU, as BLOCK_ATTENTION)."""
+
+
 def _register_block_attention() -> bool:
     try:
         from transformers import AttentionInterface
     except ImportError:                                                  # older transformers
         return False
     AttentionInterface.register(BLOCK_ATTENTION, packed_block_attention)
+    AttentionInterface.register(DENSE_ATTENTION, packed_dense_attention)
     return True
 
 
@@ -846,7 +939,7 @@ def _block_attention_ran_everywhere(dec, layout: BlockLayout) -> bool:
     want = int(getattr(dec.config, "num_hidden_layers", 0) or 0)
     if want and len(layout.seen) == want:
         return True
-    _no_block_attention(dec, f"{len(layout.seen)} of {want} attention layers ran agro's block "
+    _no_block_attention(dec, f"{len(layout.seen)} of {want} attention layers ran agro's packed "
                              f"attention")
     return False
 
