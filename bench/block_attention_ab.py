@@ -1,7 +1,8 @@
 """Packed attention by blocks against the dense block mask, side by side in whole passes: the
 learner step and the reference pass of one step's real groups, with agro.logprobs'
 PACKED_BLOCK_MIN_LEN forced to 0 (``block``: every packed pass by blocks) and to infinity
-(``dense``: every packed pass over the [L, L] mask, the code before it).
+(``dense``: every packed pass over the [L, L] mask; on a CPU, since 2026-12-05, both on agro's
+own attention kernel, ``agro.cpu_attention``; before it both on SDPA).
 
     LD_PRELOAD=<jemalloc> .venv/bin/python bench/block_attention_ab.py --precision bf16 --reps 5 \\
         task=gsm8k data_path=../shared/data/gsm8k_train.jsonl max_new_tokens=256
@@ -9,7 +10,7 @@ PACKED_BLOCK_MIN_LEN forced to 0 (``block``: every packed pass by blocks) and to
 Builds the default job's trainer with the given ``key=value`` overrides (as bench/lean_ab.py;
 ``agro train`` preloads jemalloc, so measure with it), samples one step's groups, prints the
 packed length L of each learner micro-batch (the code as it is takes blocks for each group
-whose own packed length is at least PACKED_BLOCK_MIN_LEN), then in ``--reps`` rounds (arm order alternating) times
+whose own packed length is at least ``block_min_len``: PACKED_BLOCK_MIN_LEN on a CPU), then in ``--reps`` rounds (arm order alternating) times
 ``Trainer.learn`` and the reference pass on those same groups in each arm, and reports how far
 apart the two arms' reference log-probs are. The optimizer steps change the weights between
 rounds; the groups are fixed. Medians over the rounds; run it alone on the machine.
@@ -51,7 +52,7 @@ def main() -> None:
         glen = [len(g.prompt_ids) + sum(max(len(c) - 1, 0) for c in g.completion_ids) for g in mb]
         packed.append(f"{len(mb)}x{n} L={lp.packed_width(max(glen), 10 ** 9)}")
     print(f"learner micro-batches (groups x n, packed length): {', '.join(packed)}; "
-          f"PACKED_BLOCK_MIN_LEN = {lp.PACKED_BLOCK_MIN_LEN}")
+          f"block_min_len = {lp.block_min_len('cpu')}")
 
     def timed(arm: str, fn) -> float:
         keep = lp.PACKED_BLOCK_MIN_LEN

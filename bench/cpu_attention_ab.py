@@ -1,13 +1,20 @@
 """agro's CPU attention kernel (agro.cpu_attention) against SDPA, side by side in one process.
 
-    .venv/bin/python bench/cpu_attention_ab.py --layer --json docs/bench/cpu_attention/layer.json
+    .venv/bin/python bench/cpu_attention_ab.py --layer --reps 20 --json docs/bench/cpu_attention/layer.json
     .venv/bin/python bench/cpu_attention_ab.py --precision bf16 --reps 5 --json docs/bench/cpu_attention/steps-bf16.json
+    .venv/bin/python bench/cpu_attention_ab.py --precision bf16 --shift --json docs/bench/cpu_attention/shift-bf16.json
 
 ``--layer``: one attention layer, forward and backward, on the packed passes' dense block mask
 (8 groups, a prompt and 4 completions each, SmolLM2-135M's 9 query / 3 key-value heads of 64),
 at several packed lengths L, in fp32 and bf16: SDPA's flash kernel, its math kernel, and
-``masked_attention``; each arm's relative error (mean |error| / mean |exact|) of the output and
+``masked_attention`` (its own chunking, and each of ``--chunks`` groups per chunk forced);
+each arm's relative error (mean |error| / mean |exact|) of the output and
 of dQ, dK, dV against an fp64 computation from the same bf16- or fp32-rounded inputs.
+
+``--shift``: one step's reference log-probs (the default job's trainer in ``--precision``)
+scored with agro's kernel and with SDPA at the same weights, and each against the same weights
+scored in fp32: how far passes stored before the kernel (offline files, replay buffers) are
+from today's.
 
 Otherwise: the default job's trainer (``--precision``), one fixed step's groups, and in
 ``--reps`` interleaved rounds (order alternating) its reference pass and its learner step
@@ -26,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from abrounds import bench_trainer, medians, order, write_json  # bench/ is on sys.path
 
+import agro.cpu_attention as ca
 import agro.logprobs as lp
 from agro.cpu_attention import masked_attention
 from agro.perf import machine_key as cpu_description
 
 
-def layer_bench(lengths, reps: int) -> dict:
+def layer_bench(lengths, reps: int, chunks=()) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     G, Hq, Hkv, d, n = 8, 9, 3, 64, 4
@@ -63,8 +71,20 @@ def layer_bench(lengths, reps: int) -> dict:
                                                               enable_gqa=True)
                 return f
 
+            def agro(chunk=None):
+                def f():
+                    real = ca.groups_per_chunk
+                    if chunk is not None:
+                        ca.groups_per_chunk = lambda *a: chunk
+                    try:
+                        return masked_attention(q, k, v, mask).transpose(1, 2)
+                    finally:
+                        ca.groups_per_chunk = real
+                return f
+
             arms = {"flash": sdpa(SDPBackend.FLASH_ATTENTION), "math": sdpa(SDPBackend.MATH),
-                    "agro": lambda: masked_attention(q, k, v, mask).transpose(1, 2)}
+                    f"agro (c={ca.groups_per_chunk(G, Hq, Hkv, L, L)})": agro(),
+                    **{f"agro c={c}": agro(c) for c in chunks}}
             for name, f in arms.items():
                 for x in (q, k, v):
                     x.grad = None
@@ -92,22 +112,72 @@ def layer_bench(lengths, reps: int) -> dict:
     return out
 
 
+def shift(tr) -> dict:
+    """The reference log-probs of one step's groups scored with agro's kernel and with SDPA
+    (what passes stored before 2026-12-05 used) at the same weights, and each against the same
+    weights scored in fp32 on agro's kernel: per-token and per-sequence |differences|."""
+    import copy
+    import statistics as st
+
+    from agro.collect import attach_ref_logprobs
+
+    col = tr.collector
+    examples, prompt_ids = col.prompts(tr.cfg.prompts_per_step)
+    groups = col.collect(examples, prompt_ids, tr.version)
+
+    def scored(reference, on: bool):
+        gs = copy.deepcopy(groups)
+        lp.CPU_ATTENTION = on
+        try:
+            attach_ref_logprobs(gs, reference, col.tok.pad_token_id, len(gs), None, 0)
+        finally:
+            lp.CPU_ATTENTION = True
+        return [x for g in gs for x in g.ref_logprobs]
+
+    def diff(a, b):
+        tok = [abs(u - v) for x, y in zip(a, b) for u, v in zip(x, y)]
+        seq = [abs(sum(x) - sum(y)) for x, y in zip(a, b)]
+        return {"token_mean": st.mean(tok), "token_max": max(tok), "seq_mean": st.mean(seq),
+                "seq_max": max(seq), "tokens": len(tok), "sequences": len(seq)}
+
+    ref = col.reference
+    agro, sdpa = scored(ref, True), scored(ref, False)
+    truth = scored(lp.Reference(copy.deepcopy(ref.model).float(), "fp32"), True)
+    out = {"agro_vs_sdpa": diff(agro, sdpa), "agro_vs_fp32": diff(agro, truth),
+           "sdpa_vs_fp32": diff(sdpa, truth)}
+    for k, d in out.items():
+        print(f"  {k:13s} per token mean {d['token_mean']:.2e} max {d['token_max']:.2e}; per "
+              f"sequence mean {d['seq_mean']:.2e} max {d['seq_max']:.2e} ({d['tokens']} tokens, "
+              f"{d['sequences']} sequences)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layer", action="store_true", help="the per-layer bench instead")
     ap.add_argument("--lengths", default="176,272,368,464")
+    ap.add_argument("--chunks", default="1,2,3,4,8",
+                    help="--layer: also time the kernel with this many groups per chunk forced")
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--shift", action="store_true",
+                    help="how far agro's kernel moves stored reference log-probs from SDPA's")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None, help="write every timing here")
     a = ap.parse_args()
     if a.layer:
         print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads "
               f"{torch.get_num_threads()}")
-        res = layer_bench([int(x) for x in a.lengths.split(",")], max(a.reps, 10))
+        res = layer_bench([int(x) for x in a.lengths.split(",")], max(a.reps, 10),
+                          [int(x) for x in a.chunks.split(",") if x])
         write_json(a.json, cpu_description(), "fp32+bf16", torch.__version__, {}, {}, layer=res)
         return
 
     tr = bench_trainer("cpu-attention", f"precision={a.precision}")
+    if a.shift:
+        res = shift(tr)
+        write_json(a.json, cpu_description(), a.precision, torch.__version__, {}, {}, shift=res)
+        tr.close_generator()
+        return
     cfg, col = tr.cfg, tr.collector
     examples, prompt_ids = col.prompts(cfg.prompts_per_step)
     groups = col.collect(examples, prompt_ids, tr.version)

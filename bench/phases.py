@@ -10,9 +10,11 @@ at most 32 new tokens; ``--precision`` fp32 or bf16), draws one batch of prompts
   step (``static_cache=False``) against agro's static-cache decode (``agro.fast_decode``); both
   from the same seed, so both sample the same prompts' groups;
 * the reference pass and the learner step (forward, backward, optimizer) on one fixed set of
-  groups: SDPA's fused flash kernel (PyTorch's choice) against its math backend, both forced
-  (``agro.logprobs.attention_backend`` itself picks math on a CPU for fp32 scoring passes and
-  flash for bf16 ones, reference included).
+  groups, on SDPA (``agro.logprobs.CPU_ATTENTION`` off: since 2026-12-05 the packed passes on a
+  CPU run agro's own kernel, compared with SDPA by ``bench/cpu_attention_ab.py``): SDPA's fused
+  flash kernel (PyTorch's choice) against its math backend, both forced
+  (``agro.logprobs.attention_backend`` picks math on a CPU for fp32 passes on SDPA and flash
+  for bf16 ones, reference included).
 
 The learner's optimizer steps change the weights between rounds; the sampling rounds draw from
 the weights of that moment, so their completion lengths move a little: tokens per second is
@@ -63,14 +65,17 @@ def main() -> None:
         return dt, sum(len(c) for g in gens for c in g.completion_ids)
 
     def timed_with_kernel(math_backend: bool, fn) -> float:
-        """Seconds of ``fn()`` with agro's attention_backend forced to one kernel."""
+        """Seconds of ``fn()`` on SDPA (agro's CPU kernel off) with agro's attention_backend
+        forced to one kernel."""
         lp.attention_backend = forced(math_backend)
+        lp.CPU_ATTENTION = False
         try:
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0
         finally:
             lp.attention_backend = real_backend
+            lp.CPU_ATTENTION = True
 
     def ref(math_backend: bool) -> float:
         return timed_with_kernel(math_backend, lambda: col.attach_ref_logprobs(groups))

@@ -117,8 +117,9 @@ def test_packed_gather_is_deterministic_on_cuda():
 @pytest.mark.gpu
 @cuda
 def test_block_attention_equals_the_dense_mask_on_cuda(tiny_model_dir, monkeypatch):
-    """A packed pass with attention by blocks (PACKED_BLOCK_MIN_LEN 0) on a CUDA model gives
-    the dense block mask's log-probs and gradients (fp32), every layer through the blocks."""
+    """A packed pass with attention by blocks (SDPA_BLOCK_MIN_LEN 0: the threshold off a CPU) on
+    a CUDA model gives the dense block mask's log-probs and gradients (fp32), every layer
+    through the blocks."""
     from agro.logprobs import completion_logprobs
     from agro.models import load_model
     from agro.rollouts import Group, collate
@@ -137,7 +138,7 @@ def test_block_attention_equals_the_dense_mask_on_cuda(tiny_model_dir, monkeypat
                         lambda dec, lay: ran.append(real(dec, lay)) or ran[-1])
     out = []
     for threshold in (10 ** 9, 0):
-        monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", threshold)
+        monkeypatch.setattr(logprobs, "SDPA_BLOCK_MIN_LEN", threshold)
         model.zero_grad(set_to_none=True)
         lp = completion_logprobs(model, *args, group_size=4)
         lp.sum().backward()

@@ -62,21 +62,23 @@ def gpt2(tiny_gpt2_dir):
     return load_model(tiny_gpt2_dir).eval()
 
 
-@pytest.fixture(params=["dense", "blocks", "dense-sdpa"])
+@pytest.fixture(params=["dense", "blocks", "dense-sdpa", "blocks-sdpa"])
 def attention(request, monkeypatch):
     """Every way a packed pass computes attention: over the dense [L, L] block mask, and by
-    blocks (PACKED_BLOCK_MIN_LEN 0: test batches are far shorter than its real value), both on
-    agro's CPU kernel (agro.cpu_attention), and over the dense mask on SDPA (CPU_ATTENTION off:
-    what other devices, and models that do not route attention through the registry, run).
-    Every packed pass of the test must have run the chosen kernel on every layer."""
-    blocks = request.param == "blocks"
-    monkeypatch.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 0 if blocks else 10 ** 9)
-    monkeypatch.setattr(logprobs, "CPU_ATTENTION", request.param != "dense-sdpa")
+    blocks (the thresholds 0: test batches are far shorter than their real values), each on
+    agro's CPU kernel (agro.cpu_attention) and on SDPA (CPU_ATTENTION off: what other devices
+    run, and, over the dense mask, models that do not route attention through the registry).
+    Every packed pass of the test must have run the chosen function on every layer."""
+    blocks = request.param.startswith("blocks")
+    for name in ("PACKED_BLOCK_MIN_LEN", "SDPA_BLOCK_MIN_LEN"):
+        monkeypatch.setattr(logprobs, name, 0 if blocks else 10 ** 9)
+    monkeypatch.setattr(logprobs, "CPU_ATTENTION", not request.param.endswith("-sdpa"))
     ran, real = [], logprobs._block_attention_ran_everywhere
     monkeypatch.setattr(logprobs, "_block_attention_ran_everywhere",
                         lambda dec, lay: ran.append((type(lay), real(dec, lay))) or ran[-1][1])
     yield request.param
-    want = {"dense": logprobs.DenseLayout, "blocks": logprobs.BlockLayout}.get(request.param)
+    want = {"dense": logprobs.DenseLayout, "blocks": logprobs.BlockLayout,
+            "blocks-sdpa": logprobs.BlockLayout}.get(request.param)
     if want is None:
         assert not ran, ran
     else:
@@ -1334,6 +1336,8 @@ def test_block_attention_needs_its_layout():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(logprobs.BlocksUnsupported, match="without agro_block_layout"):
         logprobs.packed_block_attention(None, q, q, q, None)
+    with pytest.raises(logprobs.BlocksUnsupported, match="without agro_dense_layout"):
+        logprobs.packed_dense_attention(None, q, q, q, None)
 
 
 @pytest.mark.parametrize("kwargs,mask", [
@@ -1354,6 +1358,46 @@ def test_block_attention_refuses_what_it_does_not_apply(kwargs, mask):
     out, _ = logprobs.packed_block_attention(module, q, kv, kv, None, agro_block_layout=lay,
                                              sliding_window=16, softcap=None)   # allowed
     assert out.shape == (2, 16, 4, 8)
+    dense = logprobs.DenseLayout(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(logprobs.BlocksUnsupported, match="does not apply"):
+        logprobs.packed_dense_attention(module, q, kv, kv, mask, agro_dense_layout=dense, **kwargs)
+    assert not dense.seen
+    out, _ = logprobs.packed_dense_attention(module, q, kv, kv, None, agro_dense_layout=dense,
+                                             sliding_window=16, softcap=None)   # allowed
+    assert out.shape == (2, 16, 4, 8) and dense.seen == {id(module)}
+
+
+@pytest.mark.parametrize("fn", ["dense", "blocks"])
+def test_dropout_is_applied_by_sdpa_for_that_call_only(monkeypatch, fn):
+    """A call with dropout (a model in training mode; scoring passes run in eval mode) is
+    computed by SDPA with that dropout, not refused: a refusal would move the model to SDPA
+    for good while its reference, in eval mode, stays on agro's kernel."""
+    import types
+
+    from transformers.integrations import sdpa_attention
+
+    calls = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda *a, **k: calls.append(k.get("dropout")) or real(*a, **k))
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    q, kv = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8)
+    if fn == "dense":
+        lay = logprobs.DenseLayout(torch.zeros(2, 1, 16, 16))
+        call = lambda dropout: logprobs.packed_dense_attention(           # noqa: E731
+            module, q, kv, kv, None, dropout=dropout, agro_dense_layout=lay)
+    else:
+        lay = logprobs.BlockLayout.build(torch.tensor([3, 2]), torch.tensor([2, 1, 3, 0]),
+                                         torch.tensor([3, 5, 2, 5]), 2, 16, "cpu")
+        call = lambda dropout: logprobs.packed_block_attention(           # noqa: E731
+            module, q, kv, kv, None, dropout=dropout, agro_block_layout=lay)
+    call(0.0)
+    assert calls == []                          # agro's kernel
+    call(0.5)
+    assert calls and set(calls) == {0.5} and lay.seen == {id(module)}
+    n = len(calls)
+    call(0.0)                                   # back on agro's kernel: nothing was switched
+    assert len(calls) == n
 
 
 def test_block_attention_stays_on_the_inputs_device():

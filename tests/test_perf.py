@@ -97,6 +97,13 @@ def test_batch_flops_count_the_pairs_attention_by_blocks_scores():
         assert perf.batch_flops(fm, b, backward=False) == mixed
         assert perf.batch_flops(fm, g1_alone, backward=False) == (2 * 1000 * 4 + 2 * 50 * 3
                                                                   + 4 * 2 * 8 * 4 * 4)
+        # the threshold is the device's: off a CPU (SDPA) the groups keep the dense mask
+        mp.setattr(logprobs, "PACKED_BLOCK_MIN_LEN", 4)
+        mp.setattr(logprobs, "SDPA_BLOCK_MIN_LEN", 10 ** 9)
+        assert perf.batch_flops(fm, b, backward=False) == blocks
+        on_cuda = perf.FlopModel(decoder_params=1000, head_params=50, layers=2, hidden=8,
+                                 weight_bytes=0, device_type="cuda")
+        assert perf.batch_flops(on_cuda, b, backward=False) == base + 4 * 2 * 8 * (2 * 5 * 5)
 
 
 def test_phase_rates():

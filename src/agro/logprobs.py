@@ -12,7 +12,7 @@ with sampling and cheap:
 * the LM head runs only on the completion positions (``logits_to_keep``), and in the packed
   path (:func:`_packed_group_hidden`, every group of rows sharing a prompt) only on real tokens:
   each prompt runs once and no padded completion position is computed; from
-  ``PACKED_BLOCK_MIN_LEN`` packed tokens on, its attention runs by blocks (each prompt over
+  :func:`block_min_len` packed tokens on, its attention runs by blocks (each prompt over
   itself, each completion over its prompt and itself: :func:`packed_block_attention`) instead
   of over the dense [L, L] block mask; on a CPU both compute attention on agro's kernel
   (:mod:`agro.cpu_attention`: batched matmuls, an fp32 softmax, a hand-written backward),
@@ -57,7 +57,7 @@ PACKED_MAX_LEN = 4096
 """Longest packed group sequence ``p + sum_i (l_i - 1)`` (:func:`_packed_group_hidden`); a
 micro-batch with a longer group takes the two-pass path (a prompt pass, then its KV cache
 repeated n times). Over the dense block mask the attention grows with the square of the length
-(n times the two-pass path's); by blocks (from PACKED_BLOCK_MIN_LEN on) it does not. Models with
+(n times the two-pass path's); by blocks (from :func:`block_min_len` on) it does not. Models with
 a local window shorter than this take the two-pass path whatever the lengths
 (:func:`_short_sliding_window`); raising it would send Mistral-7B-v0.1 (window 4096) there
 too."""
@@ -81,8 +81,22 @@ blocks / dense, both on agro's CPU kernel (:mod:`agro.cpu_attention`, what every
 a CPU runs since 2026-12-05; ``bench/probe_block_attention.py``, SmolLM2-135M's 9 heads of 64,
 2 cores, AMD EPYC Zen 4), bf16 / fp32: 0.99 / 1.12 at L = 160 (the default job's L is ~170),
 0.99 / 0.99 at 240, 0.78 / 0.81 at 272, 0.40 / 0.49 at 448, 0.29 / 0.49 at 464, 0.27-0.38 /
-0.30-0.34 at 816-1120. (On SDPA, before: 1.41 / 1.24 at 160, 1.01 / 0.87 at 272, 0.92 / 0.56 at
-448; the threshold was 384.) On other devices, where both paths run SDPA, nothing was measured."""
+0.30-0.34 at 816-1120 (docs/bench/cpu_attention/probe_block_attention.txt; nothing was measured
+between 240, where they are even, and 272). Where the packed passes run SDPA (other devices,
+``CPU_ATTENTION`` off) the threshold is :data:`SDPA_BLOCK_MIN_LEN` (:func:`block_min_len`)."""
+
+SDPA_BLOCK_MIN_LEN = 384
+"""PACKED_BLOCK_MIN_LEN where both paths run SDPA: chosen on a CPU before 2026-12-05, when the
+packed passes there ran SDPA (``bench/probe_block_attention.py``'s SDPA columns, blocks / dense,
+bf16 on the flash kernel / fp32 on the math one: 1.21-1.41 / 1.24-1.57 at L = 160, 1.34-1.38 /
+1.00-1.28 at 240, 1.01-1.08 / 0.83-0.87 at 272, 0.92-0.93 / 0.56-0.69 at 448); never measured on a GPU."""
+
+
+def block_min_len(device) -> int:
+    """The packed length from which a group's attention runs by blocks on ``device``'s passes:
+    PACKED_BLOCK_MIN_LEN on agro's CPU kernel, SDPA_BLOCK_MIN_LEN where they run SDPA."""
+    on_kernel = torch.device(device).type == "cpu" and CPU_ATTENTION
+    return PACKED_BLOCK_MIN_LEN if on_kernel else SDPA_BLOCK_MIN_LEN
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -475,8 +489,8 @@ def packed_group_len(prompt_lens: torch.Tensor, comp_lens: torch.Tensor, n: int)
 def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: int,
                          precision: str = "fp32", lengths=None, rows=None):
     """The final hidden state before each completion token, one padding-free packed sequence
-    per group (plain LM head; fp32 or bf16 autocast: the mask is in the dtype attention computes
-    in). Returns ``hs`` [B, T, H]: ``hs[b, t]`` predicts completion token t of row b (rows'
+    per group (plain LM head; fp32 or bf16 autocast; SDPA's mask in the dtype attention computes
+    in, agro's CPU kernel's in fp32, the dtype of its scores). Returns ``hs`` [B, T, H]: ``hs[b, t]`` predicts completion token t of row b (rows'
     padding positions hold the group's last prompt state; their log-probs are masked later);
     with ``rows`` (a [K] long index into the flattened B x T positions) only those: [K, H].
 
@@ -498,7 +512,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     is about even with the padded layout (``bench/packed_ab.py``, docs/RESULTS.md).
 
     Attention runs over a dense [L, L] block mask, or by blocks (:func:`packed_block_attention`)
-    for each group whose own ``L_g`` is at least PACKED_BLOCK_MIN_LEN: a group's path depends
+    for each group whose own ``L_g`` is at least :func:`block_min_len`: a group's path depends
     on its lengths alone, never on the groups it shares a micro-batch with, so the policy and
     the reference (whose micro-batches may be cut differently: async actors, replay, offline
     files) score it with the same kernels. A micro-batch holding both kinds runs two passes.
@@ -507,7 +521,7 @@ def _packed_group_hidden(model, input_ids, attention_mask, T: int, P: int, n: in
     B = input_ids.shape[0]
     plen, clen = lengths if lengths is not None else packed_group_lengths(attention_mask, P, T, n)
     glen = packed_group_len(plen, clen, n)                               # [G]
-    blocks = glen >= PACKED_BLOCK_MIN_LEN                                # [G] bool
+    blocks = glen >= block_min_len(device_of(model))                     # [G] bool
     if not _block_attention_usable(dec):
         blocks[:] = False
     if bool(blocks.all()) or not bool(blocks.any()):
@@ -565,7 +579,7 @@ def _packed_path_hidden(model, input_ids, attention_mask, T: int, P: int, n: int
             off[r0 + i] = o
             o += k
     h = None
-    if blocks:
+    if blocks and _block_attention_usable(dec):      # a dense pass just before may have fallen back
         layout = BlockLayout.build(plen, (clen - 1).clamp(min=0), off, n, L, dev)
         try:
             with autocast_ctx(precision, dev), attention_backend(dev, precision), \
@@ -732,17 +746,17 @@ CPU_ATTENTION = True
 for benches (``bench/cpu_attention_ab.py``) and tests; runs never change it."""
 
 
-def _plain_attention_call(module, L: int, attention_mask, dropout: float, kwargs: dict) -> None:
+def _plain_attention_call(module, L: int, attention_mask, kwargs: dict) -> None:
     """Raise :class:`BlocksUnsupported` if an attention call asks for what agro's packed
     attention functions do not apply: attention sinks, soft-capping, a position bias, a sliding
-    window shorter than the pass (L), a mask of the model's own, or dropout."""
+    window shorter than the pass (L), or a mask of the model's own. (Dropout, which only a model
+    in training mode asks for, is applied by SDPA for that call: scoring passes run in eval
+    mode, and a fallback here would be permanent for the model.)"""
     extra = [k for k in ("s_aux", "sinks", "softcap", "position_bias")
              if kwargs.get(k) is not None]
     window = kwargs.get("sliding_window")
     if window is not None and not (isinstance(window, int) and window >= L):
         extra.append(f"sliding_window={window}")
-    if dropout:
-        extra.append(f"dropout={dropout}")
     if extra or attention_mask is not None:
         raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
                                 f"apply: {', '.join(extra) or 'an attention mask'}")
@@ -765,8 +779,16 @@ def packed_dense_attention(module, query: torch.Tensor, key: torch.Tensor, value
                                 "without agro_dense_layout (a layer that does not hand its "
                                 "keyword arguments down?): only agro.logprobs' packed pass may "
                                 "set it")
-    _plain_attention_call(module, query.shape[2], attention_mask, dropout, kwargs)
+    _plain_attention_call(module, query.shape[2], attention_mask, kwargs)
     lay.seen.add(id(module))
+    if dropout:                                                          # training mode only
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        dt = query.dtype                         # the fp32 minimum would be -inf in bf16
+        mask = lay.mask.clamp(min=torch.finfo(dt).min).to(dt)
+        with attention_backend(query.device, "bf16" if dt == torch.bfloat16 else "fp32"):
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                          scaling=scaling)
     return masked_attention(query, key, value, lay.mask, scaling), None
 
 
@@ -776,9 +798,11 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
     """Attention of packed groups by blocks (transformers' attention-function signature).
 
     query [G, Hq, L, d], key [G, Hkv, L, d], value [G, Hkv, L, dv] of the packed sequences;
-    returns [G, L, Hq, dv] as transformers' ``sdpa_attention_forward`` does, and runs it for both
-    blocks (so grouped heads, the SDPA kernel in force and ``scaling`` are handled as in every
-    other SDPA pass); anything else a model asks of attention raises :class:`BlocksUnsupported`:
+    returns [G, L, Hq, dv] as transformers' ``sdpa_attention_forward`` does. Each block runs on
+    agro's kernel on a CPU (:func:`agro.cpu_attention.masked_attention`, the prompt block under
+    a causal mask), elsewhere (and for a call with dropout) on ``sdpa_attention_forward`` (so
+    grouped heads, the SDPA kernel in force and ``scaling`` are handled as in every other SDPA
+    pass); anything else a model asks of attention raises :class:`BlocksUnsupported`:
 
         prompt block      softmax(q_p k_p^T / sqrt(d) + causal) v_p        [G, Pp, Hq, dv]
         completion blocks softmax(q_c [k_p; k_c]^T / sqrt(d) + mask) [v_p; v_c]  [B, Tm, Hq, dv]
@@ -795,11 +819,11 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
                                 "agro_block_layout (a layer that does not hand its keyword "
                                 "arguments down?): only agro.logprobs' packed pass may set it")
     G, Hq, L, _ = query.shape
-    _plain_attention_call(module, L, attention_mask, dropout, kwargs)
+    _plain_attention_call(module, L, attention_mask, kwargs)
     lay.seen.add(id(module))
     B = lay.q_idx.numel() // lay.Tm
     dv = value.shape[-1]
-    if query.device.type == "cpu" and CPU_ATTENTION:
+    if query.device.type == "cpu" and CPU_ATTENTION and not dropout:
         from .cpu_attention import causal_mask, masked_attention
 
         def attend(q, k, v, mask, is_causal):                            # -> [*, Lq, Hq, dv]
@@ -827,11 +851,12 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
 
 
 class BlocksUnsupported(RuntimeError):
-    """Raised inside a pass by :func:`packed_block_attention` when the model asks for what it
-    does not apply (attention sinks, logit soft-capping, a position bias, a sliding window
-    shorter than the pass, a mask: a deny-list of what transformers 5.23's models pass) or calls
-    it without the layout; the pass catches it and
-    takes the dense mask (:func:`_no_block_attention`)."""
+    """Raised inside a pass by :func:`packed_block_attention` or :func:`packed_dense_attention`
+    when the model asks for what they do not apply (attention sinks, logit soft-capping, a
+    position bias, a sliding window shorter than the pass, a mask: a deny-list of what
+    transformers 5.23's models pass; :func:`_plain_attention_call`) or calls them without their
+    layout; the pass catches it and takes the dense mask on SDPA, for good
+    (:func:`_no_block_attention`)."""
 
 
 DENSE_ATTENTION = "agro_packed_dense"
@@ -853,7 +878,8 @@ _BLOCKS_REGISTERED = _register_block_attention()
 
 
 def _block_attention_usable(dec) -> bool:
-    """Whether a packed pass of ``dec`` may try attention by blocks: transformers has the
+    """Whether a packed pass of ``dec`` may try agro's registered attention functions (by
+    blocks anywhere, and agro's CPU kernel over the dense mask on a CPU): transformers has the
     attention registry; the model runs SDPA attention (eager and flash-attention models keep the
     dense mask, in the kernels they chose), every layer is full attention with no sliding window
     shorter than PACKED_MAX_LEN, its config has no sub-configs (composite models), gradient
@@ -931,8 +957,9 @@ def _attention_implementation(dec, name: str):
         cfg._attn_implementation_internal = old
 
 
-def _block_attention_ran_everywhere(dec, layout: BlockLayout) -> bool:
-    """True if every decoder layer's attention ran :func:`packed_block_attention` in the pass
+def _block_attention_ran_everywhere(dec, layout: "BlockLayout | DenseLayout") -> bool:
+    """True if every decoder layer's attention ran agro's registered function for ``layout``
+    (:func:`packed_block_attention`, :func:`packed_dense_attention`) in the pass
     just made. A model whose attention ignores the registry ran plain causal attention over the
     packed sequence, which is wrong: the caller recomputes this pass with the dense mask, and
     the model's later passes take it directly (:func:`_no_block_attention`)."""
@@ -945,12 +972,13 @@ def _block_attention_ran_everywhere(dec, layout: BlockLayout) -> bool:
 
 
 def _no_block_attention(dec, why: str) -> None:
-    """Mark ``dec`` so its packed passes take the dense block mask from now on, and warn once."""
+    """Mark ``dec`` so its packed passes take the dense block mask on SDPA from now on, and warn
+    once."""
     import warnings
 
     dec._agro_no_block_attention = True
     warnings.warn(f"{type(dec).__name__}: {why}; packed passes of this model use the dense "
-                  f"block mask instead", RuntimeWarning, stacklevel=4)
+                  f"block mask on SDPA instead", RuntimeWarning, stacklevel=4)
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

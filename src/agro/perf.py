@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .fileio import CACHE_ENV, cache_root  # noqa: F401  (CACHE_ENV: tests and benches)
-from .models import cpu_flags, hf_model
+from .models import cpu_flags, device_of, hf_model
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,12 @@ class FlopModel:
     packable:       the model takes the padding-free packed pass (a plain LM head:
                     :func:`agro.logprobs._decoder_parts`, no short sliding window); otherwise the
                     padded two-pass one.
-    block_attention: its packed passes from ``PACKED_BLOCK_MIN_LEN`` on compute attention by
-                    blocks (:func:`agro.logprobs.packed_block_attention`), whose query-key pairs
-                    are :func:`agro.logprobs.block_dims`'s, not the dense mask's L^2 (as the
-                    model was when this was made: a later fallback to the dense mask, which
-                    warns, is not seen here).
+    block_attention: its packed passes from :func:`agro.logprobs.block_min_len` on compute
+                    attention by blocks (:func:`agro.logprobs.packed_block_attention`), whose
+                    query-key pairs are :func:`agro.logprobs.block_dims`'s, not the dense mask's
+                    L^2 (as the model was when this was made: a later fallback to the dense
+                    mask, which warns, is not seen here).
+    device_type:    where the model's passes run ("cpu", "cuda", ...): it sets that threshold.
     """
 
     decoder_params: int
@@ -57,6 +58,7 @@ class FlopModel:
     frozen_base: bool = False
     packable: bool = True
     block_attention: bool = True
+    device_type: str = "cpu"
 
     @classmethod
     def of(cls, model) -> "FlopModel":
@@ -82,7 +84,8 @@ class FlopModel:
         windowed = parts is not None and _short_sliding_window(getattr(parts[0], "config", None))
         return cls(dec, head_w.numel() if head_w is not None else 0, layers, hidden, wbytes, frozen,
                    packable=parts is not None and not windowed,
-                   block_attention=parts is not None and _block_attention_usable(parts[0]))
+                   block_attention=parts is not None and _block_attention_usable(parts[0]),
+                   device_type=device_of(model).type)
 
     def forward(self, tokens: int, head_tokens: int, attn_pairs: int) -> float:
         """Forward FLOPs: ``tokens`` through the decoder, ``head_tokens`` through the LM head,
@@ -116,7 +119,7 @@ def batch_flops(fm: FlopModel, batch, backward: bool, head_all: bool = False) ->
     if lengths is not None:
         plen, clen = lengths
         glen = packed_group_len(plen, clen, n)                           # [G]
-        blocks = (glen >= lp.PACKED_BLOCK_MIN_LEN) & fm.block_attention  # each group's own path
+        blocks = (glen >= lp.block_min_len(fm.device_type)) & fm.block_attention  # per group
         tokens = pairs = 0
         for use in (False, True):                                        # one pass per path
             gsel = (blocks == use).nonzero().squeeze(-1)
@@ -341,8 +344,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # SDPA's flash kernel (fp32 keeps math); 8 = agro.lean's SwiGLU backward on autograd's own kernels
 # in the input's dtype (bf16 learner ~0.8x); 9 = on a CPU the bf16 LM head unfused, its logits'
 # gradient written in place; 10 = the static decode cache in bf16 for bf16 weights, attention over
-# the written columns only.
-CACHE_PREFIX = "precision/10:"
+# the written columns only; 11 = the packed scoring passes' attention on agro.cpu_attention's
+# kernel on a CPU (bf16 learner ~0.88x, fp32 ~0.94x).
+CACHE_PREFIX = "precision/11:"
 
 
 def cached_precision_choice(model) -> str | None:
