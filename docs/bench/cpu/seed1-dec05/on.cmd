@@ -1,0 +1,1 @@
+LD_PRELOAD=/work/main/.venv/lib/python3.11/site-packages/ray/core/libjemalloc.so /usr/bin/time -v .venv/bin/python -c "import agro.logprobs as lp; lp.CPU_ATTENTION = True; from agro.cli import main; main(['train', 'output_dir=/tmp/s21/seed1-on', 'overwrite=true', 'progress=false', 'precision=bf16', 'seed=1'])"
