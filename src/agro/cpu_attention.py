@@ -14,7 +14,8 @@ CPU kernels leave most of the time outside the matmuls. Per attention layer, for
 ms, its math kernel 8.6 + 10.3 ms, this (2 groups per chunk, what ``groups_per_chunk`` gives
 there) 4.2 + 6.7 ms; in fp32, flash 5.3 + 11.4 ms, math 8.4 + 12.2 ms, this 5.5 + 8.9 ms. The
 flash kernel's backward is the slow part in bf16. In fp32 at L >= 368 flash is faster
-(0.85-0.87x); the packed passes take blocks there, whose shapes are small again.
+(this takes 1.03-1.18x flash's time); the packed passes take blocks there, whose shapes are
+small again.
 
 What it computes, per group g, query head h (key-value head ``h // r``, r = Hq / Hkv):
 
