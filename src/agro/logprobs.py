@@ -95,8 +95,13 @@ bf16 on the flash kernel / fp32 on the math one: 1.21-1.41 / 1.24-1.57 at L = 16
 def block_min_len(device) -> int:
     """The packed length from which a group's attention runs by blocks on ``device``'s passes:
     PACKED_BLOCK_MIN_LEN on agro's CPU kernel, SDPA_BLOCK_MIN_LEN where they run SDPA."""
-    on_kernel = torch.device(device).type == "cpu" and CPU_ATTENTION
-    return PACKED_BLOCK_MIN_LEN if on_kernel else SDPA_BLOCK_MIN_LEN
+    return PACKED_BLOCK_MIN_LEN if _on_cpu_kernel(device) else SDPA_BLOCK_MIN_LEN
+
+
+def _on_cpu_kernel(device) -> bool:
+    """Whether packed passes on ``device`` compute attention with agro's CPU kernel (on a CPU,
+    with ``CPU_ATTENTION`` on); the one test behind the threshold and both attention paths."""
+    return torch.device(device).type == "cpu" and CPU_ATTENTION
 
 _ROW_CHUNK_ELEMS = 1 << 19
 """fp32 elements per chunk of rows in the log-prob kernel (2 MB: ~10 rows of a 49152-token
@@ -706,6 +711,15 @@ class BlockLayout:
         return BlockLayout(G, L, Pp, Tm, q_idx.reshape(-1).to(dev), kv_idx.reshape(-1).to(dev),
                            allowed.to(dev), inv.reshape(-1).to(dev))
 
+    def prompt_mask(self) -> torch.Tensor:
+        """The prompt block's causal additive mask [1, 1, Pp, Pp] in fp32, for agro's CPU kernel
+        (made once per pass, not once per layer)."""
+        if "prompt" not in self._masks:
+            from .cpu_attention import causal_mask
+
+            self._masks["prompt"] = causal_mask(self.Pp, torch.float32, self.allowed.device)
+        return self._masks["prompt"]
+
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The completion blocks' additive mask [B, 1, Tm, Pp+Tm] in ``dtype`` (0 or its min)."""
         if dtype not in self._masks:
@@ -737,7 +751,7 @@ def _cpu_kernel_applies(dec, dev) -> bool:
     """Whether a packed pass of ``dec`` on ``dev`` runs its attention on agro's CPU kernel
     (:mod:`agro.cpu_attention`): on a CPU, for a model whose attention goes through
     transformers' registry (the conditions of :func:`_block_attention_usable`)."""
-    return torch.device(dev).type == "cpu" and CPU_ATTENTION and _block_attention_usable(dec)
+    return _on_cpu_kernel(dev) and _block_attention_usable(dec)
 
 
 CPU_ATTENTION = True
@@ -758,8 +772,8 @@ def _plain_attention_call(module, L: int, attention_mask, kwargs: dict) -> None:
     if window is not None and not (isinstance(window, int) and window >= L):
         extra.append(f"sliding_window={window}")
     if extra or attention_mask is not None:
-        raise BlocksUnsupported(f"{type(module).__name__} asks for what block attention does not "
-                                f"apply: {', '.join(extra) or 'an attention mask'}")
+        raise BlocksUnsupported(f"{type(module).__name__} asks for what agro's packed attention "
+                                f"does not apply: {', '.join(extra) or 'an attention mask'}")
 
 
 def packed_dense_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -823,13 +837,11 @@ def packed_block_attention(module, query: torch.Tensor, key: torch.Tensor, value
     lay.seen.add(id(module))
     B = lay.q_idx.numel() // lay.Tm
     dv = value.shape[-1]
-    if query.device.type == "cpu" and CPU_ATTENTION and not dropout:
-        from .cpu_attention import causal_mask, masked_attention
+    if _on_cpu_kernel(query.device) and not dropout:
+        from .cpu_attention import masked_attention
 
         def attend(q, k, v, mask, is_causal):                            # -> [*, Lq, Hq, dv]
-            if is_causal:
-                mask = causal_mask(q.shape[2], torch.float32, q.device)
-            return masked_attention(q, k, v, mask, scaling)
+            return masked_attention(q, k, v, lay.prompt_mask() if is_causal else mask, scaling)
     else:
         def attend(q, k, v, mask, is_causal):
             return sdpa_attention_forward(module, q, k, v, mask, is_causal=is_causal,
