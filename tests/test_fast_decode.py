@@ -45,11 +45,13 @@ def model(request, tiny_model_dir, tok):
     return tiny_qwen2(len(tok))
 
 
-def decode_both(model, n: int, steps: int, keep_after: int | None = None, lazy: bool = False):
+def decode_both(model, n: int, steps: int, keep_after: int | None = None, lazy: bool = False,
+                packed: bool = True):
     """Prefill PROMPTS (left-padded), repeat each n times, feed the same random tokens to the
     static decoder and to the model's full forward; returns both per-step logits lists. After
     step ``keep_after`` only every other row stays: dropped from the cache (``select``), or,
-    ``lazy``, left in it and skipped (``step_rows``)."""
+    ``lazy``, left in it and skipped (``step_rows``). ``packed``: the decoder on packed weights
+    (asserted to be what it runs), else on the modules' own."""
     g = torch.Generator().manual_seed(0)
     ids, am = left_pad(PROMPTS, 0)
     B = len(PROMPTS) * n
@@ -59,7 +61,9 @@ def decode_both(model, n: int, steps: int, keep_after: int | None = None, lazy: 
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
         am_r = am.repeat_interleave(n, 0)
-        dec = fast_decode.StaticDecoder.from_prefill(model, cache, am_r, steps)
+        dec = fast_decode.StaticDecoder.from_prefill(model, cache, am_r, steps,
+                                                     "auto" if packed else None)
+        assert (dec.packed is not None) == packed
         seq = ids.repeat_interleave(n, 0)                                # [B, P]
         mask = am_r.clone()
         pos = am_r.sum(-1)
@@ -86,25 +90,120 @@ def decode_both(model, n: int, steps: int, keep_after: int | None = None, lazy: 
     return got, ref
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "modules"])
 @pytest.mark.parametrize("lazy", [False, True])
-def test_static_decode_equals_the_full_forward_fp32(model, lazy):
-    got, ref = decode_both(model, n=3, steps=6, keep_after=3, lazy=lazy)
+def test_static_decode_equals_the_full_forward_fp32(model, lazy, packed):
+    got, ref = decode_both(model, n=3, steps=6, keep_after=3, lazy=lazy, packed=packed)
     for t, (a, b) in enumerate(zip(got, ref)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=f"step {t}")
 
 
-def test_static_decode_in_bf16_is_close_to_the_fp32_model(model):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "modules"])
+def test_static_decode_in_bf16_is_close_to_the_fp32_model(model, packed):
     """The bf16 copy decoded on the static (bf16) cache: its logits are within bf16 rounding of
     the fp32 model's full forward, relative to their spread (measured 0.0053-0.0063 on both tiny
     models; 0.005-0.006 on the fp32 cache before 2026-12-04; the prompts' padding left unmasked
     gives 0.09-0.54). The tiny random models attend
     almost uniformly, so rotary errors are the fp32 test's job."""
+    m16 = bf16_copy(model)
+    if packed and not fast_decode.packing_applies(m16):
+        pytest.skip("oneDNN runs no bf16 GEMM on this CPU")
     _, ref = decode_both(model, n=2, steps=5)
-    got, _ = decode_both(bf16_copy(model), n=2, steps=5)
+    got, _ = decode_both(m16, n=2, steps=5, packed=packed)
     for a, b in zip(got, ref):
         rel = float((a - b).norm() / (b - b.mean(-1, keepdim=True)).norm())
         assert rel < 0.02, rel
+
+
+def test_packed_weights_are_refused_once_the_model_changes(model):
+    """Packed weights are a copy: after an in-place write to any weight (an optimizer step, a
+    bf16 refresh) a decoder refuses them instead of sampling from the old policy; packed again,
+    the decoder follows the new weights."""
+    ids, am = left_pad(PROMPTS, 0)
+    pw = fast_decode.PackedWeights(model)
+    assert pw.current(model)
+
+    def build(packed):
+        with torch.no_grad():
+            cache = model(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
+        return fast_decode.StaticDecoder.from_prefill(model, cache, am, 2, packed)
+
+    build(pw)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    assert not pw.current(model)
+    with pytest.raises(RuntimeError, match="packed weights"):
+        build(pw)
+    tok, pos = torch.tensor([5, 6, 7]), am.sum(-1)
+    a = build(fast_decode.PackedWeights(model)).step(tok, pos)
+    b = build(None).step(tok, pos)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_packing_applies_only_to_plain_linear_layers_on_a_cpu(tiny_model_dir, monkeypatch):
+    """Packed where every replaced matmul is a plain nn.Linear of fp32 (or bf16) weights on a
+    CPU; not for LoRA, fp16 weights, a projection of another class, an MLP without the
+    gate/up/down layout, or with PACKED_WEIGHTS off (then the decoder runs its modules)."""
+    llama = load_model(tiny_model_dir)
+    assert fast_decode.packing_applies(llama)
+    assert fast_decode.PackedWeights.of(llama) is not None
+    assert not fast_decode.packing_applies(apply_lora(load_model(tiny_model_dir), r=4))
+    assert not fast_decode.packing_applies(load_model(tiny_model_dir).half())
+
+    class Linear2(torch.nn.Linear):
+        pass
+
+    odd = load_model(tiny_model_dir)
+    odd.model.layers[1].self_attn.k_proj.__class__ = Linear2
+    assert fast_decode.supports(odd) and not fast_decode.packing_applies(odd)
+    odd = load_model(tiny_model_dir)
+    del odd.model.layers[0].mlp.up_proj
+    assert not fast_decode.packing_applies(odd)
+    monkeypatch.setattr(fast_decode, "PACKED_WEIGHTS", False)
+    assert not fast_decode.packing_applies(llama) and fast_decode.PackedWeights.of(llama) is None
+
+
+def test_the_sampler_packs_once_per_call_and_keeps_no_copy(tiny_model_dir, tok, monkeypatch):
+    """One generate call over several chunks packs the weights once and hands them to every
+    chunk's decoder; after the call nothing holds them (they are a copy of the weights, and must
+    not sit beside the learner's activations); samples equal those of the modules' weights."""
+    import gc
+    import weakref
+
+    model = load_model(tiny_model_dir)
+    made = []
+    real = fast_decode.PackedWeights.__init__
+
+    def spy(self, m):
+        real(self, m)
+        made.append(weakref.ref(self))
+
+    used = []
+    real_from = fast_decode.StaticDecoder.from_prefill.__func__
+
+    def from_prefill(cls, m, cache, mask, max_new, packed="auto"):
+        used.append(packed)
+        return real_from(cls, m, cache, mask, max_new, packed)
+
+    monkeypatch.setattr(fast_decode.PackedWeights, "__init__", spy)
+    monkeypatch.setattr(fast_decode.StaticDecoder, "from_prefill", classmethod(from_prefill))
+    gen = CachedGenerator(model, tok, precision="fp32", batch_size=4)   # 1 prompt x 4 per chunk
+    torch.manual_seed(2)
+    packed_out = gen.generate(PROMPTS, 4, SamplingParams(6))
+    assert len(made) == 1 and len(used) == len(PROMPTS)
+    assert all(p is not None and p is used[0] for p in used)
+    del used[:]
+    gc.collect()
+    assert made[0]() is None
+    monkeypatch.setattr(fast_decode, "PACKED_WEIGHTS", False)
+    torch.manual_seed(2)
+    plain_out = gen.generate(PROMPTS, 4, SamplingParams(6))
+    assert used == [None] * len(PROMPTS)
+    assert [g.completion_ids for g in packed_out] == [g.completion_ids for g in plain_out]
+    for x, y in zip(packed_out, plain_out):
+        for la, lb in zip(x.logprobs, y.logprobs):
+            torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)
 
 
 def test_supports_only_plain_llama_family(tiny_model_dir, tiny_gpt2_dir, tok):

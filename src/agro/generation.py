@@ -401,7 +401,9 @@ class CachedGenerator(HFGenerator):
       ``torch.multinomial``'s exponential variate per vocabulary entry;
     * for Llama-family models on a CPU (:func:`agro.fast_decode.applies`), the decode steps run
       on a preallocated KV cache (bf16 for bf16 weights, else fp32; scores soft-maxed in fp32)
-      (:class:`agro.fast_decode.StaticDecoder`); other models, LoRA and GPUs keep transformers'
+      (:class:`agro.fast_decode.StaticDecoder`), its weight matmuls on a copy of the weights
+      packed for oneDNN once per :meth:`generate` call and freed when it returns
+      (:class:`agro.fast_decode.PackedWeights`); other models, LoRA and GPUs keep transformers'
       forward and cache (``static_cache = False`` forces that path).
 
     Temperature / top-k / top-p use the same transformers warpers as :class:`HFGenerator`; the
@@ -421,9 +423,15 @@ class CachedGenerator(HFGenerator):
         _check_request(prompt_ids, n)
         per_call = max(1, _rows_per_call(self.batch_size, max_rows) // n)  # prompts per batch
         out: list[Generation] = []
+        # the static decoder's weights packed once for all of this call's chunks, then freed (a
+        # copy of the weights: it must not outlive sampling, or it would sit beside the learner's
+        # activations at the step's peak)
+        packed = None
+        if self.static_cache and fast_decode.applies(self.model, self.precision):
+            packed = fast_decode.PackedWeights.of(self.model)
         for s in range(0, len(prompt_ids), per_call):
             chunk = [list(p) for p in prompt_ids[s:s + per_call]]
-            comps, lps = self._sample(chunk, n, params)
+            comps, lps = self._sample(chunk, n, params, packed)
             for i, p in enumerate(chunk):
                 c = comps[i * n:(i + 1) * n]
                 out.append(Generation(
@@ -432,8 +440,10 @@ class CachedGenerator(HFGenerator):
         return out
 
     @torch.no_grad()
-    def _sample(self, prompts: list[list[int]], n: int, params: SamplingParams):
-        """G prompts -> (G*n completions, G*n behaviour log-prob lists), row g*n+i = sample i of g."""
+    def _sample(self, prompts: list[list[int]], n: int, params: SamplingParams,
+                packed: "fast_decode.PackedWeights | None" = None):
+        """G prompts -> (G*n completions, G*n behaviour log-prob lists), row g*n+i = sample i of g.
+        ``packed``: the model's packed weights for the static decoder (None: its modules')."""
 
         model = self.model
         dev = next(model.parameters()).device
@@ -462,7 +472,7 @@ class CachedGenerator(HFGenerator):
             rows = torch.arange(B)                                       # output row of each live row
             static = slot = None
             if self.static_cache and fast_decode.applies(model, self.precision):
-                static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T)
+                static = fast_decode.StaticDecoder.from_prefill(model, cache, am, T, packed)
                 out = cache = None          # the prefill's cache now lives in the static one
                 slot = torch.arange(B, device=dev)                       # static row of each live row
             for t in range(T):

@@ -345,8 +345,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # in the input's dtype (bf16 learner ~0.8x); 9 = on a CPU the bf16 LM head unfused, its logits'
 # gradient written in place; 10 = the static decode cache in bf16 for bf16 weights, attention over
 # the written columns only; 11 = the packed scoring passes' attention on agro.cpu_attention's
-# kernel on a CPU (bf16 learner ~0.88x, fp32 ~0.94x).
-CACHE_PREFIX = "precision/11:"
+# kernel on a CPU (bf16 learner ~0.88x, fp32 ~0.94x); 12 = the static decoder's matmuls on weights
+# packed for oneDNN once per sampling call (fp32 sampling ~0.66x, bf16 ~0.82x).
+CACHE_PREFIX = "precision/12:"
 
 
 def cached_precision_choice(model) -> str | None:
