@@ -8,12 +8,15 @@ vocabulary 49152; random weights: a kernel's speed does not depend on the values
 
 * ``gemms``: the 211 weight matmuls of one decode step (7 per layer and the LM head, every weight
   distinct, so they stream from memory as in the real step) at M = 32 and 8 rows, with
-  ``F.linear`` (what agro runs) against weights prepacked for the CPU's GEMM library
-  (``torch.ops.mkldnn._linear_pointwise`` on oneDNN-reordered bf16 weights;
-  ``torch.ops.mkl._mkl_linear`` on MKL-packed fp32 weights: what inductor's freezing pass
-  uses), with the time to pack all of them once (a new weight version after each optimizer step
-  needs it again) and whether the outputs are bit-identical;
-* ``step``: one :class:`agro.fast_decode.StaticDecoder` step at 32 rows and ~100 cache columns
+  ``F.linear`` (agro before 2026-12-05) against weights packed for a GEMM library: oneDNN
+  (``torch.ops.mkldnn._linear_pointwise`` on ``_reorder_linear_weight``), on the same matrices
+  and with q/k/v and gate/up stacked (121 matmuls: what ``agro.fast_decode.PackedWeights``
+  runs since 2026-12-05), and in fp32 MKL (``torch.ops.mkl._mkl_linear``: what inductor's
+  freezing pass uses for fp32; the only fp32 arm before 2026-12-05), each with the time to pack
+  all of them once (a new weight version after each optimizer step needs it again), the error
+  against fp64 and whether the outputs are bit-identical to ``F.linear``'s;
+* ``step`` / ``step_modules``: one :class:`agro.fast_decode.StaticDecoder` step at 32 rows and
+  ~100 cache columns, on packed weights / on the modules' (before 2026-12-05)
   (the decoder as it is: a bf16 cache for bf16 weights since 2026-12-04; the recorded JSONs of
   2026-12-02 timed the fp32 cache),
   split by the torch profiler into weight matmuls, the attention's matmuls over the cache and the
@@ -52,35 +55,60 @@ def model(dtype: torch.dtype):
 
 
 def gemms(dtype: torch.dtype, reps: int) -> dict:
-    shapes = [(H, H), (H // HEADS * KV, H), (H // HEADS * KV, H), (H, H), (I, H), (I, H), (H, I)]
-    shapes = shapes * LAYERS + [(VOCAB, H)]
+    """The decode step's weight matmuls at M = 32 and 8 rows, four ways: ``F.linear`` on the 7
+    matrices of each layer and the LM head (agro before 2026-12-05); oneDNN on the same
+    matrices reordered once (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``);
+    oneDNN on q/k/v and gate/up stacked (what :class:`agro.fast_decode.PackedWeights` runs); in
+    fp32 also MKL-packed (``torch.ops.mkl._mkl_linear``, what inductor's freezing uses for fp32).
+    Each with its packing time, and the outputs' largest error against fp64 products of the same
+    inputs, relative to the largest |output| (every arm's, so the arms can be compared)."""
+    split = [(H, H), (H // HEADS * KV, H), (H // HEADS * KV, H), (H, H), (I, H), (I, H), (H, I)]
+    stacked = [(H + 2 * (H // HEADS * KV), H), (H, H), (2 * I, H), (H, I)]
     torch.manual_seed(0)
-    ws = [torch.randn(s).to(dtype) for s in shapes]
-    out = {"weights_MB": sum(w.numel() * w.element_size() for w in ws) / 1e6}
+    ws = {"split": [torch.randn(s).to(dtype) for s in split * LAYERS + [(VOCAB, H)]]}
+    # the stacked matrices hold the same values as the split ones (rows concatenated)
+    st = []
+    for i in range(LAYERS):
+        q, k, v, o, g, u, d = ws["split"][7 * i:7 * i + 7]
+        st += [torch.cat([q, k, v]), o, torch.cat([g, u]), d]
+    ws["stacked"] = st + [ws["split"][-1]]
+    out = {"weights_MB": sum(w.numel() * w.element_size() for w in ws["split"]) / 1e6}
     for M in (32, 8):
         xs = {k: torch.randn(M, k).to(dtype) for k in (H, I)}
-        ins = [xs[w.shape[1]] for w in ws]
-        if dtype == torch.bfloat16:
-            pack = lambda: [torch.ops.mkldnn._reorder_linear_weight(w, M) for w in ws]  # noqa: E731
-            run = lambda ps: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")  # noqa: E731
-                              for x, p in zip(ins, ps)]
-        else:
-            pack = lambda: [torch.ops.mkl._mkl_reorder_linear_weight(w, M) for w in ws]  # noqa: E731
-            run = lambda ps: [torch.ops.mkl._mkl_linear(x, p, w, None, M)  # noqa: E731
-                              for x, p, w in zip(ins, ps, ws)]
-        t0 = time.perf_counter()
-        ps = pack()
-        t_pack = time.perf_counter() - t0
-        plain = lambda: [F.linear(x, w) for x, w in zip(ins, ws)]  # noqa: E731
-        same = all(torch.equal(a, b) for a, b in zip(plain(), run(ps)))
-        t_plain, t_packed = timed(plain, reps), timed(lambda: run(ps), reps)
-        out[f"M{M}"] = {"F.linear_ms": t_plain * 1e3, "prepacked_ms": t_packed * 1e3,
-                        "speedup": t_plain / t_packed, "pack_all_ms": t_pack * 1e3,
-                        "bit_identical": same}
+        arms = {}
+
+        def onednn(kind):
+            return (lambda: [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in ws[kind]],
+                    lambda ps: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
+                                for w, p in zip(ws[kind], ps)])
+        arms["onednn_packed"] = (*onednn("split"), "split")
+        arms["onednn_packed_stacked"] = (*onednn("stacked"), "stacked")
+        if dtype == torch.float32:
+            arms["mkl_packed"] = (
+                lambda: [torch.ops.mkl._mkl_reorder_linear_weight(w, M) for w in ws["split"]],
+                lambda ps: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, M)
+                            for w, p in zip(ws["split"], ps)], "split")
+        plain = lambda: [F.linear(xs[w.shape[1]], w) for w in ws["split"]]  # noqa: E731
+        exact = {kind: [F.linear(xs[w.shape[1]].double(), w.double()) for w in ws[kind]]
+                 for kind in ws}
+
+        def err(ys, kind):
+            return max(float((y.double() - e).abs().max() / e.abs().max()) for y, e in zip(ys, exact[kind]))
+
+        r = {"F.linear_ms": timed(plain, reps) * 1e3, "F.linear_err": err(plain(), "split")}
+        for name, (pack, run, kind) in arms.items():
+            t0 = time.perf_counter()
+            ps = pack()
+            r[f"{name}_pack_ms"] = (time.perf_counter() - t0) * 1e3
+            r[f"{name}_ms"] = timed(lambda: run(ps), reps) * 1e3
+            r[f"{name}_err"] = err(run(ps), kind)
+            if kind == "split":
+                r[f"{name}_bit_identical"] = all(torch.equal(a, b) for a, b in zip(plain(), run(ps)))
+        out[f"M{M}"] = r
     return out
 
 
-def step_split(dtype: torch.dtype) -> dict:
+def step_split(dtype: torch.dtype, packed: bool = True) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from agro.fast_decode import StaticDecoder
@@ -91,7 +119,8 @@ def step_split(dtype: torch.dtype) -> dict:
     am = torch.ones(B, P, dtype=torch.long)
     with torch.no_grad():
         cache = m(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
-    sd = StaticDecoder.from_prefill(m, cache, am, T)
+    sd = StaticDecoder.from_prefill(m, cache, am, T, "auto" if packed else None)
+    assert (sd.packed is not None) == packed
     tok, pos = torch.randint(0, VOCAB, (B,)), torch.full((B,), P)
     sd.step(tok, pos), sd.step(tok, pos + 1)
     t = time.perf_counter()
@@ -103,7 +132,8 @@ def step_split(dtype: torch.dtype) -> dict:
             sd.step(tok, pos + s)
     ev = prof.key_averages()
     tot = sum(e.self_cpu_time_total for e in ev)
-    mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm"))
+    mm = sum(e.self_cpu_time_total for e in ev
+             if e.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
     bmm = sum(e.self_cpu_time_total for e in ev if e.key == "aten::bmm")
     n = steps - steps // 2
     return {"rows": B, "cache_columns": P + T, "step_ms": plain_ms,
@@ -149,21 +179,27 @@ def main() -> None:
     res = {"cpu": machine_key(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"CPU: {res['cpu']}; torch {res['torch']}; threads {res['threads']}")
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        r = {"gemms": gemms(dt, a.reps), "step": step_split(dt)}
+        r = {"gemms": gemms(dt, a.reps), "step": step_split(dt), "step_modules": step_split(dt, False)}
         if a.compile:
             r["compile_learner"] = compile_learner(dt, max(2, a.reps // 3))
         res[name] = r
         g, s = r["gemms"], r["step"]
         for M in (32, 8):
             x = g[f"M{M}"]
+            arms = [k[:-3] for k in x if k.endswith("_ms") and not k.endswith("pack_ms")
+                    and k != "F.linear_ms"]
             print(f"{name} decode GEMMs at M={M} ({g['weights_MB']:.0f} MB of weights): F.linear "
-                  f"{x['F.linear_ms']:.1f} ms, prepacked {x['prepacked_ms']:.1f} ms "
-                  f"({x['speedup']:.2f}x; packing them all {x['pack_all_ms']:.0f} ms; "
-                  f"bit-identical: {x['bit_identical']})")
-        print(f"{name} static-cache decode step, {s['rows']} rows x {s['cache_columns']} columns: "
-              f"{s['step_ms']:.1f} ms (profiled {s['profiled_step_ms']:.1f}: weight matmuls "
-              f"{s['weight_matmuls_ms']:.1f}, attention matmuls {s['attention_matmuls_ms']:.1f}, "
-              f"rest {s['rest_ms']:.1f})")
+                  f"{x['F.linear_ms']:.1f} ms (error {x['F.linear_err']:.1e})")
+            for k in arms:
+                same = x.get(f"{k}_bit_identical")
+                print(f"    {k:22s} {x[f'{k}_ms']:6.1f} ms ({x['F.linear_ms'] / x[f'{k}_ms']:.2f}x; "
+                      f"packing {x[f'{k}_pack_ms']:.0f} ms; error {x[f'{k}_err']:.1e}"
+                      + ("" if same is None else f"; bit-identical to F.linear: {same}") + ")")
+        for what, s in (("packed weights", r["step"]), ("the modules' weights", r["step_modules"])):
+            print(f"{name} static-cache decode step on {what}, {s['rows']} rows x "
+                  f"{s['cache_columns']} columns: {s['step_ms']:.1f} ms (profiled "
+                  f"{s['profiled_step_ms']:.1f}: weight matmuls {s['weight_matmuls_ms']:.1f}, "
+                  f"attention matmuls {s['attention_matmuls_ms']:.1f}, rest {s['rest_ms']:.1f})")
         if a.compile:
             c = r["compile_learner"]
             print(f"{name} learner fwd+bwd, torch.compile on each decoder layer: compile "

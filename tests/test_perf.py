@@ -169,6 +169,42 @@ def test_calibration_times_again_only_a_close_call(bf16_learner, timings, monkey
         assert cal["bf16"]["learner"] == 3.0
 
 
+def test_the_estimate_counts_the_decode_weights_packing_once_per_step(monkeypatch, tmp_path):
+    """The sampling steps' time scales with max_new_tokens / decode_steps timed; the packing of
+    the decode weights is paid once per sampling call, so it enters the step once; and a real
+    timing has it (the tiny Llama on a CPU packs, fp32)."""
+    monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
+    t = {"learner": 1.0, "reference": 0.5, "sample": 0.25, "pack": 0.75, "update": 0.0}
+    monkeypatch.setattr(perf, "_time_precision", lambda model, prec, **kw: dict(t))
+    monkeypatch.setattr(perf, "_model_key", lambda m: "fake")
+    cal = perf.calibrate_precision(torch.nn.Linear(2, 2), prompts_per_step=8, group_size=2,
+                                   max_new_tokens=32, reps=1)
+    # (1.0 + 0.5) x 8 prompts / 2 groups timed + 0.25 x 32 / 8 steps timed + 0.75 once
+    assert cal["fp32"]["step"] == pytest.approx(1.5 * 4 + 0.25 * 4 + 0.75)
+
+
+def test_a_real_timing_samples_on_packed_weights_and_times_the_packing(tiny_model_dir, monkeypatch):
+    """The tiny Llama on a CPU, fp32: every timed sampling call decodes on packed weights built
+    before it (not inside it), and the ``pack`` phase packs once per call."""
+    from agro import fast_decode
+    from agro.models import load_model
+
+    m = load_model(tiny_model_dir)
+    assert fast_decode.packing_applies(m)
+    packs, decoders = [], []
+    real_init = fast_decode.PackedWeights.__init__
+    real_from = fast_decode.StaticDecoder.from_prefill.__func__
+    monkeypatch.setattr(fast_decode.PackedWeights, "__init__",
+                        lambda self, model: packs.append(self) or real_init(self, model))
+    monkeypatch.setattr(fast_decode.StaticDecoder, "from_prefill", classmethod(
+        lambda cls, *a: decoders.append(a[4] if len(a) > 4 else "auto") or real_from(cls, *a)))
+    t = perf._time_precision(m, "fp32", group_size=2, prompt_len=8, completion_len=4, groups=2,
+                             decode_batch=4, decode_steps=3, reps=2)
+    assert set(t) >= {"sample", "pack"}
+    assert len(decoders) == 3 and all(d is packs[0] for d in decoders)   # warm-up + 2 reps
+    assert len(packs) == 1 + 3                                           # before; pack phase x 3
+
+
 def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_path, monkeypatch):
     """Where bf16 is native, precision=auto calibrates and records why; the YAML still loads
     (comments), so --resume keeps the concrete choice."""

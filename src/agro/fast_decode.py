@@ -24,8 +24,9 @@ What this does instead, per step:
   masked and soft-maxed in fp32; eager scales and masks in bf16), and the weights are rounded
   to bf16 for the values' matmul; with fp32 weights all of it is fp32;
 * the weight matmuls (q/k/v, o, gate/up, down, LM head) run on :class:`PackedWeights`, the
-  model's weights of the moment reordered once per sampling call for oneDNN's GEMM (2.1-2.6x
-  faster matmuls at 8-32 rows in fp32, 1.3-1.5x in bf16), where :func:`packing_applies`;
+  model's weights of the moment reordered once per sampling call for oneDNN's GEMM (1.7-1.95x
+  faster matmuls at 32-8 rows in fp32, 1.38-1.69x in bf16, on Zen 4), where
+  :func:`packing_applies`;
   otherwise on the model's own projection and MLP modules;
 * everything else calls the model's own modules (RMSNorm, rotary embedding, the MLP's
   activation, final norm), so the numbers are the model's up to float rounding
@@ -45,9 +46,11 @@ it once a quarter of the rows are done). Models split over devices (``device_map
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .models import hf_model
+from .models import hf_model, plain_linear
 
 # model_type -> the module layout below (decoder layers with input_layernorm, self_attn.{q,k,v,o}_proj,
 # post_attention_layernorm, mlp; model.norm; lm_head; model.rotary_emb(x, position_ids) -> cos, sin).
@@ -66,8 +69,12 @@ SLICE_COLUMNS = 64
 BF16_CACHE = True
 # The decode step's weight matmuls on weights reordered once per sampling call for oneDNN
 # (:class:`PackedWeights`). False: ``F.linear`` on the modules' own weights (the code before
-# 2026-12-05; benches and tests set it).
-PACKED_WEIGHTS = True
+# 2026-12-05); ``AGRO_PACKED_DECODE=0`` in the environment sets it (benches and tests set it).
+PACKED_WEIGHTS = os.environ.get("AGRO_PACKED_DECODE", "1") != "0"
+# A sampling call packs only when it may decode at least this many tokens per row: packing
+# costs what packed matmuls save in 5-6 decode steps at 32 rows (fp32 210 ms against 42 ms a
+# step, bf16 63 against 11: docs/bench/packed_decode/decode_probes.json, Zen 4).
+PACK_MIN_NEW_TOKENS = 8
 
 
 def supports(model) -> bool:
@@ -104,24 +111,49 @@ def applies(model, precision: str) -> bool:
         (precision != "bf16" or is_bf16(model))
 
 
-def _linear(m) -> bool:
-    return type(m) is torch.nn.Linear and m.weight.dim() == 2
+def _swiglu_forwards() -> tuple:
+    """The MLP forwards known to compute ``down(act(gate(x)) * up(x))``: transformers' Llama and
+    Qwen2 MLPs and agro.lean's (which every agro model runs)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from . import lean
+
+    return (LlamaMLP.forward, Qwen2MLP.forward, lean._lean_mlp_forward)
 
 
 def _packable_layout(model) -> bool:
-    """Every matmul :class:`PackedWeights` replaces is a plain ``nn.Linear`` and the MLP is
-    ``down(act(gate(x)) * up(x))`` (LlamaMLP / Qwen2MLP's attributes; agro.lean keeps them)."""
+    """Every matmul :class:`PackedWeights` replaces is a plain ``nn.Linear`` without hooks
+    (:func:`agro.models.plain_linear`), of the same shapes in every layer, and each MLP's forward
+    is one known to be ``down(act(gate(x)) * up(x))`` (:func:`_swiglu_forwards`)."""
     m = hf_model(model)
-    if not _linear(getattr(m, "lm_head", None)):
+    if not plain_linear(getattr(m, "lm_head", None)):
         return False
+    known, shapes = _swiglu_forwards(), None
     for layer in m.model.layers:
         att, mlp = layer.self_attn, layer.mlp
-        if not all(_linear(getattr(att, a, None)) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            return False
-        if not all(_linear(getattr(mlp, a, None)) for a in ("gate_proj", "up_proj", "down_proj")) \
+        mods = [getattr(att, a, None) for a in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
+        if not all(plain_linear(x) for x in mods) or type(mlp).forward not in known \
                 or not callable(getattr(mlp, "act_fn", None)):
             return False
+        here = [tuple(x.weight.shape) for x in mods]
+        if shapes is not None and here != shapes:
+            return False
+        shapes = here
     return True
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def packing_applies(model) -> bool:
@@ -135,6 +167,9 @@ def packing_applies(model) -> bool:
         return False
     if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
+    if any(p.device.type != "cpu" or p.dtype != w.dtype for p in hf_model(model).parameters()
+           if p.is_floating_point()):
+        return False
     return _packable_layout(model)
 
 
@@ -146,14 +181,21 @@ class PackedWeights:
     ``refresh`` of bf16 working weights writes them in place, which bumps each tensor's version).
 
     Why: a decode step multiplies M = 32 rows (fewer as samples finish) by every weight, and at
-    that M ``F.linear`` reaches about half the GEMM peak. Measured on SmolLM2-135M's 211 decode
-    matmuls, 2 cores, AMD EPYC Zen 4 (`.venv/bin/python bench/decode_probes.py`, docs/RESULTS.md):
-    fp32 at M = 32 119 ms with ``F.linear`` against 52-58 ms packed (2.1-2.3x; at M = 8 2.6x),
-    bf16 45 against 31-35 ms (1.3-1.5x), for 250 ms (fp32) and 70-160 ms (bf16) of packing per
-    sampling call. bf16 outputs were bit-identical to ``F.linear``'s; fp32 ones differ by float
-    rounding (relative error against fp64 ~1e-6, ``F.linear`` ~4e-7). Memory: one more copy of
-    the weights (538 MB fp32, 269 MB bf16 on SmolLM2-135M) while a sampling call runs.
-    Not measured on other CPU kinds; :data:`PACKED_WEIGHTS` = False turns it off.
+    that M ``F.linear`` reaches about half the GEMM peak. Measured on SmolLM2-135M's decode
+    matmuls, 2 cores, AMD EPYC Zen 4 (``.venv/bin/python bench/decode_probes.py``,
+    docs/bench/packed_decode/decode_probes.json): at M = 32 fp32 101.5 ms with ``F.linear``
+    against 59.8 ms packed and stacked (1.70x; 1.95x at M = 8), bf16 41.2 against 29.9 ms (1.38x;
+    1.69x at M = 8), for 210 ms (fp32) and 63 ms (bf16) of packing; a default-job sampling call
+    (``bench/packed_decode_ab.py``) took 0.71x as long in fp32 and 0.89x in bf16. bf16 outputs
+    were bit-identical to ``F.linear``'s on the unstacked matrices, and the bf16 sampling call drew
+    the same tokens; fp32 ones differ by float rounding (largest error against fp64 1.3e-6 of the
+    largest output, ``F.linear``'s 5.7e-7). Memory: one more copy of
+    the weights (538 MB fp32, 269 MB bf16 on SmolLM2-135M) while a sampling call runs; not made
+    when it would take more than half the memory available (:meth:`of`). Not measured on other
+    CPU kinds; :data:`PACKED_WEIGHTS` (``AGRO_PACKED_DECODE=0``) turns it off.
+    "Written in place" means through the parameter (optimizer steps, ``copy_``, agro's syncs and
+    refreshes all write that way); a write through ``p.data`` has its own version counter and is
+    not seen.
 
     Shapes: :meth:`linear` takes x [b, in] and returns [b, out] in x's dtype.
     """
@@ -204,8 +246,14 @@ class PackedWeights:
 
     @classmethod
     def of(cls, model) -> "PackedWeights | None":
-        """Packed weights for ``model`` where :func:`packing_applies`, else None."""
-        return cls(model) if packing_applies(model) else None
+        """Packed weights for ``model`` where :func:`packing_applies` and the copy would take at
+        most half the memory available now (/proc/meminfo's MemAvailable, where there is one),
+        else None."""
+        if not packing_applies(model):
+            return None
+        size = sum(p.numel() * p.element_size() for p in hf_model(model).parameters())
+        free = _available_bytes()
+        return cls(model) if free is None or size <= free // 2 else None
 
 
 def columns_read(filled: int, cap: int) -> int:

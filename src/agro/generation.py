@@ -401,10 +401,12 @@ class CachedGenerator(HFGenerator):
       ``torch.multinomial``'s exponential variate per vocabulary entry;
     * for Llama-family models on a CPU (:func:`agro.fast_decode.applies`), the decode steps run
       on a preallocated KV cache (bf16 for bf16 weights, else fp32; scores soft-maxed in fp32)
-      (:class:`agro.fast_decode.StaticDecoder`), its weight matmuls on a copy of the weights
-      packed for oneDNN once per :meth:`generate` call and freed when it returns
-      (:class:`agro.fast_decode.PackedWeights`); other models, LoRA and GPUs keep transformers'
-      forward and cache (``static_cache = False`` forces that path).
+      (:class:`agro.fast_decode.StaticDecoder`), its weight matmuls, where
+      :func:`agro.fast_decode.packing_applies` and at least ``PACK_MIN_NEW_TOKENS`` new tokens
+      are asked for, on a copy of the weights packed for oneDNN once per :meth:`generate` call
+      and freed when it returns (:class:`agro.fast_decode.PackedWeights`); other models, LoRA
+      and GPUs keep transformers' forward and cache (``static_cache = False`` forces that
+      path).
 
     Temperature / top-k / top-p use the same transformers warpers as :class:`HFGenerator`; the
     recorded behaviour log-probs are the fp32 log-softmax of the warped scores, of the token drawn.
@@ -427,7 +429,8 @@ class CachedGenerator(HFGenerator):
         # copy of the weights: it must not outlive sampling, or it would sit beside the learner's
         # activations at the step's peak)
         packed = None
-        if self.static_cache and fast_decode.applies(self.model, self.precision):
+        if self.static_cache and fast_decode.applies(self.model, self.precision) \
+                and int(params.max_new_tokens) >= fast_decode.PACK_MIN_NEW_TOKENS:
             packed = fast_decode.PackedWeights.of(self.model)
         for s in range(0, len(prompt_ids), per_call):
             chunk = [list(p) for p in prompt_ids[s:s + per_call]]

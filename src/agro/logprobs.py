@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _m
 
-from .models import PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load_model
+from .models import (PRECISIONS, autocast_ctx, device_of, hf_model, is_peft, load_model,
+                     plain_linear)
 
 
 # --------------------------------------------------------------------------- log-prob kernel
@@ -294,11 +294,7 @@ def head_chosen_logprobs(head, h: torch.Tensor, ids: torch.Tensor, precision: st
     gradient allocated.
     """
     W = getattr(head, "weight", None)
-    hooked = (head._forward_hooks or head._forward_pre_hooks or _m._global_forward_hooks
-              or _m._global_forward_pre_hooks or "forward" in head.__dict__
-              or hasattr(head, "_hf_hook"))     # accelerate replaces forward, sets _hf_hook
-    plain = type(head) is torch.nn.Linear and head.bias is None and not hooked \
-        and W is not None and W.dim() == 2
+    plain = plain_linear(head) and head.bias is None
     dtype = fused_head_dtype(h.device.type, precision, W.dtype) if plain else None
     if dtype is not None:
         return _HeadChosenLogProb.apply(h, W, ids.long(), dtype)

@@ -249,7 +249,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
                     completion_len: int, groups: int, decode_batch: int, decode_steps: int,
                     reps: int) -> dict[str, float]:
     """Seconds of one learner pass (forward + backward over ``groups`` packed groups), one
-    reference pass (forward, no grad) and ``decode_steps`` sampling steps at ``decode_batch`` rows,
+    reference pass (forward, no grad), ``decode_steps`` sampling steps at ``decode_batch`` rows
+    (``sample``, on weights packed beforehand) and the packing of the decode weights (``pack``,
+    once per sampling call: :class:`agro.fast_decode.PackedWeights`; 0 where it does not apply),
     on random tokens, with the kernels agro uses, best of ``reps``."""
     from .logprobs import (accepts_logits_to_keep, completion_logprobs, position_ids_from_mask,
                            scoring_mode)
@@ -299,6 +301,12 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     sampler = work
 
     static = fast_decode.applies(sampler, precision)
+    packed = fast_decode.PackedWeights.of(sampler) if static else None
+
+    def pack():
+        """Once per sampling call (CachedGenerator.generate): the decode weights packed."""
+        if static:
+            fast_decode.PackedWeights.of(sampler)
 
     def sample():
         """As CachedGenerator decodes: agro.fast_decode's static cache where it applies."""
@@ -308,8 +316,11 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
             out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
                           use_cache=True, **keep1)
         cache, pos = out.past_key_values, m.sum(-1)
+        nonlocal packed
+        if packed is not None and not packed.current(sampler):
+            packed = fast_decode.PackedWeights.of(sampler)
         if static:      # outside autocast, as CachedGenerator runs it
-            dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps)
+            dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps, packed)
             with torch.no_grad():
                 for _ in range(decode_steps):
                     dec.step(x[:, -1], pos)
@@ -325,7 +336,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     out = {}
     with scoring_mode(model), scoring_mode(work), scoring_mode(ref_model):
         for name, fn in (("learner", learner), ("reference", reference), ("sample", sample),
-                         ("update", update)):
+                         ("pack", pack), ("update", update)):
             best = float("inf")
             for _ in range(reps + 1):          # the first call warms up (allocations, kernels)
                 t = time.perf_counter()
@@ -346,8 +357,10 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # gradient written in place; 10 = the static decode cache in bf16 for bf16 weights, attention over
 # the written columns only; 11 = the packed scoring passes' attention on agro.cpu_attention's
 # kernel on a CPU (bf16 learner ~0.88x, fp32 ~0.94x); 12 = the static decoder's matmuls on weights
-# packed for oneDNN once per sampling call (fp32 sampling ~0.66x, bf16 ~0.82x).
-CACHE_PREFIX = "precision/12:"
+# packed for oneDNN once per sampling call (a default-job sampling call 0.71x fp32, 0.89x bf16),
+# the packing timed inside each sampling call and so scaled with it (4x per default step); 13 =
+# the packing timed on its own and counted once per step.
+CACHE_PREFIX = "precision/13:"
 
 
 def cached_precision_choice(model) -> str | None:
@@ -400,7 +413,7 @@ def calibrate_precision(model, *, prompts_per_step: int, group_size: int, max_ne
 
     def step(t: dict) -> float:
         return ((t["learner"] + t["reference"]) * scale + t["sample"] * max_new_tokens / steps
-                + t["update"] * (micro_batches if accum_fp32 else 1))
+                + t.get("pack", 0.0) + t["update"] * (micro_batches if accum_fp32 else 1))
 
     # one timed call per phase first; only a close call (estimates within 25 %) is timed again,
     # ``reps`` more times, keeping each phase's best (a clear margin is not worth ~10 s more)
