@@ -46,15 +46,33 @@ def medians(rows: dict[str, list]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rows.items()}
 
 
+def code_version() -> str:
+    """The agro commit measured (``git rev-parse --short HEAD``, ``+dirty`` with uncommitted
+    changes under src/ or bench/), or "unknown" outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        dirty = git("status", "--porcelain", "--", "src", "bench")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_json(path: str | None, cpu: str, precision: str, torch_version: str,
                rows: dict[str, list], med: dict[str, float], **extra) -> None:
-    """Every round's timings and their medians, with the CPU and torch they ran on (and any
-    ``extra`` fields the bench records)."""
+    """Every round's timings and their medians, with the CPU and torch they ran on, the agro
+    commit (:func:`code_version`) and any ``extra`` fields the bench records."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"cpu": cpu, "precision": precision, "torch": torch_version,
-                                      "rounds": rows, "medians": med, **extra}, indent=1))
+                                      "commit": code_version(), "rounds": rows, "medians": med,
+                                      **extra}, indent=1))
 
 
 def bench_trainer(name: str, *overrides: str):

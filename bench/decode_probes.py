@@ -35,7 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from abrounds import timed  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import code_version, timed  # bench/abrounds.py (bench/ is on sys.path)
 
 from agro.perf import machine_key
 
@@ -176,7 +176,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile on the learner")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    res = {"cpu": machine_key(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    res = {"cpu": machine_key(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "commit": code_version()}
     print(f"CPU: {res['cpu']}; torch {res['torch']}; threads {res['threads']}")
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         r = {"gemms": gemms(dt, a.reps), "step": step_split(dt), "step_modules": step_split(dt, False)}

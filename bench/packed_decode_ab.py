@@ -12,8 +12,9 @@ the code before 2026-12-05). Both arms draw from the same seed: in bf16 the pack
 bit-identical and the two arms sample the same tokens; in fp32 they differ by float rounding, so
 a draw can differ, and tokens per second is printed beside the seconds.
 
-Also prints the packing's own time (``PackedWeights(model)``) and the largest difference of one
-decode step's logits between the arms. Medians over the rounds; the CPU and its flags are printed.
+Also prints the packing's own time (``PackedWeights(model)``), how many of the completions the
+two arms drew are equal in each round, and the largest difference of one decode step's logits
+between the arms. Medians over the rounds; the CPU and its flags are printed.
 Run it alone on the machine: a second torch process on the same cores slows both 10-20x.
 """
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     if not fd.packing_applies(gen.model):
         raise SystemExit(f"packed weights do not apply to this model/CPU in {a.precision}")
 
+    drawn: dict[bool, list] = {}
+
     def sample(packed: bool) -> tuple[float, int]:
         fd.PACKED_WEIGHTS = packed
         try:
@@ -71,7 +74,8 @@ def main() -> None:
             dt = time.perf_counter() - t0
         finally:
             fd.PACKED_WEIGHTS = True
-        return dt, sum(len(c) for g in gens for c in g.completion_ids)
+        drawn[packed] = [c for g in gens for c in g.completion_ids]
+        return dt, sum(len(c) for c in drawn[packed])
 
     def pack_seconds() -> float:
         t0 = time.perf_counter()
@@ -79,7 +83,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     rows: dict[str, list] = {k: [] for k in ("sample_plain", "sample_packed", "tokens_plain",
-                                             "tokens_packed", "pack")}
+                                             "tokens_packed", "pack", "same_completions")}
     sample(True), sample(False)   # warm-ups
     for r in range(a.reps):
         for packed in order(r, False, True):
@@ -88,6 +92,7 @@ def main() -> None:
             rows[f"sample_{arm}"].append(dt)
             rows[f"tokens_{arm}"].append(n)
         rows["pack"].append(pack_seconds())
+        rows["same_completions"].append(sum(a == b for a, b in zip(drawn[True], drawn[False])))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items()), flush=True)
     med = medians(rows)
     gap = step_logits_gap(gen.model, prompt_ids, cfg.group_size, tr.tok.pad_token_id)
@@ -96,6 +101,8 @@ def main() -> None:
         s, n = med[f"sample_{arm}"], med[f"tokens_{arm}"]
         print(f"  sampling call, {arm:6s}: {s:.3f} s, {n:.0f} tokens, {n / s:.0f} tokens/s")
     print(f"  packing the weights once: {med['pack']:.3f} s (inside the packed arm's time)")
+    print(f"  completions equal in both arms, per round: {rows['same_completions']} of "
+          f"{len(drawn[True])}")
     print(f"  plain / packed: {med['sample_plain'] / med['sample_packed']:.2f}x per call; "
           f"{(med['tokens_packed'] / med['sample_packed']) / (med['tokens_plain'] / med['sample_plain']):.2f}x "
           f"per token")

@@ -171,8 +171,7 @@ def test_calibration_times_again_only_a_close_call(bf16_learner, timings, monkey
 
 def test_the_estimate_counts_the_decode_weights_packing_once_per_step(monkeypatch, tmp_path):
     """The sampling steps' time scales with max_new_tokens / decode_steps timed; the packing of
-    the decode weights is paid once per sampling call, so it enters the step once; and a real
-    timing has it (the tiny Llama on a CPU packs, fp32)."""
+    the decode weights is paid once per sampling call, so it enters the step once."""
     monkeypatch.setenv(perf.CACHE_ENV, str(tmp_path))
     t = {"learner": 1.0, "reference": 0.5, "sample": 0.25, "pack": 0.75, "update": 0.0}
     monkeypatch.setattr(perf, "_time_precision", lambda model, prec, **kw: dict(t))
@@ -198,11 +197,18 @@ def test_a_real_timing_samples_on_packed_weights_and_times_the_packing(tiny_mode
                         lambda self, model: packs.append(self) or real_init(self, model))
     monkeypatch.setattr(fast_decode.StaticDecoder, "from_prefill", classmethod(
         lambda cls, *a: decoders.append(a[4] if len(a) > 4 else "auto") or real_from(cls, *a)))
-    t = perf._time_precision(m, "fp32", group_size=2, prompt_len=8, completion_len=4, groups=2,
+    from agro.fast_decode import PACK_MIN_NEW_TOKENS as T
+
+    t = perf._time_precision(m, "fp32", group_size=2, prompt_len=8, completion_len=T, groups=2,
                              decode_batch=4, decode_steps=3, reps=2)
     assert set(t) >= {"sample", "pack"}
     assert len(decoders) == 3 and all(d is packs[0] for d in decoders)   # warm-up + 2 reps
     assert len(packs) == 1 + 3                                           # before; pack phase x 3
+    # too few new tokens for the sampler to pack: neither does the timing
+    packs.clear(), decoders.clear()
+    perf._time_precision(m, "fp32", group_size=2, prompt_len=8, completion_len=T - 1, groups=2,
+                         decode_batch=4, decode_steps=3, reps=1)
+    assert packs == [] and decoders == [None, None]
 
 
 def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ import os
 
 import torch
 
-from .models import hf_model, plain_linear
+from .models import hf_model, hook_free, plain_linear
 
 # model_type -> the module layout below (decoder layers with input_layernorm, self_attn.{q,k,v,o}_proj,
 # post_attention_layernorm, mlp; model.norm; lm_head; model.rotary_emb(x, position_ids) -> cos, sin).
@@ -69,7 +69,8 @@ SLICE_COLUMNS = 64
 BF16_CACHE = True
 # The decode step's weight matmuls on weights reordered once per sampling call for oneDNN
 # (:class:`PackedWeights`). False: ``F.linear`` on the modules' own weights (the code before
-# 2026-12-05); ``AGRO_PACKED_DECODE=0`` in the environment sets it (benches and tests set it).
+# 2026-12-05); ``AGRO_PACKED_DECODE=0`` in the environment when agro is imported sets it (any
+# other value leaves it on); benches and tests set it.
 PACKED_WEIGHTS = os.environ.get("AGRO_PACKED_DECODE", "1") != "0"
 # A sampling call packs only when it may decode at least this many tokens per row: packing
 # costs what packed matmuls save in 5-6 decode steps at 32 rows (fp32 210 ms against 42 ms a
@@ -124,8 +125,9 @@ def _swiglu_forwards() -> tuple:
 
 def _packable_layout(model) -> bool:
     """Every matmul :class:`PackedWeights` replaces is a plain ``nn.Linear`` without hooks
-    (:func:`agro.models.plain_linear`), of the same shapes in every layer, and each MLP's forward
-    is one known to be ``down(act(gate(x)) * up(x))`` (:func:`_swiglu_forwards`)."""
+    (:func:`agro.models.plain_linear`), of the same shapes in every layer, and each MLP, without
+    hooks itself, has a forward known to be ``down(act(gate(x)) * up(x))``
+    (:func:`_swiglu_forwards`)."""
     m = hf_model(model)
     if not plain_linear(getattr(m, "lm_head", None)):
         return False
@@ -135,7 +137,7 @@ def _packable_layout(model) -> bool:
         mods = [getattr(att, a, None) for a in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
             [getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
         if not all(plain_linear(x) for x in mods) or type(mlp).forward not in known \
-                or not callable(getattr(mlp, "act_fn", None)):
+                or not hook_free(mlp) or not callable(getattr(mlp, "act_fn", None)):
             return False
         here = [tuple(x.weight.shape) for x in mods]
         if shapes is not None and here != shapes:
@@ -144,16 +146,30 @@ def _packable_layout(model) -> bool:
     return True
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
+def _available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory this process may still take: /proc/meminfo's MemAvailable, capped by a cgroup v2
+    limit where one is set (memory.max - memory.current: containers, CI); None where neither
+    can be read (not Linux)."""
+    free = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        with open(f"{cgroup}/memory.max") as f:
+            limit = f.read().strip()
+        with open(f"{cgroup}/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            left = max(0, int(limit) - used)
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def packing_applies(model) -> bool:
@@ -247,7 +263,7 @@ class PackedWeights:
     @classmethod
     def of(cls, model) -> "PackedWeights | None":
         """Packed weights for ``model`` where :func:`packing_applies` and the copy would take at
-        most half the memory available now (/proc/meminfo's MemAvailable, where there is one),
+        most half the memory available now (:func:`_available_bytes`, where it can be read),
         else None."""
         if not packing_applies(model):
             return None

@@ -561,17 +561,24 @@ def bf16_copy(model):
     return out
 
 
-def plain_linear(m) -> bool:
-    """True if ``m`` is exactly ``nn.Linear`` (2-D weight) and its forward is nn.Linear's own:
-    no forward hooks or pre-hooks (its own or global), no replaced ``forward`` (accelerate's
-    offloading sets ``_hf_hook``). Code that computes such a layer's product itself (a fused
-    kernel, packed weights) may then do so without bypassing anything."""
+def hook_free(m) -> bool:
+    """True if calling module ``m`` runs only its class's ``forward``: no forward hooks or
+    pre-hooks (its own or global), no ``forward`` replaced on the instance (accelerate's
+    offloading does that and sets ``_hf_hook``)."""
     from torch.nn.modules import module as _m
 
+    return isinstance(m, torch.nn.Module) and not (
+        m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
+        or _m._global_forward_pre_hooks or "forward" in m.__dict__ or hasattr(m, "_hf_hook"))
+
+
+def plain_linear(m) -> bool:
+    """True if ``m`` is exactly ``nn.Linear`` (2-D weight) and :func:`hook_free`. Code that
+    computes such a layer's product itself (a fused kernel, packed weights) may then do so
+    without bypassing anything."""
     if type(m) is not torch.nn.Linear or getattr(m, "weight", None) is None or m.weight.dim() != 2:
         return False
-    return not (m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
-                or _m._global_forward_pre_hooks or "forward" in m.__dict__ or hasattr(m, "_hf_hook"))
+    return hook_free(m)
 
 
 def is_bf16(model) -> bool:

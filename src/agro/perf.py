@@ -301,11 +301,13 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     sampler = work
 
     static = fast_decode.applies(sampler, precision)
-    packed = fast_decode.PackedWeights.of(sampler) if static else None
+    # as CachedGenerator.generate packs: once per call, for calls of enough new tokens
+    packing = static and completion_len >= fast_decode.PACK_MIN_NEW_TOKENS
+    packed = None          # built just before the sampling phase and dropped after it (below)
 
     def pack():
         """Once per sampling call (CachedGenerator.generate): the decode weights packed."""
-        if static:
+        if packing:
             fast_decode.PackedWeights.of(sampler)
 
     def sample():
@@ -316,10 +318,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
             out = sampler(input_ids=x, attention_mask=m, position_ids=position_ids_from_mask(m),
                           use_cache=True, **keep1)
         cache, pos = out.past_key_values, m.sum(-1)
-        nonlocal packed
-        if packed is not None and not packed.current(sampler):
-            packed = fast_decode.PackedWeights.of(sampler)
-        if static:      # outside autocast, as CachedGenerator runs it
+        if static:      # outside autocast, as CachedGenerator runs it (a stale ``packed`` raises)
             dec = fast_decode.StaticDecoder.from_prefill(sampler, cache, m, decode_steps, packed)
             with torch.no_grad():
                 for _ in range(decode_steps):
@@ -337,6 +336,9 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
     with scoring_mode(model), scoring_mode(work), scoring_mode(ref_model):
         for name, fn in (("learner", learner), ("reference", reference), ("sample", sample),
                          ("pack", pack), ("update", update)):
+            # the packed copy exists only around the sampling phase, as in a sampling call (not
+            # beside the learner's activations), and is made outside the timed calls
+            packed = fast_decode.PackedWeights.of(sampler) if name == "sample" and packing else None
             best = float("inf")
             for _ in range(reps + 1):          # the first call warms up (allocations, kernels)
                 t = time.perf_counter()
