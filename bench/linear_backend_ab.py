@@ -11,17 +11,16 @@ gradient (``dy^T x``) stays on ``torch.mm``, then times, on the default job's tr
 fp32, one step's 8 groups of 4 sampled once), the reference pass and the learner step (forward,
 backward, optimizer) with the swap and without it, in ``--reps`` interleaved rounds (the first
 dropped as warm-up). ``--shapes`` also times the three GEMMs of one linear layer alone at the
-decoder's shapes. Run it alone on the machine.
+decoder's shapes (medians of 7 after two warm-up calls). Run it alone on the machine.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from abrounds import bench_trainer, medians, one_step_groups, order, write_json  # bench/abrounds.py
+from abrounds import bench_trainer, medians, one_step_groups, order, timed, write_json  # bench/abrounds.py
 
 from agro.perf import machine_key
 
@@ -63,24 +62,15 @@ def _onednn_forward(self, x):
 
 
 def shapes(reps: int) -> None:
-    def timed(f):
-        f()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
     for M in (512, 1500):
         for N, K in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
             x, w, dy = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)
             fl = 2 * M * N * K / 1e9
-            r = {"fwd mkl": timed(lambda: F.linear(x, w)),
-                 "fwd onednn": timed(lambda: _lp(x, w, None, "none", [], "")),
-                 "dx mkl": timed(lambda: dy.mm(w)),
-                 "dx onednn": timed(lambda: _lp(dy, w.t(), None, "none", [], "")),
-                 "dW mkl": timed(lambda: dy.t().mm(x))}
+            r = {"fwd mkl": timed(lambda: F.linear(x, w), reps),
+                 "fwd onednn": timed(lambda: _lp(x, w, None, "none", [], ""), reps),
+                 "dx mkl": timed(lambda: dy.mm(w), reps),
+                 "dx onednn": timed(lambda: _lp(dy, w.t(), None, "none", [], ""), reps),
+                 "dW mkl": timed(lambda: dy.t().mm(x), reps)}
             print(f"  M {M} N {N} K {K}: " + ", ".join(f"{k} {fl / v:.0f}" for k, v in r.items())
                   + " GFLOP/s")
 
