@@ -178,13 +178,13 @@ def packing_applies(model) -> bool:
     runs bf16 GEMMs), a layout of plain linear layers (:func:`_packable_layout`)."""
     if not PACKED_WEIGHTS or not supports(model) or not torch.backends.mkldnn.is_available():
         return False
-    w = hf_model(model).lm_head.weight if hasattr(hf_model(model), "lm_head") else None
-    if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+    ps = [p for p in hf_model(model).parameters() if p.is_floating_point()]
+    dtypes = {p.dtype for p in ps}
+    if not ps or len(dtypes) != 1 or any(p.device.type != "cpu" for p in ps):
         return False
-    if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if any(p.device.type != "cpu" or p.dtype != w.dtype for p in hf_model(model).parameters()
-           if p.is_floating_point()):
+    dtype = dtypes.pop()
+    if dtype not in (torch.float32, torch.bfloat16) or (
+            dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
     return _packable_layout(model)
 
@@ -218,7 +218,7 @@ class PackedWeights:
 
     def __init__(self, model):
         m = hf_model(model)
-        self._params = [p for p in m.parameters()]
+        self._params = list(m.parameters())
         self._versions = self._stamp()
         att0 = m.model.layers[0].self_attn
         self.qkv_split = (att0.q_proj.out_features, att0.k_proj.out_features,
