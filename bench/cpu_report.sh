@@ -54,8 +54,8 @@ fi
 git log -1 --format=%h -- src > "$OUT/src-commit.txt"
 if [[ ! -s $OUT/cpu.txt ]]; then
   { echo "date: $(date -u +%FT%TZ)"; echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (src modified)')"
-    lscpu | grep -E "Model name|^CPU\(s\)|Thread|MHz"
-    echo "flags: $(grep -o -w -E 'avx2|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|amx_bf16|amx_tile|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|MHz|CPU family|^Model:"   # family 25 = Zen 3/4, 26 = Zen 5
+    echo "flags: $(grep -o -w -E 'avx2|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|avx512_vp2intersect|avx_vnni|amx_bf16|amx_tile|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     $PY -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())"
   } > "$OUT/cpu.txt.tmp" && mv "$OUT/cpu.txt.tmp" "$OUT/cpu.txt"
 fi

@@ -116,12 +116,34 @@ def test_phase_rates():
     assert r["gen_weight_gbps"] == pytest.approx(10.0)
 
 
-def test_matmul_peak_is_the_best_of_its_trials(monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_matmul_peak_is_the_best_of_its_trials_and_libraries(monkeypatch, onednn):
+    """fp32 on a CPU: the best trial of PyTorch's GEMM and of oneDNN's (either may run the linear
+    layers); bf16: PyTorch's alone."""
+    from agro import onednn_linear
+
+    monkeypatch.setattr(onednn_linear, "available", lambda: onednn)
     fm = perf.FlopModel(1, 1, 1, 64, 0)
-    rates = iter([3.0, 7.0, 5.0])
-    monkeypatch.setattr(perf, "_gemm_rate", lambda m, k, n, *a, **kw: (m, k, n) == (512, 64, 256)
-                        and next(rates))
-    assert perf.matmul_peak(fm, torch.float32, trials=3) == 7.0
+    rates = {False: iter([3.0, 7.0, 5.0]), True: iter([4.0, 9.0, 6.0])}
+    seen = []
+
+    def rate(m, k, n, *a, onednn=False, **kw):
+        seen.append(onednn)
+        return (m, k, n) == (512, 64, 256) and next(rates[onednn])
+
+    monkeypatch.setattr(perf, "_gemm_rate", rate)
+    assert perf.matmul_peak(fm, torch.float32, trials=3) == (9.0 if onednn else 7.0)
+    assert seen.count(True) == (3 if onednn else 0) and seen.count(False) == 3
+    seen.clear()
+    rates[False] = iter([3.0, 7.0, 5.0])
+    assert perf.matmul_peak(fm, torch.bfloat16, trials=3) == 7.0 and True not in seen
+
+
+def test_gemm_rate_on_either_library_is_a_rate():
+    from agro import onednn_linear
+
+    for o in ([False, True] if onednn_linear.available() else [False]):
+        assert perf._gemm_rate(64, 32, 48, torch.float32, "cpu", 0.01, onednn=o) > 1e6
 
 
 
@@ -232,8 +254,9 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
     tr = trainer_mod.Trainer(cfg, grader=HashGrader())
     assert tr.cfg.precision == "fp32" and tr.reference.precision == "fp32"
     text = (tmp_path / "run" / "config.yaml").read_text()
-    assert text.startswith("# precision: auto -> fp32 (measured on this machine: estimated step "
-                           "fp32 3.00 s vs bf16 6.00 s)")
+    assert text.startswith("# linear_backend: auto -> ")          # first: precision times with it
+    assert "\n# precision: auto -> fp32 (measured on this machine: estimated step " \
+           "fp32 3.00 s vs bf16 6.00 s)" in text
     assert yaml.safe_load(text)["precision"] == "fp32"
     # the default token budget (-1) follows the precision chosen, and config.yaml says so
     assert tr.cfg.micro_batch_tokens == MICRO_BATCH_TOKENS["fp32"] == 512
@@ -243,7 +266,10 @@ def test_auto_precision_choice_is_written_atop_config_yaml(tiny_model_dir, tmp_p
     resumed = load_config(TrainConfig, str(tmp_path / "run" / "config.yaml"),
                           [f"output_dir={tmp_path / 'run'}", "steps=2"])
     trainer_mod.Trainer(resumed, resume=True, grader=HashGrader())
-    assert (tmp_path / "run" / "config.yaml").read_text().startswith("# precision: auto -> fp32")
+    again = (tmp_path / "run" / "config.yaml").read_text()
+    head = [x for x in again.splitlines() if x.startswith("# ")]
+    assert head == [x for x in text.splitlines() if x.startswith("# ")]    # the same record
+    assert head[1].startswith("# precision: auto -> fp32")
 
 
 def test_lora_backward_counts_no_weight_gradients_for_the_frozen_base():

@@ -649,7 +649,8 @@ def test_own_sampler_is_checked_against_the_learner_when_on_policy_terms_are_in_
     # precision=auto keeps fp32 for such a loss, whatever this CPU's bf16
     tr = Trainer(make_cfg(tiny_model_dir, tmp_path / "auto", "precision=auto", "loss=agro_on",
                           "beta=0.5"), grader=HashGrader())
-    assert tr.cfg.precision == "fp32" and "on-policy-only terms" in tr.precision_notes[0]
+    assert tr.cfg.precision == "fp32" and tr.precision_notes[0].startswith("linear_backend:")
+    assert "on-policy-only terms" in tr.precision_notes[1]
     tr, _ = one_step("none", "loss=agro")           # no on-policy-only terms: not measured
     assert tr.sampler_record == {"checked": False} and tr.generator.mismatch is None
     # a bare yes/no is a YAML boolean: read back as the choice typed

@@ -76,7 +76,8 @@ class RolloutWorker:
     def __init__(self, cfg_dict: dict, index: int, threads: int, grader=None, run: str = ""):
         """``run``: the pool's token; every request names it and a worker of another run refuses
         it (:class:`WrongRun`)."""
-        from .builders import build_collector, build_generator, build_grader, build_models, setup_runtime
+        from .builders import (build_collector, build_generator, build_grader, build_models,
+                               choose_linear_backend, setup_runtime)
         from .config import TrainConfig, config_from_dict
         from .models import MasterWeights, is_peft
 
@@ -88,6 +89,9 @@ class RolloutWorker:
         self.index = index
         self.run = run
         self.policy, self.tok, self.reference = build_models(cfg, device=device)
+        # the learner's choice (concrete in the config it sends): the same products as its own
+        self.cfg = cfg = choose_linear_backend(cfg, self.policy, self.reference.model,
+                                               bf16=cfg.precision == "bf16", follow=True)[0]
         if cfg.precision == "bf16":
             self.reference.store_bf16(keep_digest=False)
         self.mixed = (MasterWeights(self.policy)

@@ -67,6 +67,20 @@ def follow_train_precision(cfg, requested: str, policy, reference):
         f"this machine; the CPU-flag rule alone would say {cfg.precision})")
 
 
+def choose_linear_backend(cfg, model, *others, bf16: bool, follow: bool = False):
+    """ModelFields.linear_backend: resolve 'auto' for ``model`` (:func:`agro.onednn_linear.
+    resolve`; ``bf16``: the products will surely run in bf16, so nothing is timed; ``follow``: a
+    choice made elsewhere, which falls back to aten where oneDNN cannot run) and install the
+    choice on ``model`` and ``others`` (a separate reference model; the same model twice is fine).
+    Returns (cfg with the concrete backend, a line for the log)."""
+    from . import onednn_linear
+
+    backend, line = onednn_linear.resolve(model, cfg.linear_backend, "bf16" if bf16 else "fp32",
+                                          follow=follow)
+    onednn_linear.use(backend, model, *others)
+    return dataclasses.replace(cfg, linear_backend=backend), line
+
+
 def build_policy_and_reference(model_spec: str | Path = DEFAULT_MODEL, precision: str = "fp32",
                                lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
                                lora_dropout: float = 0.0,

@@ -49,6 +49,11 @@ class ModelFields:
                         "and sampler_on_policy=auto (bf16 sampling is not close enough to pi for "
                         "them). A resumed run keeps its choice. Log-softmax is always fp32.",
                         ("auto", "bf16", "fp32"))
+    linear_backend: str = _f("auto", "fp32 linear layers on a CPU: 'aten' (PyTorch's own GEMM: "
+                             "MKL on x86), 'onednn' (oneDNN's GEMM, which uses AVX-512 on AMD CPUs "
+                             "where MKL does not), or 'auto': time both on this model's layer "
+                             "shapes (cached per machine) and keep the faster; aten in bf16 and off "
+                             "the CPU. A resumed run keeps its choice.", ("auto", "aten", "onednn"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")
 

@@ -573,10 +573,14 @@ def hook_free(m) -> bool:
 
 
 def plain_linear(m) -> bool:
-    """True if ``m`` is exactly ``nn.Linear`` (2-D weight) and :func:`hook_free`. Code that
-    computes such a layer's product itself (a fused kernel, packed weights) may then do so
+    """True if ``m`` is exactly ``nn.Linear`` or agro's :class:`agro.onednn_linear.OneDnnLinear`
+    (the same product on another GEMM library), with a 2-D weight, and :func:`hook_free`. Code
+    that computes such a layer's product itself (a fused kernel, packed weights) may then do so
     without bypassing anything."""
-    if type(m) is not torch.nn.Linear or getattr(m, "weight", None) is None or m.weight.dim() != 2:
+    from .onednn_linear import OneDnnLinear
+
+    if type(m) not in (torch.nn.Linear, OneDnnLinear) or getattr(m, "weight", None) is None \
+            or m.weight.dim() != 2:
         return False
     return hook_free(m)
 

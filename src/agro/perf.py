@@ -186,15 +186,25 @@ def _store_cache(key: str, sub: str, value) -> None:
         pass   # a read-only home: measure again next time
 
 
-def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float) -> float:
+def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: float,
+               onednn: bool = False) -> float:
+    """FLOP/s of an [m, k] @ [k, n] product, repeated for ``seconds``: ``a @ b`` (PyTorch's own
+    GEMM), or with ``onednn`` oneDNN's (:mod:`agro.onednn_linear`, on a CPU)."""
     g = torch.Generator().manual_seed(0)   # a local generator: the run's RNG streams are untouched
     a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+    if onednn:
+        from .onednn_linear import _lp
+
+        bt = b.t().contiguous()                                           # [n, k], as a weight
+        prod = lambda: _lp(a, bt, None)                                   # noqa: E731
+    else:
+        prod = lambda: a @ b                                              # noqa: E731
     for _ in range(2):
-        a @ b
+        prod()
     reps, t0 = 0, time.perf_counter()
     while True:
-        a @ b
+        prod()
         reps += 1
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
@@ -208,11 +218,20 @@ def matmul_peak(fm: FlopModel, dtype: torch.dtype, device="cpu", seconds: float 
                 trials: int = 3) -> float:
     """Measured GEMM FLOP/s for ``dtype`` on a decoder-sized layer shape ([512, H] @ [H, 4H]):
     the best of ``trials`` short timings, measured at each run's start (well under a second), so
-    it reflects the machine the run has. Not cached: a figure measured while another process
-    shared the cores would understate the peak for every later run."""
+    it reflects the machine the run has. On a CPU with oneDNN, fp32 takes the faster of
+    PyTorch's own GEMM (MKL) and oneDNN's (either may run the linear layers:
+    ModelFields.linear_backend), so the fraction of peak is against the best library here. Not
+    cached: a figure measured while another process shared the cores would understate the peak
+    for every later run."""
+    from .onednn_linear import available
+
     H = max(64, fm.hidden)
+    libs = [False]
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and available():
+        libs.append(True)
     with torch.no_grad():
-        return max(_gemm_rate(512, H, 4 * H, dtype, device, seconds) for _ in range(trials))
+        return max(_gemm_rate(512, H, 4 * H, dtype, device, seconds, onednn=o)
+                   for _ in range(trials) for o in libs)
 
 
 def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, ref_seconds: float,
@@ -237,12 +256,19 @@ def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, r
 
 
 # --------------------------------------------------------------------------- precision=auto
-def _model_key(model) -> str:
+def _model_key(model, linear: bool = True) -> str:
+    """The model's shape for precision=auto's cache, and (``linear``) its fp32 linear layers' GEMM
+    library as installed now (:mod:`agro.onednn_linear`)."""
+    from .onednn_linear import OneDnnLinear
+
     hf = hf_model(model)
     c = hf.config
-    return (f"{type(hf).__name__} H={getattr(c, 'hidden_size', '?')} "
-            f"L={getattr(c, 'num_hidden_layers', '?')} V={getattr(c, 'vocab_size', '?')} "
-            f"lora={hasattr(model, 'disable_adapter')}")
+    key = (f"{type(hf).__name__} H={getattr(c, 'hidden_size', '?')} "
+           f"L={getattr(c, 'num_hidden_layers', '?')} V={getattr(c, 'vocab_size', '?')} "
+           f"lora={hasattr(model, 'disable_adapter')}")
+    if linear:
+        key += " linear=" + ("onednn" if any(type(m) is OneDnnLinear for m in hf.modules()) else "aten")
+    return key
 
 
 def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
@@ -361,20 +387,26 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # kernel on a CPU (bf16 learner ~0.88x, fp32 ~0.94x); 12 = the static decoder's matmuls on weights
 # packed for oneDNN once per sampling call (a default-job sampling call 0.71x fp32, 0.89x bf16),
 # the packing timed inside each sampling call and so scaled with it (4x per default step); 13 =
-# the packing timed on its own and counted once per step.
-CACHE_PREFIX = "precision/13:"
+# the packing timed on its own and counted once per step; 14 = keyed by the fp32 linear layers'
+# GEMM library (ModelFields.linear_backend: the fp32 passes on oneDNN where it was chosen).
+CACHE_PREFIX = "precision/14:"
 
 
 def cached_precision_choice(model) -> str | None:
     """What ``agro train``'s precision=auto chose for this model on this machine, if it has timed
     it here (any batch shape): "fp32" or "bf16"; None if never timed, or if timings of different
-    batch shapes chose differently. `agro generate` / `agro eval` follow it so that an offline
-    file is written in the precision the training run will check it in."""
+    batch shapes chose differently; timings with the model's fp32 linear layers on the library
+    installed now count first, others only where there are none. `agro generate` / `agro eval`
+    follow it so that an offline file is written in the precision the training run will check
+    it in."""
     key = machine_key(next(model.parameters()).device)
-    head = f"{CACHE_PREFIX}{_model_key(model)} "
-    choices = {v.get("choice") for k, v in _load_cache().get(key, {}).items()
-               if k.startswith(head) and isinstance(v, dict)}
-    return choices.pop() if len(choices) == 1 and choices <= {"fp32", "bf16"} else None
+    entries = _load_cache().get(key, {}).items()
+    # timings with the fp32 linear layers' library installed now; else with either library
+    for head in (f"{CACHE_PREFIX}{_model_key(model)} ", f"{CACHE_PREFIX}{_model_key(model, linear=False)} "):
+        choices = {v.get("choice") for k, v in entries if k.startswith(head) and isinstance(v, dict)}
+        if choices:
+            return choices.pop() if len(choices) == 1 and choices <= {"fp32", "bf16"} else None
+    return None
 
 
 CALIBRATION_PROMPT_LEN = 32

@@ -34,7 +34,7 @@ import yaml
 from . import losses
 from .allocator import in_use as allocator_in_use
 from .builders import (build_collector, build_generator, build_grader, build_models,
-                       sampling_params, setup_runtime)
+                       choose_linear_backend, sampling_params, setup_runtime)
 from .checkpoint import (
     BackgroundSaver, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -151,7 +151,11 @@ class Trainer:
             self.note(line)
         self.sampler = self.task.train_sampler(cfg.seed + 7 * self.dist.rank)
         self.policy, self.tok, self.reference = build_models(cfg, device=self.device)
-        self.precision_notes = self._auto_precision(requested_precision)
+        # before precision=auto's timing, whose fp32 passes then run on the chosen GEMMs
+        linear = self._linear_backend(requested_precision)
+        # (a resumed run's header comes back from _auto_precision: a new linear line replaces its own)
+        self.precision_notes = linear + [x for x in self._auto_precision(requested_precision)
+                                         if not (linear and x.startswith("linear_backend:"))]
         if self.cfg.micro_batch_tokens < 0:   # by precision, now that it is known (config.yaml)
             self.cfg = dataclasses.replace(self.cfg,
                                            micro_batch_tokens=micro_batch_tokens_for(self.cfg))
@@ -259,6 +263,48 @@ class Trainer:
             src = FollowerSource(self.dist)
         self.mixer = Mixer({"fresh": src}, {"fresh": 1.0}, cfg.seed)
         return src
+
+    def _linear_backend(self, requested_precision: str) -> list[str]:
+        """linear_backend (:mod:`agro.onednn_linear`): rank 0 resolves 'auto' (a timing of this
+        model's fp32 linear shapes on both GEMM libraries, cached per machine) once every
+        process has loaded its models; every process installs rank 0's choice on the policy and
+        the reference (falling back to aten where oneDNN cannot run there). A resumed run keeps
+        the choice its config.yaml records (aten for a run from before the setting existed; its
+        header lines come back through :meth:`_auto_precision`) unless another is set. Returns
+        the lines for the log and config.yaml's header."""
+        cfg = self.cfg
+        ref_model = self.reference.model
+        if self.ckpt_path is not None:
+            saved = (yaml.safe_load((self.out / "config.yaml").read_text()) or {}).get(
+                "linear_backend", "aten")
+            if saved in ("aten", "onednn") and cfg.linear_backend in ("auto", saved):
+                self.cfg, line = choose_linear_backend(
+                    dataclasses.replace(cfg, linear_backend=saved), self.policy, ref_model,
+                    bf16=False, follow=True)
+                if self.cfg.linear_backend == saved:
+                    return []
+                self.note(line)
+                return [line]
+        self.dist.barrier()              # rank 0 times with every process's start-up done
+        msg, err = None, None
+        if self.dist.is_main:
+            try:
+                got, line = choose_linear_backend(cfg, self.policy, ref_model,
+                                                  bf16=requested_precision == "bf16")
+                msg = (got.linear_backend, line, None)
+            except Exception as e:       # every process hears of it, then rank 0 raises it
+                err, msg = e, (None, None, f"{type(e).__name__}: {e}")
+        backend, line, failed = self.dist.broadcast(msg)
+        if err is not None:
+            raise err
+        if failed:
+            raise RuntimeError(f"linear_backend on rank 0: {failed}")
+        if not self.dist.is_main:
+            choose_linear_backend(dataclasses.replace(cfg, linear_backend=backend), self.policy,
+                                  ref_model, bf16=False, follow=True)
+        self.cfg = dataclasses.replace(self.cfg, linear_backend=backend)
+        self.note(line)
+        return [line]
 
     def _auto_precision(self, requested: str) -> list[str]:
         """precision=auto: where bf16 is native on this CPU, time this model's learner, reference

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from .builders import (build_collector, build_generator, build_grader, default_device,
-                       follow_train_precision, setup_runtime)
+from .builders import (build_collector, build_generator, build_grader, choose_linear_backend,
+                       default_device, follow_train_precision, setup_runtime)
 from .config import EvalConfig, GenerateConfig
 from .datafiles import write_groups
 from .evaluation import eval_random_stream, evaluate
@@ -31,11 +31,15 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
     policy.eval()
     policy.requires_grad_(False)
     reference = Reference(policy, cfg.precision)
+    # first: train's cached precision choice is looked up with the library installed
+    cfg, note = choose_linear_backend(cfg, policy, bf16=requested == "bf16")
+    print(f"agro generate: {note}", flush=True)
     cfg, note = follow_train_precision(cfg, requested, policy, reference)
     if note:
         print(f"agro generate: {note}", flush=True)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
+        choose_linear_backend(cfg, reference.model, bf16=requested == "bf16")
     if cfg.precision == "bf16":      # stored as the training run stores it (agro.trainer)
         reference.store_bf16()       # (without ref_model: the sampler's weights too)
     own = grader is None
@@ -90,6 +94,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     cfg = setup_runtime(cfg, device=device)
     task = build_task(cfg)
     policy, tok = load_model(cfg.model, device=device), load_tokenizer(cfg.model)
+    cfg, note = choose_linear_backend(cfg, policy, bf16=requested == "bf16")
+    print(f"agro eval: {note}", flush=True)
     cfg, note = follow_train_precision(cfg, requested, policy, None)
     if note:
         print(f"agro eval: {note}", flush=True)

@@ -54,7 +54,8 @@ CSV_COLUMNS = ["arm", "seed", "step", "epoch", "samples", "reward_mean", "kl_k1"
 # Wall times are not in runs.csv (they differ between re-runs); they are in arms.yaml.
 # Settings that never change what a run computes (only where it writes or what it shows).
 _NOT_HASHED = {"output_dir", "progress", "tensorboard", "wandb", "wandb_project", "plot",
-               "save_every", "keep_checkpoints", "num_threads", "save_async"}
+               "save_every", "keep_checkpoints", "num_threads", "save_async",
+               "linear_backend"}   # fp32 rounding only, as num_threads; chosen per machine
 # ... and, comparing a finished run's config with an arm's, where it ran and on which file path
 _NOT_COMPARED = _NOT_HASHED | {"output_dir", "offline_path"}
 

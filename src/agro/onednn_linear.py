@@ -1,0 +1,281 @@
+"""fp32 linear layers on oneDNN's GEMM on a CPU, for the layer shapes where it is measured faster
+than PyTorch's own fp32 GEMM (MKL on x86).
+
+PyTorch runs an fp32 ``F.linear`` on a CPU through MKL's SGEMM (bf16 already goes to oneDNN).
+MKL does not use its AVX-512 kernels on AMD CPUs; oneDNN's GEMM (``torch.ops.mkldnn.
+_linear_pointwise``, what inductor emits for CPU linear layers) does. Whether it pays is a
+property of the machine, so ``linear_backend=auto`` measures it on the model's own layer shapes
+(:func:`calibrate`, cached per machine in ``~/.cache/agro/machine.json``) and makes one choice
+for the whole model, which other processes, rollout actors and a resumed run follow through the
+config (:func:`resolve`, :func:`use`).
+
+:class:`OneDnnLinear` is ``nn.Linear`` with another ``forward`` (its class is swapped in place,
+as :mod:`agro.lean` does: parameters, state dict and ``save_pretrained`` unchanged). For an fp32
+input on a CPU with fp32 weights and no autocast it runs
+
+    y  = x W^T + b         on oneDNN   (x [..., K], W [N, K], b [N] -> y [..., N])
+    dx = dy W              on oneDNN   (the input gradient, [..., K])
+    dW = dy^T x, db = sum dy  on torch.mm (MKL): oneDNN through transposed operands was no faster
+
+and anything else (bf16 weights, autocast, a GPU tensor, fp64) is plain ``F.linear``, so the same
+module is device-correct wherever it runs. Same products up to fp32 rounding (tests/
+test_onednn_linear.py). An N-D input is folded to [M, K] outside the autograd function, so its
+output is a fresh tensor (the LM head's logits then take :func:`agro.logprobs.chosen_logprobs`'s
+in-place gradient, as ``F.linear``'s do). ``torch.backends.mkldnn.matmul.fp32_precision`` (set by
+``torch.set_float32_matmul_precision('high'/'medium')``) would make oneDNN's fp32 products tf32 or
+bf16 where MKL's stay fp32, so ``auto`` keeps aten unless it is full fp32.
+
+Departure from the paper: none (an implementation of the same functions).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .models import device_of, hf_model
+
+BACKENDS = ("auto", "aten", "onednn")
+CACHE_PREFIX = "linear/1:"
+CALIBRATION_ROWS = 512
+"""Rows (tokens) of the products :func:`calibrate` times: the fp32 learner's micro-batch
+(MICRO_BATCH_TOKENS['fp32'])."""
+MIN_SPEEDUP = 1.05
+"""A shape moves to oneDNN only if its forward + input-gradient GEMMs take at most 1/this of
+aten's: a tie stays on PyTorch's own path."""
+
+
+def available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's ``x @ w.T + b`` for x [M, K], w [N, K] (any strides) -> [M, N]."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDnnLinearFn(torch.autograd.Function):
+    """y = x W^T + b, dx = dy W on oneDNN; dW = dy^T x, db = sum(dy) on torch.mm.
+    Shapes: x [M, K], W [N, K], b [N] or None -> y [M, N]. Saves x only if W needs a gradient
+    and W only if x does (as autograd's linear does: a frozen layer keeps no input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              w if ctx.needs_input_grad[0] else None)
+        ctx.has_b = b is not None
+        return _lp(x, w, b)                                                 # [M, N]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _lp(dy, w.t(), None)                                       # [M, K]
+        if ctx.needs_input_grad[1]:
+            dw = dy.t().mm(x)                                               # [N, K]
+        if ctx.has_b and ctx.needs_input_grad[2]:
+            db = dy.sum(0)                                                  # [N]
+        return dx, dw, db
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """``nn.Linear`` whose fp32 CPU products run on oneDNN (module docstring); installed by
+    :func:`install` by swapping the class of a plain ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if not (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+                and w.device.type == "cpu" and (b is None or b.dtype == torch.float32)
+                and not torch.is_autocast_enabled("cpu") and x.dim() >= 1 and x.numel() > 0):
+            return F.linear(x, w, b)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])              # [M, K]
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                        or (b is not None and b.requires_grad)):
+            y = _OneDnnLinearFn.apply(x2, w, b)                             # [M, N]
+        else:
+            y = _lp(x2, w, b)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+
+
+def linear_shapes(model) -> dict[tuple[int, int], int]:
+    """Weight shapes (N, K) of the plain fp32 ``nn.Linear`` layers of ``model`` (the LM head
+    included) -> how many layers have each."""
+    out: dict[tuple[int, int], int] = {}
+    for m in hf_model(model).modules():
+        if type(m) in (torch.nn.Linear, OneDnnLinear) and m.weight.dim() == 2 \
+                and m.weight.dtype == torch.float32:
+            s = (int(m.weight.shape[0]), int(m.weight.shape[1]))
+            out[s] = out.get(s, 0) + 1
+    return out
+
+
+def install(model, shapes) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` whose weight shape (N, K) is in ``shapes`` for
+    :class:`OneDnnLinear`, and every :class:`OneDnnLinear` whose shape is not back to
+    ``nn.Linear``. Returns how many layers run on oneDNN afterwards."""
+    want = {tuple(s) for s in shapes}
+    n = 0
+    for m in hf_model(model).modules():
+        if type(m) not in (torch.nn.Linear, OneDnnLinear) or m.weight.dim() != 2:
+            continue
+        on = tuple(m.weight.shape) in want
+        m.__class__ = OneDnnLinear if on else torch.nn.Linear
+        n += on
+    return n
+
+
+def _time(fn, seconds: float) -> float:
+    """Seconds per call of ``fn``: calls repeated for at least ``seconds`` (at least one)."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return dt / n
+
+
+def time_shape(n: int, k: int, rows: int = CALIBRATION_ROWS, reps: int = 3,
+               seconds: float = 0.02) -> dict[str, float]:
+    """Seconds of one layer's forward and input-gradient GEMMs at ``rows`` rows, fp32, on aten
+    (``F.linear``, ``dy @ W``) and on oneDNN: after a warm-up call of each (oneDNN creates its
+    primitive there), ``reps`` rounds in which the two arms alternate (which goes first swaps
+    every round), each timed over at least ``seconds``; each arm keeps its best round. Random
+    data from a local generator (the run's RNG streams untouched)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (rows, n)))
+    wt = w.t()
+    arms = {"aten": lambda: (F.linear(x, w), dy.mm(w)),
+            "onednn": lambda: (_lp(x, w, None), _lp(dy, wt, None))}
+    best = {a: float("inf") for a in arms}
+    with torch.no_grad():
+        for a in arms:
+            arms[a]()
+        for r in range(reps):
+            for a in (("aten", "onednn") if r % 2 == 0 else ("onednn", "aten")):
+                best[a] = min(best[a], _time(arms[a], seconds))
+    return best
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+CLOSE = 1.15
+"""Totals within this factor of each other are timed again (``reps`` more rounds per shape)."""
+
+
+def calibrate(model, *, use_cache: bool = True, rows: int = CALIBRATION_ROWS, reps: int = 3) -> dict:
+    """Time each fp32 linear shape of ``model`` on aten and on oneDNN (:func:`time_shape`), weigh
+    each by its number of layers, and choose oneDNN for the whole model if its total is at least
+    MIN_SPEEDUP x faster (one choice per model: other processes, rollout actors and a resumed run
+    follow it through the config). A close call (totals within CLOSE) is timed again and each
+    shape keeps its best. Cached per machine and shape set.
+
+    Returns {"choice": "aten"|"onednn", "aten_s": s, "onednn_s": s, "shapes": {"NxK": {"aten": s,
+    "onednn": s, "layers": c}}, "cached": bool}."""
+    from .perf import _load_cache, _store_cache, machine_key
+
+    shapes = linear_shapes(model)
+    key = machine_key("cpu")
+    sub = f"{CACHE_PREFIX}rows={rows} " + " ".join(f"{n}x{k}" for n, k in sorted(shapes))
+
+    def valid(t) -> bool:
+        return isinstance(t, dict) and all(
+            isinstance(t.get(f"{n}x{k}"), dict)
+            and all(isinstance(t[f"{n}x{k}"].get(a), (int, float)) for a in ("aten", "onednn"))
+            for n, k in shapes)
+
+    def totals(t: dict) -> dict[str, float]:
+        return {a: sum(c * t[f"{n}x{k}"][a] for (n, k), c in shapes.items())
+                for a in ("aten", "onednn")}
+
+    times = _load_cache().get(key, {}).get(sub) if use_cache else None
+    cached = valid(times)
+    if not cached:
+        times = {f"{n}x{k}": time_shape(n, k, rows, reps) for n, k in sorted(shapes)}
+        tot = totals(times)
+        if max(tot.values()) < CLOSE * min(tot.values()):
+            for n, k in sorted(shapes):
+                again = time_shape(n, k, rows, reps)
+                times[f"{n}x{k}"] = {a: min(v, again[a]) for a, v in times[f"{n}x{k}"].items()}
+        times = {s_: {a: _sig(v) for a, v in t.items()} for s_, t in times.items()}
+        if use_cache:
+            _store_cache(key, sub, times)
+    per = {f"{n}x{k}": dict(times[f"{n}x{k}"], layers=c) for (n, k), c in sorted(shapes.items())}
+    tot = totals(times)
+    choice = "onednn" if tot["onednn"] * MIN_SPEEDUP <= tot["aten"] else "aten"
+    return {"choice": choice, "aten_s": tot["aten"], "onednn_s": tot["onednn"], "shapes": per,
+            "cached": cached}
+
+
+def full_fp32() -> bool:
+    """True if oneDNN's fp32 products are full fp32 (not tf32 or bf16 through
+    ``torch.backends.mkldnn.matmul.fp32_precision`` / ``set_float32_matmul_precision``)."""
+    try:
+        return torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")
+    except AttributeError:    # pragma: no cover - older torch: no such setting, always fp32
+        return True
+
+
+def applies(model) -> str | None:
+    """Why oneDNN linear layers cannot apply to ``model`` (its parameters not on a CPU, oneDNN
+    missing, no fp32 linear layers), or None if they can."""
+    if device_of(model).type != "cpu":
+        return f"the model is on {device_of(model).type}, not a CPU"
+    if not available():
+        return "this torch has no oneDNN (mkldnn)"
+    if not linear_shapes(model):
+        return "the model has no fp32 nn.Linear layers"
+    return None
+
+
+def resolve(model, backend: str, precision: str, follow: bool = False) -> tuple[str, str]:
+    """ModelFields.linear_backend for ``model`` -> (concrete backend, one line for the run's
+    log saying what was chosen and why). 'auto' is 'aten' where oneDNN cannot apply, and in
+    bf16 (whose products already run on oneDNN; no fp32 linear layer computes); otherwise what
+    :func:`calibrate` measured faster here. 'onednn' where it cannot apply is an error, unless
+    ``follow`` (the choice came from another process or an earlier start: a rollout actor, a
+    rank, a resumed run): then 'aten', said so. Installs nothing (:func:`use`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    why_not = applies(model)
+    if backend == "onednn" and why_not is not None:
+        if follow:
+            return "aten", f"linear_backend: onednn -> aten in this process ({why_not})"
+        raise ValueError(f"linear_backend=onednn: {why_not}")
+    if backend != "auto":
+        return backend, f"linear_backend: {backend} (set explicitly)"
+    if why_not is not None:
+        return "aten", f"linear_backend: auto -> aten ({why_not})"
+    if precision == "bf16":
+        return "aten", "linear_backend: auto -> aten (precision bf16: no fp32 products to move)"
+    if not full_fp32():
+        return "aten", ("linear_backend: auto -> aten (torch.backends.mkldnn.matmul.fp32_precision "
+                        f"is {torch.backends.mkldnn.matmul.fp32_precision!r}: oneDNN's fp32 "
+                        "products would not be fp32)")
+    cal = calibrate(model)
+    per = ", ".join(f"{s} x{t['layers']} {t['aten'] * 1e3:.2f}/{t['onednn'] * 1e3:.2f} ms"
+                    for s, t in cal["shapes"].items())
+    return cal["choice"], (
+        f"linear_backend: auto -> {cal['choice']} (measured on this machine"
+        f"{', cached' if cal['cached'] else ''}: fp32 forward + input-gradient GEMMs of every "
+        f"linear layer at {CALIBRATION_ROWS} rows, aten {cal['aten_s'] * 1e3:.1f} ms vs oneDNN "
+        f"{cal['onednn_s'] * 1e3:.1f} ms; per shape aten/oneDNN: {per})")
+
+
+def use(backend: str, *models) -> int:
+    """Install a concrete backend ('aten' or 'onednn') on each of ``models`` (None skipped):
+    every plain fp32-capable linear layer becomes :class:`OneDnnLinear` for 'onednn', back to
+    ``nn.Linear`` for 'aten'. Returns the number of layers on oneDNN."""
+    if backend not in ("aten", "onednn"):
+        raise ValueError(f"use() needs a concrete backend, got {backend!r}")
+    n = 0
+    for m in models:
+        if m is not None:
+            n += install(m, linear_shapes(m) if backend == "onednn" else ())
+    return n
