@@ -5,12 +5,13 @@
 
 PyTorch runs an fp32 ``F.linear`` on a CPU through MKL's SGEMM; oneDNN's GEMM
 (``torch.ops.mkldnn._linear_pointwise``, what inductor emits for CPU linear layers) is another
-implementation of the same product. This bench installs ``agro.onednn_linear.OneDnnLinear``
-(forward ``x W^T`` and input gradient ``dy W`` on oneDNN, weight gradient ``dy^T x`` on
-``torch.mm``) on the policy and the reference, or plain ``nn.Linear``, then times, on the default job's trainer (SmolLM2-135M,
+implementation of the same product. This bench installs each ``linear_backend`` on the policy
+and the reference (``aten``: plain ``nn.Linear``; ``onednn_fwd``: forward ``x W^T`` and input
+gradient ``dy W`` on oneDNN, weight gradient ``dy^T x`` on ``torch.mm``; ``onednn``: all three on
+oneDNN), then times, on the default job's trainer (SmolLM2-135M,
 fp32, one step's 8 groups of 4 sampled once), the reference pass and the learner step (forward,
-backward, optimizer) with the swap and without it, in ``--reps`` interleaved rounds (the first
-dropped as warm-up). ``--shapes`` also times the three GEMMs of one linear layer alone at the
+backward, optimizer) on each, in ``--reps`` rounds (the arms' order reversed every round; the
+first round dropped as warm-up). ``--shapes`` also times the three GEMMs of one linear layer alone at the
 decoder's shapes (medians of 7 after two warm-up calls). Run it alone on the machine.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from abrounds import bench_trainer, medians, one_step_groups, order, timed, write_json  # bench/abrounds.py
+from abrounds import bench_trainer, medians, one_step_groups, timed, write_json  # bench/abrounds.py
 
 from agro import onednn_linear
 from agro.onednn_linear import _lp
@@ -36,7 +37,8 @@ def shapes(reps: int) -> None:
                  "fwd onednn": timed(lambda: _lp(x, w, None), reps),
                  "dx mkl": timed(lambda: dy.mm(w), reps),
                  "dx onednn": timed(lambda: _lp(dy, w.t(), None), reps),
-                 "dW mkl": timed(lambda: dy.t().mm(x), reps)}
+                 "dW mkl": timed(lambda: dy.t().mm(x), reps),
+                 "dW onednn": timed(lambda: _lp(dy.t(), x.t(), None), reps)}
             print(f"  M {M} N {N} K {K}: " + ", ".join(f"{k} {fl / v:.0f}" for k, v in r.items())
                   + " GFLOP/s")
 
@@ -53,12 +55,13 @@ def main() -> None:
     tr = bench_trainer("linear-backend", "precision=fp32")
     groups = one_step_groups(tr, seed=0)
     col = tr.collector
-    rows: dict[str, list] = {k: [] for k in ("ref_mkl", "ref_onednn", "learn_mkl", "learn_onednn")}
+    arms = ("aten", "onednn_fwd", "onednn")
+    rows: dict[str, list] = {f"{p}_{b}": [] for p in ("ref", "learn") for b in arms}
     models = (tr.policy, tr.reference.model)
     try:
         for r in range(a.reps):
-            for arm in order(r, "mkl", "onednn"):
-                onednn_linear.use("onednn" if arm == "onednn" else "aten", *models)
+            for arm in (arms if r % 2 == 0 else arms[::-1]):
+                onednn_linear.use(arm, *models)
                 t0 = time.perf_counter()
                 col.attach_ref_logprobs(groups)
                 t1 = time.perf_counter()
@@ -74,8 +77,9 @@ def main() -> None:
     med = medians(rows)
     print(f"\n{machine_key()}; torch {torch.__version__}; fp32; medians of {a.reps - 1} rounds")
     for k in ("ref", "learn"):
-        print(f"  {k}: MKL {med[f'{k}_mkl']:.3f} s, oneDNN {med[f'{k}_onednn']:.3f} s "
-              f"({med[f'{k}_mkl'] / med[f'{k}_onednn']:.3f}x)")
+        base = med[f"{k}_aten"]
+        print(f"  {k}: " + ", ".join(f"{b} {med[f'{k}_{b}']:.3f} s ({base / med[f'{k}_{b}']:.3f}x)"
+                                     for b in arms))
     write_json(a.json, machine_key(), "fp32", torch.__version__, rows, med)
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def _train_args(model_dir, offline, out):
     return ["train", f"model={model_dir}", "source=offline", f"offline_path={offline}",
             "group_size=3", "prompts_per_step=4", "micro_batch_groups=1", "steps=3",
-            "lr=1e-3", "warmup_steps=0", "max_grad_norm=0", "precision=fp32", "eval_prompts=0",
+            "lr=1e-3", "warmup_steps=0", "max_grad_norm=0", "precision=fp32", "linear_backend=aten", "eval_prompts=0",
             "tensorboard=false", "progress=false", "plot=false", "num_threads=1", "save_every=0",
             f"output_dir={out}"]
 

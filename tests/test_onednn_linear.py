@@ -21,20 +21,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_onednn
+@pytest.mark.parametrize("cls", [ol.OneDnnLinear, ol.OneDnnFwdLinear])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(37, 48), (3, 5, 48)])
-def test_forward_and_gradients_match_fp64(bias, shape):
+@pytest.mark.parametrize("shape", [(37, 48), (3, 5, 48), "transposed"])
+def test_forward_and_gradients_match_fp64(bias, shape, cls):
     """y = x W^T + b, dx = dy W, dW = dy^T x, db = sum dy, against the fp64 products: fp32
     rounding only (~1e-6 of the largest entry; a wrong operand or transpose is O(1))."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, dtype=torch.float64, generator=g)
+    if shape == "transposed":      # an N-D input that is not contiguous
+        shape = (3, 5, 48)
+        x = torch.randn(48, 5, 3, dtype=torch.float64, generator=g).permute(2, 1, 0)
+    else:
+        x = torch.randn(*shape, dtype=torch.float64, generator=g)
     w = torch.randn(80, 48, dtype=torch.float64, generator=g) / 7
     b = torch.randn(80, dtype=torch.float64, generator=g) if bias else None
     dy = torch.randn(*shape[:-1], 80, dtype=torch.float64, generator=g)
     xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    assert xf.is_contiguous() == (x.is_contiguous())
     bf = b.float().requires_grad_() if bias else None
     lin = torch.nn.Linear(48, 80, bias=bias)
-    lin.__class__ = ol.OneDnnLinear
+    lin.__class__ = cls
     lin.weight, lin.bias = torch.nn.Parameter(wf), (torch.nn.Parameter(bf) if bias else None)
     y = lin(xf)
     y.backward(dy.float())
@@ -54,7 +60,7 @@ def test_odd_inputs_and_only_the_gradients_asked_for():
     w = torch.randn(6, 8, generator=g, requires_grad=True)
     b = torch.randn(6, generator=g, requires_grad=True)
     xt = torch.randn(8, 5, generator=g).t()                     # [5, 8], not contiguous
-    assert _rel(ol._OneDnnLinearFn.apply(xt, w, b), F.linear(xt, w, b)) < 1e-5
+    assert _rel(ol._OneDnnLinearFn.apply(xt, w, b, True), F.linear(xt, w, b)) < 1e-5
     lin = torch.nn.Linear(8, 6)
     lin.__class__ = ol.OneDnnLinear
     x1 = torch.randn(8, generator=g)
@@ -64,15 +70,33 @@ def test_odd_inputs_and_only_the_gradients_asked_for():
     lin(torch.randn(3, 8)).sum().backward()                     # only the bias trains
     assert lin.weight.grad is None and torch.equal(lin.bias.grad, torch.full((6,), 3.0))
     x = torch.randn(4, 8, generator=g)
-    y = ol._OneDnnLinearFn.apply(x, w, None)
+    y = ol._OneDnnLinearFn.apply(x, w, None, True)
     assert y.grad_fn.saved_tensors[1] is None                  # x needs no gradient: no W kept
     y.sum().backward()
     assert x.grad is None and w.grad is not None
     x2 = torch.randn(4, 8, generator=g, requires_grad=True)
-    y2 = ol._OneDnnLinearFn.apply(x2, w.detach(), None)
+    y2 = ol._OneDnnLinearFn.apply(x2, w.detach(), None, True)
     assert y2.grad_fn.saved_tensors[0] is None                 # frozen W: no input kept
     y2.sum().backward()
     assert _rel(x2.grad, w.detach().sum(0).expand(4, 8)) < 1e-5
+
+
+@needs_onednn
+def test_no_grad_calls_skip_the_autograd_function(monkeypatch):
+    lin = torch.nn.Linear(16, 8)
+    lin.__class__ = ol.OneDnnLinear
+    fn, lp = [], []
+    real_fn, real_lp = ol._OneDnnLinearFn.apply, ol._lp
+    monkeypatch.setattr(ol._OneDnnLinearFn, "apply", lambda *a: fn.append(1) or real_fn(*a))
+    monkeypatch.setattr(ol, "_lp", lambda *a: lp.append(1) or real_lp(*a))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y = lin(x)
+    assert fn == [] and lp == [1] and y.grad_fn is None
+    lin.requires_grad_(False)
+    assert lin(x).grad_fn is None and fn == []          # nothing needs a gradient
+    lin(x.requires_grad_())
+    assert fn == [1]
 
 
 @needs_onednn
@@ -84,7 +108,7 @@ def test_head_logits_are_fresh_so_the_inplace_gradient_applies(monkeypatch):
     head = torch.nn.Linear(16, 40, bias=False)
     head.__class__ = ol.OneDnnLinear
     h = torch.randn(7, 16, requires_grad=True)
-    assert head(h)._base is None and head(h.view(7, 1, 16))._base is not None
+    assert head(h)._base is None and head(h.view(7, 1, 16))._base is None
     seen = []
     real = logprobs._ChosenLogProb.apply
     monkeypatch.setattr(logprobs._ChosenLogProb, "apply", lambda *a: seen.append(a[3]) or real(*a))
@@ -151,20 +175,23 @@ def test_tiny_llama_logprobs_and_gradients_agree_across_libraries(tiny_model_dir
     prompt = torch.randint(0, V, (2, 6)).repeat_interleave(3, 0)
     comp = torch.randint(0, V, (6, 9))
     ids, am = torch.cat([prompt, comp], 1), torch.ones(6, 15, dtype=torch.long)
-    out, calls = {}, []
+    out, calls = {}, {}
     real = ol._lp
-    monkeypatch.setattr(ol, "_lp", lambda *a: calls.append(1) or real(*a))
-    for backend in ("aten", "onednn"):
+    for backend in ("aten", "onednn", "onednn_fwd"):
+        calls[backend] = []
+        monkeypatch.setattr(ol, "_lp", lambda *a, c=calls[backend]: c.append(1) or real(*a))
         ol.use(backend, m)
         m.zero_grad()
         lp = completion_logprobs(m, ids, am, comp, 6, "fp32", group_size=3)
         (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
         out[backend] = (lp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
-    # (aten never calls it) every linear layer ran forward and input gradient on oneDNN
-    assert len(calls) == 2 * sum(ol.linear_shapes(m).values())
-    assert _rel(out["onednn"][0], out["aten"][0]) < 1e-5
-    for n, g in out["aten"][1].items():
-        assert _rel(out["onednn"][1][n], g) < 1e-3, n      # sums of many rounded products
+    # every linear layer ran forward, input gradient (and, for onednn, weight gradient) on oneDNN
+    layers = sum(ol.linear_shapes(m).values())
+    assert [len(calls[b]) for b in calls] == [0, 3 * layers, 2 * layers]
+    for b in ("onednn", "onednn_fwd"):
+        assert _rel(out[b][0], out["aten"][0]) < 1e-5
+        for n, g in out["aten"][1].items():
+            assert _rel(out[b][1][n], g) < 1e-3, (b, n)     # sums of many rounded products
 
 
 def test_resolve_rules(tiny_model_dir, monkeypatch):
@@ -183,12 +210,14 @@ def test_resolve_rules(tiny_model_dir, monkeypatch):
         ol.resolve(m, "onednn", "fp32")
 
 
-@pytest.mark.parametrize("aten,onednn,want", [(2.0, 1.0, "onednn"), (1.0, 0.97, "aten"),
-                                               (1.0, 2.0, "aten")])
+@pytest.mark.parametrize("aten,onednn,aten_dw,onednn_dw,want", [
+    (2.0, 1.0, 1.0, 0.5, "onednn"), (2.0, 1.0, 1.0, 1.5, "onednn_fwd"),
+    (1.0, 0.97, 1.0, 1.0, "aten"), (1.0, 2.0, 1.0, 1.0, "aten")])
 def test_auto_chooses_by_weighted_timing_and_caches(tiny_model_dir, monkeypatch, tmp_path,
-                                                   aten, onednn, want):
-    """auto: oneDNN only when its total (each shape's time x its number of layers) is at least
-    MIN_SPEEDUP faster; the timing is cached per machine and shape set."""
+                                                   aten, onednn, aten_dw, onednn_dw, want):
+    """auto: the fastest of a learner pass's linear GEMMs (each shape's products x its number
+    of layers), a oneDNN backend only when at least MIN_SPEEDUP faster than aten; the timing is
+    cached per machine and shape set."""
     from agro.models import load_model
 
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
@@ -198,17 +227,20 @@ def test_auto_chooses_by_weighted_timing_and_caches(tiny_model_dir, monkeypatch,
 
     def fake(n, k, rows=ol.CALIBRATION_ROWS, reps=3):
         timed.append((n, k))
-        return {"aten": aten * n * k, "onednn": onednn * n * k}
+        return {"aten": aten * n * k, "onednn": onednn * n * k, "aten_dw": aten_dw * n * k,
+                "onednn_dw": onednn_dw * n * k}
 
     monkeypatch.setattr(ol, "time_shape", fake)
     backend, line = ol.resolve(m, "auto", "fp32")
     assert backend == want and f"auto -> {want}" in line and "cached" not in line
-    rounds = 2 if max(aten, onednn) < ol.CLOSE * min(aten, onednn) else 1   # close: again
+    tot = (aten + aten_dw, onednn + onednn_dw, onednn + aten_dw)
+    rounds = 2 if tot[0] < ol.CLOSE * min(tot) else 1                     # close: again
     assert sorted(timed) == sorted(list(ol.linear_shapes(m)) * rounds)
     cal = ol.calibrate(m)
     assert cal["cached"] and cal["choice"] == want and len(timed) == rounds * len(ol.linear_shapes(m))
     w = sum(c * n * k for (n, k), c in ol.linear_shapes(m).items())
-    assert cal["aten_s"] == pytest.approx(aten * w, rel=1e-4)
+    assert cal["totals"]["aten"] == pytest.approx((aten + aten_dw) * w, rel=1e-4)
+    assert cal["totals"]["onednn_fwd"] == pytest.approx((onednn + aten_dw) * w, rel=1e-4)
 
 
 @needs_onednn
@@ -222,8 +254,10 @@ def test_trainer_records_the_choice_and_resume_keeps_it(tiny_model_dir, tmp_path
     from agro.trainer import Trainer
 
     monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))    # not the session's timings
-    monkeypatch.setattr(ol, "time_shape", lambda n, k, rows=0, reps=0: {"aten": 2.0, "onednn": 1.0})
-    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=1", "save_every=1", "precision=fp32")
+    monkeypatch.setattr(ol, "time_shape", lambda n, k, rows=0, reps=0: dict(
+        aten=2.0, onednn=1.0, aten_dw=1.0, onednn_dw=0.5))
+    cfg = make_cfg(tiny_model_dir, tmp_path, "steps=1", "save_every=1", "precision=fp32",
+                   "linear_backend=auto")
     tr = Trainer(cfg, grader=HashGrader())
     assert tr.cfg.linear_backend == "onednn"
     assert tr.precision_notes[0].startswith("linear_backend: auto -> onednn (measured")
@@ -233,8 +267,9 @@ def test_trainer_records_the_choice_and_resume_keeps_it(tiny_model_dir, tmp_path
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert yaml.safe_load(text)["linear_backend"] == "onednn"
     assert "# linear_backend: auto -> onednn" in text
-    # resumed with linear_backend=auto on a machine that would now choose aten: keeps onednn
-    monkeypatch.setattr(ol, "time_shape", lambda n, k, rows=0, reps=0: {"aten": 1.0, "onednn": 2.0})
+    # resumed with linear_backend=auto: keeps onednn without timing anything (an empty cache)
+    monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache2"))
+    monkeypatch.setattr(ol, "calibrate", lambda *a, **k: pytest.fail("timed on resume"))
     resumed = load_config(TrainConfig, str(tmp_path / "run" / "config.yaml"),
                           ["steps=2", "linear_backend=auto"])
     tr2 = Trainer(resumed, resume=True, grader=HashGrader())
@@ -248,6 +283,16 @@ def test_trainer_records_the_choice_and_resume_keeps_it(tiny_model_dir, tmp_path
     lines = [x for x in tr4.precision_notes if x.startswith("linear_backend:")]
     assert lines == ["linear_backend: aten (set explicitly)"]
     assert all(type(x) is not ol.OneDnnLinear for x in tr4.policy.modules())
+    # a run from before the setting existed (no key in its config.yaml) ran on aten: kept
+    import re
+    path = tmp_path / "run" / "config.yaml"
+    path.write_text(re.sub(r"(?m)^linear_backend: .*\n", "", path.read_text()))
+    head = [x[2:] for x in path.read_text().splitlines() if x.startswith("# ")]
+    old = load_config(TrainConfig, str(path), ["steps=2"])
+    assert old.linear_backend == "auto"
+    tr5 = Trainer(old, resume=True, grader=HashGrader())
+    assert tr5.cfg.linear_backend == "aten" and tr5.precision_notes == head   # no line added
+    assert all(type(x) is not ol.OneDnnLinear for x in tr5.policy.modules())
     # an explicit aten on a fresh run: nothing on oneDNN
     tr3 = Trainer(make_cfg(tiny_model_dir, tmp_path / "b", "linear_backend=aten"), grader=HashGrader())
     assert all(type(x) is not ol.OneDnnLinear for x in tr3.policy.modules())
@@ -277,11 +322,12 @@ def test_close_calls_are_timed_again(tiny_model_dir, monkeypatch, tmp_path):
     for aten, onednn, rounds in ((1.0, 0.95, 2), (1.0, 0.5, 1)):
         timed = []
         monkeypatch.setattr(ol, "time_shape", lambda n, k, rows=0, reps=0: timed.append(1)
-                            or {"aten": aten, "onednn": onednn})
+                            or dict(aten=aten, onednn=onednn, aten_dw=aten, onednn_dw=onednn))
         ol.calibrate(m, use_cache=False)
         assert len(timed) == rounds * n_shapes
 
 
+@needs_onednn
 def test_lora_masters_and_export_on_onednn(tiny_model_dir, tmp_path):
     """LoRA wraps the swapped layers (its base frozen: no input kept for weight gradients);
     merge_and_unload and save_pretrained give a model transformers loads with plain Linear
@@ -325,7 +371,39 @@ def test_generate_and_eval_resolve_it(tiny_model_dir, tmp_path, monkeypatch, cap
                                              "max_new_tokens=4", f"output={tmp_path / 'o.jsonl'}"])
     generate_offline(cfg, grader=HashGrader())
     assert "agro generate: linear_backend: aten (set explicitly)" in capsys.readouterr().out
+    if ol.available():   # a separate reference model follows the policy's library
+        cfg2 = load_config(GenerateConfig, None, [
+            f"model={tiny_model_dir}", f"ref_model={tiny_model_dir}", "precision=fp32",
+            "linear_backend=onednn", "num_prompts=2", "max_new_tokens=4",
+            f"output={tmp_path / 'o2.jsonl'}"])
+        generate_offline(cfg2, grader=HashGrader())
+        out = capsys.readouterr().out
+        assert "agro generate: reference model's linear_backend: onednn (set explicitly)" in out
     ecfg = load_config(EvalConfig, None, [f"model={tiny_model_dir}", "precision=fp32",
                                           "linear_backend=aten", "num_prompts=2", "max_new_tokens=4"])
     run_eval(ecfg)
     assert "agro eval: linear_backend: aten (set explicitly)" in capsys.readouterr().out
+
+
+def test_cached_precision_choice_prefers_timings_on_the_installed_library(tiny_model_dir,
+                                                                           monkeypatch, tmp_path):
+    """generate/eval follow train's precision timed with the library now installed; with none
+    for it, any library's."""
+    from agro import perf
+    from agro.models import load_model
+
+    monkeypatch.setenv("AGRO_CACHE_DIR", str(tmp_path / "cache"))
+    m = load_model(str(tiny_model_dir))
+    key = perf.machine_key("cpu")
+    ol.use("onednn", m)
+    on = f"{perf.CACHE_PREFIX}{perf._model_key(m)} G=8"
+    ol.use("aten", m)
+    off = f"{perf.CACHE_PREFIX}{perf._model_key(m)} G=8"
+    assert on != off and "linear=onednn" in on and "linear=aten" in off
+    perf._store_cache(key, on, {"choice": "fp32"})
+    perf._store_cache(key, off, {"choice": "bf16"})
+    assert perf.cached_precision_choice(m) == "bf16"             # aten installed
+    ol.use("onednn_fwd", m)                                      # none timed with it: either
+    assert perf.cached_precision_choice(m) is None               # ... and they disagree
+    ol.use("onednn", m)
+    assert perf.cached_precision_choice(m) == "fp32"

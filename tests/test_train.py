@@ -17,7 +17,7 @@ from fakes import HashGrader, make_offline_file
 
 FAST = ["steps=1", "prompts_per_step=4", "group_size=3", "max_new_tokens=6", "eval_prompts=0",
         "precision=fp32", "tensorboard=false", "progress=false", "plot=false", "lr=1e-3",
-        "warmup_steps=0"]
+        "warmup_steps=0", "linear_backend=aten"]   # oneDNN's: tests/test_onednn_linear.py
 
 
 def make_cfg(tiny_model_dir, tmp_path, *extra):

@@ -51,9 +51,14 @@ class ModelFields:
                         ("auto", "bf16", "fp32"))
     linear_backend: str = _f("auto", "fp32 linear layers on a CPU: 'aten' (PyTorch's own GEMM: "
                              "MKL on x86), 'onednn' (oneDNN's GEMM, which uses AVX-512 on AMD CPUs "
-                             "where MKL does not), or 'auto': time both on this model's layer "
-                             "shapes (cached per machine) and keep the faster; aten in bf16 and off "
-                             "the CPU. A resumed run keeps its choice.", ("auto", "aten", "onednn"))
+                             "where MKL does not, for the forward, input and weight gradients), "
+                             "'onednn_fwd' (the weight gradient on aten), or 'auto': time them on "
+                             "this model's layer shapes (cached per machine) and keep the fastest, "
+                             "oneDNN only if >= 5 % faster; aten when precision=bf16 is set, off "
+                             "the CPU, or with a reduced fp32 matmul precision. A resumed run keeps "
+                             "its choice unless another is set. (precision=auto may then pick bf16, "
+                             "whose products fall back to PyTorch's own.)",
+                             ("auto", "aten", "onednn", "onednn_fwd"))
     num_threads: int = _f(0, "torch intra-op threads (0 = all cores).")
     seed: int = _f(0, "Random seed (python, numpy, torch, task generator).")
 

@@ -573,13 +573,13 @@ def hook_free(m) -> bool:
 
 
 def plain_linear(m) -> bool:
-    """True if ``m`` is exactly ``nn.Linear`` or agro's :class:`agro.onednn_linear.OneDnnLinear`
-    (the same product on another GEMM library), with a 2-D weight, and :func:`hook_free`. Code
-    that computes such a layer's product itself (a fused kernel, packed weights) may then do so
-    without bypassing anything."""
-    from .onednn_linear import OneDnnLinear
+    """True if ``m`` is exactly ``nn.Linear`` or one of agro's oneDNN linear classes
+    (:data:`agro.onednn_linear.SWAPPABLE`: the same product on another GEMM library), with a 2-D
+    weight, and :func:`hook_free`. Code that computes such a layer's product itself (a fused
+    kernel, packed weights) may then do so without bypassing anything."""
+    from .onednn_linear import SWAPPABLE
 
-    if type(m) not in (torch.nn.Linear, OneDnnLinear) or getattr(m, "weight", None) is None \
+    if type(m) not in SWAPPABLE or getattr(m, "weight", None) is None \
             or m.weight.dim() != 2:
         return False
     return hook_free(m)

@@ -15,15 +15,19 @@ input on a CPU with fp32 weights and no autocast it runs
 
     y  = x W^T + b         on oneDNN   (x [..., K], W [N, K], b [N] -> y [..., N])
     dx = dy W              on oneDNN   (the input gradient, [..., K])
-    dW = dy^T x, db = sum dy  on torch.mm (MKL): oneDNN through transposed operands was no faster
+    dW = dy^T x            on oneDNN (``linear_backend=onednn``: ``(dy^T) (x^T)^T`` through
+                           transposed views) or on torch.mm (``onednn_fwd``: on Zen 4 oneDNN's
+                           weight gradient was no faster than MKL's, on Zen 5 ~2x); db = sum dy
 
 and anything else (bf16 weights, autocast, a GPU tensor, fp64) is plain ``F.linear``, so the same
 module is device-correct wherever it runs. Same products up to fp32 rounding (tests/
-test_onednn_linear.py). An N-D input is folded to [M, K] outside the autograd function, so its
-output is a fresh tensor (the LM head's logits then take :func:`agro.logprobs.chosen_logprobs`'s
-in-place gradient, as ``F.linear``'s do). ``torch.backends.mkldnn.matmul.fp32_precision`` (set by
-``torch.set_float32_matmul_precision('high'/'medium')``) would make oneDNN's fp32 products tf32 or
-bf16 where MKL's stay fp32, so ``auto`` keeps aten unless it is full fp32.
+test_onednn_linear.py). An N-D input is folded to [M, K] outside the autograd function and the
+output unfolded with ``_unsafe_view``, as ``F.linear`` does, so the output is never a view (the LM
+head's logits then take :func:`agro.logprobs.chosen_logprobs`'s in-place gradient, as
+``F.linear``'s do). Not twice-differentiable (``once_differentiable``), unlike ``nn.Linear``.
+``torch.backends.mkldnn.matmul.fp32_precision`` (set by ``torch.set_float32_matmul_precision(
+'high'/'medium')``) makes oneDNN's fp32 products tf32 or bf16, so ``auto`` keeps aten unless it
+is full fp32.
 
 Departure from the paper: none (an implementation of the same functions).
 """
@@ -37,14 +41,14 @@ from torch.autograd.function import once_differentiable
 
 from .models import device_of, hf_model
 
-BACKENDS = ("auto", "aten", "onednn")
-CACHE_PREFIX = "linear/1:"
+BACKENDS = ("auto", "aten", "onednn", "onednn_fwd")
+CACHE_PREFIX = "linear/2:"       # 2: the weight gradient timed on both libraries too
 CALIBRATION_ROWS = 512
 """Rows (tokens) of the products :func:`calibrate` times: the fp32 learner's micro-batch
 (MICRO_BATCH_TOKENS['fp32'])."""
 MIN_SPEEDUP = 1.05
-"""A shape moves to oneDNN only if its forward + input-gradient GEMMs take at most 1/this of
-aten's: a tie stays on PyTorch's own path."""
+"""The model moves to oneDNN only if a learner pass's linear GEMMs (:func:`calibrate`) take at
+most 1/this of aten's: a tie stays on PyTorch's own path."""
 
 
 def available() -> bool:
@@ -57,15 +61,17 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tenso
 
 
 class _OneDnnLinearFn(torch.autograd.Function):
-    """y = x W^T + b, dx = dy W on oneDNN; dW = dy^T x, db = sum(dy) on torch.mm.
-    Shapes: x [M, K], W [N, K], b [N] or None -> y [M, N]. Saves x only if W needs a gradient
-    and W only if x does (as autograd's linear does: a frozen layer keeps no input)."""
+    """y = x W^T + b, dx = dy W on oneDNN; dW = dy^T x on oneDNN if ``dw_onednn`` else on
+    torch.mm; db = sum(dy). Shapes: x [M, K], W [N, K], b [N] or None -> y [M, N]. Saves x only
+    if W needs a gradient and W only if x does (as autograd's linear does: a frozen layer keeps
+    no input)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                dw_onednn: bool) -> torch.Tensor:
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
                               w if ctx.needs_input_grad[0] else None)
-        ctx.has_b = b is not None
+        ctx.has_b, ctx.dw_onednn = b is not None, dw_onednn
         return _lp(x, w, b)                                                 # [M, N]
 
     @staticmethod
@@ -76,15 +82,18 @@ class _OneDnnLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _lp(dy, w.t(), None)                                       # [M, K]
         if ctx.needs_input_grad[1]:
-            dw = dy.t().mm(x)                                               # [N, K]
+            dw = _lp(dy.t(), x.t(), None) if ctx.dw_onednn else dy.t().mm(x)  # [N, K]
         if ctx.has_b and ctx.needs_input_grad[2]:
             db = dy.sum(0)                                                  # [N]
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 class OneDnnLinear(torch.nn.Linear):
-    """``nn.Linear`` whose fp32 CPU products run on oneDNN (module docstring); installed by
-    :func:`install` by swapping the class of a plain ``nn.Linear``."""
+    """``nn.Linear`` whose fp32 CPU products run on oneDNN, the weight gradient included
+    (``linear_backend=onednn``; module docstring); installed by :func:`install` by swapping the
+    class of a plain ``nn.Linear``."""
+
+    weight_grad_onednn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -95,10 +104,25 @@ class OneDnnLinear(torch.nn.Linear):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])              # [M, K]
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                         or (b is not None and b.requires_grad)):
-            y = _OneDnnLinearFn.apply(x2, w, b)                             # [M, N]
+            y = _OneDnnLinearFn.apply(x2, w, b, self.weight_grad_onednn)    # [M, N]
         else:
             y = _lp(x2, w, b)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
+        if x.dim() == 2:
+            return y
+        # not a view (as F.linear's folded output): the caller may write it in place, and the
+        # LM head's logits keep chosen_logprobs' in-place gradient
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], w.shape[0]))
+
+
+class OneDnnFwdLinear(OneDnnLinear):
+    """:class:`OneDnnLinear` with the weight gradient on torch.mm (``linear_backend=onednn_fwd``)."""
+
+    weight_grad_onednn = False
+
+
+CLASSES = {"onednn": OneDnnLinear, "onednn_fwd": OneDnnFwdLinear}
+"""The concrete backends other than aten -> the class their linear layers get."""
+SWAPPABLE = (torch.nn.Linear, OneDnnLinear, OneDnnFwdLinear)
 
 
 def linear_shapes(model) -> dict[tuple[int, int], int]:
@@ -106,24 +130,24 @@ def linear_shapes(model) -> dict[tuple[int, int], int]:
     included) -> how many layers have each."""
     out: dict[tuple[int, int], int] = {}
     for m in hf_model(model).modules():
-        if type(m) in (torch.nn.Linear, OneDnnLinear) and m.weight.dim() == 2 \
+        if type(m) in SWAPPABLE and m.weight.dim() == 2 \
                 and m.weight.dtype == torch.float32:
             s = (int(m.weight.shape[0]), int(m.weight.shape[1]))
             out[s] = out.get(s, 0) + 1
     return out
 
 
-def install(model, shapes) -> int:
-    """Swap every plain ``nn.Linear`` of ``model`` whose weight shape (N, K) is in ``shapes`` for
-    :class:`OneDnnLinear`, and every :class:`OneDnnLinear` whose shape is not back to
-    ``nn.Linear``. Returns how many layers run on oneDNN afterwards."""
+def install(model, shapes, cls: type = OneDnnLinear) -> int:
+    """Swap every plain ``nn.Linear`` (or agro's oneDNN linear) of ``model`` whose weight shape
+    (N, K) is in ``shapes`` for ``cls``, and every other one back to ``nn.Linear``. Returns how
+    many layers run on oneDNN afterwards."""
     want = {tuple(s) for s in shapes}
     n = 0
     for m in hf_model(model).modules():
-        if type(m) not in (torch.nn.Linear, OneDnnLinear) or m.weight.dim() != 2:
+        if type(m) not in SWAPPABLE or m.weight.dim() != 2:
             continue
         on = tuple(m.weight.shape) in want
-        m.__class__ = OneDnnLinear if on else torch.nn.Linear
+        m.__class__ = cls if on else torch.nn.Linear
         n += on
     return n
 
@@ -139,24 +163,32 @@ def _time(fn, seconds: float) -> float:
             return dt / n
 
 
+PRODUCTS = ("aten", "onednn", "aten_dw", "onednn_dw")
+"""What :func:`time_shape` times per shape: forward + input gradient on each library, and the
+weight gradient on each."""
+
+
 def time_shape(n: int, k: int, rows: int = CALIBRATION_ROWS, reps: int = 3,
                seconds: float = 0.02) -> dict[str, float]:
-    """Seconds of one layer's forward and input-gradient GEMMs at ``rows`` rows, fp32, on aten
-    (``F.linear``, ``dy @ W``) and on oneDNN: after a warm-up call of each (oneDNN creates its
-    primitive there), ``reps`` rounds in which the two arms alternate (which goes first swaps
-    every round), each timed over at least ``seconds``; each arm keeps its best round. Random
-    data from a local generator (the run's RNG streams untouched)."""
+    """Seconds of one layer's GEMMs at ``rows`` rows, fp32: forward + input gradient on aten
+    (``F.linear``, ``dy @ W``: key "aten") and on oneDNN ("onednn"), and the weight gradient
+    ``dy^T x`` on each ("aten_dw": ``torch.mm``; "onednn_dw"). After a warm-up call of each
+    (oneDNN creates its primitive there), ``reps`` rounds in which the arms alternate (their
+    order reverses every round), each timed over at least ``seconds``; each keeps its best round.
+    Random data from a local generator (the run's RNG streams untouched)."""
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (rows, n)))
-    wt = w.t()
+    wt, dyt, xt = w.t(), dy.t(), x.t()
     arms = {"aten": lambda: (F.linear(x, w), dy.mm(w)),
-            "onednn": lambda: (_lp(x, w, None), _lp(dy, wt, None))}
+            "onednn": lambda: (_lp(x, w, None), _lp(dy, wt, None)),
+            "aten_dw": lambda: dyt.mm(x),
+            "onednn_dw": lambda: _lp(dyt, xt, None)}
     best = {a: float("inf") for a in arms}
     with torch.no_grad():
         for a in arms:
             arms[a]()
         for r in range(reps):
-            for a in (("aten", "onednn") if r % 2 == 0 else ("onednn", "aten")):
+            for a in (PRODUCTS if r % 2 == 0 else PRODUCTS[::-1]):
                 best[a] = min(best[a], _time(arms[a], seconds))
     return best
 
@@ -169,15 +201,26 @@ CLOSE = 1.15
 """Totals within this factor of each other are timed again (``reps`` more rounds per shape)."""
 
 
-def calibrate(model, *, use_cache: bool = True, rows: int = CALIBRATION_ROWS, reps: int = 3) -> dict:
-    """Time each fp32 linear shape of ``model`` on aten and on oneDNN (:func:`time_shape`), weigh
-    each by its number of layers, and choose oneDNN for the whole model if its total is at least
-    MIN_SPEEDUP x faster (one choice per model: other processes, rollout actors and a resumed run
-    follow it through the config). A close call (totals within CLOSE) is timed again and each
-    shape keeps its best. Cached per machine and shape set.
+def _totals(times: dict, shapes: dict[tuple[int, int], int]) -> dict[str, float]:
+    """A learner pass's linear GEMMs per concrete backend: each shape's forward, input and weight
+    gradient, times its number of layers."""
+    def tot(key: str) -> float:
+        return sum(c * times[f"{n}x{k}"][key] for (n, k), c in shapes.items())
+    return {"aten": tot("aten") + tot("aten_dw"), "onednn": tot("onednn") + tot("onednn_dw"),
+            "onednn_fwd": tot("onednn") + tot("aten_dw")}
 
-    Returns {"choice": "aten"|"onednn", "aten_s": s, "onednn_s": s, "shapes": {"NxK": {"aten": s,
-    "onednn": s, "layers": c}}, "cached": bool}."""
+
+def calibrate(model, *, use_cache: bool = True, rows: int = CALIBRATION_ROWS, reps: int = 3) -> dict:
+    """Time each fp32 linear shape of ``model`` (:func:`time_shape`), add up a learner pass's
+    linear GEMMs per backend (each shape weighted by its number of layers: aten; onednn, the
+    three products on oneDNN; onednn_fwd, the weight gradient on aten), and choose the fastest
+    for the whole model -- one of the oneDNN ones only if at least MIN_SPEEDUP x faster than aten
+    (one choice per model: other processes, rollout actors and a resumed run follow it through
+    the config). A close call (the fastest and aten within CLOSE) is timed again and each product
+    keeps its best. Cached per machine and shape set.
+
+    Returns {"choice": "aten"|"onednn"|"onednn_fwd", "totals": {backend: s}, "shapes": {"NxK":
+    {product: s, "layers": c}}, "cached": bool}."""
     from .perf import _load_cache, _store_cache, machine_key
 
     shapes = linear_shapes(model)
@@ -187,19 +230,15 @@ def calibrate(model, *, use_cache: bool = True, rows: int = CALIBRATION_ROWS, re
     def valid(t) -> bool:
         return isinstance(t, dict) and all(
             isinstance(t.get(f"{n}x{k}"), dict)
-            and all(isinstance(t[f"{n}x{k}"].get(a), (int, float)) for a in ("aten", "onednn"))
+            and all(isinstance(t[f"{n}x{k}"].get(a), (int, float)) for a in PRODUCTS)
             for n, k in shapes)
-
-    def totals(t: dict) -> dict[str, float]:
-        return {a: sum(c * t[f"{n}x{k}"][a] for (n, k), c in shapes.items())
-                for a in ("aten", "onednn")}
 
     times = _load_cache().get(key, {}).get(sub) if use_cache else None
     cached = valid(times)
     if not cached:
         times = {f"{n}x{k}": time_shape(n, k, rows, reps) for n, k in sorted(shapes)}
-        tot = totals(times)
-        if max(tot.values()) < CLOSE * min(tot.values()):
+        tot = _totals(times, shapes)
+        if tot["aten"] < CLOSE * min(tot.values()):
             for n, k in sorted(shapes):
                 again = time_shape(n, k, rows, reps)
                 times[f"{n}x{k}"] = {a: min(v, again[a]) for a, v in times[f"{n}x{k}"].items()}
@@ -207,10 +246,10 @@ def calibrate(model, *, use_cache: bool = True, rows: int = CALIBRATION_ROWS, re
         if use_cache:
             _store_cache(key, sub, times)
     per = {f"{n}x{k}": dict(times[f"{n}x{k}"], layers=c) for (n, k), c in sorted(shapes.items())}
-    tot = totals(times)
-    choice = "onednn" if tot["onednn"] * MIN_SPEEDUP <= tot["aten"] else "aten"
-    return {"choice": choice, "aten_s": tot["aten"], "onednn_s": tot["onednn"], "shapes": per,
-            "cached": cached}
+    tot = _totals(times, shapes)
+    best = min(("onednn", "onednn_fwd"), key=tot.get)
+    choice = best if tot[best] * MIN_SPEEDUP <= tot["aten"] else "aten"
+    return {"choice": choice, "totals": tot, "shapes": per, "cached": cached}
 
 
 def full_fp32() -> bool:
@@ -244,10 +283,10 @@ def resolve(model, backend: str, precision: str, follow: bool = False) -> tuple[
     if backend not in BACKENDS:
         raise ValueError(f"linear_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     why_not = applies(model)
-    if backend == "onednn" and why_not is not None:
+    if backend in CLASSES and why_not is not None:
         if follow:
-            return "aten", f"linear_backend: onednn -> aten in this process ({why_not})"
-        raise ValueError(f"linear_backend=onednn: {why_not}")
+            return "aten", f"linear_backend: {backend} -> aten in this process ({why_not})"
+        raise ValueError(f"linear_backend={backend}: {why_not}")
     if backend != "auto":
         return backend, f"linear_backend: {backend} (set explicitly)"
     if why_not is not None:
@@ -259,23 +298,27 @@ def resolve(model, backend: str, precision: str, follow: bool = False) -> tuple[
                         f"is {torch.backends.mkldnn.matmul.fp32_precision!r}: oneDNN's fp32 "
                         "products would not be fp32)")
     cal = calibrate(model)
-    per = ", ".join(f"{s} x{t['layers']} {t['aten'] * 1e3:.2f}/{t['onednn'] * 1e3:.2f} ms"
+    tot = cal["totals"]
+    per = ", ".join(f"{s} x{t['layers']} {t['aten'] * 1e3:.2f}/{t['onednn'] * 1e3:.2f} + "
+                    f"{t['aten_dw'] * 1e3:.2f}/{t['onednn_dw'] * 1e3:.2f} ms"
                     for s, t in cal["shapes"].items())
     return cal["choice"], (
         f"linear_backend: auto -> {cal['choice']} (measured on this machine"
-        f"{', cached' if cal['cached'] else ''}: fp32 forward + input-gradient GEMMs of every "
-        f"linear layer at {CALIBRATION_ROWS} rows, aten {cal['aten_s'] * 1e3:.1f} ms vs oneDNN "
-        f"{cal['onednn_s'] * 1e3:.1f} ms; per shape aten/oneDNN: {per})")
+        f"{', cached' if cal['cached'] else ''}: a learner pass's fp32 linear GEMMs at "
+        f"{CALIBRATION_ROWS} rows: aten {tot['aten'] * 1e3:.1f} ms, onednn "
+        f"{tot['onednn'] * 1e3:.1f} ms, onednn_fwd {tot['onednn_fwd'] * 1e3:.1f} ms; per shape "
+        f"forward + input gradient aten/oneDNN + weight gradient aten/oneDNN: {per})")
 
 
 def use(backend: str, *models) -> int:
-    """Install a concrete backend ('aten' or 'onednn') on each of ``models`` (None skipped):
-    every plain fp32-capable linear layer becomes :class:`OneDnnLinear` for 'onednn', back to
-    ``nn.Linear`` for 'aten'. Returns the number of layers on oneDNN."""
-    if backend not in ("aten", "onednn"):
+    """Install a concrete backend ('aten', 'onednn' or 'onednn_fwd') on each of ``models`` (None
+    skipped): every fp32-capable linear layer gets the backend's class (:data:`CLASSES`), or
+    goes back to ``nn.Linear`` for 'aten'. Returns the number of layers on oneDNN."""
+    if backend != "aten" and backend not in CLASSES:
         raise ValueError(f"use() needs a concrete backend, got {backend!r}")
     n = 0
     for m in models:
         if m is not None:
-            n += install(m, linear_shapes(m) if backend == "onednn" else ())
+            n += install(m, linear_shapes(m) if backend != "aten" else (),
+                         CLASSES.get(backend, OneDnnLinear))
     return n

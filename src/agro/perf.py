@@ -215,23 +215,18 @@ def _gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, device, seconds: floa
 
 
 def matmul_peak(fm: FlopModel, dtype: torch.dtype, device="cpu", seconds: float = 0.1,
-                trials: int = 3) -> float:
+                trials: int = 3, onednn: bool = False) -> float:
     """Measured GEMM FLOP/s for ``dtype`` on a decoder-sized layer shape ([512, H] @ [H, 4H]):
     the best of ``trials`` short timings, measured at each run's start (well under a second), so
-    it reflects the machine the run has. On a CPU with oneDNN, fp32 takes the faster of
-    PyTorch's own GEMM (MKL) and oneDNN's (either may run the linear layers:
-    ModelFields.linear_backend), so the fraction of peak is against the best library here. Not
-    cached: a figure measured while another process shared the cores would understate the peak
-    for every later run."""
-    from .onednn_linear import available
-
+    it reflects the machine the run has. ``onednn``: fp32 on a CPU whose linear layers run on
+    oneDNN (ModelFields.linear_backend): that library's GEMM, else PyTorch's own (MKL on x86),
+    so the fraction of peak is against the library in use. Not cached: a figure measured while
+    another process shared the cores would understate the peak for every later run."""
     H = max(64, fm.hidden)
-    libs = [False]
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and available():
-        libs.append(True)
+    on = onednn and torch.device(device).type == "cpu" and dtype == torch.float32
     with torch.no_grad():
-        return max(_gemm_rate(512, H, 4 * H, dtype, device, seconds, onednn=o)
-                   for _ in range(trials) for o in libs)
+        return max(_gemm_rate(512, H, 4 * H, dtype, device, seconds, onednn=on)
+                   for _ in range(trials))
 
 
 def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, ref_seconds: float,
@@ -259,7 +254,7 @@ def phase_rates(*, learn_flops: float, learn_seconds: float, ref_flops: float, r
 def _model_key(model, linear: bool = True) -> str:
     """The model's shape for precision=auto's cache, and (``linear``) its fp32 linear layers' GEMM
     library as installed now (:mod:`agro.onednn_linear`)."""
-    from .onednn_linear import OneDnnLinear
+    from .onednn_linear import CLASSES
 
     hf = hf_model(model)
     c = hf.config
@@ -267,7 +262,8 @@ def _model_key(model, linear: bool = True) -> str:
            f"L={getattr(c, 'num_hidden_layers', '?')} V={getattr(c, 'vocab_size', '?')} "
            f"lora={hasattr(model, 'disable_adapter')}")
     if linear:
-        key += " linear=" + ("onednn" if any(type(m) is OneDnnLinear for m in hf.modules()) else "aten")
+        libs = {b for b, c in CLASSES.items() for m in hf.modules() if type(m) is c}
+        key += " linear=" + (",".join(sorted(libs)) or "aten")
     return key
 
 

@@ -176,7 +176,8 @@ class Trainer:
         self.accum_fp32 = grad_accum_fp32(cfg.grad_accum, self.device)
         self.flops = FlopModel.of(self.policy)
         self.peak = matmul_peak(self.flops, torch.bfloat16 if cfg.precision == "bf16"
-                                else torch.float32, self.device)
+                                else torch.float32, self.device,
+                                onednn=cfg.linear_backend in ("onednn", "onednn_fwd"))
         self.note(f"precision {cfg.precision} on {self.device}; measured GEMM peak "
                   f"{self.peak / 1e9:.0f} GFLOP/s ({machine_key(self.device)}); "
                   f"allocator {allocator_in_use()}")
@@ -274,10 +275,13 @@ class Trainer:
         the lines for the log and config.yaml's header."""
         cfg = self.cfg
         ref_model = self.reference.model
-        if self.ckpt_path is not None:
+        saved = None      # rank 0 reads the run's record; every process branches on the same value
+        if self.ckpt_path is not None and self.dist.is_main:
             saved = (yaml.safe_load((self.out / "config.yaml").read_text()) or {}).get(
                 "linear_backend", "aten")
-            if saved in ("aten", "onednn") and cfg.linear_backend in ("auto", saved):
+        saved = self.dist.broadcast(saved)
+        if saved is not None:
+            if saved in ("aten", "onednn", "onednn_fwd") and cfg.linear_backend in ("auto", saved):
                 self.cfg, line = choose_linear_backend(
                     dataclasses.replace(cfg, linear_backend=saved), self.policy, ref_model,
                     bf16=False, follow=True)

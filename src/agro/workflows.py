@@ -39,7 +39,9 @@ def generate_offline(cfg: GenerateConfig, grader=None) -> tuple[Path, int]:
         print(f"agro generate: {note}", flush=True)
     if cfg.ref_model:
         reference = Reference.load(cfg.ref_model, precision=cfg.precision, device=device)
-        choose_linear_backend(cfg, reference.model, bf16=requested == "bf16")
+        print("agro generate: reference model's "
+              + choose_linear_backend(cfg, reference.model, bf16=requested == "bf16", follow=True)[1],
+              flush=True)
     if cfg.precision == "bf16":      # stored as the training run stores it (agro.trainer)
         reference.store_bf16()       # (without ref_model: the sampler's weights too)
     own = grader is None
