@@ -63,9 +63,12 @@ def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path)
         "def _report():\n"
         "    from agro import allocator\n"
         "    print('ALLOC', allocator.in_use(), 'PRELOAD', os.environ.get('LD_PRELOAD'), flush=True)\n"
+        "    print('CAPS', os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'),\n"
+        "          os.environ.get('LRU_CACHE_CAPACITY'), flush=True)\n"
         "atexit.register(_report)\n")
     env = {k: v for k, v in os.environ.items()
-           if k not in (allocator.ENV, allocator._DONE, allocator._ORIG, "LD_PRELOAD")}
+           if k not in (allocator.ENV, allocator._DONE, allocator._ORIG, "LD_PRELOAD",
+                        *allocator.ONEDNN_CACHES)}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
 
     def run(args, **extra):
@@ -76,6 +79,20 @@ def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path)
     cmd = ["-m", "agro.cli", "plot", str(tmp_path / "missing-run")]
     out = run(cmd)
     assert "ALLOC jemalloc (" in out and "PRELOAD None" in out, out
+    assert "CAPS 128 128" in out, out                       # oneDNN's caches capped ...
+    assert "CAPS 512 128" in run(cmd, ONEDNN_PRIMITIVE_CACHE_CAPACITY="512")   # ... unless set
     assert "ALLOC system malloc" in run(cmd, AGRO_ALLOCATOR="system")
     out = run(["-c", f"from agro.cli import main; main(['plot', {str(tmp_path / 'x')!r}])"])
-    assert "ALLOC system malloc" in out, out
+    assert "ALLOC system malloc" in out and "CAPS None None" in out, out   # a library call: no
+
+
+def test_onednn_cache_caps_keep_what_the_user_set():
+    e: dict = {}
+    allocator.cap_onednn_caches(e, machine="x86_64")
+    assert e == allocator.ONEDNN_CACHES
+    e = {"LRU_CACHE_CAPACITY": "7", "DNNL_PRIMITIVE_CACHE_CAPACITY": "9"}   # the older name
+    allocator.cap_onednn_caches(e, machine="x86_64")
+    assert e == {"LRU_CACHE_CAPACITY": "7", "DNNL_PRIMITIVE_CACHE_CAPACITY": "9"}
+    e = {}
+    allocator.cap_onednn_caches(e, machine="aarch64")     # ideep's default there is 1 entry
+    assert e == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}

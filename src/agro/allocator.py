@@ -17,7 +17,8 @@ with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses
 ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
 (Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
 own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
-children. The run's log names the allocator in use (:func:`in_use`).
+children. The run's log names the allocator in use (:func:`in_use`). The command also caps
+oneDNN's shape caches (:func:`cap_onednn_caches`).
 """
 from __future__ import annotations
 
@@ -108,6 +109,31 @@ def maybe_reexec() -> None:
             os.execve(sys.executable, list(sys.orig_argv), env)
         except OSError:   # cannot re-execute: run on the system's allocator
             return
+
+
+ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+"""oneDNN's primitive cache and ideep's LRU cache (PyTorch's oneDNN wrapper): one entry per
+distinct GEMM shape, 1024 each by default. Over 96 row counts x 15 SmolLM2-135M fp32 products
+the two grew the process by 466 MiB, by 52 MiB capped at 128 each (``bench/onednn_cache_probe.py``,
+Zen 5; PyTorch's own GEMM: 4 MiB), and a run meets a new row count at nearly every pass: with fp32
+linear layers on oneDNN the default job peaked at 4.04 GiB uncapped and 3.95 GiB capped (one run
+each, 5:06 and 5:14; docs/RESULTS.md)."""
+
+
+def cap_onednn_caches(environ=os.environ, machine: str | None = None) -> None:
+    """Cap :data:`ONEDNN_CACHES` in ``environ`` unless the user set them (oneDNN's cache also
+    under its older name ``DNNL_PRIMITIVE_CACHE_CAPACITY``). ideep's cache is only capped on
+    x86-64: on aarch64 its default is already 1 entry. oneDNN reads its capacity when it makes
+    its first primitive and ideep per thread on first use, so the command line sets them at its
+    start (the re-executed process inherits them); a library user who wants the cap sets them
+    before the first oneDNN op."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if "DNNL_PRIMITIVE_CACHE_CAPACITY" not in environ:
+        environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
+    if machine in ("x86_64", "amd64"):
+        environ.setdefault("LRU_CACHE_CAPACITY", ONEDNN_CACHES["LRU_CACHE_CAPACITY"])
 
 
 def in_use() -> str:

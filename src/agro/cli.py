@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         return _die(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
     if from_shell:
-        from .allocator import maybe_reexec
+        from .allocator import cap_onednn_caches, maybe_reexec
 
+        cap_onednn_caches()          # before any oneDNN primitive; the re-exec inherits it
         try:
             maybe_reexec()
         except (RuntimeError, ValueError) as e:
