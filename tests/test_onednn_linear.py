@@ -185,9 +185,14 @@ def test_tiny_llama_logprobs_and_gradients_agree_across_libraries(tiny_model_dir
         lp = completion_logprobs(m, ids, am, comp, 6, "fp32", group_size=3)
         (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
         out[backend] = (lp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
-    # every linear layer ran forward, input gradient (and, for onednn, weight gradient) on oneDNN
-    layers = sum(ol.linear_shapes(m).values())
-    assert [len(calls[b]) for b in calls] == [0, 3 * layers, 2 * layers]
+    # every linear layer ran forward, input gradient (and, for onednn, weight gradient) on
+    # oneDNN; the LM head (N = the 49,152-token vocabulary) its backward slice by slice
+    per = {(n, k): -(-n // ol.SLICE_COLUMNS) if n >= ol.SLICE_MIN_N else 1
+           for n, k in ol.linear_shapes(m)}
+    assert max(per.values()) == 48                               # the head: 48 slices of 1024
+    fwd_dx = sum(c * (1 + per[s]) for s, c in ol.linear_shapes(m).items())
+    dw = sum(c * per[s] for s, c in ol.linear_shapes(m).items())
+    assert [len(calls[b]) for b in calls] == [0, fwd_dx + dw, fwd_dx]
     for b in ("onednn", "onednn_fwd"):
         assert _rel(out[b][0], out["aten"][0]) < 1e-5
         for n, g in out["aten"][1].items():
@@ -407,3 +412,46 @@ def test_cached_precision_choice_prefers_timings_on_the_installed_library(tiny_m
     assert perf.cached_precision_choice(m) is None               # ... and they disagree
     ol.use("onednn", m)
     assert perf.cached_precision_choice(m) == "fp32"
+
+
+@needs_onednn
+@pytest.mark.parametrize("cls", [ol.OneDnnLinear, ol.OneDnnFwdLinear])
+@pytest.mark.parametrize("need", ["both", "dx", "dw"])
+def test_wide_layers_backward_in_slices_matches_fp64(monkeypatch, cls, need):
+    """A layer with N >= SLICE_MIN_N output features (an LM head) takes its oneDNN input and
+    weight gradients over slices of SLICE_COLUMNS features (here 80 = 3 x 24 + 8: a short last
+    slice), from a non-contiguous output gradient: the same products as fp64 up to fp32
+    rounding, one oneDNN call per slice and product."""
+    monkeypatch.setattr(ol, "SLICE_MIN_N", 64)
+    monkeypatch.setattr(ol, "SLICE_COLUMNS", 24)
+    calls: list[tuple] = []
+    real_lp = ol._lp
+    monkeypatch.setattr(ol, "_lp", lambda a, b, c: calls.append((tuple(a.shape), tuple(b.shape)))
+                        or real_lp(a, b, c))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 48, dtype=torch.float64, generator=g)
+    w = torch.randn(80, 48, dtype=torch.float64, generator=g) / 7
+    dy = torch.randn(80, 37, dtype=torch.float64, generator=g).t()          # [37, 80] transposed
+    xf = x.float().requires_grad_(need != "dw")
+    lin = torch.nn.Linear(48, 80, bias=False)
+    lin.__class__ = cls
+    lin.weight = torch.nn.Parameter(w.float(), requires_grad=need != "dx")
+    lin(xf).backward(dy.float())
+    backward_calls = calls[1:]                                               # after the forward
+    if need != "dw":
+        assert _rel(xf.grad, dy @ w) < 1e-5
+        assert [c for c in backward_calls if c[0][0] == 37] == \
+            [((37, 24), (48, 24))] * 3 + [((37, 8), (48, 8))]                # dx slice by slice
+    else:
+        assert xf.grad is None
+    if need != "dx":
+        assert _rel(lin.weight.grad, dy.t() @ x) < 1e-5
+        onednn_dw = [c for c in backward_calls if c[1] == (48, 37)]
+        assert onednn_dw == ([((24, 37), (48, 37))] * 3 + [((8, 37), (48, 37))]
+                             if cls is ol.OneDnnLinear else [])               # onednn_fwd: torch.mm
+    else:
+        assert lin.weight.grad is None
+    # the two helpers against the unsliced oneDNN products (dW: the same dot products)
+    d32, x32, w32 = dy.float().contiguous(), x.float(), w.float()
+    assert torch.equal(ol._dw(d32, x32), real_lp(d32.t(), x32.t(), None))
+    assert _rel(ol._dx(d32, w32), real_lp(d32, w32.t(), None)) < 1e-6

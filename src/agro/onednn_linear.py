@@ -19,6 +19,9 @@ input on a CPU with fp32 weights and no autocast it runs
                            transposed views) or on torch.mm (``onednn_fwd``: on Zen 4 oneDNN's
                            weight gradient was no faster than MKL's, on Zen 5 ~2x); db = sum dy
 
+(for a layer with N >= SLICE_MIN_N output features -- an LM head -- dx and dW on oneDNN are
+taken over slices of SLICE_COLUMNS output features: smaller transposed copies, see there)
+
 and anything else (bf16 weights, autocast, a GPU tensor, fp64) is plain ``F.linear``, so the same
 module is device-correct wherever it runs. Same products up to fp32 rounding (tests/
 test_onednn_linear.py). An N-D input is folded to [M, K] outside the autograd function and the
@@ -42,7 +45,8 @@ from torch.autograd.function import once_differentiable
 from .models import device_of, hf_model
 
 BACKENDS = ("auto", "aten", "onednn", "onednn_fwd")
-CACHE_PREFIX = "linear/2:"       # 2: the weight gradient timed on both libraries too
+CACHE_PREFIX = "linear/3:"       # 2: the weight gradient timed on both libraries too; 3: wide
+                                 # layers' backward in slices (SLICE_MIN_N)
 CALIBRATION_ROWS = 512
 """Rows (tokens) of the products :func:`calibrate` times: the fp32 learner's micro-batch
 (MICRO_BATCH_TOKENS['fp32'])."""
@@ -58,6 +62,44 @@ def available() -> bool:
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's ``x @ w.T + b`` for x [M, K], w [N, K] (any strides) -> [M, N]."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+SLICE_MIN_N = 8192
+"""Layers with at least this many output features (an LM head: N = the vocabulary) run their
+oneDNN backward in slices of SLICE_COLUMNS output features (:func:`_dx`, :func:`_dw`)."""
+SLICE_COLUMNS = 1024
+"""Output features per slice. Why slices: oneDNN copies a transposed operand into its own
+layout on every call -- ``W^T`` [K, N] for the input gradient, ``dy^T`` [N, M] for the weight
+gradient -- and for an LM head those copies are the size of the head (SmolLM2-135M: 113 MB and
+~70 MB at ~370 rows, fp32), allocated while the backward pass's activations are alive. Sliced,
+each copy is a slice's (~5 MB and ~3 MB), and the products ran faster (``bench/
+head_slice_ab.py``; docs/RESULTS.md, 2026-12-05 (Zen 5, second))."""
+
+
+def _dx(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The input gradient ``dy W`` on oneDNN: dy [M, N], w [N, K] -> [M, K]; summed over slices
+    of SLICE_COLUMNS output features when N >= SLICE_MIN_N (in a fixed order: deterministic)."""
+    n = w.shape[0]
+    if n < SLICE_MIN_N:
+        return _lp(dy, w.t(), None)
+    dx = None
+    for s in range(0, n, SLICE_COLUMNS):
+        part = _lp(dy[:, s:s + SLICE_COLUMNS], w[s:s + SLICE_COLUMNS].t(), None)   # [M, K]
+        dx = part if dx is None else dx.add_(part)
+    return dx
+
+
+def _dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient ``dy^T x`` on oneDNN: dy [M, N], x [M, K] -> [N, K], a slice of
+    SLICE_COLUMNS rows at a time when N >= SLICE_MIN_N (each row of the result is the same dot
+    products either way; bitwise equal to the unsliced product on the CPU it was tested on)."""
+    n, xt = dy.shape[1], x.t()
+    if n < SLICE_MIN_N:
+        return _lp(dy.t(), xt, None)
+    dw = torch.empty(n, x.shape[1], dtype=dy.dtype, device=dy.device)                # [N, K]
+    for s in range(0, n, SLICE_COLUMNS):
+        dw[s:s + SLICE_COLUMNS] = _lp(dy[:, s:s + SLICE_COLUMNS].t(), xt, None)
+    return dw
 
 
 class _OneDnnLinearFn(torch.autograd.Function):
@@ -80,9 +122,9 @@ class _OneDnnLinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _lp(dy, w.t(), None)                                       # [M, K]
+            dx = _dx(dy, w)                                                 # [M, K]
         if ctx.needs_input_grad[1]:
-            dw = _lp(dy.t(), x.t(), None) if ctx.dw_onednn else dy.t().mm(x)  # [N, K]
+            dw = _dw(dy, x) if ctx.dw_onednn else dy.t().mm(x)              # [N, K]
         if ctx.has_b and ctx.needs_input_grad[2]:
             db = dy.sum(0)                                                  # [N]
         return dx, dw, db, None
@@ -178,11 +220,11 @@ def time_shape(n: int, k: int, rows: int = CALIBRATION_ROWS, reps: int = 3,
     Random data from a local generator (the run's RNG streams untouched)."""
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (rows, n)))
-    wt, dyt, xt = w.t(), dy.t(), x.t()
+    dyt = dy.t()
     arms = {"aten": lambda: (F.linear(x, w), dy.mm(w)),
-            "onednn": lambda: (_lp(x, w, None), _lp(dy, wt, None)),
+            "onednn": lambda: (_lp(x, w, None), _dx(dy, w)),
             "aten_dw": lambda: dyt.mm(x),
-            "onednn_dw": lambda: _lp(dyt, xt, None)}
+            "onednn_dw": lambda: _dw(dy, x)}
     best = {a: float("inf") for a in arms}
     with torch.no_grad():
         for a in arms:
