@@ -72,8 +72,10 @@ SLICE_COLUMNS = 1024
 layout on every call -- ``W^T`` [K, N] for the input gradient, ``dy^T`` [N, M] for the weight
 gradient -- and for an LM head those copies are the size of the head (SmolLM2-135M: 113 MB and
 ~70 MB at ~370 rows, fp32), allocated while the backward pass's activations are alive. Sliced,
-each copy is a slice's (~5 MB and ~3 MB), and the products ran faster (``bench/
-head_slice_ab.py``; docs/RESULTS.md, 2026-12-05 (Zen 5, second))."""
+each copy is a slice's (2.4 MB and 1.5 MB), and the products ran faster: on Zen 5 at 256-512
+rows, dx 0.87-0.96x and dW 0.81-0.87x of the whole head's; slices of 2,048 or 3,072 made dW
+~1.3x slower at 368 and 512 rows (``bench/head_slice_ab.py``; docs/RESULTS.md, "AMD EPYC (Zen
+5), 2026-12-05 (second)")."""
 
 
 def _dx(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
