@@ -11,8 +11,9 @@ same way and, run in-process, needs jemalloc preloaded as the command line does:
 Time: the default job's trainer (SmolLM2-135M, fp32, one step's 8 groups of 4 sampled once, the
 reference log-probs attached) runs its learner step (forward, backward, optimizer) on those
 groups in ``--reps`` rounds, the LM head's backward sliced in one arm and in one piece in the
-other (the arms' order reversed every round; the first round dropped as warm-up). The head's
-three products alone at ``--rows`` rows are timed the same way (``--products``).
+other (the arms' order reversed every round; the first round dropped as warm-up).
+``--products`` also times the head's two backward products alone at ``--rows`` rows, whole and
+in slices of several widths (:func:`products`).
 
 Memory: ``--rss-rounds`` pairs of fresh processes (this script with ``--one-arm``; the arms'
 order alternating), each running 4 learner steps on its own sampled groups (seed 0), print their
@@ -65,17 +66,30 @@ def one_arm(arm: str) -> None:
     tr.close_generator()
 
 
-def products(rows: int, reps: int) -> dict[str, float]:
+COLUMNS = (0, 512, 1024, 2048, 3072)
+"""Slice widths --products times (0: the whole head in one product)."""
+
+
+def products(rows: list[int], reps: int) -> dict[str, list]:
+    """The head's input gradient ``dy W`` and weight gradient ``dy^T x`` alone (SmolLM2-135M's
+    head, V = 49,152, H = 576, fp32) at each row count, whole and in slices of each width of
+    COLUMNS: ``reps`` rounds, the widths' order reversed every round, each product timed by
+    :func:`abrounds.timed` (median of 3 back-to-back calls after 2 warm-ups)."""
     g = torch.Generator().manual_seed(0)
     V, H = 49152, 576
-    x, w, dy = torch.randn(rows, H, generator=g), torch.randn(V, H, generator=g), torch.randn(rows, V, generator=g)
-    out = {}
-    for r in range(reps):
-        for arm in order(r, "sliced", "whole"):
-            set_arm(arm)
-            out.setdefault(f"dx_{arm}", []).append(timed(lambda: ol._dx(dy, w), 3))
-            out.setdefault(f"dw_{arm}", []).append(timed(lambda: ol._dw(dy, x), 3))
-    set_arm("sliced")
+    w = torch.randn(V, H, generator=g)
+    out: dict[str, list] = {}
+    saved = ol.SLICE_MIN_N, ol.SLICE_COLUMNS
+    try:
+        for m in rows:
+            x, dy = torch.randn(m, H, generator=g), torch.randn(m, V, generator=g)
+            for r in range(reps):
+                for c in (COLUMNS if r % 2 == 0 else COLUMNS[::-1]):
+                    ol.SLICE_MIN_N, ol.SLICE_COLUMNS = (WHOLE, 1) if c == 0 else (SLICED, c)
+                    out.setdefault(f"dx_{m}_{c}", []).append(timed(lambda: ol._dx(dy, w), 3))
+                    out.setdefault(f"dw_{m}_{c}", []).append(timed(lambda: ol._dw(dy, x), 3))
+    finally:
+        ol.SLICE_MIN_N, ol.SLICE_COLUMNS = saved
     return out
 
 
@@ -83,8 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--rss-rounds", type=int, default=2)
-    ap.add_argument("--products", action="store_true", help="also time the head's dx and dW alone")
-    ap.add_argument("--rows", type=int, default=368)
+    ap.add_argument("--products", action="store_true",
+                    help="also time the head's dx and dW alone, whole and in slices of each width")
+    ap.add_argument("--rows", default="256,368,512", help="--products' row counts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one-arm", choices=["sliced", "whole"], help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -94,7 +109,7 @@ def main() -> None:
           f"slices of {ol.SLICE_COLUMNS} columns from N >= {SLICED}")
     rows: dict[str, list] = {}
     if a.products:
-        rows.update(products(a.rows, 5))
+        rows.update(products([int(m) for m in a.rows.split(",")], 5))
     rss: dict[str, list] = {"sliced": [], "whole": []}
     for r in range(a.rss_rounds):
         for arm in order(r, "sliced", "whole"):
@@ -125,9 +140,11 @@ def main() -> None:
         print(f"  peak RSS: sliced {med['rss_sliced']:.3f} GiB, whole {med['rss_whole']:.3f} GiB "
               f"({med['rss_sliced'] - med['rss_whole']:+.3f} GiB)")
     if a.products:
-        for p in ("dx", "dw"):
-            print(f"  head {p} at {a.rows} rows: sliced {med[f'{p}_sliced'] * 1e3:.1f} ms, whole "
-                  f"{med[f'{p}_whole'] * 1e3:.1f} ms ({med[f'{p}_sliced'] / med[f'{p}_whole']:.3f}x)")
+        for m in a.rows.split(","):
+            for p in ("dx", "dw"):
+                base = med[f"{p}_{m}_0"]
+                print(f"  head {p} at {m} rows: whole {base * 1e3:.1f} ms; slices of " + ", ".join(
+                    f"{c}: {med[f'{p}_{m}_{c}'] / base:.3f}x" for c in COLUMNS if c))
     write_json(a.json, machine_key(), "fp32", torch.__version__, rows, med)
 
 

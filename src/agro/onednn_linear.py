@@ -73,9 +73,10 @@ layout on every call -- ``W^T`` [K, N] for the input gradient, ``dy^T`` [N, M] f
 gradient -- and for an LM head those copies are the size of the head (SmolLM2-135M: 113 MB and
 ~70 MB at ~370 rows, fp32), allocated while the backward pass's activations are alive. Sliced,
 each copy is a slice's (2.4 MB and 1.5 MB), and the products ran faster: on Zen 5 at 256-512
-rows, dx 0.87-0.96x and dW 0.81-0.87x of the whole head's; slices of 2,048 or 3,072 made dW
-~1.3x slower at 368 and 512 rows (``bench/head_slice_ab.py``; docs/RESULTS.md, "AMD EPYC (Zen
-5), 2026-12-05 (second)")."""
+rows, dx 0.92-0.96x and dW 0.85-0.88x of the whole head's time. Wider slices hit a slower
+oneDNN path for dW at some row counts (2,048 columns at 512 rows, 3,072 at 256 and 512: ~1.3x
+the whole head's), so 1,024 (``bench/head_slice_ab.py --products``; docs/RESULTS.md, "AMD
+EPYC (Zen 5), 2026-12-05 (second)")."""
 
 
 def _dx(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
