@@ -136,6 +136,14 @@ def cap_onednn_caches(environ=os.environ, machine: str | None = None) -> None:
         environ.setdefault("LRU_CACHE_CAPACITY", ONEDNN_CACHES["LRU_CACHE_CAPACITY"])
 
 
+def onednn_cache_env(environ=os.environ) -> dict[str, str]:
+    """The oneDNN/ideep cache capacities set in ``environ`` (by :func:`cap_onednn_caches` or by
+    the user), for processes that do not inherit this one's environment: Ray actors on a
+    cluster (agro.async_actors passes them in the actors' ``runtime_env``)."""
+    names = (*ONEDNN_CACHES, "DNNL_PRIMITIVE_CACHE_CAPACITY")
+    return {k: environ[k] for k in names if k in environ}
+
+
 def in_use() -> str:
     """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system malloc'."""
     try:

@@ -267,6 +267,19 @@ def _kill(ray, actor) -> None:
         pass
 
 
+def actor_env(cfg, environ=os.environ) -> dict[str, str]:
+    """Environment variables every rollout actor starts with (Ray ``runtime_env``): its OpenMP
+    threads, this process's oneDNN cache capacities (``agro.allocator.onednn_cache_env``: the
+    cap the ``agro`` command sets, which actors on a cluster would not inherit), and fault
+    injection (agro.faults) when set."""
+    from .allocator import onednn_cache_env
+
+    env = {"OMP_NUM_THREADS": str(cfg.async_actor_cpus), **onednn_cache_env(environ)}
+    if environ.get("AGRO_FAULT"):
+        env["AGRO_FAULT"] = environ["AGRO_FAULT"]
+    return env
+
+
 class ActorError(RuntimeError):
     """An actor died more often than async_max_restarts, or did not answer in async_timeout."""
 
@@ -284,9 +297,7 @@ class ActorPool:
         self.ray = ray
         self.timeout = float(cfg.async_timeout)
         self.max_restarts = int(cfg.async_max_restarts)
-        env = {"OMP_NUM_THREADS": str(cfg.async_actor_cpus)}
-        if os.environ.get("AGRO_FAULT"):   # fault injection (agro.faults) reaches the actors too
-            env["AGRO_FAULT"] = os.environ["AGRO_FAULT"]
+        env = actor_env(cfg)
         remote = ray.remote(RolloutWorker).options(
             num_cpus=cfg.async_actor_cpus, num_gpus=cfg.async_actor_gpus,
             max_restarts=self.max_restarts, max_task_retries=0, runtime_env={"env_vars": env})
