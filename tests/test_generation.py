@@ -258,10 +258,17 @@ def test_sample_from_logprobs_draws_the_distribution():
         assert (freq[p[r] == 0] == 0).all()
 
 
+@pytest.mark.parametrize("rows_at_once", [None, 3])
 @pytest.mark.parametrize("V,block", [(1000, 64), (1024, 64), (49152, 1024), (7, 1024)])
-def test_inverse_cdf_two_levels_equal_one_float64_cumsum(V, block):
+def test_inverse_cdf_two_levels_equal_one_float64_cumsum(V, block, rows_at_once, monkeypatch):
     """The two-level search returns the index a single float64 cumulative sum over the whole row
-    returns, for random probabilities with zeros (whole zero blocks included) and random r."""
+    returns, for random probabilities with zeros (whole zero blocks included) and random r;
+    also with its float64 block sums taken a few rows at a time (``rows_at_once``: 64 rows in
+    chunks of 3, the last one short)."""
+    import agro.generation as G
+
+    if rows_at_once is not None:
+        monkeypatch.setattr(G, "_CDF_SUM_ELEMS", rows_at_once * -(-V // block) * block)
     g = torch.Generator().manual_seed(V)
     b = 64
     p = torch.rand(b, V, generator=g) ** 4

@@ -344,6 +344,17 @@ class HFGenerator:
 _CDF_BLOCK = 1024
 """Vocabulary entries per block of :func:`inverse_cdf`'s two-level search."""
 
+_CDF_SUM_ELEMS = 1 << 19
+""":func:`inverse_cdf` sums its blocks in float64 this many probabilities (4 MiB of float64) at
+a time, not as one float64 copy of all of them (12.6 MB at a [32, 49,152] decode step). Under
+jemalloc (which ``agro train`` runs on: agro.allocator) blocks of that size came back from the
+system with their pages faulted in again at every call: in a fresh process
+``sample_from_logprobs`` took 3.5-4.1 ms with one copy and 0.7 ms in rows (2 cores, AMD EPYC Zen
+5). In the trainer's process smaller blocks fault too (3.0-3.3 ms against 3.7-4.0 ms), and a
+default-job sampling call took 0.97x (bf16) and 0.90x (fp32) as long, medians of 7 rounds whose
+ratios ranged 0.77-1.16 (``bench/sampler_draw_ab.py``; docs/RESULTS.md, "AMD EPYC (Zen 5),
+2026-12-05 (second)")."""
+
 
 def inverse_cdf(p: torch.Tensor, r: torch.Tensor, block: int = _CDF_BLOCK) -> torch.Tensor:
     """Per row, the smallest index ``k`` with ``cumsum(p)[k] > u``, ``u = r * sum(p)``:
@@ -359,7 +370,9 @@ def inverse_cdf(p: torch.Tensor, r: torch.Tensor, block: int = _CDF_BLOCK) -> to
     if nb * block != V:
         p = torch.nn.functional.pad(p, (0, nb * block - V))
     pb = p.view(b, nb, block)                                           # [b, nb, block]
-    bcdf = pb.sum(-1, dtype=torch.float64).cumsum(-1)                   # [b, nb]
+    rows = max(1, _CDF_SUM_ELEMS // (nb * block))       # no [b, V] float64 copy (_CDF_SUM_ELEMS)
+    bcdf = torch.cat([pb[s:s + rows].sum(-1, dtype=torch.float64)
+                      for s in range(0, b, rows)]).cumsum(-1)           # [b, nb]
     u = r * bcdf[:, -1:]                                                # [b, 1]
     j = torch.searchsorted(bcdf, u, right=True).clamp_(max=nb - 1)      # [b, 1] block
     before = torch.where(j > 0, bcdf.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))
