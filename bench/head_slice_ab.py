@@ -1,7 +1,7 @@
 """The oneDNN LM head's backward in vocabulary slices against in one piece, side by side
-(agro.onednn_linear.SLICE_MIN_N / SLICE_COLUMNS; fp32, linear_backend=onednn).
+(agro.onednn_linear.BACKWARD_SLICE_MIN_N / BACKWARD_SLICE_COLUMNS; fp32, linear_backend=onednn).
 
-    LD_PRELOAD=<jemalloc> .venv/bin/python bench/head_slice_ab.py --reps 7 --rss-rounds 2 \\
+    LD_PRELOAD=<jemalloc> .venv/bin/python bench/head_slice_ab.py --reps 9 --rss-rounds 2 --products \\
         --json docs/bench/zen5/head-slice-fp32.json
 
 (``agro train`` preloads jemalloc and caps oneDNN's caches itself; this bench caps the caches the
@@ -39,12 +39,12 @@ from agro import onednn_linear as ol  # noqa: E402
 from agro.allocator import in_use  # noqa: E402
 from agro.perf import machine_key  # noqa: E402
 
-SLICED = ol.SLICE_MIN_N
+SLICED = ol.BACKWARD_SLICE_MIN_N
 WHOLE = 10 ** 9
 
 
 def set_arm(arm: str) -> None:
-    ol.SLICE_MIN_N = SLICED if arm == "sliced" else WHOLE
+    ol.BACKWARD_SLICE_MIN_N = SLICED if arm == "sliced" else WHOLE
 
 
 def trainer():
@@ -79,17 +79,17 @@ def products(rows: list[int], reps: int) -> dict[str, list]:
     V, H = 49152, 576
     w = torch.randn(V, H, generator=g)
     out: dict[str, list] = {}
-    saved = ol.SLICE_MIN_N, ol.SLICE_COLUMNS
+    saved = ol.BACKWARD_SLICE_MIN_N, ol.BACKWARD_SLICE_COLUMNS
     try:
         for m in rows:
             x, dy = torch.randn(m, H, generator=g), torch.randn(m, V, generator=g)
             for r in range(reps):
                 for c in (COLUMNS if r % 2 == 0 else COLUMNS[::-1]):
-                    ol.SLICE_MIN_N, ol.SLICE_COLUMNS = (WHOLE, 1) if c == 0 else (SLICED, c)
+                    ol.BACKWARD_SLICE_MIN_N, ol.BACKWARD_SLICE_COLUMNS = (WHOLE, 1) if c == 0 else (SLICED, c)
                     out.setdefault(f"dx_{m}_{c}", []).append(timed(lambda: ol._dx(dy, w), 3))
                     out.setdefault(f"dw_{m}_{c}", []).append(timed(lambda: ol._dw(dy, x), 3))
     finally:
-        ol.SLICE_MIN_N, ol.SLICE_COLUMNS = saved
+        ol.BACKWARD_SLICE_MIN_N, ol.BACKWARD_SLICE_COLUMNS = saved
     return out
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     if a.one_arm:
         return one_arm(a.one_arm)
     print(f"{machine_key()}; torch {torch.__version__}; allocator {in_use()}; "
-          f"slices of {ol.SLICE_COLUMNS} columns from N >= {SLICED}")
+          f"slices of {ol.BACKWARD_SLICE_COLUMNS} columns from N >= {SLICED}")
     rows: dict[str, list] = {}
     if a.products:
         rows.update(products([int(m) for m in a.rows.split(",")], 5))

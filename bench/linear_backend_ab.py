@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from abrounds import bench_trainer, medians, one_step_groups, timed, write_json  # bench/abrounds.py
 
 from agro import onednn_linear
-from agro.onednn_linear import _lp
+from agro.onednn_linear import _dw, _dx, _lp
 from agro.perf import machine_key
 
 
@@ -36,9 +36,9 @@ def shapes(reps: int) -> None:
             r = {"fwd mkl": timed(lambda: F.linear(x, w), reps),
                  "fwd onednn": timed(lambda: _lp(x, w, None), reps),
                  "dx mkl": timed(lambda: dy.mm(w), reps),
-                 "dx onednn": timed(lambda: _lp(dy, w.t(), None), reps),
+                 "dx onednn": timed(lambda: _dx(dy, w), reps),
                  "dW mkl": timed(lambda: dy.t().mm(x), reps),
-                 "dW onednn": timed(lambda: _lp(dy.t(), x.t(), None), reps)}
+                 "dW onednn": timed(lambda: _dw(dy, x), reps)}
             print(f"  M {M} N {N} K {K}: " + ", ".join(f"{k} {fl / v:.0f}" for k, v in r.items())
                   + " GFLOP/s")
 

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from agro.onednn_linear import _lp
+from agro.onednn_linear import _dw, _dx, _lp
 from agro.perf import machine_key
 
 SHAPES = [(192, 576), (576, 576), (576, 1536), (1536, 576), (49152, 576)]
@@ -43,7 +43,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.lib == "onednn":
         def products(x, w, dy):
-            _lp(x, w, None), _lp(dy, w.t(), None), _lp(dy.t(), x.t(), None)
+            _lp(x, w, None), _dx(dy, w), _dw(dy, x)
     else:
         def products(x, w, dy):
             F.linear(x, w), dy.mm(w), dy.t().mm(x)

@@ -607,3 +607,19 @@ def test_resume_with_another_async_setting_is_refused(tiny_model_dir, tmp_path, 
                                                       f"output_dir={tmp_path / 'r'}", "steps=2"])
     with pytest.raises(ValueError, match="async_generation=true"):
         Trainer(cfg, resume=True)
+
+
+def test_rollout_actors_start_with_the_drivers_onednn_caps():
+    """Ray actors on a cluster do not inherit the driver's environment: the caps the command
+    set (or the user's own values, under either name) go into every actor's runtime_env, and
+    nothing is added where the driver has none (a library call)."""
+    from agro import allocator
+    from agro.async_actors import actor_env
+
+    cfg = types.SimpleNamespace(async_actor_cpus=1)
+    capped: dict = {"PATH": "/bin"}
+    allocator.cap_onednn_caches(capped, machine="x86_64")
+    assert actor_env(cfg, capped) == {"OMP_NUM_THREADS": "1", **allocator.ONEDNN_CACHES}
+    assert actor_env(cfg, {"DNNL_PRIMITIVE_CACHE_CAPACITY": "9", "AGRO_FAULT": "actor:2"}) == {
+        "OMP_NUM_THREADS": "1", "DNNL_PRIMITIVE_CACHE_CAPACITY": "9", "AGRO_FAULT": "actor:2"}
+    assert actor_env(cfg, {"PATH": "/bin"}) == {"OMP_NUM_THREADS": "1"}

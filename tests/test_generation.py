@@ -288,6 +288,7 @@ def test_inverse_cdf_two_levels_equal_one_float64_cumsum(V, block, rows_at_once,
     got = inverse_cdf(p, r, block=block)
     assert torch.equal(got, flat), (got != flat).nonzero()
     assert (p.gather(-1, got[:, None]) > 0).all()
+    assert inverse_cdf(p[:0], r[:0], block=block).shape == (0,)     # no rows: no draws
 
 
 @pytest.mark.parametrize("cls", [HFGenerator, CachedGenerator])

@@ -187,7 +187,7 @@ def test_tiny_llama_logprobs_and_gradients_agree_across_libraries(tiny_model_dir
         out[backend] = (lp.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
     # every linear layer ran forward, input gradient (and, for onednn, weight gradient) on
     # oneDNN; the LM head (N = the 49,152-token vocabulary) its backward slice by slice
-    per = {(n, k): -(-n // ol.SLICE_COLUMNS) if n >= ol.SLICE_MIN_N else 1
+    per = {(n, k): -(-n // ol.BACKWARD_SLICE_COLUMNS) if n >= ol.BACKWARD_SLICE_MIN_N else 1
            for n, k in ol.linear_shapes(m)}
     assert max(per.values()) == 48                               # the head: 48 slices of 1024
     fwd_dx = sum(c * (1 + per[s]) for s, c in ol.linear_shapes(m).items())
@@ -418,12 +418,12 @@ def test_cached_precision_choice_prefers_timings_on_the_installed_library(tiny_m
 @pytest.mark.parametrize("cls", [ol.OneDnnLinear, ol.OneDnnFwdLinear])
 @pytest.mark.parametrize("need", ["both", "dx", "dw"])
 def test_wide_layers_backward_in_slices_matches_fp64(monkeypatch, cls, need):
-    """A layer with N >= SLICE_MIN_N output features (an LM head) takes its oneDNN input and
-    weight gradients over slices of SLICE_COLUMNS features (here 80 = 3 x 24 + 8: a short last
+    """A layer with N >= BACKWARD_SLICE_MIN_N output features (an LM head) takes its oneDNN input and
+    weight gradients over slices of BACKWARD_SLICE_COLUMNS features (here 80 = 3 x 24 + 8: a short last
     slice), from a non-contiguous output gradient: the same products as fp64 up to fp32
     rounding, one oneDNN call per slice and product."""
-    monkeypatch.setattr(ol, "SLICE_MIN_N", 64)
-    monkeypatch.setattr(ol, "SLICE_COLUMNS", 24)
+    monkeypatch.setattr(ol, "BACKWARD_SLICE_MIN_N", 64)
+    monkeypatch.setattr(ol, "BACKWARD_SLICE_COLUMNS", 24)
     calls: list[tuple] = []
     real_lp = ol._lp
     monkeypatch.setattr(ol, "_lp", lambda a, b, c: calls.append((tuple(a.shape), tuple(b.shape)))
@@ -451,7 +451,20 @@ def test_wide_layers_backward_in_slices_matches_fp64(monkeypatch, cls, need):
                              if cls is ol.OneDnnLinear else [])               # onednn_fwd: torch.mm
     else:
         assert lin.weight.grad is None
-    # the two helpers against the unsliced oneDNN products (dW: the same dot products)
+    # the two helpers against the unsliced oneDNN products (fp32 rounding apart)
     d32, x32, w32 = dy.float().contiguous(), x.float(), w.float()
-    assert torch.equal(ol._dw(d32, x32), real_lp(d32.t(), x32.t(), None))
+    assert _rel(ol._dw(d32, x32), real_lp(d32.t(), x32.t(), None)) < 1e-6
     assert _rel(ol._dx(d32, w32), real_lp(d32, w32.t(), None)) < 1e-6
+
+
+@needs_onednn
+def test_calibration_times_the_products_the_layer_runs(monkeypatch):
+    """time_shape's oneDNN arms are the layer's own backward (_dx, _dw: sliced for wide layers),
+    not bare products."""
+    used = []
+    for name in ("_dx", "_dw"):
+        real = getattr(ol, name)
+        monkeypatch.setattr(ol, name, lambda *a, r=real, n=name: used.append(n) or r(*a))
+    t = ol.time_shape(40, 16, rows=8, reps=1, seconds=0.0)
+    assert set(t) == set(ol.PRODUCTS) and all(v > 0 for v in t.values())
+    assert {"_dx", "_dw"} <= set(used)

@@ -117,7 +117,8 @@ distinct GEMM shape, 1024 each by default. Over 96 row counts x 15 SmolLM2-135M 
 the two grew the process by 466 MiB, by 52 MiB capped at 128 each (``bench/onednn_cache_probe.py``,
 Zen 5; PyTorch's own GEMM: 4 MiB), and a run meets a new row count at nearly every pass: with fp32
 linear layers on oneDNN the default job peaked at 4.04 GiB uncapped and 3.95 GiB capped (one run
-each, 5:06 and 5:14; docs/RESULTS.md)."""
+each, 5:06 and 5:14; docs/RESULTS.md). Those figures are from before the LM head's oneDNN backward
+ran in slices (agro.onednn_linear.BACKWARD_SLICE_COLUMNS: 48 slices of one shape per product)."""
 
 
 def cap_onednn_caches(environ=os.environ, machine: str | None = None) -> None:
@@ -139,7 +140,9 @@ def cap_onednn_caches(environ=os.environ, machine: str | None = None) -> None:
 def onednn_cache_env(environ=os.environ) -> dict[str, str]:
     """The oneDNN/ideep cache capacities set in ``environ`` (by :func:`cap_onednn_caches` or by
     the user), for processes that do not inherit this one's environment: Ray actors on a
-    cluster (agro.async_actors passes them in the actors' ``runtime_env``)."""
+    cluster (agro.async_actors passes them in the actors' ``runtime_env``). They are the
+    driver's values: an aarch64 actor under an x86-64 driver gets ideep's cap of 128 where its own
+    default is 1 entry."""
     names = (*ONEDNN_CACHES, "DNNL_PRIMITIVE_CACHE_CAPACITY")
     return {k: environ[k] for k in names if k in environ}
 

@@ -19,8 +19,9 @@ input on a CPU with fp32 weights and no autocast it runs
                            transposed views) or on torch.mm (``onednn_fwd``: on Zen 4 oneDNN's
                            weight gradient was no faster than MKL's, on Zen 5 ~2x); db = sum dy
 
-(for a layer with N >= SLICE_MIN_N output features -- an LM head -- dx and dW on oneDNN are
-taken over slices of SLICE_COLUMNS output features: smaller transposed copies, see there)
+(for a layer with N >= BACKWARD_SLICE_MIN_N output features -- an LM head, or a wide MLP layer of
+a larger model -- dx and dW on oneDNN are taken over slices of BACKWARD_SLICE_COLUMNS output
+features: smaller transposed copies, see there)
 
 and anything else (bf16 weights, autocast, a GPU tensor, fp64) is plain ``F.linear``, so the same
 module is device-correct wherever it runs. Same products up to fp32 rounding (tests/
@@ -46,7 +47,7 @@ from .models import device_of, hf_model
 
 BACKENDS = ("auto", "aten", "onednn", "onednn_fwd")
 CACHE_PREFIX = "linear/3:"       # 2: the weight gradient timed on both libraries too; 3: wide
-                                 # layers' backward in slices (SLICE_MIN_N)
+                                 # layers' backward in slices (BACKWARD_SLICE_MIN_N)
 CALIBRATION_ROWS = 512
 """Rows (tokens) of the products :func:`calibrate` times: the fp32 learner's micro-batch
 (MICRO_BATCH_TOKENS['fp32'])."""
@@ -64,44 +65,49 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-SLICE_MIN_N = 8192
-"""Layers with at least this many output features (an LM head: N = the vocabulary) run their
-oneDNN backward in slices of SLICE_COLUMNS output features (:func:`_dx`, :func:`_dw`)."""
-SLICE_COLUMNS = 1024
+BACKWARD_SLICE_MIN_N = 8192
+"""Layers with at least this many output features run their oneDNN backward in slices of
+BACKWARD_SLICE_COLUMNS output features (:func:`_dx`, :func:`_dw`). On SmolLM2-135M that is the
+LM head alone (N = the 49,152-token vocabulary); on larger models wide MLP layers too (e.g.
+N = 8,192 or 8,960), where the slicing was never measured: :func:`calibrate` times each shape's
+products as the layer runs them, so the choice of library stays measured."""
+BACKWARD_SLICE_COLUMNS = 1024
 """Output features per slice. Why slices: oneDNN copies a transposed operand into its own
 layout on every call -- ``W^T`` [K, N] for the input gradient, ``dy^T`` [N, M] for the weight
 gradient -- and for an LM head those copies are the size of the head (SmolLM2-135M: 113 MB and
 ~70 MB at ~370 rows, fp32), allocated while the backward pass's activations are alive. Sliced,
-each copy is a slice's (2.4 MB and 1.5 MB), and the products ran faster: on Zen 5 at 256-512
-rows, dx 0.92-0.96x and dW 0.85-0.88x of the whole head's time. Wider slices hit a slower
-oneDNN path for dW at some row counts (2,048 columns at 512 rows, 3,072 at 256 and 512: ~1.3x
-the whole head's), so 1,024 (``bench/head_slice_ab.py --products``; docs/RESULTS.md, "AMD
-EPYC (Zen 5), 2026-12-05 (second)")."""
+each copy is a slice's (2.4 MB and 1.5 MB; the input gradient then also copies each [M, 1024]
+slice of ``dy``, which the whole product read in place), and the products ran faster: on Zen 5
+at 256-512 rows, dx 0.91-0.96x and dW 0.85-0.88x of the whole head's time. Wider slices hit a
+slower oneDNN path for dW at some row counts (2,048 columns at 512 rows, 3,072 at 256 and 512:
+~1.3x the whole head's), so 1,024 (``bench/head_slice_ab.py --products``; docs/RESULTS.md,
+"AMD EPYC (Zen 5), 2026-12-05 (second)")."""
 
 
 def _dx(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The input gradient ``dy W`` on oneDNN: dy [M, N], w [N, K] -> [M, K]; summed over slices
-    of SLICE_COLUMNS output features when N >= SLICE_MIN_N (in a fixed order: deterministic)."""
-    n = w.shape[0]
-    if n < SLICE_MIN_N:
+    of BACKWARD_SLICE_COLUMNS output features when N >= BACKWARD_SLICE_MIN_N (in a fixed order:
+    deterministic)."""
+    n, c = w.shape[0], BACKWARD_SLICE_COLUMNS
+    if n < BACKWARD_SLICE_MIN_N:
         return _lp(dy, w.t(), None)
     dx = None
-    for s in range(0, n, SLICE_COLUMNS):
-        part = _lp(dy[:, s:s + SLICE_COLUMNS], w[s:s + SLICE_COLUMNS].t(), None)   # [M, K]
+    for s in range(0, n, c):
+        part = _lp(dy[:, s:s + c], w[s:s + c].t(), None)                 # [M, K], a fresh tensor
         dx = part if dx is None else dx.add_(part)
     return dx
 
 
 def _dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The weight gradient ``dy^T x`` on oneDNN: dy [M, N], x [M, K] -> [N, K], a slice of
-    SLICE_COLUMNS rows at a time when N >= SLICE_MIN_N (each row of the result is the same dot
-    products either way; bitwise equal to the unsliced product on the CPU it was tested on)."""
-    n, xt = dy.shape[1], x.t()
-    if n < SLICE_MIN_N:
+    BACKWARD_SLICE_COLUMNS rows at a time when N >= BACKWARD_SLICE_MIN_N (each row of the result
+    is the same dot products either way; equal up to fp32 rounding to the unsliced product)."""
+    n, c, xt = dy.shape[1], BACKWARD_SLICE_COLUMNS, x.t()
+    if n < BACKWARD_SLICE_MIN_N:
         return _lp(dy.t(), xt, None)
     dw = torch.empty(n, x.shape[1], dtype=dy.dtype, device=dy.device)                # [N, K]
-    for s in range(0, n, SLICE_COLUMNS):
-        dw[s:s + SLICE_COLUMNS] = _lp(dy[:, s:s + SLICE_COLUMNS].t(), xt, None)
+    for s in range(0, n, c):
+        dw[s:s + c] = _lp(dy[:, s:s + c].t(), xt, None)
     return dw
 
 

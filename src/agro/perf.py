@@ -385,7 +385,7 @@ def _time_precision(model, precision: str, *, group_size: int, prompt_len: int,
 # the packing timed inside each sampling call and so scaled with it (4x per default step); 13 =
 # the packing timed on its own and counted once per step; 14 = keyed by the fp32 linear layers'
 # GEMM library (ModelFields.linear_backend: the fp32 passes on oneDNN where it was chosen); 15 =
-# the oneDNN LM head's backward in vocabulary slices (agro.onednn_linear.SLICE_MIN_N).
+# the oneDNN LM head's backward in vocabulary slices (agro.onednn_linear.BACKWARD_SLICE_MIN_N).
 CACHE_PREFIX = "precision/15:"
 
 
