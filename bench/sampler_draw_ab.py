@@ -3,7 +3,7 @@
 (agro.generation._CDF_SUM_ELEMS).
 
     LD_PRELOAD=<jemalloc> .venv/bin/python bench/sampler_draw_ab.py --precision bf16 --reps 7 \\
-        --json docs/bench/zen5/sampler-draw-bf16.json
+        --json docs/bench/zen5/sampler-draw-bf16-r2.json
 
 (``agro train`` runs on jemalloc, agro.allocator; this bench runs in-process, so preload it as
 the command line does: ``.venv/bin/python -c "from agro.allocator import find_jemalloc;
@@ -15,9 +15,7 @@ once per arm per round (the order reversed every round; one warm-up call per arm
 arms from the same seed. Before that it times ``sample_from_logprobs`` alone on [32, 49152]
 log-probs (4 rounds of 50 calls per arm, the order reversed every round), in a fresh process
 (``--draws-only``) and in this one after ``agro.allocator.in_use()`` has read /proc/self/maps as
-the trainer's log does: on Zen 5 jemalloc then faulted the rows arm's 4 MiB blocks in at every
-call too, where the fresh process reused them. Prints medians and the allocator in use. Run it
-alone.
+the trainer's log does. Prints medians and the allocator in use. Run it alone.
 """
 from __future__ import annotations
 

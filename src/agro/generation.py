@@ -347,13 +347,13 @@ _CDF_BLOCK = 1024
 _CDF_SUM_ELEMS = 1 << 19
 """:func:`inverse_cdf` sums its blocks in float64 this many probabilities (4 MiB of float64) at
 a time, not as one float64 copy of all of them (12.6 MB at a [32, 49,152] decode step). Under
-jemalloc (which ``agro train`` runs on: agro.allocator) blocks of that size came back from the
-system with their pages faulted in again at every call: in a fresh process
-``sample_from_logprobs`` took 3.5-4.1 ms with one copy and 0.7 ms in rows (2 cores, AMD EPYC Zen
-5). In the trainer's process smaller blocks fault too (3.0-3.3 ms against 3.7-4.0 ms), and a
-default-job sampling call took 0.97x (bf16) and 0.90x (fp32) as long, medians of 7 rounds whose
-ratios ranged 0.77-1.16 (``bench/sampler_draw_ab.py``; docs/RESULTS.md, "AMD EPYC (Zen 5),
-2026-12-05 (second)")."""
+jemalloc (which ``agro train`` runs on: agro.allocator) every block of that size came back from
+the system with its pages faulted in again (3,073 faults a call; 0.2 ms of copying took
+3.5-4.1 ms). A process that had not yet freed a large block reused the 4 MiB ones without
+faults (0.7 ms a draw), but not after: in the bench's processes the draw took 2.98-3.18 ms in
+rows against 3.61-3.98 ms with one copy, and a default-job sampling call 0.90-0.97x as long,
+noisy (2 cores, AMD EPYC Zen 5; ``bench/sampler_draw_ab.py``, two runs of each precision;
+docs/RESULTS.md, "AMD EPYC (Zen 5), 2026-12-05 (second)")."""
 
 
 def inverse_cdf(p: torch.Tensor, r: torch.Tensor, block: int = _CDF_BLOCK) -> torch.Tensor:
