@@ -348,8 +348,8 @@ _CDF_SUM_ELEMS = 1 << 19
 """:func:`inverse_cdf` sums its blocks in float64 this many probabilities (4 MiB of float64) at
 a time, not as one float64 copy of all of them (12.6 MB at a [32, 49,152] decode step). Under
 jemalloc (which ``agro train`` runs on: agro.allocator) every block of that size came back from
-the system with its 3,073 pages faulted in again. The 4 MiB blocks were often faulted in again too:
-in the bench's processes the draw took 2.98-3.18 ms in rows against 3.61-3.98 ms with one copy,
+the system with its pages faulted in again. The 4 MiB blocks were not free either: in the bench's
+processes the draw took 2.98-3.28 ms in rows against 3.61-3.98 ms with one copy,
 and a default-job sampling call 0.90-0.97x as long,
 noisy (2 cores, AMD EPYC Zen 5; ``bench/sampler_draw_ab.py``, two runs of each precision;
 docs/RESULTS.md, "AMD EPYC (Zen 5), 2026-12-05 (second)")."""
