@@ -370,8 +370,8 @@ def inverse_cdf(p: torch.Tensor, r: torch.Tensor, block: int = _CDF_BLOCK) -> to
         p = torch.nn.functional.pad(p, (0, nb * block - V))
     pb = p.view(b, nb, block)                                           # [b, nb, block]
     rows = max(1, _CDF_SUM_ELEMS // (nb * block))       # no [b, V] float64 copy (_CDF_SUM_ELEMS)
-    bcdf = torch.cat([pb[s:s + rows].sum(-1, dtype=torch.float64)
-                      for s in range(0, max(b, 1), rows)]).cumsum(-1)           # [b, nb]
+    starts = range(0, max(b, 1), rows)                  # b = 0: one empty chunk, an empty result
+    bcdf = torch.cat([pb[s:s + rows].sum(-1, dtype=torch.float64) for s in starts]).cumsum(-1)  # [b, nb]
     u = r * bcdf[:, -1:]                                                # [b, 1]
     j = torch.searchsorted(bcdf, u, right=True).clamp_(max=nb - 1)      # [b, 1] block
     before = torch.where(j > 0, bcdf.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(u))

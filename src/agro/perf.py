@@ -262,7 +262,7 @@ def _model_key(model, linear: bool = True) -> str:
            f"L={getattr(c, 'num_hidden_layers', '?')} V={getattr(c, 'vocab_size', '?')} "
            f"lora={hasattr(model, 'disable_adapter')}")
     if linear:
-        libs = {b for b, c in CLASSES.items() for m in hf.modules() if type(m) is c}
+        libs = {b for b, cls in CLASSES.items() for m in hf.modules() if type(m) is cls}
         key += " linear=" + (",".join(sorted(libs)) or "aten")
     return key
 
