@@ -31,8 +31,10 @@ def test_reexec_env_rules():
     assert allocator.reexec_env({}, "darwin", found) is None
     with pytest.raises(RuntimeError, match="no usable jemalloc library was found"):
         allocator.reexec_env({allocator.ENV: "jemalloc"}, "linux", none)
-    with pytest.raises(ValueError, match="valid values are auto, jemalloc, system"):
+    with pytest.raises(ValueError, match="valid values are auto, jemalloc, system, retain"):
         allocator.reexec_env({allocator.ENV: "tcmalloc"}, "linux", found)
+    # retain: the system's malloc, tuned in place (retain_freed_memory), never a re-exec
+    assert allocator.reexec_env({allocator.ENV: "retain"}, "linux", found) is None
 
 
 def test_find_jemalloc_honours_the_path_variable(tmp_path, monkeypatch):
@@ -82,6 +84,10 @@ def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path)
     assert "CAPS 128 128" in out, out                       # oneDNN's caches capped ...
     assert "CAPS 512 128" in run(cmd, ONEDNN_PRIMITIVE_CACHE_CAPACITY="512")   # ... unless set
     assert "ALLOC system malloc" in run(cmd, AGRO_ALLOCATOR="system")
+    out = run(cmd, AGRO_ALLOCATOR="retain")
+    assert "ALLOC system malloc, retaining freed memory" in out and "PRELOAD None" in out, out
+    out = run(cmd, AGRO_ALLOCATOR="retain", LD_PRELOAD=allocator.find_jemalloc())
+    assert "retain tunes the system's malloc, but jemalloc is preloaded" in out, out
     out = run(["-c", f"from agro.cli import main; main(['plot', {str(tmp_path / 'x')!r}])"])
     assert "ALLOC system malloc" in out and "CAPS None None" in out, out   # a library call: no
 
@@ -97,3 +103,55 @@ def test_onednn_cache_caps_keep_what_the_user_set():
     allocator.cap_onednn_caches(e, machine="aarch64")     # ideep's default there is 1 entry
     assert e == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
 
+
+
+_FAULTS = """
+import resource, sys
+import torch
+from agro import allocator
+if sys.argv[1] == "retain":
+    allocator.retain_freed_memory()
+def faults_of_a_round():        # blocks of a learner step's sizes: 3, 40 and 1 MiB, all written
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for n, mib in ((8, 3), (3, 40), (20, 1)):
+        xs = [torch.ones(mib * 2 ** 20 // 4) for _ in range(n)]
+        del xs
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+faults_of_a_round()
+print(sum(faults_of_a_round() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_retain_keeps_freed_memory_faulted_in():
+    """The behaviour ``retain`` is for: after a first round, the same round of allocations lands
+    on pages already faulted in, where the system's default malloc maps and faults its blocks
+    afresh every round (glibc here: ~0 against ~92,000 minor faults over three rounds). Each in
+    a fresh process without LD_PRELOAD."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+    plain, kept = faults("system"), faults("retain")
+    assert plain >= 20000, plain         # 3 x 40 MiB mapped and faulted afresh each round
+    assert kept * 5 < plain, (kept, plain)
+
+
+def test_retain_refuses_without_mallopt(monkeypatch):
+    class NoMallopt:
+        pass
+    monkeypatch.setattr(allocator, "_retaining", False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator, "in_use", lambda: "system malloc")
+    with pytest.raises(RuntimeError, match="needs glibc's malloc"):
+        allocator.retain_freed_memory(NoMallopt())
+
+    class Refuses:
+        @staticmethod
+        def mallopt(param, value):
+            return 0
+    with pytest.raises(RuntimeError, match="was refused"):
+        allocator.retain_freed_memory(Refuses())
+    assert not allocator._retaining

@@ -19,6 +19,15 @@ with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses
 own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
 children. The run's log names the allocator in use (:func:`in_use`). The command also caps
 oneDNN's shape caches (:func:`cap_onednn_caches`).
+
+``AGRO_ALLOCATOR=retain`` trades memory for speed: the system's (glibc) malloc, told never to hand
+freed memory back (:func:`retain_freed_memory`). Under jemalloc every learner step's activations,
+gradients and logits come back from the kernel as fresh pages: ~200,000 minor page faults a bf16
+step and ~450,000 an fp32 one on the default job (Zen 5), 0.3-1.9 s of kernel CPU. jemalloc's own
+options did not stop it at a bearable size (``dirty_decay_ms:-1`` grew the process past 5 GiB).
+Retained, the learner steps take no faults after the first; the default job ran faster and peaked
+higher (docs/RESULTS.md, "the allocator"). Not the default, because the default job must stay
+under 4 GiB; a machine with memory to spare takes it.
 """
 from __future__ import annotations
 
@@ -50,25 +59,36 @@ _OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")
 _ORIG = "AGRO_ALLOCATOR_PRELOAD"      # the LD_PRELOAD the user had, restored for child processes
 
 
+CHOICES = ("auto", "jemalloc", "system", "retain")
+
+
+def choice(environ=os.environ) -> str:
+    """``AGRO_ALLOCATOR``'s value (auto if unset or empty); ValueError on anything else."""
+    c = environ.get(ENV, "auto") or "auto"
+    if c not in CHOICES:
+        raise ValueError(f"{ENV}={c!r}: valid values are {', '.join(CHOICES)}")
+    return c
+
+
 def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) -> dict | None:
     """The environment to re-execute the command with, or None to run as is. Raises
     RuntimeError if ``AGRO_ALLOCATOR=jemalloc`` and none is found, ValueError on a bad value.
-    A user's own preloaded allocator (jemalloc, tcmalloc, mimalloc) is left alone."""
-    choice = environ.get(ENV, "auto") or "auto"
-    if choice not in ("auto", "jemalloc", "system"):
-        raise ValueError(f"{ENV}={choice!r}: valid values are auto, jemalloc, system")
+    A user's own preloaded allocator (jemalloc, tcmalloc, mimalloc) is left alone.
+    ``retain`` runs as is (on the system's malloc, :func:`retain_freed_memory`)."""
+    chosen = choice(environ)
     preload = environ.get("LD_PRELOAD", "")
-    if choice == "system" or environ.get(_DONE) or any(m in preload for m in _OTHER_MALLOCS):
+    if chosen in ("system", "retain") or environ.get(_DONE) \
+            or any(m in preload for m in _OTHER_MALLOCS):
         return None
     if not platform.startswith("linux"):
-        if choice == "jemalloc":
+        if chosen == "jemalloc":
             raise RuntimeError(f"{ENV}=jemalloc: only supported on Linux (LD_PRELOAD)")
         return None
     lib = find()
     if lib is not None and any(c in lib for c in " \t:"):   # LD_PRELOAD cannot name it
         lib = None
     if lib is None:
-        if choice == "jemalloc":
+        if chosen == "jemalloc":
             raise RuntimeError(f"{ENV}=jemalloc but no usable jemalloc library was found: install "
                                f"agro[async] (ray bundles one) or libjemalloc2, or set {PATH_ENV}")
         return None
@@ -98,8 +118,12 @@ def maybe_reexec() -> None:
         os.environ.pop(_DONE)
         return
     if not started_as_command():
-        if os.environ.get(ENV) == "jemalloc":
-            raise RuntimeError(f"{ENV}=jemalloc needs the `agro` command or `python -m agro.cli`")
+        if os.environ.get(ENV) in ("jemalloc", "retain"):
+            raise RuntimeError(f"{ENV}={os.environ[ENV]} needs the `agro` command or "
+                               "`python -m agro.cli`")
+        return
+    if choice() == "retain":
+        retain_freed_memory()
         return
     env = reexec_env(dict(os.environ))
     if env is not None:
@@ -147,12 +171,48 @@ def onednn_cache_env(environ=os.environ) -> dict[str, str]:
     return {k: environ[k] for k in names if k in environ}
 
 
+RETAIN_THRESHOLD = 2 ** 31 - 1
+"""Bytes: glibc's ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` under ``retain`` (mallopt takes
+an int). No block under 2 GiB gets its own mapping (handed back when freed), and the heap's top is
+handed back only past 2 GiB of free space."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's <malloc.h>
+_retaining = False
+
+
+def retain_freed_memory(libc=None) -> None:
+    """Tell this process's glibc malloc to keep freed memory for reuse (:data:`RETAIN_THRESHOLD`):
+    memory freed stays mapped, so the next step's tensors land on pages already faulted in. The
+    process then holds its high-water mark and the holes between live blocks (glibc does not
+    move blocks). Process-wide and from now on; the environment, and so child processes, are
+    untouched. RuntimeError where it cannot apply: another allocator preloaded, or no glibc
+    ``mallopt`` (musl, macOS)."""
+    global _retaining
+    other = [m for m in _OTHER_MALLOCS if m in in_use() or m in os.environ.get("LD_PRELOAD", "")]
+    if other:
+        raise RuntimeError(f"{ENV}=retain tunes the system's malloc, but {other[0]} is preloaded "
+                           f"(LD_PRELOAD); unset LD_PRELOAD or choose {ENV}=system")
+    try:
+        libc = ctypes.CDLL(None) if libc is None else libc
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        raise RuntimeError(f"{ENV}=retain needs glibc's malloc (mallopt); this C library has "
+                           f"none: choose {ENV}=auto or system") from None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for name, param in (("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD),
+                        ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD)):
+        if mallopt(param, RETAIN_THRESHOLD) != 1:
+            raise RuntimeError(f"{ENV}=retain: mallopt({name}, {RETAIN_THRESHOLD}) was refused")
+    _retaining = True
+
+
 def in_use() -> str:
-    """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system malloc'."""
+    """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system
+    malloc', with ', retaining freed memory' after :func:`retain_freed_memory`."""
     try:
         for line in Path("/proc/self/maps").read_text().splitlines():
             if "jemalloc" in line:
                 return f"jemalloc ({line.split()[-1]})"
     except OSError:
         pass
-    return "system malloc"
+    return "system malloc, retaining freed memory (AGRO_ALLOCATOR=retain)" if _retaining \
+        else "system malloc"
