@@ -37,6 +37,17 @@ def test_reexec_env_rules():
     assert allocator.reexec_env({allocator.ENV: "retain"}, "linux", found) is None
 
 
+def test_jemalloc_is_named_by_the_library_mapped_not_by_any_path():
+    lib = "7f12-7f13 r-xp 00000000 fe:01 123 /v/lib/python3.11/site-packages/ray/core/libjemalloc.so"
+    model = "7f14-7f15 r--s 00000000 fe:01 456 /runs/cache-jemalloc/gguf/model.safetensors"
+    anon = "7f16-7f17 rw-p 00000000 00:00 0 "
+    assert allocator.jemalloc_mapped("\n".join([anon, model])) is None
+    assert allocator.jemalloc_mapped("\n".join([model, lib, anon])) == \
+        "/v/lib/python3.11/site-packages/ray/core/libjemalloc.so"
+    assert allocator.jemalloc_mapped("1-2 r-xp 0 fe:01 9 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2") \
+        == "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
 def test_find_jemalloc_honours_the_path_variable(tmp_path, monkeypatch):
     lib = tmp_path / "libjemalloc.so"
     lib.write_bytes(b"")

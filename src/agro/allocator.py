@@ -171,6 +171,18 @@ def onednn_cache_env(environ=os.environ) -> dict[str, str]:
     return {k: environ[k] for k in names if k in environ}
 
 
+def jemalloc_mapped(maps: str) -> str | None:
+    """The path of a jemalloc shared library among ``/proc/<pid>/maps``'s mappings, or None.
+    The file's own name must say so (``libjemalloc.so.2``): a model file under a directory
+    called jemalloc is not an allocator."""
+    for line in maps.splitlines():
+        f = line.split(maxsplit=5)
+        name = Path(f[5].strip()).name if len(f) == 6 else ""
+        if "jemalloc" in name and ".so" in name:
+            return f[5].strip()
+    return None
+
+
 RETAIN_THRESHOLD = 2 ** 31 - 1
 """Bytes: glibc's ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` under ``retain`` (mallopt takes
 an int). No block under 2 GiB gets its own mapping (handed back when freed), and the heap's top is
@@ -209,10 +221,10 @@ def in_use() -> str:
     """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system
     malloc', with ', retaining freed memory' after :func:`retain_freed_memory`."""
     try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            if "jemalloc" in line:
-                return f"jemalloc ({line.split()[-1]})"
+        lib = jemalloc_mapped(Path("/proc/self/maps").read_text())
     except OSError:
-        pass
+        lib = None
+    if lib:
+        return f"jemalloc ({lib})"
     return "system malloc, retaining freed memory (AGRO_ALLOCATOR=retain)" if _retaining \
         else "system malloc"
