@@ -1,7 +1,8 @@
 """Page faults and kernel time of the learner step: what the C allocator costs.
 
-    LD_PRELOAD=<jemalloc> .venv/bin/python bench/learner_faults.py bf16 [--steps 8]
+    LD_PRELOAD=<jemalloc> .venv/bin/python bench/learner_faults.py bf16 [--steps 8] [--parts]
     MALLOC_CONF=dirty_decay_ms:-1 LD_PRELOAD=<jemalloc> .venv/bin/python bench/learner_faults.py bf16
+    .venv/bin/python bench/learner_faults.py bf16 --retain --parts      # AGRO_ALLOCATOR=retain's malloc
 
 (``agro train`` runs on jemalloc, agro.allocator; run in-process, preload it as the command line
 does: ``.venv/bin/python -c "from agro.allocator import find_jemalloc; print(find_jemalloc())"``.
@@ -10,7 +11,12 @@ does: ``.venv/bin/python -c "from agro.allocator import find_jemalloc; print(fin
 Builds the default job's trainer in the given precision, samples one step's groups (seed 1),
 attaches their reference log-probs, runs two warm-up learner steps and then ``--steps`` more on
 the same groups, printing for each its wall seconds, minor page faults, and system and user CPU
-seconds (``getrusage``), then the process's peak resident memory. Run it alone.
+seconds (``getrusage``), then the process's peak resident memory. ``--parts`` also splits each
+step's faults, system CPU and wall seconds over its parts (the loss's forward, ``backward``, the
+bf16 gradients into fp32, clipping, the optimizer step, the cast back to bf16; each wrapped where
+the trainer calls it). ``--retain`` first tells glibc's malloc to keep freed memory
+(agro.allocator.retain_freed_memory, what ``AGRO_ALLOCATOR=retain`` does; run it without
+LD_PRELOAD). Run it alone.
 """
 from __future__ import annotations
 
@@ -20,27 +26,66 @@ import time
 
 from abrounds import bench_trainer, one_step_groups  # bench/abrounds.py (bench/ is on sys.path)
 
-from agro.allocator import in_use
+from agro.allocator import in_use, retain_freed_memory
+
+
+def split_into_parts(tr) -> dict[str, list]:
+    """Wrap the learner step's parts so each adds its [faults, system s, wall s] to the dict
+    returned (clear it before a step)."""
+    import torch
+
+    rec: dict[str, list] = {}
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+
+        def timed_part(*a, **k):
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            out = f(*a, **k)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            x = rec.setdefault(label, [0, 0.0, 0.0])
+            x[0] += r1.ru_minflt - r0.ru_minflt
+            x[1] += r1.ru_stime - r0.ru_stime
+            x[2] += time.perf_counter() - t0
+            return out
+        setattr(obj, name, timed_part)
+    wrap(tr, "micro_batch_loss", "forward")
+    wrap(torch.Tensor, "backward", "backward")
+    wrap(torch.nn.utils, "clip_grad_norm_", "clip")
+    wrap(tr.optimizer, "step", "optimizer")
+    if tr.mixed:
+        wrap(tr.mixed, "accumulate_grads", "grads->fp32")
+        wrap(tr.mixed, "refresh", "cast->bf16")
+    return rec
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("precision", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--parts", action="store_true", help="split each step's faults over its parts")
+    ap.add_argument("--retain", action="store_true", help="glibc's malloc keeps freed memory")
     a = ap.parse_args()
+    if a.retain:
+        retain_freed_memory()
     tr = bench_trainer("learner-faults", f"precision={a.precision}")
     groups = one_step_groups(tr, seed=1)
     tr.collector.attach_ref_logprobs(groups)
     for _ in range(2):
         tr.learn(groups)
+    parts = split_into_parts(tr) if a.parts else None
     print(f"allocator: {in_use()}")
     print("step  wall s  minor faults  sys s  user s")
     for i in range(a.steps):
+        if parts is not None:
+            parts.clear()
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         tr.learn(groups)
         dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         print(f"{i + 1:4d}  {dt:6.2f}  {r1.ru_minflt - r0.ru_minflt:12d}  "
               f"{r1.ru_stime - r0.ru_stime:5.2f}  {r1.ru_utime - r0.ru_utime:6.2f}", flush=True)
+        for name, (faults, sys_s, wall) in (parts or {}).items():
+            print(f"      {name:12s} {wall:6.2f}  {faults:12d}  {sys_s:5.2f}", flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
     tr.close_generator()
 
