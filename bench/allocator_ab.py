@@ -7,9 +7,11 @@ peak resident memory, the per-phase seconds of its steps and the held-out gain.
 Each round runs ``python -m agro.cli train precision=<p> output_dir=<tmp> progress=false`` once
 per arm (``AGRO_ALLOCATOR``: jemalloc, agro's default where ray's copy is installed, and
 ``retain``, glibc's malloc keeping what is freed; agro.allocator), in alternating order, each
-with an empty agro cache (as on a fresh machine: the calibrations run in every job). Peak
-resident memory is the job's own (``os.wait4``'s ``ru_maxrss``, as ``/usr/bin/time -v`` reports
-it), minor page faults likewise. The allocator changes no arithmetic, so both arms run the same
+with an empty agro cache (as on a fresh machine: every calibration the job's settings need runs in
+it; ``--precision auto`` is `make train`'s own job, with precision=auto's calibration). Peak
+resident memory is the job's (``os.wait4``'s ``ru_maxrss``, as ``/usr/bin/time -v`` reports it:
+the largest of the process, across its re-exec, and the children it reaped such as the grader);
+minor page faults and CPU seconds add the reaped children's. The allocator changes no arithmetic, so both arms run the same
 60 steps and their per-phase seconds (metrics.jsonl) compare step by step. Run it alone: ~10 min
 a round in fp32, ~8 in bf16 on a 2-core Zen 5.
 """
@@ -39,7 +41,7 @@ def run_job(precision: str, allocator: str, work: Path, extra: list[str]) -> dic
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
            and not k.startswith(("MALLOC_", "AGRO_ALLOCATOR"))}
     env.update(AGRO_ALLOCATOR=allocator, AGRO_CACHE_DIR=str(cache))
     cmd = [sys.executable, "-m", "agro.cli", "train", f"precision={precision}",
@@ -49,13 +51,14 @@ def run_job(precision: str, allocator: str, work: Path, extra: list[str]) -> dic
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     text = log.read_text()
-    if status != 0:
-        raise SystemExit(f"{allocator}: the job failed (status {status}); its log: {log}\n"
+    if p.returncode != 0:
+        raise SystemExit(f"{allocator}: the job failed (exit {p.returncode}); its log: {log}\n"
                          + text[-3000:])
     m = re.search(r"held-out sampled accuracy: before ([\d.]+) -> after ([\d.]+)", text)
-    alloc = re.search(r"allocator (.+)$", text, re.M)
+    alloc = re.search(r"^\[agro\] precision .*; allocator (.+)$", text, re.M)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     res = {"wall_s": wall, "peak_rss_gib": ru.ru_maxrss / 2 ** 20, "minor_faults": ru.ru_minflt,

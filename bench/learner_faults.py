@@ -24,7 +24,7 @@ import argparse
 import resource
 import time
 
-from abrounds import bench_trainer, one_step_groups  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import bench_trainer, code_version, one_step_groups  # bench/abrounds.py (bench/ is on sys.path)
 
 from agro.allocator import in_use, retain_freed_memory
 
@@ -74,7 +74,7 @@ def main() -> None:
     for _ in range(2):
         tr.learn(groups)
     parts = split_into_parts(tr) if a.parts else None
-    print(f"allocator: {in_use()}")
+    print(f"allocator: {in_use()}; agro {code_version()}")
     print("step  wall s  minor faults  sys s  user s")
     for i in range(a.steps):
         if parts is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -65,12 +66,9 @@ def test_only_the_command_itself_is_reexecuted():
     assert not allocator.started_as_command(["python", "myscript.py"])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.find_jemalloc() is None,
-                    reason="no jemalloc library on this machine")
-def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path):
-    """``python -m agro.cli plot <missing run>`` (fails fast) runs on jemalloc, with the user's
-    LD_PRELOAD (none) restored for its children; with AGRO_ALLOCATOR=system, or called from
-    Python, it does not. A sitecustomize exit hook reports the process's allocator."""
+def _reporting_cli(tmp_path):
+    """A runner of ``python <args>`` whose sitecustomize exit hook prints the process's allocator
+    (``ALLOC``), its LD_PRELOAD and the oneDNN cache caps; agro's allocator variables unset."""
     (tmp_path / "sitecustomize.py").write_text(
         "import atexit, os\n"
         "def _report():\n"
@@ -88,19 +86,39 @@ def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path)
         out = subprocess.run([sys.executable, *args], env=dict(env, **extra), capture_output=True,
                              text=True, timeout=120)
         return out.stdout + out.stderr
+    return run
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.find_jemalloc() is None,
+                    reason="no jemalloc library on this machine")
+def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path):
+    """``python -m agro.cli plot <missing run>`` (fails fast) runs on jemalloc, with the user's
+    LD_PRELOAD (none) restored for its children; with AGRO_ALLOCATOR=system, or called from
+    Python, it does not. A sitecustomize exit hook reports the process's allocator."""
+    run = _reporting_cli(tmp_path)
     cmd = ["-m", "agro.cli", "plot", str(tmp_path / "missing-run")]
     out = run(cmd)
     assert "ALLOC jemalloc (" in out and "PRELOAD None" in out, out
     assert "CAPS 128 128" in out, out                       # oneDNN's caches capped ...
     assert "CAPS 512 128" in run(cmd, ONEDNN_PRIMITIVE_CACHE_CAPACITY="512")   # ... unless set
     assert "ALLOC system malloc" in run(cmd, AGRO_ALLOCATOR="system")
-    out = run(cmd, AGRO_ALLOCATOR="retain")
-    assert "ALLOC system malloc, retaining freed memory" in out and "PRELOAD None" in out, out
-    out = run(cmd, AGRO_ALLOCATOR="retain", LD_PRELOAD=allocator.find_jemalloc())
-    assert "retain tunes the system's malloc, but jemalloc is preloaded" in out, out
     out = run(["-c", f"from agro.cli import main; main(['plot', {str(tmp_path / 'x')!r}])"])
     assert "ALLOC system malloc" in out and "CAPS None None" in out, out   # a library call: no
+    out = run(cmd, AGRO_ALLOCATOR="retain", LD_PRELOAD=allocator.find_jemalloc())
+    assert "retain tunes the system's malloc, but another allocator is loaded" in out, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="retain tunes glibc's malloc")
+def test_the_command_retains_in_place_and_only_as_the_command(tmp_path):
+    run = _reporting_cli(tmp_path)
+    cmd = ["-m", "agro.cli", "plot", str(tmp_path / "missing-run")]
+    out = run(cmd, AGRO_ALLOCATOR="retain")
+    assert "ALLOC system malloc, retaining freed memory" in out and "PRELOAD None" in out, out
+    assert "CAPS 128 128" in out, out
+    out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
+              AGRO_ALLOCATOR="retain")
+    assert "retain needs the `agro` command" in out, out
 
 
 def test_onednn_cache_caps_keep_what_the_user_set():
@@ -117,7 +135,8 @@ def test_onednn_cache_caps_keep_what_the_user_set():
 
 
 _FAULTS = """
-import resource, sys
+import ctypes, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE: count 4 KiB pages, whatever THP is
 import torch
 from agro import allocator
 if sys.argv[1] == "retain":
@@ -133,13 +152,23 @@ print(sum(faults_of_a_round() for _ in range(3)))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def _glibc_at_least(major: int, minor: int) -> bool:
+    name, version = platform.libc_ver()
+    try:
+        return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (major, minor)
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc_at_least(2, 35),
+                    reason="glibc >= 2.35 (older ones map blocks over 32 MiB apart whatever is set)")
 def test_retain_keeps_freed_memory_faulted_in():
     """The behaviour ``retain`` is for: after a first round, the same round of allocations lands
     on pages already faulted in, where the system's default malloc maps and faults its blocks
     afresh every round (glibc here: ~0 against ~92,000 minor faults over three rounds). Each in
     a fresh process without LD_PRELOAD."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+           and not k.startswith("MALLOC_")}
 
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True,
@@ -150,19 +179,43 @@ def test_retain_keeps_freed_memory_faulted_in():
     assert kept * 5 < plain, (kept, plain)
 
 
-def test_retain_refuses_without_mallopt(monkeypatch):
+def test_retain_refuses_without_mallopt_or_under_another_allocator(monkeypatch):
+    monkeypatch.setattr(allocator, "_retaining", None)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+
     class NoMallopt:
         pass
-    monkeypatch.setattr(allocator, "_retaining", False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setattr(allocator, "in_use", lambda: "system malloc")
     with pytest.raises(RuntimeError, match="needs glibc's malloc"):
-        allocator.retain_freed_memory(NoMallopt())
+        allocator.retain_freed_memory(NoMallopt(), maps="")
 
     class Refuses:
         @staticmethod
         def mallopt(param, value):
             return 0
     with pytest.raises(RuntimeError, match="was refused"):
-        allocator.retain_freed_memory(Refuses())
-    assert not allocator._retaining
+        allocator.retain_freed_memory(Refuses(), maps="")
+    tc = "7f-80 r-xp 0 fe:01 9 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    with pytest.raises(RuntimeError, match="another allocator is loaded .*libtcmalloc"):
+        allocator.retain_freed_memory(Refuses(), maps=tc)
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libmimalloc.so")
+    with pytest.raises(RuntimeError, match="another allocator is loaded .*libmimalloc"):
+        allocator.retain_freed_memory(Refuses(), maps="")
+    assert allocator._retaining is None and allocator.in_use() == "system malloc"
+
+
+def test_retain_falls_back_to_old_glibcs_largest_mmap_threshold(monkeypatch):
+    """glibc before 2.35 refuses an mmap threshold over 32 MiB: take 32 MiB and say so."""
+    monkeypatch.setattr(allocator, "_retaining", None)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    calls = []
+
+    class OldGlibc:
+        @staticmethod
+        def mallopt(param, value):
+            calls.append((param, value))
+            return int(param != allocator._M_MMAP_THRESHOLD or value <= 32 * 2 ** 20)
+    said = allocator.retain_freed_memory(OldGlibc(), maps="")
+    assert (allocator._M_MMAP_THRESHOLD, allocator.OLD_GLIBC_MMAP_MAX) in calls
+    assert (allocator._M_TRIM_THRESHOLD, allocator.RETAIN_THRESHOLD) in calls
+    assert "blocks over 32 MiB still mapped apart: glibc before 2.35" in said
+    assert said in allocator.in_use()

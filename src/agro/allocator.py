@@ -12,20 +12,22 @@ PyTorch and ``python -m torch.backends.xeon.run_cpu --enable-jemalloc`` do the s
 How: the allocator must be in place before the process starts, so the command line (the
 ``agro`` console script and ``python -m agro.cli``; never a library call) re-executes itself once
 with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses: ``auto``
-(default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found) or ``system``
-(never re-execute). Where it looks, in order: ``AGRO_JEMALLOC`` (a path), the copy bundled in the
+(default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found), ``system``
+(never re-execute) or ``retain`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path), the copy bundled in the
 ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
 (Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
 own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
 children. The run's log names the allocator in use (:func:`in_use`). The command also caps
 oneDNN's shape caches (:func:`cap_onednn_caches`).
 
-``AGRO_ALLOCATOR=retain`` trades memory for speed: the system's (glibc) malloc, told never to hand
-freed memory back (:func:`retain_freed_memory`). Under jemalloc every learner step's activations,
-gradients and logits come back from the kernel as fresh pages: ~200,000 minor page faults a bf16
-step and ~450,000 an fp32 one on the default job (Zen 5), 0.3-1.9 s of kernel CPU. jemalloc's own
-options did not stop it at a bearable size (``dirty_decay_ms:-1`` grew the process past 5 GiB).
-Retained, the learner steps take no faults after the first; the default job ran faster and peaked
+``AGRO_ALLOCATOR=retain`` trades memory for speed: the system's (glibc) malloc, told through
+``mallopt`` to keep what is freed (:func:`retain_freed_memory`; no re-exec, and only the
+command's own process: a library caller can call the function itself). Under jemalloc every
+learner step's activations, gradients and logits come back from the kernel as fresh pages:
+~200,000 minor page faults a bf16 step and ~450,000 an fp32 one on the default job (Zen 5),
+0.3-1.7 s of kernel CPU. jemalloc's own options did not stop it at a bearable size
+(``dirty_decay_ms:-1`` still faulted and grew the process to 6.4-6.9 GiB). Retained, the learner
+steps take no faults after the first; the fp32 default job ran 0.90x as long and peaked 0.54 GiB
 higher (docs/RESULTS.md, "the allocator"). Not the default, because the default job must stay
 under 4 GiB; a machine with memory to spare takes it.
 """
@@ -107,6 +109,7 @@ def started_as_command(orig_argv: list[str] | None = None) -> bool:
 
 def maybe_reexec() -> None:
     """Re-execute this command on jemalloc (:func:`reexec_env`); returns only if it does not.
+    ``AGRO_ALLOCATOR=retain`` instead tunes this process's malloc in place (no re-exec).
     In the re-executed process, the user's own ``LD_PRELOAD`` is put back for child processes
     (the grader's sandbox, Ray's workers, compilers): only this process runs on jemalloc."""
     if os.environ.get(_DONE):
@@ -171,60 +174,83 @@ def onednn_cache_env(environ=os.environ) -> dict[str, str]:
     return {k: environ[k] for k in names if k in environ}
 
 
-def jemalloc_mapped(maps: str) -> str | None:
-    """The path of a jemalloc shared library among ``/proc/<pid>/maps``'s mappings, or None.
-    The file's own name must say so (``libjemalloc.so.2``): a model file under a directory
-    called jemalloc is not an allocator."""
+def mapped_allocator(maps: str, names=("jemalloc",)) -> str | None:
+    """The path of a shared library among ``/proc/<pid>/maps``'s mappings whose file name holds
+    one of ``names`` (``libjemalloc.so.2``, ``libtcmalloc.so.4``), or None. The file's own name
+    must say so: a model file under a directory called jemalloc is not an allocator."""
     for line in maps.splitlines():
         f = line.split(maxsplit=5)
         name = Path(f[5].strip()).name if len(f) == 6 else ""
-        if "jemalloc" in name and ".so" in name:
+        if ".so" in name and any(n in name for n in names):
             return f[5].strip()
     return None
 
 
+def jemalloc_mapped(maps: str) -> str | None:
+    """:func:`mapped_allocator` for jemalloc."""
+    return mapped_allocator(maps, ("jemalloc",))
+
+
 RETAIN_THRESHOLD = 2 ** 31 - 1
 """Bytes: glibc's ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` under ``retain`` (mallopt takes
-an int). No block under 2 GiB gets its own mapping (handed back when freed), and the heap's top is
-handed back only past 2 GiB of free space."""
+an int). On the main thread's heap (where the learner allocates) no block under 2 GiB gets a
+mapping of its own (unmapped, so faulted in afresh, when freed), and the heap's top is handed back
+only past 2 GiB of free space. Other threads' heaps are 64 MiB each: glibc still unmaps one that
+becomes wholly free, and maps a block too large for it on its own."""
+OLD_GLIBC_MMAP_MAX = 32 * 2 ** 20
+"""glibc before 2.35 refuses an ``M_MMAP_THRESHOLD`` above this (half its 64 MiB thread heap on
+64-bit): there, blocks over 32 MiB still get their own mappings."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's <malloc.h>
-_retaining = False
+_retaining: str | None = None       # what retain_freed_memory set, for in_use()
 
 
-def retain_freed_memory(libc=None) -> None:
+def retain_freed_memory(libc=None, maps: str | None = None) -> str:
     """Tell this process's glibc malloc to keep freed memory for reuse (:data:`RETAIN_THRESHOLD`):
     memory freed stays mapped, so the next step's tensors land on pages already faulted in. The
     process then holds its high-water mark and the holes between live blocks (glibc does not
     move blocks). Process-wide and from now on; the environment, and so child processes, are
-    untouched. RuntimeError where it cannot apply: another allocator preloaded, or no glibc
-    ``mallopt`` (musl, macOS)."""
+    untouched. Returns what was set (also in :func:`in_use`). Where glibc refuses a 2 GiB mmap
+    threshold (before 2.35), it takes :data:`OLD_GLIBC_MMAP_MAX` and says so. RuntimeError where
+    it cannot apply: another allocator loaded (mallopt would tune a malloc nobody calls), or no
+    glibc ``mallopt`` (musl, macOS, Windows)."""
     global _retaining
-    other = [m for m in _OTHER_MALLOCS if m in in_use() or m in os.environ.get("LD_PRELOAD", "")]
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            maps = ""
+    other = mapped_allocator(maps, _OTHER_MALLOCS)
+    other = other or next((e for e in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+                           if any(m in Path(e).name for m in _OTHER_MALLOCS)), None)
     if other:
-        raise RuntimeError(f"{ENV}=retain tunes the system's malloc, but {other[0]} is preloaded "
-                           f"(LD_PRELOAD); unset LD_PRELOAD or choose {ENV}=system")
+        raise RuntimeError(f"{ENV}=retain tunes the system's malloc, but another allocator is "
+                           f"loaded ({other}); unset LD_PRELOAD or choose {ENV}=system")
     try:
         libc = ctypes.CDLL(None) if libc is None else libc
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):      # TypeError: CDLL(None) on Windows
         raise RuntimeError(f"{ENV}=retain needs glibc's malloc (mallopt); this C library has "
                            f"none: choose {ENV}=auto or system") from None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    for name, param in (("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD),
-                        ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD)):
-        if mallopt(param, RETAIN_THRESHOLD) != 1:
-            raise RuntimeError(f"{ENV}=retain: mallopt({name}, {RETAIN_THRESHOLD}) was refused")
-    _retaining = True
+    mmap_max = next((v for v in (RETAIN_THRESHOLD, OLD_GLIBC_MMAP_MAX)
+                     if mallopt(_M_MMAP_THRESHOLD, v) == 1), None)
+    if mmap_max is None:
+        raise RuntimeError(f"{ENV}=retain: mallopt(M_MMAP_THRESHOLD) was refused")
+    if mallopt(_M_TRIM_THRESHOLD, RETAIN_THRESHOLD) != 1:
+        raise RuntimeError(f"{ENV}=retain: mallopt(M_TRIM_THRESHOLD, {RETAIN_THRESHOLD}) was refused")
+    _retaining = "retaining freed memory (AGRO_ALLOCATOR=retain)" if mmap_max == RETAIN_THRESHOLD \
+        else (f"retaining freed memory (AGRO_ALLOCATOR=retain; blocks over "
+              f"{OLD_GLIBC_MMAP_MAX // 2 ** 20} MiB still mapped apart: glibc before 2.35)")
+    return _retaining
 
 
 def in_use() -> str:
     """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system
-    malloc', with ', retaining freed memory' after :func:`retain_freed_memory`."""
+    malloc', with what :func:`retain_freed_memory` set after it."""
     try:
         lib = jemalloc_mapped(Path("/proc/self/maps").read_text())
     except OSError:
         lib = None
     if lib:
         return f"jemalloc ({lib})"
-    return "system malloc, retaining freed memory (AGRO_ALLOCATOR=retain)" if _retaining \
-        else "system malloc"
+    return f"system malloc, {_retaining}" if _retaining else "system malloc"
