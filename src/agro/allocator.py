@@ -26,7 +26,7 @@ command's own process: a library caller can call the function itself). Under jem
 learner step's activations, gradients and logits come back from the kernel as fresh pages:
 ~200,000 minor page faults a bf16 step and ~450,000 an fp32 one on the default job (Zen 5),
 0.3-1.7 s of kernel CPU. jemalloc's own options did not stop it at a bearable size
-(``dirty_decay_ms:-1`` still faulted and grew the process to 6.4-6.9 GiB). Retained, the learner
+(``dirty_decay_ms:-1`` still faulted and grew the process to 6.2-6.9 GiB). Retained, the learner
 steps take no faults after the first; the fp32 default job ran 0.90x as long and peaked 0.54 GiB
 higher (docs/RESULTS.md, "the allocator"). Not the default, because the default job must stay
 under 4 GiB; a machine with memory to spare takes it.
