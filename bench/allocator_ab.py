@@ -59,12 +59,14 @@ def run_job(precision: str, allocator: str, work: Path, extra: list[str]) -> dic
                          + text[-3000:])
     m = re.search(r"held-out sampled accuracy: before ([\d.]+) -> after ([\d.]+)", text)
     alloc = re.search(r"^\[agro\] precision .*; allocator (.+)$", text, re.M)
+    used = re.search(r"^\[agro\] precision (\S+) on ", text, re.M)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     res = {"wall_s": wall, "peak_rss_gib": ru.ru_maxrss / 2 ** 20, "minor_faults": ru.ru_minflt,
            "sys_s": ru.ru_stime, "user_s": ru.ru_utime, "steps": len(rows),
            "held_out": [float(m.group(1)), float(m.group(2))] if m else None,
            "allocator_logged": alloc.group(1).strip() if alloc else None,
+           "precision_used": used.group(1) if used else None,
            **{f"sum_{k}": sum(r.get(k, 0.0) for r in rows) for k in PHASES},
            "per_step_learn_s": [r.get("learn_seconds") for r in rows]}
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -96,7 +98,8 @@ def main() -> None:
             print(f"round {r + 1} {arm:9s} wall {res['wall_s']:7.1f} s  peak {res['peak_rss_gib']:.2f} GiB"
                   f"  faults {res['minor_faults']:>9,d}  sys {res['sys_s']:6.1f} s  learn "
                   f"{res['sum_learn_seconds']:6.1f} s  sampling {res['sum_gen_seconds']:6.1f} s  ref "
-                  f"{res['sum_ref_seconds']:5.1f} s  held-out {res['held_out']}  [{res['allocator_logged']}]",
+                  f"{res['sum_ref_seconds']:5.1f} s  held-out {res['held_out']}  {res['precision_used']}  "
+                  f"[{res['allocator_logged']}]",
                   flush=True)
         rounds.append(row)
     shutil.rmtree(work, ignore_errors=True)

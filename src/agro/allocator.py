@@ -21,15 +21,15 @@ children. The run's log names the allocator in use (:func:`in_use`). The command
 oneDNN's shape caches (:func:`cap_onednn_caches`).
 
 ``AGRO_ALLOCATOR=retain`` trades memory for speed: the system's (glibc) malloc, told through
-``mallopt`` to keep what is freed (:func:`retain_freed_memory`; no re-exec, and only the
-command's own process: a library caller can call the function itself). Under jemalloc every
-learner step's activations, gradients and logits come back from the kernel as fresh pages:
-~200,000 minor page faults a bf16 step and ~450,000 an fp32 one on the default job (Zen 5),
-0.3-1.7 s of kernel CPU. jemalloc's own options did not stop it at a bearable size
-(``dirty_decay_ms:-1`` still faulted and grew the process to 6.2-6.9 GiB). Retained, the learner
-steps take no faults after the first; the fp32 default job ran 0.90x as long and peaked 0.54 GiB
-higher (docs/RESULTS.md, "the allocator"). Not the default, because the default job must stay
-under 4 GiB; a machine with memory to spare takes it.
+``mallopt`` to keep what is freed (:func:`retain_freed_memory`; no re-exec, and only the command's
+own process: a library caller can call the function itself). Under jemalloc every learner step's
+activations, gradients and logits come back from the kernel as fresh pages: ~200,000 minor page
+faults a bf16 step and ~450,000 an fp32 one on the default job (Zen 5), 0.3-1.7 s of kernel CPU.
+jemalloc's own options did not stop it at a bearable size (``dirty_decay_ms:-1``, with or without
+``muzzy_decay_ms:-1``, still faulted and grew the process to 6.2-6.9 GiB). Retained, the learner
+steps take next to no faults after the first (0-19 a step); the fp32 default job ran 0.90x as long
+and peaked 0.54 GiB higher (docs/RESULTS.md, "the allocator"). Not the default, because the
+default job must stay under 4 GiB; a machine with memory to spare takes it.
 """
 from __future__ import annotations
 
