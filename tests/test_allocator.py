@@ -24,6 +24,9 @@ def test_reexec_env_rules():
     assert allocator.reexec_env({allocator._DONE: "1"}, "linux", found) is None
     assert allocator.reexec_env({"LD_PRELOAD": "/z/libjemalloc.so.2"}, "linux", found) is None
     assert allocator.reexec_env({"LD_PRELOAD": "/z/libtcmalloc.so.4"}, "linux", found) is None
+    # ... named by the file, not by a directory on its path
+    assert allocator.reexec_env({"LD_PRELOAD": "/opt/jemalloc-notes/libfoo.so"}, "linux", found)[
+        "LD_PRELOAD"] == "/x/libjemalloc.so /opt/jemalloc-notes/libfoo.so"
     # a path LD_PRELOAD cannot hold is not used
     assert allocator.reexec_env({}, "linux", lambda: "/a b/libjemalloc.so") is None
     assert allocator.reexec_env({allocator.ENV: "system"}, "linux", found) is None
@@ -42,10 +45,10 @@ def test_jemalloc_is_named_by_the_library_mapped_not_by_any_path():
     lib = "7f12-7f13 r-xp 00000000 fe:01 123 /v/lib/python3.11/site-packages/ray/core/libjemalloc.so"
     model = "7f14-7f15 r--s 00000000 fe:01 456 /runs/cache-jemalloc/gguf/model.safetensors"
     anon = "7f16-7f17 rw-p 00000000 00:00 0 "
-    assert allocator.jemalloc_mapped("\n".join([anon, model])) is None
-    assert allocator.jemalloc_mapped("\n".join([model, lib, anon])) == \
+    assert allocator.mapped_allocator("\n".join([anon, model])) is None
+    assert allocator.mapped_allocator("\n".join([model, lib, anon])) == \
         "/v/lib/python3.11/site-packages/ray/core/libjemalloc.so"
-    assert allocator.jemalloc_mapped("1-2 r-xp 0 fe:01 9 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2") \
+    assert allocator.mapped_allocator("1-2 r-xp 0 fe:01 9 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2") \
         == "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 

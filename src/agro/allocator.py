@@ -13,8 +13,8 @@ How: the allocator must be in place before the process starts, so the command li
 ``agro`` console script and ``python -m agro.cli``; never a library call) re-executes itself once
 with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses: ``auto``
 (default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found), ``system``
-(never re-execute) or ``retain`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path), the copy bundled in the
-``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
+(never re-execute) or ``retain`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path),
+the copy bundled in the ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
 (Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
 own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
 children. The run's log names the allocator in use (:func:`in_use`). The command also caps
@@ -64,6 +64,13 @@ _ORIG = "AGRO_ALLOCATOR_PRELOAD"      # the LD_PRELOAD the user had, restored fo
 CHOICES = ("auto", "jemalloc", "system", "retain")
 
 
+def preloaded_allocator(preload: str) -> str | None:
+    """The entry of an ``LD_PRELOAD`` value (space- or colon-separated) whose file name names an
+    allocator (jemalloc, tcmalloc, mimalloc), or None."""
+    return next((e for e in preload.replace(":", " ").split()
+                 if any(m in Path(e).name for m in _OTHER_MALLOCS)), None)
+
+
 def choice(environ=os.environ) -> str:
     """``AGRO_ALLOCATOR``'s value (auto if unset or empty); ValueError on anything else."""
     c = environ.get(ENV, "auto") or "auto"
@@ -79,8 +86,7 @@ def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) 
     ``retain`` runs as is (on the system's malloc, :func:`retain_freed_memory`)."""
     chosen = choice(environ)
     preload = environ.get("LD_PRELOAD", "")
-    if chosen in ("system", "retain") or environ.get(_DONE) \
-            or any(m in preload for m in _OTHER_MALLOCS):
+    if chosen in ("system", "retain") or environ.get(_DONE) or preloaded_allocator(preload):
         return None
     if not platform.startswith("linux"):
         if chosen == "jemalloc":
@@ -186,11 +192,6 @@ def mapped_allocator(maps: str, names=("jemalloc",)) -> str | None:
     return None
 
 
-def jemalloc_mapped(maps: str) -> str | None:
-    """:func:`mapped_allocator` for jemalloc."""
-    return mapped_allocator(maps, ("jemalloc",))
-
-
 RETAIN_THRESHOLD = 2 ** 31 - 1
 """Bytes: glibc's ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` under ``retain`` (mallopt takes
 an int). On the main thread's heap (where the learner allocates) no block under 2 GiB gets a
@@ -219,9 +220,8 @@ def retain_freed_memory(libc=None, maps: str | None = None) -> str:
             maps = Path("/proc/self/maps").read_text()
         except OSError:
             maps = ""
-    other = mapped_allocator(maps, _OTHER_MALLOCS)
-    other = other or next((e for e in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
-                           if any(m in Path(e).name for m in _OTHER_MALLOCS)), None)
+    other = mapped_allocator(maps, _OTHER_MALLOCS) \
+        or preloaded_allocator(os.environ.get("LD_PRELOAD", ""))
     if other:
         raise RuntimeError(f"{ENV}=retain tunes the system's malloc, but another allocator is "
                            f"loaded ({other}); unset LD_PRELOAD or choose {ENV}=system")
@@ -248,7 +248,7 @@ def in_use() -> str:
     """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system
     malloc', with what :func:`retain_freed_memory` set after it."""
     try:
-        lib = jemalloc_mapped(Path("/proc/self/maps").read_text())
+        lib = mapped_allocator(Path("/proc/self/maps").read_text())
     except OSError:
         lib = None
     if lib:
