@@ -1,19 +1,21 @@
-"""The default job (`make train`'s `agro train`) on two C allocators, side by side: wall time,
+"""The default job (`make train`'s `agro train`) on two or more C allocators, side by side: wall time,
 peak resident memory, the per-phase seconds of its steps and the held-out gain.
 
     .venv/bin/python bench/allocator_ab.py --precision fp32 --json docs/bench/zen5/allocator-fp32.json
     .venv/bin/python bench/allocator_ab.py --precision bf16 --rounds 2
+    .venv/bin/python bench/allocator_ab.py --precision auto --arms jemalloc,retain,keep
 
 Each round runs ``python -m agro.cli train precision=<p> output_dir=<tmp> progress=false`` once
-per arm (``AGRO_ALLOCATOR``: jemalloc, agro's default where ray's copy is installed, and
-``retain``, glibc's malloc keeping what is freed; agro.allocator), in alternating order, each
+per arm (``AGRO_ALLOCATOR`` values: by default jemalloc, agro's default where ray's copy is
+installed, and ``retain``, glibc's malloc keeping what is freed; ``keep`` is jemalloc keeping
+freed pages; agro.allocator), in the given order and reversed every other round, each
 with an empty agro cache (as on a fresh machine: every calibration the job's settings need runs in
 it; ``--precision auto`` is `make train`'s own job, with precision=auto's calibration). Peak
 resident memory is the job's (``os.wait4``'s ``ru_maxrss``, as ``/usr/bin/time -v`` reports it:
 the largest of the process, across its re-exec, and the children it reaped such as the grader);
-minor page faults and CPU seconds add the reaped children's. The allocator changes no arithmetic, so both arms run the same
-60 steps and their per-phase seconds (metrics.jsonl) compare step by step. Run it alone: ~10 min
-a round in fp32, ~8 in bf16 on a 2-core Zen 5.
+minor page faults and CPU seconds add the reaped children's. The allocator changes no arithmetic, so all arms run the same
+60 steps and their per-phase seconds (metrics.jsonl) compare step by step. Run it alone: ~5 min an
+arm and round in fp32, ~4 in bf16 on a 2-core Zen 5.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from abrounds import code_version, order  # bench/abrounds.py (bench/ is on sys.path)
+from abrounds import code_version  # bench/abrounds.py (bench/ is on sys.path)
 
 PHASES = ("step_seconds", "gen_seconds", "ref_seconds", "learn_seconds")
 
@@ -78,11 +80,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--arms", default="jemalloc,retain", help="two AGRO_ALLOCATOR values")
+    ap.add_argument("--arms", default="jemalloc,retain",
+                    help="AGRO_ALLOCATOR values, comma-separated; ratios are against the first")
     ap.add_argument("--json", default=None)
     ap.add_argument("extra", nargs="*", help="more key=value overrides for both arms")
     a = ap.parse_args()
-    arm_a, arm_b = a.arms.split(",")
+    arms = a.arms.split(",")
+    if len(arms) < 2 or len(set(arms)) != len(arms):
+        raise SystemExit(f"--arms {a.arms}: two or more different AGRO_ALLOCATOR values")
     from agro.perf import machine_key
     import torch
 
@@ -92,7 +97,7 @@ def main() -> None:
     rounds: list[dict] = []
     for r in range(a.rounds):
         row = {}
-        for arm in order(r, arm_a, arm_b):
+        for arm in (arms if r % 2 == 0 else arms[::-1]):     # no arm always first
             res = run_job(a.precision, arm, work, a.extra)
             row[arm] = res
             print(f"round {r + 1} {arm:9s} wall {res['wall_s']:7.1f} s  peak {res['peak_rss_gib']:.2f} GiB"
@@ -104,19 +109,21 @@ def main() -> None:
         rounds.append(row)
     shutil.rmtree(work, ignore_errors=True)
 
-    def ratio(key):
-        return statistics.median(x[arm_b][key] / x[arm_a][key] for x in rounds)
-    summary = {f"{arm_b}/{arm_a} {k}": ratio(k) for k in
-               ("wall_s", *(f"sum_{p}" for p in PHASES))}
-    summary[f"{arm_b}-{arm_a} peak_rss_gib"] = statistics.median(
-        x[arm_b]["peak_rss_gib"] - x[arm_a]["peak_rss_gib"] for x in rounds)
+    def ratio(arm, key):
+        return statistics.median(x[arm][key] / x[arms[0]][key] for x in rounds)
+    summary = {}
+    for arm in arms[1:]:
+        summary.update({f"{arm}/{arms[0]} {k}": ratio(arm, k) for k in
+                        ("wall_s", *(f"sum_{p}" for p in PHASES))})
+        summary[f"{arm}-{arms[0]} peak_rss_gib"] = statistics.median(
+            x[arm]["peak_rss_gib"] - x[arms[0]]["peak_rss_gib"] for x in rounds)
     for k, v in summary.items():
         print(f"{k:34s} {v:+.3f}" if "peak" in k else f"{k:34s} {v:.3f}x")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"cpu": cpu, "precision": a.precision,
                                             "torch": torch.__version__, "commit": code_version(),
-                                            "arms": [arm_a, arm_b], "extra": a.extra,
+                                            "arms": arms, "extra": a.extra,
                                             "rounds": rounds, "summary": summary}, indent=1))
 
 

@@ -35,10 +35,28 @@ def test_reexec_env_rules():
     assert allocator.reexec_env({}, "darwin", found) is None
     with pytest.raises(RuntimeError, match="no usable jemalloc library was found"):
         allocator.reexec_env({allocator.ENV: "jemalloc"}, "linux", none)
-    with pytest.raises(ValueError, match="valid values are auto, jemalloc, system, retain"):
+    with pytest.raises(ValueError, match="valid values are auto, jemalloc, system, retain, keep"):
         allocator.reexec_env({allocator.ENV: "tcmalloc"}, "linux", found)
     # retain: the system's malloc, tuned in place (retain_freed_memory), never a re-exec
     assert allocator.reexec_env({allocator.ENV: "retain"}, "linux", found) is None
+    # keep: jemalloc with KEEP_CONF first in MALLOC_CONF (the user's options after it, so theirs
+    # win), the user's MALLOC_CONF (or none) recorded for the children
+    env = allocator.reexec_env({allocator.ENV: "keep"}, "linux", found)
+    assert env["LD_PRELOAD"] == "/x/libjemalloc.so" and env["MALLOC_CONF"] == allocator.KEEP_CONF
+    assert env[allocator._ORIG_CONF] == ""
+    env = allocator.reexec_env({allocator.ENV: "keep", "MALLOC_CONF": "narenas:2"}, "linux", found)
+    assert env["MALLOC_CONF"] == allocator.KEEP_CONF + ",narenas:2"
+    assert env[allocator._ORIG_CONF] == "narenas:2"
+    assert "MALLOC_CONF" not in allocator.reexec_env({}, "linux", found)     # auto: untouched
+    with pytest.raises(RuntimeError, match="keep but no usable jemalloc.*retain keeps freed"):
+        allocator.reexec_env({allocator.ENV: "keep"}, "linux", none)
+    with pytest.raises(RuntimeError, match="keep: only supported on Linux"):
+        allocator.reexec_env({allocator.ENV: "keep"}, "darwin", found)
+    with pytest.raises(RuntimeError, match="already names an allocator .*libtcmalloc.so.4"):
+        allocator.reexec_env({allocator.ENV: "keep", "LD_PRELOAD": "/z/libtcmalloc.so.4"},
+                             "linux", found)
+    assert allocator.reexec_env({allocator.ENV: "keep", allocator._DONE: "1"}, "linux",
+                                found) is None
 
 
 def test_jemalloc_is_named_by_the_library_mapped_not_by_any_path():
@@ -71,18 +89,20 @@ def test_only_the_command_itself_is_reexecuted():
 
 def _reporting_cli(tmp_path):
     """A runner of ``python <args>`` whose sitecustomize exit hook prints the process's allocator
-    (``ALLOC``), its LD_PRELOAD and the oneDNN cache caps; agro's allocator variables unset."""
+    (``ALLOC``), its LD_PRELOAD and MALLOC_CONF and the oneDNN cache caps; agro's allocator
+    variables unset."""
     (tmp_path / "sitecustomize.py").write_text(
         "import atexit, os\n"
         "def _report():\n"
         "    from agro import allocator\n"
-        "    print('ALLOC', allocator.in_use(), 'PRELOAD', os.environ.get('LD_PRELOAD'), flush=True)\n"
+        "    print('ALLOC', allocator.in_use(), 'PRELOAD', os.environ.get('LD_PRELOAD'),\n"
+        "          'CONF', os.environ.get('MALLOC_CONF'), flush=True)\n"
         "    print('CAPS', os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'),\n"
         "          os.environ.get('LRU_CACHE_CAPACITY'), flush=True)\n"
         "atexit.register(_report)\n")
     env = {k: v for k, v in os.environ.items()
-           if k not in (allocator.ENV, allocator._DONE, allocator._ORIG, "LD_PRELOAD",
-                        *allocator.ONEDNN_CACHES)}
+           if k not in (allocator.ENV, allocator._DONE, allocator._ORIG, allocator._ORIG_CONF,
+                        "LD_PRELOAD", "MALLOC_CONF", *allocator.ONEDNN_CACHES)}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
 
     def run(args, **extra):
@@ -109,6 +129,18 @@ def test_the_command_reexecutes_on_jemalloc_and_a_python_call_does_not(tmp_path)
     assert "ALLOC system malloc" in out and "CAPS None None" in out, out   # a library call: no
     out = run(cmd, AGRO_ALLOCATOR="retain", LD_PRELOAD=allocator.find_jemalloc())
     assert "retain tunes the system's malloc, but another allocator is loaded" in out, out
+    # keep: on jemalloc with KEEP_CONF, read back from jemalloc; the children get the user's
+    # MALLOC_CONF (here none, then one of theirs, which also comes after KEEP_CONF and so wins)
+    out = run(cmd, AGRO_ALLOCATOR="keep")
+    assert "ALLOC jemalloc (" in out and "PRELOAD None CONF None" in out, out
+    assert "keeping freed pages (dirty_decay_ms 100, muzzy_decay_ms -1, oversize_threshold 0)" \
+        in out, out
+    out = run(cmd, AGRO_ALLOCATOR="keep", MALLOC_CONF="muzzy_decay_ms:5000")
+    assert "ALLOC jemalloc (" in out and "keeping" not in out, out
+    assert "PRELOAD None CONF muzzy_decay_ms:5000" in out, out
+    out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
+              AGRO_ALLOCATOR="keep")
+    assert "keep needs the `agro` command" in out, out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
@@ -153,6 +185,26 @@ def faults_of_a_round():        # blocks of a learner step's sizes: 3, 40 and 1 
 faults_of_a_round()
 print(sum(faults_of_a_round() for _ in range(3)))
 """
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.find_jemalloc() is None,
+                    reason="no jemalloc library on this machine")
+def test_keep_reuses_freed_pages_where_default_jemalloc_faults_them_in():
+    """The behaviour ``keep`` is for, on the blocks of a learner step's sizes: jemalloc with
+    KEEP_CONF lands a repeated round of allocations on pages it already has, where jemalloc's
+    defaults (its arena for blocks of 8 MiB and more hands them back at once) fault them in
+    afresh. Each in a fresh process with jemalloc preloaded."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+            and not k.startswith("MALLOC_")}
+    base["LD_PRELOAD"] = allocator.find_jemalloc()
+
+    def faults(**extra):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, "plain"], env=dict(base, **extra),
+                             capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+    plain, kept = faults(), faults(MALLOC_CONF=allocator.KEEP_CONF)
+    assert plain >= 20000, plain
+    assert kept * 5 < plain, (kept, plain)
 
 
 def _glibc_at_least(major: int, minor: int) -> bool:

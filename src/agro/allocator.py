@@ -30,6 +30,13 @@ jemalloc's own options did not stop it at a bearable size (``dirty_decay_ms:-1``
 steps take next to no faults after the first (0-19 a step); the fp32 default job ran 0.90x as long
 and peaked 0.54 GiB higher (docs/RESULTS.md, "the allocator"). Not the default, because the
 default job must stay under 4 GiB; a machine with memory to spare takes it.
+
+``AGRO_ALLOCATOR=keep`` trades the same memory on jemalloc: the command re-executes on it with
+:data:`KEEP_CONF` in ``MALLOC_CONF`` (before any ``MALLOC_CONF`` of the user's, which so wins),
+so freed pages are handed to the kernel lazily (``MADV_FREE``: still mapped, reused without a
+fault, reclaimed by the kernel only under memory pressure) and never taken back by jemalloc
+itself. Its log line says so (:func:`in_use` reads the options back from jemalloc). Measured
+against ``retain`` and the default in docs/RESULTS.md, "(fourth)".
 """
 from __future__ import annotations
 
@@ -42,6 +49,14 @@ from pathlib import Path
 ENV = "AGRO_ALLOCATOR"
 PATH_ENV = "AGRO_JEMALLOC"
 _DONE = "AGRO_ALLOCATOR_REEXEC"       # set in the re-executed process: never twice
+_ORIG_CONF = "AGRO_ALLOCATOR_MALLOC_CONF"   # keep: the user's MALLOC_CONF, restored for children
+KEEP_CONF = "oversize_threshold:0,dirty_decay_ms:100,muzzy_decay_ms:-1"
+"""jemalloc's options under ``AGRO_ALLOCATOR=keep``. ``muzzy_decay_ms:-1``: pages handed back
+lazily (``MADV_FREE``) are never purged for good, so a later block reuses them without a page
+fault. ``dirty_decay_ms:100``: freed pages become such lazily-freed pages within ~0.1 s; with
+-1 (never) the learner bench still faulted ~110,000 pages a step and grew to 5.9-6.2 GiB, with 0
+it faulted ~3 million a step. ``oversize_threshold:0``: no separate arena for blocks of 8 MiB
+and more, which otherwise hands its pages back at once (docs/RESULTS.md, "(fourth)")."""
 
 
 def find_jemalloc() -> str | None:
@@ -61,7 +76,8 @@ _OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")
 _ORIG = "AGRO_ALLOCATOR_PRELOAD"      # the LD_PRELOAD the user had, restored for child processes
 
 
-CHOICES = ("auto", "jemalloc", "system", "retain")
+CHOICES = ("auto", "jemalloc", "system", "retain", "keep")
+_ON_JEMALLOC = ("jemalloc", "keep")      # the choices that need jemalloc
 
 
 def preloaded_allocator(preload: str) -> str | None:
@@ -83,24 +99,38 @@ def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) 
     """The environment to re-execute the command with, or None to run as is. Raises
     RuntimeError if ``AGRO_ALLOCATOR=jemalloc`` and none is found, ValueError on a bad value.
     A user's own preloaded allocator (jemalloc, tcmalloc, mimalloc) is left alone.
-    ``retain`` runs as is (on the system's malloc, :func:`retain_freed_memory`)."""
+    ``retain`` runs as is (on the system's malloc, :func:`retain_freed_memory`); ``keep`` is
+    jemalloc with :data:`KEEP_CONF` put first in ``MALLOC_CONF`` (RuntimeError where it cannot:
+    another allocator preloaded, no jemalloc, not Linux)."""
     chosen = choice(environ)
     preload = environ.get("LD_PRELOAD", "")
-    if chosen in ("system", "retain") or environ.get(_DONE) or preloaded_allocator(preload):
+    if chosen in ("system", "retain") or environ.get(_DONE):
+        return None
+    other = preloaded_allocator(preload)
+    if other:
+        if chosen == "keep":
+            raise RuntimeError(f"{ENV}=keep starts the command on jemalloc with its own options, "
+                               f"but LD_PRELOAD already names an allocator ({other}): unset it")
         return None
     if not platform.startswith("linux"):
-        if chosen == "jemalloc":
-            raise RuntimeError(f"{ENV}=jemalloc: only supported on Linux (LD_PRELOAD)")
+        if chosen in _ON_JEMALLOC:
+            raise RuntimeError(f"{ENV}={chosen}: only supported on Linux (LD_PRELOAD)")
         return None
     lib = find()
     if lib is not None and any(c in lib for c in " \t:"):   # LD_PRELOAD cannot name it
         lib = None
     if lib is None:
-        if chosen == "jemalloc":
-            raise RuntimeError(f"{ENV}=jemalloc but no usable jemalloc library was found: install "
-                               f"agro[async] (ray bundles one) or libjemalloc2, or set {PATH_ENV}")
+        if chosen in _ON_JEMALLOC:
+            raise RuntimeError(f"{ENV}={chosen} but no usable jemalloc library was found: install "
+                               f"agro[async] (ray bundles one) or libjemalloc2, or set {PATH_ENV}"
+                               + (f" ({ENV}=retain keeps freed memory on the system's malloc)"
+                                  if chosen == "keep" else ""))
         return None
-    return dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{_DONE: "1", _ORIG: preload})
+    env = dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{_DONE: "1", _ORIG: preload})
+    if chosen == "keep":
+        user = environ.get("MALLOC_CONF", "")
+        env.update(MALLOC_CONF=f"{KEEP_CONF},{user}" if user else KEEP_CONF, **{_ORIG_CONF: user})
+    return env
 
 
 def started_as_command(orig_argv: list[str] | None = None) -> bool:
@@ -119,15 +149,18 @@ def maybe_reexec() -> None:
     In the re-executed process, the user's own ``LD_PRELOAD`` is put back for child processes
     (the grader's sandbox, Ray's workers, compilers): only this process runs on jemalloc."""
     if os.environ.get(_DONE):
-        os.environ["LD_PRELOAD"] = os.environ.pop(_ORIG, "")
-        if not os.environ["LD_PRELOAD"]:
-            del os.environ["LD_PRELOAD"]
-        if os.environ.get(ENV) == "jemalloc" and not in_use().startswith("jemalloc"):
-            raise RuntimeError(f"{ENV}=jemalloc: LD_PRELOAD was set but jemalloc is not loaded")
+        for var, orig in (("LD_PRELOAD", _ORIG), ("MALLOC_CONF", _ORIG_CONF)):
+            if orig in os.environ:     # jemalloc read MALLOC_CONF when it started: children get
+                os.environ[var] = os.environ.pop(orig)      # the user's own back
+                if not os.environ[var]:
+                    del os.environ[var]
+        if os.environ.get(ENV) in _ON_JEMALLOC and not in_use().startswith("jemalloc"):
+            raise RuntimeError(f"{ENV}={os.environ[ENV]}: LD_PRELOAD was set but jemalloc is "
+                               "not loaded")
         os.environ.pop(_DONE)
         return
     if not started_as_command():
-        if os.environ.get(ENV) in ("jemalloc", "retain"):
+        if os.environ.get(ENV) in ("jemalloc", "retain", "keep"):
             raise RuntimeError(f"{ENV}={os.environ[ENV]} needs the `agro` command or "
                                "`python -m agro.cli`")
         return
@@ -244,13 +277,35 @@ def retain_freed_memory(libc=None, maps: str | None = None) -> str:
     return _retaining
 
 
+def jemalloc_option(lib: str, name: str) -> int | None:
+    """An integer option of the jemalloc library ``lib`` mapped into this process (``mallctl``,
+    e.g. ``opt.muzzy_decay_ms``), or None where it cannot be read."""
+    try:
+        mallctl = ctypes.CDLL(lib).mallctl        # the library already mapped: the same one
+    except (OSError, AttributeError):
+        return None
+    mallctl.restype = ctypes.c_int
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                        ctypes.c_void_p, ctypes.c_size_t]
+    v, n = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    if mallctl(name.encode(), ctypes.byref(v), ctypes.byref(n), None, 0) != 0:
+        return None
+    return v.value
+
+
 def in_use() -> str:
-    """'jemalloc (<path>)' if a jemalloc library is mapped into this process, else 'system
-    malloc', with what :func:`retain_freed_memory` set after it."""
+    """'jemalloc (<path>)' if a jemalloc library is mapped into this process (with the options
+    that keep freed pages where jemalloc says they are set: ``AGRO_ALLOCATOR=keep``), else
+    'system malloc', with what :func:`retain_freed_memory` set after it."""
     try:
         lib = mapped_allocator(Path("/proc/self/maps").read_text())
     except OSError:
         lib = None
     if lib:
+        muzzy = jemalloc_option(lib, "opt.muzzy_decay_ms")
+        if muzzy == -1:
+            return (f"jemalloc ({lib}), keeping freed pages (dirty_decay_ms "
+                    f"{jemalloc_option(lib, 'opt.dirty_decay_ms')}, muzzy_decay_ms -1, "
+                    f"oversize_threshold {jemalloc_option(lib, 'opt.oversize_threshold')})")
         return f"jemalloc ({lib})"
     return f"system malloc, {_retaining}" if _retaining else "system malloc"
