@@ -8,7 +8,8 @@ peak resident memory, the per-phase seconds of its steps and the held-out gain.
 Each round runs ``python -m agro.cli train precision=<p> output_dir=<tmp> progress=false`` once
 per arm (``AGRO_ALLOCATOR`` values: by default jemalloc, agro's default where ray's copy is
 installed, and ``retain``, glibc's malloc keeping what is freed; ``keep`` is jemalloc keeping
-freed pages; agro.allocator), in the given order and reversed every other round, each
+freed pages; agro.allocator), in the given order and reversed every other round (with three
+arms the middle one stays in the middle), each
 with an empty agro cache (as on a fresh machine: every calibration the job's settings need runs in
 it; ``--precision auto`` is `make train`'s own job, with precision=auto's calibration). Peak
 resident memory is the job's (``os.wait4``'s ``ru_maxrss``, as ``/usr/bin/time -v`` reports it:
@@ -83,11 +84,13 @@ def main() -> None:
     ap.add_argument("--arms", default="jemalloc,retain",
                     help="AGRO_ALLOCATOR values, comma-separated; ratios are against the first")
     ap.add_argument("--json", default=None)
-    ap.add_argument("extra", nargs="*", help="more key=value overrides for both arms")
+    ap.add_argument("extra", nargs="*", help="more key=value overrides for all arms")
     a = ap.parse_args()
     arms = a.arms.split(",")
-    if len(arms) < 2 or len(set(arms)) != len(arms):
-        raise SystemExit(f"--arms {a.arms}: two or more different AGRO_ALLOCATOR values")
+    from agro.allocator import CHOICES
+    if len(arms) < 2 or len(set(arms)) != len(arms) or not set(arms) <= set(CHOICES):
+        raise SystemExit(f"--arms {a.arms}: two or more different AGRO_ALLOCATOR values "
+                         f"among {', '.join(CHOICES)}")
     from agro.perf import machine_key
     import torch
 

@@ -53,7 +53,10 @@ def main() -> None:
 
     def counted_learn(self, *a, **k):
         rss.tag[0] = f" (step {self.step + 1})"
-        out = learn(self, *a, **k)
+        try:
+            out = learn(self, *a, **k)
+        finally:    # what runs next (the next step's sampling, an evaluation) is not this step
+            rss.tag[0] = ""
         if fine:
             print(f"after learning step {self.step + 1}: VmRSS {rss.rss_kb() / 1e6:.2f} GB; "
                   f"{rss.malloc_summary()}", flush=True)

@@ -13,7 +13,7 @@ How: the allocator must be in place before the process starts, so the command li
 ``agro`` console script and ``python -m agro.cli``; never a library call) re-executes itself once
 with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses: ``auto``
 (default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found), ``system``
-(never re-execute) or ``retain`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path),
+(never re-execute), ``retain`` or ``keep`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path),
 the copy bundled in the ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
 (Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
 own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
@@ -25,8 +25,9 @@ oneDNN's shape caches (:func:`cap_onednn_caches`).
 own process: a library caller can call the function itself). Under jemalloc every learner step's
 activations, gradients and logits come back from the kernel as fresh pages: ~200,000 minor page
 faults a bf16 step and ~450,000 an fp32 one on the default job (Zen 5), 0.3-1.7 s of kernel CPU.
-jemalloc's own options did not stop it at a bearable size (``dirty_decay_ms:-1``, with or without
-``muzzy_decay_ms:-1``, still faulted and grew the process to 6.2-6.9 GiB). Retained, the learner
+Telling jemalloc never to hand memory back (``dirty_decay_ms:-1``, with or without
+``muzzy_decay_ms:-1``) did not stop it: it still faulted and grew the process to 6.2-6.9 GiB;
+``keep`` (below) is the set of its options that does. Retained, the learner
 steps take next to no faults after the first (0-19 a step); the fp32 default job ran 0.90x as long
 and peaked 0.54 GiB higher (docs/RESULTS.md, "the allocator"). Not the default, because the
 default job must stay under 4 GiB; a machine with memory to spare takes it.
@@ -110,7 +111,9 @@ def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) 
     if other:
         if chosen == "keep":
             raise RuntimeError(f"{ENV}=keep starts the command on jemalloc with its own options, "
-                               f"but LD_PRELOAD already names an allocator ({other}): unset it")
+                               f"but LD_PRELOAD already names an allocator ({other}): unset it "
+                               f"(or, preloading jemalloc yourself, set MALLOC_CONF={KEEP_CONF} "
+                               f"and leave {ENV} unset)")
         return None
     if not platform.startswith("linux"):
         if chosen in _ON_JEMALLOC:
@@ -127,9 +130,12 @@ def reexec_env(environ: dict, platform: str = sys.platform, find=find_jemalloc) 
                                   if chosen == "keep" else ""))
         return None
     env = dict(environ, LD_PRELOAD=f"{lib} {preload}".strip(), **{_DONE: "1", _ORIG: preload})
+    env.pop(_ORIG_CONF, None)
     if chosen == "keep":
-        user = environ.get("MALLOC_CONF", "")
-        env.update(MALLOC_CONF=f"{KEEP_CONF},{user}" if user else KEEP_CONF, **{_ORIG_CONF: user})
+        user = environ.get("MALLOC_CONF")
+        env["MALLOC_CONF"] = f"{KEEP_CONF},{user}" if user else KEEP_CONF
+        if user is not None:            # restored as it was; absent: removed for the children
+            env[_ORIG_CONF] = user
     return env
 
 
@@ -146,17 +152,28 @@ def started_as_command(orig_argv: list[str] | None = None) -> bool:
 def maybe_reexec() -> None:
     """Re-execute this command on jemalloc (:func:`reexec_env`); returns only if it does not.
     ``AGRO_ALLOCATOR=retain`` instead tunes this process's malloc in place (no re-exec).
-    In the re-executed process, the user's own ``LD_PRELOAD`` is put back for child processes
-    (the grader's sandbox, Ray's workers, compilers): only this process runs on jemalloc."""
+    In the re-executed process, the user's own ``LD_PRELOAD`` (and under ``keep`` their own
+    ``MALLOC_CONF``, or none) is put back for child processes (the grader's sandbox, Ray's
+    workers, compilers): only this process runs on jemalloc. An explicit ``jemalloc`` or
+    ``keep`` that cannot be had (no re-exec, jemalloc not loaded, ``keep``'s options not taken
+    where the user set none of their own) is a RuntimeError, not a silent fallback."""
     if os.environ.get(_DONE):
-        for var, orig in (("LD_PRELOAD", _ORIG), ("MALLOC_CONF", _ORIG_CONF)):
-            if orig in os.environ:     # jemalloc read MALLOC_CONF when it started: children get
-                os.environ[var] = os.environ.pop(orig)      # the user's own back
-                if not os.environ[var]:
-                    del os.environ[var]
-        if os.environ.get(ENV) in _ON_JEMALLOC and not in_use().startswith("jemalloc"):
-            raise RuntimeError(f"{ENV}={os.environ[ENV]}: LD_PRELOAD was set but jemalloc is "
-                               "not loaded")
+        os.environ["LD_PRELOAD"] = os.environ.pop(_ORIG, "")
+        if not os.environ["LD_PRELOAD"]:
+            del os.environ["LD_PRELOAD"]
+        chosen = os.environ.get(ENV)
+        user_conf = os.environ.pop(_ORIG_CONF, None)
+        if chosen == "keep":    # jemalloc read MALLOC_CONF as it started: children get the user's
+            if user_conf is None:
+                os.environ.pop("MALLOC_CONF", None)
+            else:
+                os.environ["MALLOC_CONF"] = user_conf
+        used = in_use()
+        if chosen in _ON_JEMALLOC and not used.startswith("jemalloc"):
+            raise RuntimeError(f"{ENV}={chosen}: LD_PRELOAD was set but jemalloc is not loaded")
+        if chosen == "keep" and not user_conf and "keeping freed pages" not in used:
+            raise RuntimeError(f"{ENV}=keep: jemalloc did not take {KEEP_CONF} (too old a "
+                               f"jemalloc? oversize_threshold needs 5.2): {used}")
         os.environ.pop(_DONE)
         return
     if not started_as_command():
@@ -173,7 +190,10 @@ def maybe_reexec() -> None:
         sys.stderr.flush()
         try:
             os.execve(sys.executable, list(sys.orig_argv), env)
-        except OSError:   # cannot re-execute: run on the system's allocator
+        except OSError as e:   # cannot re-execute: auto runs on the system's allocator
+            if choice() in _ON_JEMALLOC:
+                raise RuntimeError(f"{ENV}={choice()}: could not re-execute the command on "
+                                   f"jemalloc ({e})") from e
             return
 
 
@@ -278,10 +298,11 @@ def retain_freed_memory(libc=None, maps: str | None = None) -> str:
 
 
 def jemalloc_option(lib: str, name: str) -> int | None:
-    """An integer option of the jemalloc library ``lib`` mapped into this process (``mallctl``,
-    e.g. ``opt.muzzy_decay_ms``), or None where it cannot be read."""
+    """An 8-byte integer option (``size_t`` or ``ssize_t``, e.g. ``opt.muzzy_decay_ms``) of the
+    jemalloc library ``lib`` loaded in this process, read through its ``mallctl``; None where it
+    cannot be read (not loaded: it is never loaded here; no such option)."""
     try:
-        mallctl = ctypes.CDLL(lib).mallctl        # the library already mapped: the same one
+        mallctl = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD).mallctl   # only the one loaded
     except (OSError, AttributeError):
         return None
     mallctl.restype = ctypes.c_int
@@ -302,10 +323,10 @@ def in_use() -> str:
     except OSError:
         lib = None
     if lib:
-        muzzy = jemalloc_option(lib, "opt.muzzy_decay_ms")
-        if muzzy == -1:
-            return (f"jemalloc ({lib}), keeping freed pages (dirty_decay_ms "
-                    f"{jemalloc_option(lib, 'opt.dirty_decay_ms')}, muzzy_decay_ms -1, "
-                    f"oversize_threshold {jemalloc_option(lib, 'opt.oversize_threshold')})")
+        dirty, muzzy, oversize = (jemalloc_option(lib, f"opt.{o}") for o in
+                                  ("dirty_decay_ms", "muzzy_decay_ms", "oversize_threshold"))
+        if muzzy == -1 and oversize == 0 and dirty not in (None, 0):    # KEEP_CONF's kind
+            return (f"jemalloc ({lib}), keeping freed pages (dirty_decay_ms {dirty}, "
+                    f"muzzy_decay_ms -1, oversize_threshold 0)")
         return f"jemalloc ({lib})"
     return f"system malloc, {_retaining}" if _retaining else "system malloc"
