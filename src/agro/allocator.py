@@ -54,10 +54,11 @@ _ORIG_CONF = "AGRO_ALLOCATOR_MALLOC_CONF"   # keep: the user's MALLOC_CONF, rest
 KEEP_CONF = "oversize_threshold:0,dirty_decay_ms:100,muzzy_decay_ms:-1"
 """jemalloc's options under ``AGRO_ALLOCATOR=keep``. ``muzzy_decay_ms:-1``: pages handed back
 lazily (``MADV_FREE``) are never purged for good, so a later block reuses them without a page
-fault. ``dirty_decay_ms:100``: freed pages become such lazily-freed pages within ~0.1 s; with
--1 (never) the learner bench still faulted ~110,000 pages a step and grew to 5.9-6.2 GiB, with 0
-it faulted ~3 million a step. ``oversize_threshold:0``: no separate arena for blocks of 8 MiB
-and more, which otherwise hands its pages back at once (docs/RESULTS.md, "(fourth)")."""
+fault. ``dirty_decay_ms:100``: freed pages become such lazily-freed pages within ~0.1 s; on the
+fp32 learner bench (``bench/learner_faults.py``, Zen 5), -1 (never) still faulted 108,000-138,000
+pages a step and grew to 5.91 GiB, and 0 faulted ~3 million a step. ``oversize_threshold:0``: no
+separate arena for blocks of 8 MiB and more, which otherwise hands its pages back at once
+(docs/RESULTS.md, "(fourth)")."""
 
 
 def find_jemalloc() -> str | None:
