@@ -181,16 +181,36 @@ def test_the_reexecuted_process_restores_the_users_variables_and_checks_keep(mon
 
     assert reexecuted(kept) == (None, None)
     assert reexecuted(kept, **{allocator._ORIG_CONF: ""}) == (None, "")
-    assert reexecuted("jemalloc (/x/libjemalloc.so)", **{allocator._ORIG_CONF: "narenas:1",
-                      allocator._ORIG: "/y/a.so"}) == ("/y/a.so", "narenas:1")   # theirs won
+    assert reexecuted(kept, **{allocator._ORIG_CONF: "narenas:1",
+                               allocator._ORIG: "/y/a.so"}) == ("/y/a.so", "narenas:1")
     with pytest.raises(RuntimeError, match="keep: jemalloc did not take"):
         reexecuted("jemalloc (/x/libjemalloc.so)")
+    # the user's own MALLOC_CONF waives the check only where it sets one of keep's options
+    with pytest.raises(RuntimeError, match="keep: jemalloc did not take"):
+        reexecuted("jemalloc (/x/libjemalloc.so)", **{allocator._ORIG_CONF: "narenas:1"})
+    assert reexecuted("jemalloc (/x/libjemalloc.so)", **{
+        allocator._ORIG_CONF: "narenas:1,muzzy_decay_ms:5000"})[1] == "narenas:1,muzzy_decay_ms:5000"
+    with pytest.raises(RuntimeError, match="jemalloc: LD_PRELOAD was set but jemalloc is not"):
+        reexecuted("system malloc", **{allocator.ENV: "jemalloc"})
     with pytest.raises(RuntimeError, match="keep: LD_PRELOAD was set but jemalloc is not loaded"):
         reexecuted("system malloc")
     # auto leaves MALLOC_CONF as the user has it
     assert reexecuted("jemalloc (/x/libjemalloc.so)", **{allocator.ENV: "auto",
                                                          "MALLOC_CONF": "narenas:1"}) == \
         (None, "narenas:1")
+
+
+def test_in_use_names_keeps_options_only_when_all_of_them_hold(monkeypatch):
+    lib = "/v/ray/core/libjemalloc.so"
+    monkeypatch.setattr(allocator, "mapped_allocator", lambda maps, names=("jemalloc",): lib)
+    for opts, kept in (((100, -1, 0), True), ((0, -1, 0), False), ((100, -1, 8 << 20), False),
+                       ((100, 0, 0), False), ((None, None, None), False)):
+        got = dict(zip(("opt.dirty_decay_ms", "opt.muzzy_decay_ms", "opt.oversize_threshold"),
+                       opts))
+        monkeypatch.setattr(allocator, "jemalloc_option", lambda _lib, name: got[name])
+        said = allocator.in_use()
+        assert said.startswith(f"jemalloc ({lib})") and ("keeping freed pages" in said) == kept, \
+            (opts, said)
 
 
 def test_an_explicit_jemalloc_choice_that_cannot_reexecute_is_an_error(monkeypatch):

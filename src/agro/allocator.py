@@ -15,9 +15,9 @@ with ``LD_PRELOAD`` naming a jemalloc shared library. ``AGRO_ALLOCATOR`` chooses
 (default: jemalloc if found, on Linux), ``jemalloc`` (an error if none is found), ``system``
 (never re-execute), ``retain`` or ``keep`` (below). Where it looks, in order: ``AGRO_JEMALLOC`` (a path),
 the copy bundled in the ``ray`` package (``agro[async]``, which ``make setup`` installs), the system's ``libjemalloc.so.2``
-(Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept. Only the command's
-own process runs on it: the re-executed process restores the user's ``LD_PRELOAD`` for its
-children. The run's log names the allocator in use (:func:`in_use`). The command also caps
+(Debian/Ubuntu ``libjemalloc2``). A user's own preloaded allocator is kept (``keep`` refuses
+it). Only the command's own process runs on it: the re-executed process restores the user's
+``LD_PRELOAD`` (and under ``keep`` their ``MALLOC_CONF``) for its children. The run's log names the allocator in use (:func:`in_use`). The command also caps
 oneDNN's shape caches (:func:`cap_onednn_caches`).
 
 ``AGRO_ALLOCATOR=retain`` trades memory for speed: the system's (glibc) malloc, told through
@@ -34,9 +34,9 @@ default job must stay under 4 GiB; a machine with memory to spare takes it.
 
 ``AGRO_ALLOCATOR=keep`` trades the same memory on jemalloc: the command re-executes on it with
 :data:`KEEP_CONF` in ``MALLOC_CONF`` (before any ``MALLOC_CONF`` of the user's, which so wins),
-so freed pages are handed to the kernel lazily (``MADV_FREE``: still mapped, reused without a
-fault, reclaimed by the kernel only under memory pressure) and never taken back by jemalloc
-itself. Its log line says so (:func:`in_use` reads the options back from jemalloc). Measured
+so freed pages are handed to the kernel lazily (``MADV_FREE``: still mapped and, as measured,
+reused without a fault; by MADV_FREE's definition the kernel may reclaim them under memory
+pressure, which was not measured here) and never purged by jemalloc itself. Its log line says so (:func:`in_use` reads the options back from jemalloc). Measured
 against ``retain`` and the default in docs/RESULTS.md, "(fourth)".
 """
 from __future__ import annotations
@@ -150,6 +150,13 @@ def started_as_command(orig_argv: list[str] | None = None) -> bool:
     return len(argv) > 1 and Path(argv[1]).name == "agro"
 
 
+def _names_keep_options(conf: str | None) -> bool:
+    """True if a ``MALLOC_CONF`` value sets one of :data:`KEEP_CONF`'s options itself (then
+    jemalloc runs on the user's choice, and ``keep``'s check does not apply)."""
+    keys = {kv.split(":", 1)[0].strip() for kv in (conf or "").split(",")}
+    return bool(keys & {kv.split(":", 1)[0] for kv in KEEP_CONF.split(",")})
+
+
 def maybe_reexec() -> None:
     """Re-execute this command on jemalloc (:func:`reexec_env`); returns only if it does not.
     ``AGRO_ALLOCATOR=retain`` instead tunes this process's malloc in place (no re-exec).
@@ -157,7 +164,7 @@ def maybe_reexec() -> None:
     ``MALLOC_CONF``, or none) is put back for child processes (the grader's sandbox, Ray's
     workers, compilers): only this process runs on jemalloc. An explicit ``jemalloc`` or
     ``keep`` that cannot be had (no re-exec, jemalloc not loaded, ``keep``'s options not taken
-    where the user set none of their own) is a RuntimeError, not a silent fallback."""
+    where the user's ``MALLOC_CONF`` sets none of them) is a RuntimeError, not a silent fallback."""
     if os.environ.get(_DONE):
         os.environ["LD_PRELOAD"] = os.environ.pop(_ORIG, "")
         if not os.environ["LD_PRELOAD"]:
@@ -172,7 +179,8 @@ def maybe_reexec() -> None:
         used = in_use()
         if chosen in _ON_JEMALLOC and not used.startswith("jemalloc"):
             raise RuntimeError(f"{ENV}={chosen}: LD_PRELOAD was set but jemalloc is not loaded")
-        if chosen == "keep" and not user_conf and "keeping freed pages" not in used:
+        if chosen == "keep" and not _names_keep_options(user_conf) \
+                and "keeping freed pages" not in used:
             raise RuntimeError(f"{ENV}=keep: jemalloc did not take {KEEP_CONF} (too old a "
                                f"jemalloc? oversize_threshold needs 5.2): {used}")
         os.environ.pop(_DONE)
