@@ -243,12 +243,23 @@ def test_onednn_cache_caps_keep_what_the_user_set():
 
 
 _FAULTS = """
-import ctypes, resource, sys
-ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE: count 4 KiB pages, whatever THP is
+import ctypes, resource, sys, time
+libc = ctypes.CDLL(None)            # under a preloaded jemalloc its mallctl is the global one
+libc.prctl(41, 1, 0, 0, 0)          # PR_SET_THP_DISABLE: count 4 KiB pages, whatever THP is
+mode = sys.argv[1]                  # system | retain | jemalloc (preloaded: its decay between rounds)
+if mode == "jemalloc":
+    size, v = ctypes.c_size_t(8), ctypes.c_ssize_t(0)
+    if libc.mallctl(b"opt.oversize_threshold", ctypes.byref(v), ctypes.byref(size), None, 0):
+        print("no oversize_threshold")  # jemalloc < 5.2
+        sys.exit()
 import torch
 from agro import allocator
-if sys.argv[1] == "retain":
+if mode == "retain":
     allocator.retain_freed_memory()
+def between_rounds():   # jemalloc: what its decay would have done by the next step, 0.2 s later
+    if mode == "jemalloc":
+        time.sleep(0.2)
+        assert libc.mallctl(b"arena.4096.decay", None, None, None, ctypes.c_size_t(0)) == 0
 def faults_of_a_round():        # blocks of a learner step's sizes: 3, 40 and 1 MiB, all written
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for n, mib in ((8, 3), (3, 40), (20, 1)):
@@ -256,37 +267,15 @@ def faults_of_a_round():        # blocks of a learner step's sizes: 3, 40 and 1 
         del xs
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
 faults_of_a_round()
-print(sum(faults_of_a_round() for _ in range(3)))
-"""
-
-
-_JEMALLOC_FAULTS = """
-import ctypes, resource, sys, time
-libc = ctypes.CDLL(None)            # jemalloc preloaded: its mallctl is the global one
-libc.prctl(41, 1, 0, 0, 0)          # PR_SET_THP_DISABLE: count 4 KiB pages
-size = ctypes.c_size_t(8)
-v = ctypes.c_ssize_t(0)
-if libc.mallctl(b"opt.oversize_threshold", ctypes.byref(v), ctypes.byref(size), None, 0) != 0:
-    print("no oversize_threshold")  # jemalloc < 5.2
-    sys.exit()
-import torch
-def decay():    # what jemalloc's decay would have done by the next step: 0.2 s later, purge
-    time.sleep(0.2)
-    assert libc.mallctl(b"arena.4096.decay", None, None, None, ctypes.c_size_t(0)) == 0
-def faults_of_a_round():        # blocks of a learner step's sizes: 3, 40 and 1 MiB, all written
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for n, mib in ((8, 3), (3, 40), (20, 1)):
-        xs = [torch.ones(mib * 2 ** 20 // 4) for _ in range(n)]
-        del xs
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-faults_of_a_round()
-decay()
+between_rounds()
 total = 0
 for _ in range(3):
     total += faults_of_a_round()
-    decay()
+    between_rounds()
 print(total)
 """
+
+
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or allocator.find_jemalloc() is None,
@@ -303,7 +292,7 @@ def test_keep_reuses_freed_pages_where_default_jemalloc_faults_them_in():
     base["LD_PRELOAD"] = allocator.find_jemalloc()
 
     def faults(**extra):
-        out = subprocess.run([sys.executable, "-c", _JEMALLOC_FAULTS], env=dict(base, **extra),
+        out = subprocess.run([sys.executable, "-c", _FAULTS, "jemalloc"], env=dict(base, **extra),
                              capture_output=True, text=True, timeout=120, check=True).stdout
         if "no oversize_threshold" in out:
             pytest.skip("jemalloc older than 5.2: KEEP_CONF's oversize_threshold does not apply")

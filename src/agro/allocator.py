@@ -186,7 +186,7 @@ def maybe_reexec() -> None:
         os.environ.pop(_DONE)
         return
     if not started_as_command():
-        if os.environ.get(ENV) in ("jemalloc", "retain", "keep"):
+        if os.environ.get(ENV) in (*_ON_JEMALLOC, "retain"):
             raise RuntimeError(f"{ENV}={os.environ[ENV]} needs the `agro` command or "
                                "`python -m agro.cli`")
         return
@@ -200,8 +200,8 @@ def maybe_reexec() -> None:
         try:
             os.execve(sys.executable, list(sys.orig_argv), env)
         except OSError as e:   # cannot re-execute: auto runs on the system's allocator
-            if choice() in _ON_JEMALLOC:
-                raise RuntimeError(f"{ENV}={choice()}: could not re-execute the command on "
+            if (chosen := choice()) in _ON_JEMALLOC:
+                raise RuntimeError(f"{ENV}={chosen}: could not re-execute the command on "
                                    f"jemalloc ({e})") from e
             return
 
