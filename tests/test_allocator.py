@@ -159,44 +159,53 @@ def test_the_command_retains_in_place_and_only_as_the_command(tmp_path):
     out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
               AGRO_ALLOCATOR="retain")
     assert "retain needs the `agro` command" in out, out
+    out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
+              AGRO_ALLOCATOR="jemaloc")
+    assert "AGRO_ALLOCATOR='jemaloc': valid values are" in out, out
 
 
 def test_the_reexecuted_process_restores_the_users_variables_and_checks_keep(monkeypatch):
     """In the re-executed process (``_DONE`` set): LD_PRELOAD and, under keep, MALLOC_CONF are
     the user's again (absent if they had none, empty if empty); keep's options not taken where
     the user set none of their own is an error, as is jemalloc not loaded."""
-    kept = "jemalloc (/x/libjemalloc.so), keeping freed pages (dirty_decay_ms 100, " \
-           "muzzy_decay_ms -1, oversize_threshold 0)"
+    lib, keep = "/x/libjemalloc.so", (100, -1, 0)
+    defaults = (10000, 0, 8 << 20)       # jemalloc 5.3's own: what a jemalloc ignoring KEEP_CONF has
 
-    def reexecuted(used, **env):
+    def reexecuted(opts, **env):
+        """maybe_reexec in a re-executed process whose jemalloc has options ``opts`` (dirty,
+        muzzy, oversize; None: no jemalloc mapped)."""
         for k in ("LD_PRELOAD", "MALLOC_CONF", allocator._ORIG, allocator._ORIG_CONF):
             monkeypatch.delenv(k, raising=False)
-        monkeypatch.setattr(allocator, "in_use", lambda: used)
-        base = {allocator._DONE: "1", allocator.ENV: "keep", "LD_PRELOAD": "/x/libjemalloc.so",
+        monkeypatch.setattr(allocator, "loaded_jemalloc", lambda: None if opts is None else lib)
+        got = dict(zip((f"opt.{o}" for o in allocator.KEEP_OPTIONS), opts or ()))
+        monkeypatch.setattr(allocator, "jemalloc_option", lambda _lib, name: got.get(name))
+        base = {allocator._DONE: "1", allocator.ENV: "keep", "LD_PRELOAD": lib,
                 allocator._ORIG: "", "MALLOC_CONF": allocator.KEEP_CONF}
         for k, v in dict(base, **env).items():
             monkeypatch.setenv(k, v)
         allocator.maybe_reexec()
         return os.environ.get("LD_PRELOAD"), os.environ.get("MALLOC_CONF")
 
-    assert reexecuted(kept) == (None, None)
-    assert reexecuted(kept, **{allocator._ORIG_CONF: ""}) == (None, "")
-    assert reexecuted(kept, **{allocator._ORIG_CONF: "narenas:1",
+    assert reexecuted(keep) == (None, None)
+    assert reexecuted(keep, **{allocator._ORIG_CONF: ""}) == (None, "")
+    assert reexecuted(keep, **{allocator._ORIG_CONF: "narenas:1",
                                allocator._ORIG: "/y/a.so"}) == ("/y/a.so", "narenas:1")
     with pytest.raises(RuntimeError, match="keep: jemalloc did not take"):
-        reexecuted("jemalloc (/x/libjemalloc.so)")
+        reexecuted(defaults)
+    with pytest.raises(RuntimeError, match="keep: jemalloc did not take"):
+        reexecuted((None, None, None))                          # options not readable
     # the user's own MALLOC_CONF waives the check only where it sets one of keep's options
     with pytest.raises(RuntimeError, match="keep: jemalloc did not take"):
-        reexecuted("jemalloc (/x/libjemalloc.so)", **{allocator._ORIG_CONF: "narenas:1"})
-    assert reexecuted("jemalloc (/x/libjemalloc.so)", **{
+        reexecuted(defaults, **{allocator._ORIG_CONF: "narenas:1"})
+    assert reexecuted((100, 5000, 0), **{
         allocator._ORIG_CONF: "narenas:1,muzzy_decay_ms:5000"})[1] == "narenas:1,muzzy_decay_ms:5000"
     with pytest.raises(RuntimeError, match="jemalloc: LD_PRELOAD was set but jemalloc is not"):
-        reexecuted("system malloc", **{allocator.ENV: "jemalloc"})
+        reexecuted(None, **{allocator.ENV: "jemalloc"})
     with pytest.raises(RuntimeError, match="keep: LD_PRELOAD was set but jemalloc is not loaded"):
-        reexecuted("system malloc")
-    # auto leaves MALLOC_CONF as the user has it
-    assert reexecuted("jemalloc (/x/libjemalloc.so)", **{allocator.ENV: "auto",
-                                                         "MALLOC_CONF": "narenas:1"}) == \
+        reexecuted(None)
+    # jemalloc and auto check no options; auto leaves MALLOC_CONF as the user has it
+    assert reexecuted(defaults, **{allocator.ENV: "jemalloc"}) == (None, allocator.KEEP_CONF)
+    assert reexecuted(defaults, **{allocator.ENV: "auto", "MALLOC_CONF": "narenas:1"}) == \
         (None, "narenas:1")
 
 
@@ -204,13 +213,15 @@ def test_in_use_names_keeps_options_only_when_all_of_them_hold(monkeypatch):
     lib = "/v/ray/core/libjemalloc.so"
     monkeypatch.setattr(allocator, "mapped_allocator", lambda maps, names=("jemalloc",): lib)
     for opts, kept in (((100, -1, 0), True), ((0, -1, 0), False), ((100, -1, 8 << 20), False),
-                       ((100, 0, 0), False), ((None, None, None), False)):
-        got = dict(zip(("opt.dirty_decay_ms", "opt.muzzy_decay_ms", "opt.oversize_threshold"),
-                       opts))
+                       ((100, 0, 0), False), ((None, None, None), False), ((None, -1, 0), False)):
+        got = dict(zip((f"opt.{o}" for o in allocator.KEEP_OPTIONS), opts))
         monkeypatch.setattr(allocator, "jemalloc_option", lambda _lib, name: got[name])
+        assert allocator.keeps_freed_pages(allocator.jemalloc_options(lib)) == kept, opts
         said = allocator.in_use()
         assert said.startswith(f"jemalloc ({lib})") and ("keeping freed pages" in said) == kept, \
             (opts, said)
+        if kept:
+            assert f"(dirty_decay_ms {opts[0]}, muzzy_decay_ms -1, oversize_threshold 0)" in said
 
 
 def test_an_explicit_jemalloc_choice_that_cannot_reexecute_is_an_error(monkeypatch):

@@ -176,17 +176,17 @@ def maybe_reexec() -> None:
                 os.environ.pop("MALLOC_CONF", None)
             else:
                 os.environ["MALLOC_CONF"] = user_conf
-        used = in_use()
-        if chosen in _ON_JEMALLOC and not used.startswith("jemalloc"):
+        lib = loaded_jemalloc()
+        if chosen in _ON_JEMALLOC and lib is None:
             raise RuntimeError(f"{ENV}={chosen}: LD_PRELOAD was set but jemalloc is not loaded")
         if chosen == "keep" and not _names_keep_options(user_conf) \
-                and "keeping freed pages" not in used:
+                and not keeps_freed_pages(jemalloc_options(lib)):
             raise RuntimeError(f"{ENV}=keep: jemalloc did not take {KEEP_CONF} (too old a "
-                               f"jemalloc? oversize_threshold needs 5.2): {used}")
+                               f"jemalloc? oversize_threshold needs 5.2): {in_use()}")
         os.environ.pop(_DONE)
         return
     if not started_as_command():
-        if os.environ.get(ENV) in (*_ON_JEMALLOC, "retain"):
+        if choice() in (*_ON_JEMALLOC, "retain"):       # (an invalid value: ValueError)
             raise RuntimeError(f"{ENV}={os.environ[ENV]} needs the `agro` command or "
                                "`python -m agro.cli`")
         return
@@ -323,19 +323,40 @@ def jemalloc_option(lib: str, name: str) -> int | None:
     return v.value
 
 
+KEEP_OPTIONS = ("dirty_decay_ms", "muzzy_decay_ms", "oversize_threshold")
+"""The jemalloc options :data:`KEEP_CONF` sets, as :func:`jemalloc_options` reads them back."""
+
+
+def loaded_jemalloc() -> str | None:
+    """The path of the jemalloc library mapped into this process, or None."""
+    try:
+        return mapped_allocator(Path("/proc/self/maps").read_text())
+    except OSError:
+        return None
+
+
+def jemalloc_options(lib: str) -> dict[str, int | None]:
+    """:data:`KEEP_OPTIONS` as the loaded jemalloc ``lib`` has them (None: not readable)."""
+    return {o: jemalloc_option(lib, f"opt.{o}") for o in KEEP_OPTIONS}
+
+
+def keeps_freed_pages(opts: dict[str, int | None]) -> bool:
+    """True if jemalloc options (:func:`jemalloc_options`) are :data:`KEEP_CONF`'s kind: freed
+    pages kept resident and reused (muzzy pages never purged, no eagerly purged arena for large
+    blocks, dirty pages turned muzzy after a delay rather than at once)."""
+    return (opts.get("muzzy_decay_ms") == -1 and opts.get("oversize_threshold") == 0
+            and opts.get("dirty_decay_ms") not in (None, 0))
+
+
 def in_use() -> str:
     """'jemalloc (<path>)' if a jemalloc library is mapped into this process (with the options
     that keep freed pages where jemalloc says they are set: ``AGRO_ALLOCATOR=keep``), else
     'system malloc', with what :func:`retain_freed_memory` set after it."""
-    try:
-        lib = mapped_allocator(Path("/proc/self/maps").read_text())
-    except OSError:
-        lib = None
+    lib = loaded_jemalloc()
     if lib:
-        dirty, muzzy, oversize = (jemalloc_option(lib, f"opt.{o}") for o in
-                                  ("dirty_decay_ms", "muzzy_decay_ms", "oversize_threshold"))
-        if muzzy == -1 and oversize == 0 and dirty not in (None, 0):    # KEEP_CONF's kind
-            return (f"jemalloc ({lib}), keeping freed pages (dirty_decay_ms {dirty}, "
-                    f"muzzy_decay_ms -1, oversize_threshold 0)")
+        opts = jemalloc_options(lib)
+        if keeps_freed_pages(opts):
+            return (f"jemalloc ({lib}), keeping freed pages (dirty_decay_ms "
+                    f"{opts['dirty_decay_ms']}, muzzy_decay_ms -1, oversize_threshold 0)")
         return f"jemalloc ({lib})"
     return f"system malloc, {_retaining}" if _retaining else "system malloc"
