@@ -16,7 +16,9 @@ step's faults, system CPU and wall seconds over its parts (the loss's forward, `
 bf16 gradients into fp32, clipping, the optimizer step, the cast back to bf16; each wrapped where
 the trainer calls it). ``--retain`` first tells glibc's malloc to keep freed memory
 (agro.allocator.retain_freed_memory, what ``AGRO_ALLOCATOR=retain`` does; run it without
-LD_PRELOAD). Run it alone.
+LD_PRELOAD). ``--huge-arena-decay MS`` sets ``dirty_decay_ms`` of jemalloc's arena for blocks of
+``oversize_threshold`` (8 MiB) and more -- the one jemalloc purges at once (its decay 0) -- to MS
+through ``mallctl`` after the sampling call and again after the warm-up steps. Run it alone.
 """
 from __future__ import annotations
 
@@ -59,20 +61,55 @@ def split_into_parts(tr) -> dict[str, list]:
     return rec
 
 
+def set_huge_arena_decay(ms: int) -> None:
+    """Set ``dirty_decay_ms`` to ``ms`` on every jemalloc arena whose own is 0 (the arena for
+    blocks of ``oversize_threshold`` and more; jemalloc's defaults give every other arena
+    10,000) and print what was set."""
+    import ctypes
+    import os
+
+    from agro.allocator import loaded_jemalloc
+
+    lib = loaded_jemalloc()
+    if lib is None:
+        raise SystemExit("--huge-arena-decay: jemalloc is not loaded (LD_PRELOAD it)")
+    m = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD).mallctl
+    m.restype = ctypes.c_int
+    m.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                  ctypes.c_void_p, ctypes.c_size_t]
+
+    def get(name, typ=ctypes.c_ssize_t):
+        v, n = typ(0), ctypes.c_size_t(ctypes.sizeof(typ))
+        return v.value if m(name.encode(), ctypes.byref(v), ctypes.byref(n), None, 0) == 0 else None
+
+    for i in range(get("arenas.narenas", ctypes.c_uint)):
+        if get(f"arena.{i}.dirty_decay_ms") == 0:
+            v = ctypes.c_ssize_t(ms)
+            rc = m(f"arena.{i}.dirty_decay_ms".encode(), None, None, ctypes.byref(v),
+                   ctypes.sizeof(v))
+            print(f"jemalloc arena {i}: dirty_decay_ms 0 -> {ms} (mallctl returned {rc})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("precision", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--parts", action="store_true", help="split each step's faults over its parts")
     ap.add_argument("--retain", action="store_true", help="glibc's malloc keeps freed memory")
+    ap.add_argument("--huge-arena-decay", type=int, default=None, metavar="MS",
+                    help="jemalloc's arena for large blocks keeps freed pages MS ms (its default 0)")
     a = ap.parse_args()
     if a.retain:
         retain_freed_memory()
     tr = bench_trainer("learner-faults", f"precision={a.precision}")
     groups = one_step_groups(tr, seed=1)
     tr.collector.attach_ref_logprobs(groups)
+    if a.huge_arena_decay is not None:
+        set_huge_arena_decay(a.huge_arena_decay)
     for _ in range(2):
         tr.learn(groups)
+    if a.huge_arena_decay is not None:
+        set_huge_arena_decay(a.huge_arena_decay)
     parts = split_into_parts(tr) if a.parts else None
     print(f"allocator: {in_use()}; agro {code_version()}")
     print("step  wall s  minor faults  sys s  user s")
