@@ -61,10 +61,11 @@ def split_into_parts(tr) -> dict[str, list]:
     return rec
 
 
-def set_huge_arena_decay(ms: int) -> None:
+def set_huge_arena_decay(ms: int) -> int:
     """Set ``dirty_decay_ms`` to ``ms`` on every jemalloc arena whose own is 0 (the arena for
     blocks of ``oversize_threshold`` and more; jemalloc's defaults give every other arena
-    10,000) and print what was set."""
+    10,000), print what was set and return how many arenas that was. (jemalloc purges a decaying
+    arena's freed pages gradually over ``ms``; that arena's ``muzzy_decay_ms`` stays 0.)"""
     import ctypes
     import os
 
@@ -82,12 +83,20 @@ def set_huge_arena_decay(ms: int) -> None:
         v, n = typ(0), ctypes.c_size_t(ctypes.sizeof(typ))
         return v.value if m(name.encode(), ctypes.byref(v), ctypes.byref(n), None, 0) == 0 else None
 
-    for i in range(get("arenas.narenas", ctypes.c_uint)):
+    n = get("arenas.narenas", ctypes.c_uint)
+    if n is None:
+        raise SystemExit("--huge-arena-decay: jemalloc's arenas.narenas cannot be read")
+    found = 0
+    for i in range(n):
         if get(f"arena.{i}.dirty_decay_ms") == 0:
             v = ctypes.c_ssize_t(ms)
             rc = m(f"arena.{i}.dirty_decay_ms".encode(), None, None, ctypes.byref(v),
                    ctypes.sizeof(v))
+            if rc != 0:
+                raise SystemExit(f"--huge-arena-decay: mallctl arena.{i}.dirty_decay_ms returned {rc}")
             print(f"jemalloc arena {i}: dirty_decay_ms 0 -> {ms} (mallctl returned {rc})", flush=True)
+            found += 1
+    return found
 
 
 def main() -> None:
@@ -104,12 +113,13 @@ def main() -> None:
     tr = bench_trainer("learner-faults", f"precision={a.precision}")
     groups = one_step_groups(tr, seed=1)
     tr.collector.attach_ref_logprobs(groups)
-    if a.huge_arena_decay is not None:
-        set_huge_arena_decay(a.huge_arena_decay)
+    found = set_huge_arena_decay(a.huge_arena_decay) if a.huge_arena_decay is not None else 0
     for _ in range(2):
         tr.learn(groups)
     if a.huge_arena_decay is not None:
-        set_huge_arena_decay(a.huge_arena_decay)
+        found += set_huge_arena_decay(a.huge_arena_decay)
+        if not found:       # e.g. under oversize_threshold:0 there is no such arena
+            raise SystemExit("--huge-arena-decay: no jemalloc arena with dirty_decay_ms 0")
     parts = split_into_parts(tr) if a.parts else None
     print(f"allocator: {in_use()}; agro {code_version()}")
     print("step  wall s  minor faults  sys s  user s")

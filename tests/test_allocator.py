@@ -159,9 +159,16 @@ def test_the_command_retains_in_place_and_only_as_the_command(tmp_path):
     out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
               AGRO_ALLOCATOR="retain")
     assert "retain needs the `agro` command" in out, out
-    out = run(["-c", "from agro.allocator import maybe_reexec; maybe_reexec()"],
-              AGRO_ALLOCATOR="jemaloc")
-    assert "AGRO_ALLOCATOR='jemaloc': valid values are" in out, out
+
+
+def test_an_invalid_choice_is_an_error_off_the_command_path_too(monkeypatch):
+    monkeypatch.delenv(allocator._DONE, raising=False)
+    monkeypatch.setattr(allocator, "started_as_command", lambda: False)
+    monkeypatch.setenv(allocator.ENV, "jemaloc")
+    with pytest.raises(ValueError, match="AGRO_ALLOCATOR='jemaloc': valid values are"):
+        allocator.maybe_reexec()
+    monkeypatch.setenv(allocator.ENV, "system")            # a valid one: nothing to do
+    assert allocator.maybe_reexec() is None
 
 
 def test_the_reexecuted_process_restores_the_users_variables_and_checks_keep(monkeypatch):

@@ -164,7 +164,9 @@ def maybe_reexec() -> None:
     ``MALLOC_CONF``, or none) is put back for child processes (the grader's sandbox, Ray's
     workers, compilers): only this process runs on jemalloc. An explicit ``jemalloc`` or
     ``keep`` that cannot be had (no re-exec, jemalloc not loaded, ``keep``'s options not taken
-    where the user's ``MALLOC_CONF`` sets none of them) is a RuntimeError, not a silent fallback."""
+    (:func:`keeps_freed_pages`) where the user's ``MALLOC_CONF`` sets none of them) is a
+    RuntimeError, not a silent fallback; an invalid ``AGRO_ALLOCATOR`` is a ValueError
+    (:func:`choice`), also where the process is not the command."""
     if os.environ.get(_DONE):
         os.environ["LD_PRELOAD"] = os.environ.pop(_ORIG, "")
         if not os.environ["LD_PRELOAD"]:
