@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Probe (not a feature): builds budget_alloc.so, a CPU allocator for PyTorch that keeps freed
-# blocks of 1 MiB and more (rounded up to 1/16 of their power of two) for reuse, least recently
+# blocks of 1 MiB and more (rounded up to a multiple of 1/16 of the next power of two) for reuse, least recently
 # freed evicted first, up to a byte budget; smaller blocks go to PyTorch's default allocator.
 # sitecustomize.py (on PYTHONPATH, with BUDGET_MB=<MiB> set) installs it with
-# c10::SetCPUAllocator when agro.trainer is imported and prints its hits, misses and evictions
-# at exit. docs/RESULTS.md, "AMD EPYC (Zen 5), 2026-12-05 (fifth)":
+# c10::SetCPUAllocator when agro.trainer is imported and prints its hits, misses and "dropped"
+# (blocks freed to the system: evicted, or larger than the budget) at exit. BUDGET_MB unset: not
+# installed (BUDGET_MB=0 installs it with no cache, which is not the baseline). docs/RESULTS.md, "AMD EPYC (Zen 5), 2026-12-05 (fifth)":
 #
 #   bash bench/budget_alloc/build.sh
 #   BUDGET_MB=512 PYTHONPATH=bench/budget_alloc LD_PRELOAD=<jemalloc> \
