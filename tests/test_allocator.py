@@ -217,6 +217,8 @@ def test_the_reexecuted_process_restores_the_users_variables_and_checks_keep(mon
 
 
 def test_in_use_names_keeps_options_only_when_all_of_them_hold(monkeypatch):
+    # the options read back and checked are exactly the ones KEEP_CONF sets
+    assert set(allocator.KEEP_OPTIONS) == {kv.split(":")[0] for kv in allocator.KEEP_CONF.split(",")}
     lib = "/v/ray/core/libjemalloc.so"
     monkeypatch.setattr(allocator, "mapped_allocator", lambda maps, names=("jemalloc",): lib)
     for opts, kept in (((100, -1, 0), True), ((0, -1, 0), False), ((100, -1, 8 << 20), False),

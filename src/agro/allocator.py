@@ -154,7 +154,7 @@ def _names_keep_options(conf: str | None) -> bool:
     """True if a ``MALLOC_CONF`` value sets one of :data:`KEEP_CONF`'s options itself (then
     jemalloc runs on the user's choice, and ``keep``'s check does not apply)."""
     keys = {kv.split(":", 1)[0].strip() for kv in (conf or "").split(",")}
-    return bool(keys & {kv.split(":", 1)[0] for kv in KEEP_CONF.split(",")})
+    return bool(keys & set(KEEP_OPTIONS))
 
 
 def maybe_reexec() -> None:
